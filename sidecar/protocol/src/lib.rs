@@ -1,0 +1,34 @@
+//! Wire protocol of the `tde` sidecar.
+//!
+//! Length-prefixed, versioned binary frames on a Unix socket. Every request
+//! carries a request id that the response echoes, and every failure is a
+//! typed [`ErrorCode`]. The byte-level specification is `docs/PROTOCOL.md`;
+//! this crate is its reference implementation, shared by the daemon and the
+//! CLI. It does no socket I/O of its own beyond the small blocking helpers in
+//! [`frame`], and never panics on input.
+//!
+//! # Layout
+//! - [`frame`]: the 20-byte frame header, the size cap, frame parsing and
+//!   blocking read/write helpers.
+//! - [`codec`]: the body encoding (tag, length, value fields) with a checked
+//!   cursor.
+//! - [`message`]: typed requests and responses and their body encodings.
+//! - [`error`]: wire error codes and the decoding error type.
+//! - [`fuzz`]: the harness the cargo-fuzz target calls.
+//! - [`secret`]: [`SecretBytes`], a zeroizing, redacting byte buffer for keys,
+//!   passwords and shares in transit.
+#![forbid(unsafe_code)]
+
+pub mod codec;
+pub mod error;
+pub mod frame;
+pub mod fuzz;
+pub mod message;
+pub mod secret;
+
+pub use error::{DecodeError, ErrorCode};
+pub use frame::{Frame, FrameKind, Header, MAX_FRAME_LEN, PROTOCOL_VERSION};
+pub use message::{
+    Context, KeyInfo, KeyVersionInfo, Op, OperatorInfo, Request, Response, StatusInfo,
+};
+pub use secret::SecretBytes;

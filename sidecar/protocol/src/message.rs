@@ -1,0 +1,1130 @@
+//! Typed requests and responses, and their body encodings.
+//!
+//! Each message is a set of fields (see [`crate::codec`]) named by the tags
+//! in [`tag`]. A tag has one meaning everywhere. Decoders refuse unknown tags,
+//! duplicates of single fields, and missing required fields.
+
+use std::collections::BTreeMap;
+
+use crate::codec::{Reader, Writer, as_bool, as_str, as_u32, as_u64, once, required};
+use crate::error::{DecodeError, ErrorCode};
+use crate::frame::{Frame, FrameKind, Header, PROTOCOL_VERSION};
+use crate::secret::SecretBytes;
+
+/// Field tags. The numbers are part of the protocol.
+pub mod tag {
+    /// Master key name (string).
+    pub const KEY_NAME: u8 = 1;
+    /// Master key version (u32).
+    pub const KEY_VERSION: u8 = 2;
+    /// One encryption-context entry: `u16 BE key length | key | value`.
+    pub const CONTEXT: u8 = 3;
+    /// Plaintext key bytes (secret).
+    pub const PLAINTEXT: u8 = 4;
+    /// Wrapped key blob (bytes).
+    pub const CIPHERTEXT: u8 = 5;
+    /// A byte count (u32).
+    pub const LENGTH: u8 = 6;
+    /// Human-readable error message (string).
+    pub const MESSAGE: u8 = 7;
+    /// Operator name (string).
+    pub const OPERATOR: u8 = 8;
+    /// Operator password (secret bytes).
+    pub const PASSWORD: u8 = 9;
+    /// Operator role (string).
+    pub const ROLE: u8 = 10;
+    /// Unseal share (secret bytes, the share's text form).
+    pub const SHARE: u8 = 11;
+    /// Key description (string).
+    pub const DESCRIPTION: u8 = 12;
+    /// A number of days (u32).
+    pub const DAYS: u8 = 13;
+    /// Source key version of a re-encrypt (u32).
+    pub const SOURCE_VERSION: u8 = 14;
+    /// A key description record.
+    pub const KEY_INFO: u8 = 15;
+    /// A key version record (inside `KEY_INFO`).
+    pub const VERSION_INFO: u8 = 16;
+    /// A state name (string).
+    pub const STATE: u8 = 17;
+    /// Creation time, Unix seconds (u64).
+    pub const CREATED: u8 = 18;
+    /// Scheduled destruction time, Unix seconds (u64).
+    pub const DESTROY_AT: u8 = 19;
+    /// Primary version (u32).
+    pub const PRIMARY_VERSION: u8 = 20;
+    /// Sealed flag (bool).
+    pub const SEALED: u8 = 21;
+    /// Initialized flag (bool).
+    pub const INITIALIZED: u8 = 22;
+    /// Unseal threshold (u32).
+    pub const THRESHOLD: u8 = 23;
+    /// Number of shares (u32).
+    pub const SHARES: u8 = 24;
+    /// Shares given so far (u32).
+    pub const PROGRESS: u8 = 25;
+    /// Dev mode flag (bool).
+    pub const DEV_MODE: u8 = 26;
+    /// Server version (string).
+    pub const SERVER_VERSION: u8 = 27;
+    /// An operator record.
+    pub const OPERATOR_INFO: u8 = 28;
+    /// Locked flag (bool).
+    pub const LOCKED: u8 = 29;
+    /// Consecutive failed logins (u32).
+    pub const FAILED_LOGINS: u8 = 30;
+    /// Zeroized flag (bool).
+    pub const ZEROIZED: u8 = 31;
+    /// Tampered flag (bool).
+    pub const TAMPERED: u8 = 33;
+    /// Number of keys (u32).
+    pub const KEY_COUNT: u8 = 34;
+    /// Random bytes (secret).
+    pub const RANDOM: u8 = 35;
+}
+
+/// Operation codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum Op {
+    /// Seal state and version; both sockets, no authentication.
+    Status = 0x0001,
+    /// Generate a data key under a master key.
+    GenerateDataKey = 0x0101,
+    /// Unwrap a data key.
+    Decrypt = 0x0102,
+    /// Rewrap a data key under the primary version.
+    ReEncrypt = 0x0103,
+    /// Random bytes from the HSM's CSPRNG.
+    GenerateRandom = 0x0104,
+    /// Give one unseal share.
+    Unseal = 0x0201,
+    /// Seal: wipe keys from memory.
+    Seal = 0x0202,
+    /// Operator login for this connection.
+    Login = 0x0203,
+    /// Zeroize: wipe memory and destroy the sealed root.
+    Zeroize = 0x0204,
+    /// Add an operator.
+    OperatorAdd = 0x0301,
+    /// Change an operator's password.
+    OperatorPasswd = 0x0302,
+    /// Unlock a locked operator.
+    OperatorUnlock = 0x0303,
+    /// List operators.
+    OperatorList = 0x0304,
+    /// Create a master key.
+    KeyCreate = 0x0401,
+    /// List master keys.
+    KeyList = 0x0402,
+    /// Describe a master key.
+    KeyDescribe = 0x0403,
+    /// Rotate: new primary version.
+    KeyRotate = 0x0404,
+    /// Disable a version or all versions.
+    KeyDisable = 0x0405,
+    /// Enable a version or all versions.
+    KeyEnable = 0x0406,
+    /// Schedule destruction after a waiting period.
+    KeyScheduleDestroy = 0x0407,
+    /// Cancel a scheduled destruction.
+    KeyCancelDestroy = 0x0408,
+    /// Destroy now.
+    KeyDestroy = 0x0409,
+}
+
+impl Op {
+    /// Every operation.
+    pub const ALL: &'static [Op] = &[
+        Op::Status,
+        Op::GenerateDataKey,
+        Op::Decrypt,
+        Op::ReEncrypt,
+        Op::GenerateRandom,
+        Op::Unseal,
+        Op::Seal,
+        Op::Login,
+        Op::Zeroize,
+        Op::OperatorAdd,
+        Op::OperatorPasswd,
+        Op::OperatorUnlock,
+        Op::OperatorList,
+        Op::KeyCreate,
+        Op::KeyList,
+        Op::KeyDescribe,
+        Op::KeyRotate,
+        Op::KeyDisable,
+        Op::KeyEnable,
+        Op::KeyScheduleDestroy,
+        Op::KeyCancelDestroy,
+        Op::KeyDestroy,
+    ];
+
+    /// The operation for a wire code.
+    pub fn from_u16(v: u16) -> Option<Op> {
+        Op::ALL.iter().copied().find(|op| *op as u16 == v)
+    }
+
+    /// The name used in audit records and policies, e.g. `generate_data_key`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Status => "status",
+            Op::GenerateDataKey => "generate_data_key",
+            Op::Decrypt => "decrypt",
+            Op::ReEncrypt => "re_encrypt",
+            Op::GenerateRandom => "generate_random",
+            Op::Unseal => "unseal",
+            Op::Seal => "seal",
+            Op::Login => "login",
+            Op::Zeroize => "zeroize",
+            Op::OperatorAdd => "operator_add",
+            Op::OperatorPasswd => "operator_passwd",
+            Op::OperatorUnlock => "operator_unlock",
+            Op::OperatorList => "operator_list",
+            Op::KeyCreate => "key_create",
+            Op::KeyList => "key_list",
+            Op::KeyDescribe => "key_describe",
+            Op::KeyRotate => "key_rotate",
+            Op::KeyDisable => "key_disable",
+            Op::KeyEnable => "key_enable",
+            Op::KeyScheduleDestroy => "key_schedule_destroy",
+            Op::KeyCancelDestroy => "key_cancel_destroy",
+            Op::KeyDestroy => "key_destroy",
+        }
+    }
+
+    /// True for the data-key operations served on the data socket.
+    pub fn is_data_op(self) -> bool {
+        matches!(
+            self,
+            Op::GenerateDataKey | Op::Decrypt | Op::ReEncrypt | Op::GenerateRandom
+        )
+    }
+}
+
+/// An encryption context: string keys to string values, bound to a wrapped
+/// key as additional authenticated data.
+pub type Context = BTreeMap<String, String>;
+
+/// A request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Request {
+    /// See [`Op::Status`].
+    Status,
+    /// See [`Op::GenerateDataKey`].
+    GenerateDataKey {
+        /// Master key name.
+        key: String,
+        /// Encryption context.
+        context: Context,
+    },
+    /// See [`Op::Decrypt`].
+    Decrypt {
+        /// Wrapped key blob.
+        ciphertext: Vec<u8>,
+        /// Encryption context.
+        context: Context,
+    },
+    /// See [`Op::ReEncrypt`].
+    ReEncrypt {
+        /// Wrapped key blob.
+        ciphertext: Vec<u8>,
+        /// Encryption context.
+        context: Context,
+    },
+    /// See [`Op::GenerateRandom`].
+    GenerateRandom {
+        /// Number of bytes.
+        length: u32,
+    },
+    /// See [`Op::Unseal`].
+    Unseal {
+        /// One share in its text form.
+        share: SecretBytes,
+    },
+    /// See [`Op::Seal`].
+    Seal,
+    /// See [`Op::Login`].
+    Login {
+        /// Operator name.
+        operator: String,
+        /// Password.
+        password: SecretBytes,
+    },
+    /// See [`Op::Zeroize`].
+    Zeroize,
+    /// See [`Op::OperatorAdd`].
+    OperatorAdd {
+        /// Operator name.
+        operator: String,
+        /// Role name.
+        role: String,
+        /// Initial password.
+        password: SecretBytes,
+    },
+    /// See [`Op::OperatorPasswd`].
+    OperatorPasswd {
+        /// Operator name.
+        operator: String,
+        /// New password.
+        password: SecretBytes,
+    },
+    /// See [`Op::OperatorUnlock`].
+    OperatorUnlock {
+        /// Operator name.
+        operator: String,
+    },
+    /// See [`Op::OperatorList`].
+    OperatorList,
+    /// See [`Op::KeyCreate`].
+    KeyCreate {
+        /// Key name.
+        key: String,
+        /// Free text.
+        description: String,
+    },
+    /// See [`Op::KeyList`].
+    KeyList,
+    /// See [`Op::KeyDescribe`].
+    KeyDescribe {
+        /// Key name.
+        key: String,
+    },
+    /// See [`Op::KeyRotate`].
+    KeyRotate {
+        /// Key name.
+        key: String,
+    },
+    /// See [`Op::KeyDisable`].
+    KeyDisable {
+        /// Key name.
+        key: String,
+        /// One version, or all when `None`.
+        version: Option<u32>,
+    },
+    /// See [`Op::KeyEnable`].
+    KeyEnable {
+        /// Key name.
+        key: String,
+        /// One version, or all when `None`.
+        version: Option<u32>,
+    },
+    /// See [`Op::KeyScheduleDestroy`].
+    KeyScheduleDestroy {
+        /// Key name.
+        key: String,
+        /// One version, or the whole key when `None`.
+        version: Option<u32>,
+        /// Waiting period in days.
+        days: u32,
+    },
+    /// See [`Op::KeyCancelDestroy`].
+    KeyCancelDestroy {
+        /// Key name.
+        key: String,
+        /// One version, or all when `None`.
+        version: Option<u32>,
+    },
+    /// See [`Op::KeyDestroy`].
+    KeyDestroy {
+        /// Key name.
+        key: String,
+        /// One version, or the whole key when `None`.
+        version: Option<u32>,
+    },
+}
+
+/// Seal state and identity of the server.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StatusInfo {
+    /// A store exists.
+    pub initialized: bool,
+    /// No keys in memory.
+    pub sealed: bool,
+    /// Root material destroyed.
+    pub zeroized: bool,
+    /// Shares needed.
+    pub threshold: u32,
+    /// Shares issued.
+    pub shares: u32,
+    /// Shares given so far toward the next unseal.
+    pub progress: u32,
+    /// Dev mode (single local share, auto-unseal).
+    pub dev_mode: bool,
+    /// Number of master keys (0 while sealed).
+    pub key_count: u32,
+    /// Server version string.
+    pub server_version: String,
+}
+
+/// One version of a master key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyVersionInfo {
+    /// Version number, from 1.
+    pub version: u32,
+    /// `enabled`, `disabled`, `pending_destruction` or `destroyed`.
+    pub state: String,
+    /// Unix seconds.
+    pub created: u64,
+    /// When a pending destruction happens, Unix seconds.
+    pub destroy_at: Option<u64>,
+}
+
+/// A master key's public description.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyInfo {
+    /// Name.
+    pub name: String,
+    /// Free text.
+    pub description: String,
+    /// Unix seconds.
+    pub created: u64,
+    /// The version new data keys are wrapped under.
+    pub primary_version: u32,
+    /// The key's store object failed authentication.
+    pub tampered: bool,
+    /// Versions, oldest first.
+    pub versions: Vec<KeyVersionInfo>,
+}
+
+/// An operator's public description.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OperatorInfo {
+    /// Name.
+    pub name: String,
+    /// `crypto_officer`, `crypto_user` or `auditor`.
+    pub role: String,
+    /// Locked after failed logins.
+    pub locked: bool,
+    /// Consecutive failed logins.
+    pub failed_logins: u32,
+}
+
+/// A response.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Response {
+    /// Answer to status, unseal and seal.
+    Status(StatusInfo),
+    /// Answer to generate-data-key.
+    DataKey {
+        /// Master key name.
+        key: String,
+        /// Master key version that wrapped it.
+        version: u32,
+        /// The data key.
+        plaintext: SecretBytes,
+        /// The wrapped data key.
+        ciphertext: Vec<u8>,
+    },
+    /// Answer to decrypt.
+    Decrypted {
+        /// Master key name.
+        key: String,
+        /// Master key version that had wrapped it.
+        version: u32,
+        /// The data key.
+        plaintext: SecretBytes,
+    },
+    /// Answer to re-encrypt.
+    ReEncrypted {
+        /// Master key name.
+        key: String,
+        /// The version it is wrapped under now.
+        version: u32,
+        /// The version it was wrapped under.
+        source_version: u32,
+        /// The new wrapped key.
+        ciphertext: Vec<u8>,
+    },
+    /// Answer to generate-random.
+    Random {
+        /// The bytes.
+        bytes: SecretBytes,
+    },
+    /// Answer to login.
+    LoggedIn {
+        /// Operator.
+        operator: String,
+        /// Role.
+        role: String,
+    },
+    /// Answer with no data (zeroize, operator add/passwd/unlock).
+    Done,
+    /// Answer to operator-list.
+    Operators(Vec<OperatorInfo>),
+    /// Answer to key operations on one key.
+    Key(KeyInfo),
+    /// Answer to key-list.
+    Keys(Vec<KeyInfo>),
+    /// Any failure.
+    Error {
+        /// What kind of failure.
+        code: ErrorCode,
+        /// Why, for a person. Never contains key bytes.
+        message: String,
+    },
+}
+
+impl Response {
+    /// Shorthand for an error response.
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Response {
+        Response::Error {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+fn put_context(w: &mut Writer, context: &Context) {
+    for (k, v) in context {
+        let klen = u16::try_from(k.len()).unwrap_or(u16::MAX);
+        let mut entry = Vec::with_capacity(2 + k.len() + v.len());
+        entry.extend_from_slice(&klen.to_be_bytes());
+        entry.extend_from_slice(&k.as_bytes()[..usize::from(klen).min(k.len())]);
+        entry.extend_from_slice(v.as_bytes());
+        w.bytes(tag::CONTEXT, &entry);
+    }
+}
+
+fn take_context(context: &mut Context, v: &[u8]) -> Result<(), DecodeError> {
+    let (klen, rest) = v
+        .split_first_chunk::<2>()
+        .ok_or(DecodeError::InvalidValue("context"))?;
+    let klen = usize::from(u16::from_be_bytes(*klen));
+    if klen > rest.len() {
+        return Err(DecodeError::InvalidValue("context"));
+    }
+    let (k, val) = rest.split_at(klen);
+    let k = as_str(k, "context")?;
+    let val = as_str(val, "context")?;
+    if context.insert(k, val).is_some() {
+        return Err(DecodeError::DuplicateField("context"));
+    }
+    Ok(())
+}
+
+fn unexpected(message: &'static str, tag: u8) -> DecodeError {
+    DecodeError::UnexpectedField { message, tag }
+}
+
+/// The fields a request or simple response may carry, collected once.
+#[derive(Default)]
+struct Fields {
+    key: Option<String>,
+    version: Option<u32>,
+    source_version: Option<u32>,
+    context: Context,
+    plaintext: Option<SecretBytes>,
+    ciphertext: Option<Vec<u8>>,
+    length: Option<u32>,
+    operator: Option<String>,
+    password: Option<SecretBytes>,
+    role: Option<String>,
+    share: Option<SecretBytes>,
+    description: Option<String>,
+    days: Option<u32>,
+    random: Option<SecretBytes>,
+    message: Option<String>,
+}
+
+impl Fields {
+    /// Reads every field of `body`, refusing tags outside `allowed`.
+    fn read(body: &[u8], what: &'static str, allowed: &[u8]) -> Result<Fields, DecodeError> {
+        let mut f = Fields::default();
+        let mut r = Reader::new(body);
+        while let Some((t, v)) = r.next_field()? {
+            if !allowed.contains(&t) {
+                return Err(unexpected(what, t));
+            }
+            match t {
+                tag::KEY_NAME => once(&mut f.key, as_str(v, "key")?, "key")?,
+                tag::KEY_VERSION => once(&mut f.version, as_u32(v, "version")?, "version")?,
+                tag::SOURCE_VERSION => once(
+                    &mut f.source_version,
+                    as_u32(v, "source_version")?,
+                    "source_version",
+                )?,
+                tag::CONTEXT => take_context(&mut f.context, v)?,
+                tag::PLAINTEXT => once(&mut f.plaintext, SecretBytes::from_slice(v), "plaintext")?,
+                tag::CIPHERTEXT => once(&mut f.ciphertext, v.to_vec(), "ciphertext")?,
+                tag::LENGTH => once(&mut f.length, as_u32(v, "length")?, "length")?,
+                tag::OPERATOR => once(&mut f.operator, as_str(v, "operator")?, "operator")?,
+                tag::PASSWORD => once(&mut f.password, SecretBytes::from_slice(v), "password")?,
+                tag::ROLE => once(&mut f.role, as_str(v, "role")?, "role")?,
+                tag::SHARE => once(&mut f.share, SecretBytes::from_slice(v), "share")?,
+                tag::DESCRIPTION => {
+                    once(&mut f.description, as_str(v, "description")?, "description")?
+                }
+                tag::DAYS => once(&mut f.days, as_u32(v, "days")?, "days")?,
+                tag::RANDOM => once(&mut f.random, SecretBytes::from_slice(v), "random")?,
+                tag::MESSAGE => once(&mut f.message, as_str(v, "message")?, "message")?,
+                other => return Err(unexpected(what, other)),
+            }
+        }
+        Ok(f)
+    }
+}
+
+use tag::*;
+
+impl Request {
+    /// The operation of this request.
+    pub fn op(&self) -> Op {
+        match self {
+            Request::Status => Op::Status,
+            Request::GenerateDataKey { .. } => Op::GenerateDataKey,
+            Request::Decrypt { .. } => Op::Decrypt,
+            Request::ReEncrypt { .. } => Op::ReEncrypt,
+            Request::GenerateRandom { .. } => Op::GenerateRandom,
+            Request::Unseal { .. } => Op::Unseal,
+            Request::Seal => Op::Seal,
+            Request::Login { .. } => Op::Login,
+            Request::Zeroize => Op::Zeroize,
+            Request::OperatorAdd { .. } => Op::OperatorAdd,
+            Request::OperatorPasswd { .. } => Op::OperatorPasswd,
+            Request::OperatorUnlock { .. } => Op::OperatorUnlock,
+            Request::OperatorList => Op::OperatorList,
+            Request::KeyCreate { .. } => Op::KeyCreate,
+            Request::KeyList => Op::KeyList,
+            Request::KeyDescribe { .. } => Op::KeyDescribe,
+            Request::KeyRotate { .. } => Op::KeyRotate,
+            Request::KeyDisable { .. } => Op::KeyDisable,
+            Request::KeyEnable { .. } => Op::KeyEnable,
+            Request::KeyScheduleDestroy { .. } => Op::KeyScheduleDestroy,
+            Request::KeyCancelDestroy { .. } => Op::KeyCancelDestroy,
+            Request::KeyDestroy { .. } => Op::KeyDestroy,
+        }
+    }
+
+    /// Encodes the body.
+    pub fn encode_body(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        match self {
+            Request::Status
+            | Request::Seal
+            | Request::Zeroize
+            | Request::OperatorList
+            | Request::KeyList => {}
+            Request::GenerateDataKey { key, context } => {
+                w.str(KEY_NAME, key);
+                put_context(&mut w, context);
+            }
+            Request::Decrypt {
+                ciphertext,
+                context,
+            }
+            | Request::ReEncrypt {
+                ciphertext,
+                context,
+            } => {
+                w.bytes(CIPHERTEXT, ciphertext);
+                put_context(&mut w, context);
+            }
+            Request::GenerateRandom { length } => {
+                w.u32(LENGTH, *length);
+            }
+            Request::Unseal { share } => {
+                w.bytes(SHARE, share.expose());
+            }
+            Request::Login { operator, password }
+            | Request::OperatorPasswd { operator, password } => {
+                w.str(OPERATOR, operator).bytes(PASSWORD, password.expose());
+            }
+            Request::OperatorAdd {
+                operator,
+                role,
+                password,
+            } => {
+                w.str(OPERATOR, operator)
+                    .str(ROLE, role)
+                    .bytes(PASSWORD, password.expose());
+            }
+            Request::OperatorUnlock { operator } => {
+                w.str(OPERATOR, operator);
+            }
+            Request::KeyCreate { key, description } => {
+                w.str(KEY_NAME, key).str(DESCRIPTION, description);
+            }
+            Request::KeyDescribe { key } | Request::KeyRotate { key } => {
+                w.str(KEY_NAME, key);
+            }
+            Request::KeyDisable { key, version }
+            | Request::KeyEnable { key, version }
+            | Request::KeyCancelDestroy { key, version }
+            | Request::KeyDestroy { key, version } => {
+                w.str(KEY_NAME, key);
+                if let Some(v) = version {
+                    w.u32(KEY_VERSION, *v);
+                }
+            }
+            Request::KeyScheduleDestroy { key, version, days } => {
+                w.str(KEY_NAME, key);
+                if let Some(v) = version {
+                    w.u32(KEY_VERSION, *v);
+                }
+                w.u32(DAYS, *days);
+            }
+        }
+        w.finish()
+    }
+
+    /// Builds the request frame.
+    pub fn to_frame(&self, request_id: u64) -> Frame {
+        Frame {
+            header: Header {
+                version: PROTOCOL_VERSION,
+                kind: FrameKind::Request as u8,
+                op: self.op() as u16,
+                status: 0,
+                flags: 0,
+                request_id,
+            },
+            body: self.encode_body(),
+        }
+    }
+
+    /// Decodes a request frame: checks version, kind and operation, then
+    /// the body.
+    pub fn from_frame(frame: &Frame) -> Result<Request, DecodeError> {
+        let h = &frame.header;
+        if h.version != PROTOCOL_VERSION {
+            return Err(DecodeError::UnsupportedVersion(h.version));
+        }
+        if h.kind != FrameKind::Request as u8 {
+            return Err(DecodeError::UnknownKind(h.kind));
+        }
+        let op = Op::from_u16(h.op).ok_or(DecodeError::UnknownOperation(h.op))?;
+        Request::decode_body(op, &frame.body)
+    }
+
+    /// Decodes the body of a request for `op`.
+    pub fn decode_body(op: Op, body: &[u8]) -> Result<Request, DecodeError> {
+        let what = op.name();
+        let read = |allowed: &[u8]| Fields::read(body, what, allowed);
+        Ok(match op {
+            Op::Status => {
+                read(&[])?;
+                Request::Status
+            }
+            Op::Seal => {
+                read(&[])?;
+                Request::Seal
+            }
+            Op::Zeroize => {
+                read(&[])?;
+                Request::Zeroize
+            }
+            Op::OperatorList => {
+                read(&[])?;
+                Request::OperatorList
+            }
+            Op::KeyList => {
+                read(&[])?;
+                Request::KeyList
+            }
+            Op::GenerateDataKey => {
+                let f = read(&[KEY_NAME, CONTEXT])?;
+                Request::GenerateDataKey {
+                    key: required(f.key, "key")?,
+                    context: f.context,
+                }
+            }
+            Op::Decrypt | Op::ReEncrypt => {
+                let f = read(&[CIPHERTEXT, CONTEXT])?;
+                let ciphertext = required(f.ciphertext, "ciphertext")?;
+                if op == Op::Decrypt {
+                    Request::Decrypt {
+                        ciphertext,
+                        context: f.context,
+                    }
+                } else {
+                    Request::ReEncrypt {
+                        ciphertext,
+                        context: f.context,
+                    }
+                }
+            }
+            Op::GenerateRandom => Request::GenerateRandom {
+                length: required(read(&[LENGTH])?.length, "length")?,
+            },
+            Op::Unseal => Request::Unseal {
+                share: required(read(&[SHARE])?.share, "share")?,
+            },
+            Op::Login | Op::OperatorPasswd => {
+                let f = read(&[OPERATOR, PASSWORD])?;
+                let operator = required(f.operator, "operator")?;
+                let password = required(f.password, "password")?;
+                if op == Op::Login {
+                    Request::Login { operator, password }
+                } else {
+                    Request::OperatorPasswd { operator, password }
+                }
+            }
+            Op::OperatorAdd => {
+                let f = read(&[OPERATOR, ROLE, PASSWORD])?;
+                Request::OperatorAdd {
+                    operator: required(f.operator, "operator")?,
+                    role: required(f.role, "role")?,
+                    password: required(f.password, "password")?,
+                }
+            }
+            Op::OperatorUnlock => Request::OperatorUnlock {
+                operator: required(read(&[OPERATOR])?.operator, "operator")?,
+            },
+            Op::KeyCreate => {
+                let f = read(&[KEY_NAME, DESCRIPTION])?;
+                Request::KeyCreate {
+                    key: required(f.key, "key")?,
+                    description: f.description.unwrap_or_default(),
+                }
+            }
+            Op::KeyDescribe => Request::KeyDescribe {
+                key: required(read(&[KEY_NAME])?.key, "key")?,
+            },
+            Op::KeyRotate => Request::KeyRotate {
+                key: required(read(&[KEY_NAME])?.key, "key")?,
+            },
+            Op::KeyDisable | Op::KeyEnable | Op::KeyCancelDestroy | Op::KeyDestroy => {
+                let f = read(&[KEY_NAME, KEY_VERSION])?;
+                let key = required(f.key, "key")?;
+                let version = f.version;
+                match op {
+                    Op::KeyDisable => Request::KeyDisable { key, version },
+                    Op::KeyEnable => Request::KeyEnable { key, version },
+                    Op::KeyCancelDestroy => Request::KeyCancelDestroy { key, version },
+                    _ => Request::KeyDestroy { key, version },
+                }
+            }
+            Op::KeyScheduleDestroy => {
+                let f = read(&[KEY_NAME, KEY_VERSION, DAYS])?;
+                Request::KeyScheduleDestroy {
+                    key: required(f.key, "key")?,
+                    version: f.version,
+                    days: required(f.days, "days")?,
+                }
+            }
+        })
+    }
+}
+
+fn put_key_info(w: &mut Writer, k: &KeyInfo) {
+    let mut r = Writer::new();
+    r.str(KEY_NAME, &k.name)
+        .str(DESCRIPTION, &k.description)
+        .u64(CREATED, k.created)
+        .u32(PRIMARY_VERSION, k.primary_version)
+        .bool(TAMPERED, k.tampered);
+    for v in &k.versions {
+        let mut vr = Writer::new();
+        vr.u32(KEY_VERSION, v.version)
+            .str(STATE, &v.state)
+            .u64(CREATED, v.created);
+        if let Some(at) = v.destroy_at {
+            vr.u64(DESTROY_AT, at);
+        }
+        r.record(VERSION_INFO, &vr);
+    }
+    w.record(KEY_INFO, &r);
+}
+
+fn take_version_info(body: &[u8]) -> Result<KeyVersionInfo, DecodeError> {
+    let (mut version, mut state, mut created, mut destroy_at) = (None, None, None, None);
+    let mut r = Reader::new(body);
+    while let Some((t, v)) = r.next_field()? {
+        match t {
+            KEY_VERSION => once(&mut version, as_u32(v, "version")?, "version")?,
+            STATE => once(&mut state, as_str(v, "state")?, "state")?,
+            CREATED => once(&mut created, as_u64(v, "created")?, "created")?,
+            DESTROY_AT => once(&mut destroy_at, as_u64(v, "destroy_at")?, "destroy_at")?,
+            other => return Err(unexpected("version_info", other)),
+        }
+    }
+    Ok(KeyVersionInfo {
+        version: required(version, "version")?,
+        state: required(state, "state")?,
+        created: required(created, "created")?,
+        destroy_at,
+    })
+}
+
+fn take_key_info(body: &[u8]) -> Result<KeyInfo, DecodeError> {
+    let (mut name, mut description, mut created, mut primary, mut tampered) =
+        (None, None, None, None, None);
+    let mut versions = Vec::new();
+    let mut r = Reader::new(body);
+    while let Some((t, v)) = r.next_field()? {
+        match t {
+            KEY_NAME => once(&mut name, as_str(v, "key")?, "key")?,
+            DESCRIPTION => once(&mut description, as_str(v, "description")?, "description")?,
+            CREATED => once(&mut created, as_u64(v, "created")?, "created")?,
+            PRIMARY_VERSION => once(&mut primary, as_u32(v, "primary")?, "primary")?,
+            TAMPERED => once(&mut tampered, as_bool(v, "tampered")?, "tampered")?,
+            VERSION_INFO => versions.push(take_version_info(v)?),
+            other => return Err(unexpected("key_info", other)),
+        }
+    }
+    Ok(KeyInfo {
+        name: required(name, "key")?,
+        description: description.unwrap_or_default(),
+        created: required(created, "created")?,
+        primary_version: required(primary, "primary")?,
+        tampered: tampered.unwrap_or(false),
+        versions,
+    })
+}
+
+fn put_status(w: &mut Writer, s: &StatusInfo) {
+    w.bool(INITIALIZED, s.initialized)
+        .bool(SEALED, s.sealed)
+        .bool(ZEROIZED, s.zeroized)
+        .u32(THRESHOLD, s.threshold)
+        .u32(SHARES, s.shares)
+        .u32(PROGRESS, s.progress)
+        .bool(DEV_MODE, s.dev_mode)
+        .u32(KEY_COUNT, s.key_count)
+        .str(SERVER_VERSION, &s.server_version);
+}
+
+fn take_status(body: &[u8]) -> Result<StatusInfo, DecodeError> {
+    let mut s = StatusInfo::default();
+    let mut seen = [false; 256];
+    let mut r = Reader::new(body);
+    while let Some((t, v)) = r.next_field()? {
+        if std::mem::replace(&mut seen[usize::from(t)], true) {
+            return Err(DecodeError::DuplicateField("status"));
+        }
+        match t {
+            INITIALIZED => s.initialized = as_bool(v, "initialized")?,
+            SEALED => s.sealed = as_bool(v, "sealed")?,
+            ZEROIZED => s.zeroized = as_bool(v, "zeroized")?,
+            THRESHOLD => s.threshold = as_u32(v, "threshold")?,
+            SHARES => s.shares = as_u32(v, "shares")?,
+            PROGRESS => s.progress = as_u32(v, "progress")?,
+            DEV_MODE => s.dev_mode = as_bool(v, "dev_mode")?,
+            KEY_COUNT => s.key_count = as_u32(v, "key_count")?,
+            SERVER_VERSION => s.server_version = as_str(v, "server_version")?,
+            other => return Err(unexpected("status", other)),
+        }
+    }
+    Ok(s)
+}
+
+fn take_operator_info(body: &[u8]) -> Result<OperatorInfo, DecodeError> {
+    let (mut name, mut role, mut locked, mut failed) = (None, None, None, None);
+    let mut r = Reader::new(body);
+    while let Some((t, v)) = r.next_field()? {
+        match t {
+            OPERATOR => once(&mut name, as_str(v, "operator")?, "operator")?,
+            ROLE => once(&mut role, as_str(v, "role")?, "role")?,
+            LOCKED => once(&mut locked, as_bool(v, "locked")?, "locked")?,
+            FAILED_LOGINS => once(&mut failed, as_u32(v, "failed")?, "failed")?,
+            other => return Err(unexpected("operator_info", other)),
+        }
+    }
+    Ok(OperatorInfo {
+        name: required(name, "operator")?,
+        role: required(role, "role")?,
+        locked: locked.unwrap_or(false),
+        failed_logins: failed.unwrap_or(0),
+    })
+}
+
+impl Response {
+    /// Encodes the body.
+    pub fn encode_body(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        match self {
+            Response::Status(s) => put_status(&mut w, s),
+            Response::DataKey {
+                key,
+                version,
+                plaintext,
+                ciphertext,
+            } => {
+                w.str(KEY_NAME, key)
+                    .u32(KEY_VERSION, *version)
+                    .bytes(PLAINTEXT, plaintext.expose())
+                    .bytes(CIPHERTEXT, ciphertext);
+            }
+            Response::Decrypted {
+                key,
+                version,
+                plaintext,
+            } => {
+                w.str(KEY_NAME, key)
+                    .u32(KEY_VERSION, *version)
+                    .bytes(PLAINTEXT, plaintext.expose());
+            }
+            Response::ReEncrypted {
+                key,
+                version,
+                source_version,
+                ciphertext,
+            } => {
+                w.str(KEY_NAME, key)
+                    .u32(KEY_VERSION, *version)
+                    .u32(SOURCE_VERSION, *source_version)
+                    .bytes(CIPHERTEXT, ciphertext);
+            }
+            Response::Random { bytes } => {
+                w.bytes(RANDOM, bytes.expose());
+            }
+            Response::LoggedIn { operator, role } => {
+                w.str(OPERATOR, operator).str(ROLE, role);
+            }
+            Response::Done => {}
+            Response::Operators(ops) => {
+                for o in ops {
+                    let mut r = Writer::new();
+                    r.str(OPERATOR, &o.name)
+                        .str(ROLE, &o.role)
+                        .bool(LOCKED, o.locked)
+                        .u32(FAILED_LOGINS, o.failed_logins);
+                    w.record(OPERATOR_INFO, &r);
+                }
+            }
+            Response::Key(k) => put_key_info(&mut w, k),
+            Response::Keys(ks) => {
+                for k in ks {
+                    put_key_info(&mut w, k);
+                }
+            }
+            Response::Error { message, .. } => {
+                w.str(MESSAGE, message);
+            }
+        }
+        w.finish()
+    }
+
+    /// Builds the response frame to a request of `op` with `request_id`.
+    pub fn to_frame(&self, op: u16, request_id: u64) -> Frame {
+        let status = match self {
+            Response::Error { code, .. } => *code as u16,
+            _ => 0,
+        };
+        Frame {
+            header: Header {
+                version: PROTOCOL_VERSION,
+                kind: FrameKind::Response as u8,
+                op,
+                status,
+                flags: 0,
+                request_id,
+            },
+            body: self.encode_body(),
+        }
+    }
+
+    /// Decodes a response frame.
+    pub fn from_frame(frame: &Frame) -> Result<Response, DecodeError> {
+        let h = &frame.header;
+        if h.version != PROTOCOL_VERSION {
+            return Err(DecodeError::UnsupportedVersion(h.version));
+        }
+        if h.kind != FrameKind::Response as u8 {
+            return Err(DecodeError::UnknownKind(h.kind));
+        }
+        if h.status != 0 {
+            let code = ErrorCode::from_u16(h.status).ok_or(DecodeError::UnknownStatus(h.status))?;
+            let f = Fields::read(&frame.body, "error", &[MESSAGE])?;
+            return Ok(Response::Error {
+                code,
+                message: f.message.unwrap_or_default(),
+            });
+        }
+        let op = Op::from_u16(h.op).ok_or(DecodeError::UnknownOperation(h.op))?;
+        Response::decode_body(op, &frame.body)
+    }
+
+    /// Decodes the body of a successful response to `op`.
+    pub fn decode_body(op: Op, body: &[u8]) -> Result<Response, DecodeError> {
+        let what = op.name();
+        Ok(match op {
+            Op::Status | Op::Unseal | Op::Seal => Response::Status(take_status(body)?),
+            Op::GenerateDataKey => {
+                let f = Fields::read(body, what, &[KEY_NAME, KEY_VERSION, PLAINTEXT, CIPHERTEXT])?;
+                Response::DataKey {
+                    key: required(f.key, "key")?,
+                    version: required(f.version, "version")?,
+                    plaintext: required(f.plaintext, "plaintext")?,
+                    ciphertext: required(f.ciphertext, "ciphertext")?,
+                }
+            }
+            Op::Decrypt => {
+                let f = Fields::read(body, what, &[KEY_NAME, KEY_VERSION, PLAINTEXT])?;
+                Response::Decrypted {
+                    key: required(f.key, "key")?,
+                    version: required(f.version, "version")?,
+                    plaintext: required(f.plaintext, "plaintext")?,
+                }
+            }
+            Op::ReEncrypt => {
+                let f = Fields::read(
+                    body,
+                    what,
+                    &[KEY_NAME, KEY_VERSION, SOURCE_VERSION, CIPHERTEXT],
+                )?;
+                Response::ReEncrypted {
+                    key: required(f.key, "key")?,
+                    version: required(f.version, "version")?,
+                    source_version: required(f.source_version, "source_version")?,
+                    ciphertext: required(f.ciphertext, "ciphertext")?,
+                }
+            }
+            Op::GenerateRandom => Response::Random {
+                bytes: required(Fields::read(body, what, &[RANDOM])?.random, "random")?,
+            },
+            Op::Login => {
+                let f = Fields::read(body, what, &[OPERATOR, ROLE])?;
+                Response::LoggedIn {
+                    operator: required(f.operator, "operator")?,
+                    role: required(f.role, "role")?,
+                }
+            }
+            Op::Zeroize | Op::OperatorAdd | Op::OperatorPasswd | Op::OperatorUnlock => {
+                Fields::read(body, what, &[])?;
+                Response::Done
+            }
+            Op::OperatorList => {
+                let mut out = Vec::new();
+                let mut r = Reader::new(body);
+                while let Some((t, v)) = r.next_field()? {
+                    if t != OPERATOR_INFO {
+                        return Err(unexpected(what, t));
+                    }
+                    out.push(take_operator_info(v)?);
+                }
+                Response::Operators(out)
+            }
+            Op::KeyList => {
+                let mut out = Vec::new();
+                let mut r = Reader::new(body);
+                while let Some((t, v)) = r.next_field()? {
+                    if t != KEY_INFO {
+                        return Err(unexpected(what, t));
+                    }
+                    out.push(take_key_info(v)?);
+                }
+                Response::Keys(out)
+            }
+            Op::KeyCreate
+            | Op::KeyDescribe
+            | Op::KeyRotate
+            | Op::KeyDisable
+            | Op::KeyEnable
+            | Op::KeyScheduleDestroy
+            | Op::KeyCancelDestroy
+            | Op::KeyDestroy => {
+                let mut r = Reader::new(body);
+                let mut info = None;
+                while let Some((t, v)) = r.next_field()? {
+                    if t != KEY_INFO {
+                        return Err(unexpected(what, t));
+                    }
+                    once(&mut info, take_key_info(v)?, "key_info")?;
+                }
+                Response::Key(required(info, "key_info")?)
+            }
+        })
+    }
+}

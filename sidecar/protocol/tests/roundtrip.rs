@@ -1,0 +1,201 @@
+//! Property tests: every request and response encodes and decodes to itself,
+//! and no byte string makes a decoder panic.
+
+use proptest::collection::{btree_map, vec};
+use proptest::option;
+use proptest::prelude::*;
+use tde_protocol::{
+    ErrorCode, Frame, KeyInfo, KeyVersionInfo, OperatorInfo, Request, Response, SecretBytes,
+    StatusInfo,
+};
+
+fn secret() -> impl Strategy<Value = SecretBytes> {
+    vec(any::<u8>(), 0..64).prop_map(SecretBytes::new)
+}
+
+fn context() -> impl Strategy<Value = tde_protocol::Context> {
+    btree_map(".{0,12}", ".{0,12}", 0..5)
+}
+
+fn name() -> impl Strategy<Value = String> {
+    ".{0,24}"
+}
+
+fn request() -> impl Strategy<Value = Request> {
+    prop_oneof![
+        Just(()).prop_map(|_| Request::Status),
+        (name(), context()).prop_map(|(key, context)| Request::GenerateDataKey { key, context }),
+        (vec(any::<u8>(), 0..200), context()).prop_map(|(ciphertext, context)| Request::Decrypt {
+            ciphertext,
+            context
+        }),
+        (vec(any::<u8>(), 0..200), context()).prop_map(|(ciphertext, context)| {
+            Request::ReEncrypt {
+                ciphertext,
+                context,
+            }
+        }),
+        any::<u32>().prop_map(|length| Request::GenerateRandom { length }),
+        secret().prop_map(|share| Request::Unseal { share }),
+        Just(()).prop_map(|_| Request::Seal),
+        (name(), secret()).prop_map(|(operator, password)| Request::Login { operator, password }),
+        Just(()).prop_map(|_| Request::Zeroize),
+        (name(), name(), secret()).prop_map(|(operator, role, password)| Request::OperatorAdd {
+            operator,
+            role,
+            password
+        }),
+        (name(), secret())
+            .prop_map(|(operator, password)| Request::OperatorPasswd { operator, password }),
+        name().prop_map(|operator| Request::OperatorUnlock { operator }),
+        Just(()).prop_map(|_| Request::OperatorList),
+        (name(), name()).prop_map(|(key, description)| Request::KeyCreate { key, description }),
+        Just(()).prop_map(|_| Request::KeyList),
+        name().prop_map(|key| Request::KeyDescribe { key }),
+        name().prop_map(|key| Request::KeyRotate { key }),
+        (name(), option::of(any::<u32>()))
+            .prop_map(|(key, version)| Request::KeyDisable { key, version }),
+        (name(), option::of(any::<u32>()))
+            .prop_map(|(key, version)| Request::KeyEnable { key, version }),
+        (name(), option::of(any::<u32>()), any::<u32>())
+            .prop_map(|(key, version, days)| Request::KeyScheduleDestroy { key, version, days }),
+        (name(), option::of(any::<u32>()))
+            .prop_map(|(key, version)| Request::KeyCancelDestroy { key, version }),
+        (name(), option::of(any::<u32>()))
+            .prop_map(|(key, version)| Request::KeyDestroy { key, version }),
+    ]
+}
+
+fn key_info() -> impl Strategy<Value = KeyInfo> {
+    (
+        name(),
+        name(),
+        any::<u64>(),
+        any::<u32>(),
+        any::<bool>(),
+        vec(
+            (any::<u32>(), name(), any::<u64>(), option::of(any::<u64>())).prop_map(
+                |(version, state, created, destroy_at)| KeyVersionInfo {
+                    version,
+                    state,
+                    created,
+                    destroy_at,
+                },
+            ),
+            0..4,
+        ),
+    )
+        .prop_map(
+            |(name, description, created, primary_version, tampered, versions)| KeyInfo {
+                name,
+                description,
+                created,
+                primary_version,
+                tampered,
+                versions,
+            },
+        )
+}
+
+fn response() -> impl Strategy<Value = (u16, Response)> {
+    use tde_protocol::Op;
+    let status =
+        (any::<[bool; 4]>(), any::<[u32; 4]>(), name()).prop_map(|(b, n, server_version)| {
+            Response::Status(StatusInfo {
+                initialized: b[0],
+                sealed: b[1],
+                zeroized: b[2],
+                dev_mode: b[3],
+                threshold: n[0],
+                shares: n[1],
+                progress: n[2],
+                key_count: n[3],
+                server_version,
+            })
+        });
+    prop_oneof![
+        status.prop_map(|r| (Op::Status as u16, r)),
+        (name(), any::<u32>(), secret(), vec(any::<u8>(), 0..100)).prop_map(
+            |(key, version, plaintext, ciphertext)| (
+                Op::GenerateDataKey as u16,
+                Response::DataKey {
+                    key,
+                    version,
+                    plaintext,
+                    ciphertext
+                }
+            )
+        ),
+        (name(), any::<u32>(), secret()).prop_map(|(key, version, plaintext)| (
+            Op::Decrypt as u16,
+            Response::Decrypted {
+                key,
+                version,
+                plaintext
+            }
+        )),
+        (name(), any::<u32>(), any::<u32>(), vec(any::<u8>(), 0..100)).prop_map(
+            |(key, version, source_version, ciphertext)| (
+                Op::ReEncrypt as u16,
+                Response::ReEncrypted {
+                    key,
+                    version,
+                    source_version,
+                    ciphertext
+                }
+            )
+        ),
+        secret().prop_map(|bytes| (Op::GenerateRandom as u16, Response::Random { bytes })),
+        (name(), name())
+            .prop_map(|(operator, role)| (Op::Login as u16, Response::LoggedIn { operator, role })),
+        Just(()).prop_map(|_| (Op::OperatorAdd as u16, Response::Done)),
+        vec(
+            (name(), name(), any::<bool>(), any::<u32>()).prop_map(
+                |(name, role, locked, failed_logins)| OperatorInfo {
+                    name,
+                    role,
+                    locked,
+                    failed_logins
+                }
+            ),
+            0..4
+        )
+        .prop_map(|o| (Op::OperatorList as u16, Response::Operators(o))),
+        key_info().prop_map(|k| (Op::KeyRotate as u16, Response::Key(k))),
+        vec(key_info(), 0..4).prop_map(|k| (Op::KeyList as u16, Response::Keys(k))),
+        (prop::sample::select(ErrorCode::ALL), name())
+            .prop_map(|(code, message)| (Op::Decrypt as u16, Response::Error { code, message })),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn every_request_round_trips(req in request(), id in any::<u64>()) {
+        let bytes = req.to_frame(id).encode().expect("encodes");
+        let (frame, used) = Frame::parse(&bytes).expect("parses").expect("complete");
+        prop_assert_eq!(used, bytes.len());
+        prop_assert_eq!(frame.header.request_id, id);
+        prop_assert_eq!(Request::from_frame(&frame).expect("decodes"), req);
+    }
+
+    #[test]
+    fn every_response_round_trips((op, resp) in response(), id in any::<u64>()) {
+        let bytes = resp.to_frame(op, id).encode().expect("encodes");
+        let (frame, _) = Frame::parse(&bytes).expect("parses").expect("complete");
+        prop_assert_eq!(frame.header.request_id, id);
+        prop_assert_eq!(Response::from_frame(&frame).expect("decodes"), resp);
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(data in vec(any::<u8>(), 0..512)) {
+        tde_protocol::fuzz::decode_frames(&data);
+    }
+
+    #[test]
+    fn mutated_valid_frames_never_panic(req in request(), pos in any::<usize>(), byte in any::<u8>()) {
+        let mut bytes = req.to_frame(7).encode().expect("encodes");
+        let i = pos % bytes.len();
+        bytes[i] = byte;
+        tde_protocol::fuzz::decode_frames(&bytes);
+    }
+}
