@@ -1,0 +1,1049 @@
+//! The HSM: seal state, master keys and operators in memory, persisted as
+//! sealed objects through an [`ObjectStore`].
+//!
+//! Locking: one `RwLock` over the state. Data-key operations take it shared
+//! and touch no storage; administrative operations take it exclusively, seal
+//! the changed record, write it through the store, and only then change
+//! memory, so a failed write leaves both unchanged.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::error::HsmError;
+use crate::mek::{MekRecord, MekVersion, VersionState, validate_name};
+use crate::operator::{self, MAX_FAILED_LOGINS, OperatorRecord, Role};
+use crate::random;
+use crate::seal::{self, STORE_ID_LEN, Sealer, Share};
+use crate::secret::{DataKey, MasterKeyMaterial, RootKey, SecretBuf, UnsealKey};
+use crate::store::{KIND_MASTER_KEY, KIND_OPERATOR, ObjectStore, StoreMeta, StoreOp, StoredObject};
+use crate::wrap::{self, Context, VersionKeys};
+
+/// Seconds since the Unix epoch.
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// What the tamper response does (see `docs/THREAT-MODEL.md`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TamperPolicy {
+    /// Zeroize when an operator is locked out by failed logins.
+    pub zeroize_on_lockout: bool,
+    /// Zeroize when a store object fails authentication at unseal.
+    pub zeroize_on_store_tamper: bool,
+}
+
+/// Something the HSM did on its own that must be audited.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HsmEvent {
+    /// A store object failed authentication.
+    TamperDetected {
+        /// `master_key` or `operator`.
+        kind: &'static str,
+        /// Object id.
+        id: String,
+    },
+    /// An operator was locked by failed logins.
+    OperatorLocked(String),
+    /// The tamper response zeroized the HSM.
+    TamperZeroized(&'static str),
+    /// A scheduled destruction took effect.
+    VersionDestroyed {
+        /// Key.
+        key: String,
+        /// Version.
+        version: u32,
+    },
+}
+
+/// Public seal status.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Status {
+    /// A store exists.
+    pub initialized: bool,
+    /// Keys not in memory.
+    pub sealed: bool,
+    /// Root material destroyed.
+    pub zeroized: bool,
+    /// Shares needed.
+    pub threshold: u8,
+    /// Shares issued.
+    pub shares: u8,
+    /// Shares given toward the next unseal.
+    pub progress: u8,
+    /// Dev mode.
+    pub dev: bool,
+    /// Master keys (0 while sealed).
+    pub key_count: usize,
+}
+
+/// A master key version as shown to operators.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionInfo {
+    /// Number.
+    pub version: u32,
+    /// State.
+    pub state: VersionState,
+    /// Unix seconds.
+    pub created: u64,
+    /// Pending destruction time.
+    pub destroy_at: Option<u64>,
+}
+
+/// A master key as shown to operators: metadata, never material.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyInfo {
+    /// Name.
+    pub name: String,
+    /// Free text.
+    pub description: String,
+    /// Unix seconds.
+    pub created: u64,
+    /// Primary version.
+    pub primary: u32,
+    /// The stored object failed authentication; no operation works on it.
+    pub tampered: bool,
+    /// Versions.
+    pub versions: Vec<VersionInfo>,
+}
+
+/// An operator as shown to officers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OperatorInfo {
+    /// Name.
+    pub name: String,
+    /// Role.
+    pub role: Role,
+    /// Locked.
+    pub locked: bool,
+    /// Consecutive failed logins.
+    pub failed_logins: u32,
+}
+
+/// A freshly generated data key.
+#[derive(Debug)]
+pub struct GeneratedDataKey {
+    /// Master key version that wrapped it.
+    pub version: u32,
+    /// The plaintext data key.
+    pub plaintext: DataKey,
+    /// The wrapped blob.
+    pub ciphertext: Vec<u8>,
+}
+
+/// Which versions an operation applies to.
+#[derive(Debug, Clone, Copy)]
+pub enum Versions {
+    /// One version.
+    One(u32),
+    /// Every version (the whole key).
+    All,
+}
+
+impl From<Option<u32>> for Versions {
+    fn from(v: Option<u32>) -> Self {
+        v.map_or(Versions::All, Versions::One)
+    }
+}
+
+struct KeyEntry {
+    record: MekRecord,
+    revision: u64,
+    derived: HashMap<u32, VersionKeys>,
+}
+
+impl KeyEntry {
+    fn new(record: MekRecord, revision: u64) -> Result<Self, HsmError> {
+        let mut derived = HashMap::new();
+        for v in &record.versions {
+            if let Some(m) = &v.material {
+                derived.insert(v.version, VersionKeys::derive(m, &record.name, v.version)?);
+            }
+        }
+        Ok(Self {
+            record,
+            revision,
+            derived,
+        })
+    }
+
+    fn info(&self) -> KeyInfo {
+        let r = &self.record;
+        KeyInfo {
+            name: r.name.clone(),
+            description: r.description.clone(),
+            created: r.created,
+            primary: r.primary,
+            tampered: false,
+            versions: r
+                .versions
+                .iter()
+                .map(|v| VersionInfo {
+                    version: v.version,
+                    state: v.state,
+                    created: v.created,
+                    destroy_at: v.destroy_at,
+                })
+                .collect(),
+        }
+    }
+
+    /// The derived keys of a usable version, or why it is not usable.
+    fn usable(&self, version: u32) -> Result<&VersionKeys, HsmError> {
+        let key = &self.record.name;
+        let v = self
+            .record
+            .version(version)
+            .ok_or_else(|| HsmError::KeyNotFound(format!("{key} version {version}")))?;
+        let err = |k: fn(String, u32) -> HsmError| Err(k(key.clone(), version));
+        match v.state {
+            VersionState::Enabled => {}
+            VersionState::Disabled => {
+                return err(|key, version| HsmError::KeyDisabled { key, version });
+            }
+            VersionState::PendingDestruction => {
+                return err(|key, version| HsmError::KeyPendingDestruction { key, version });
+            }
+            VersionState::Destroyed => {
+                return err(|key, version| HsmError::KeyDestroyed { key, version });
+            }
+        }
+        self.derived
+            .get(&version)
+            .ok_or(HsmError::Internal("enabled version without material"))
+    }
+}
+
+struct Unsealed {
+    sealer: Sealer,
+    keys: BTreeMap<String, KeyEntry>,
+    operators: BTreeMap<String, (OperatorRecord, u64)>,
+    tampered_keys: BTreeSet<String>,
+    tampered_operators: BTreeSet<String>,
+}
+
+enum State {
+    Uninitialized,
+    Sealed(StoreMeta),
+    Unsealed(StoreMeta, Box<Unsealed>),
+    Zeroized(StoreMeta),
+}
+
+/// Output of [`Hsm::init`].
+#[derive(Debug)]
+pub struct InitOutput {
+    /// The shares in text form; shown once, never stored.
+    pub shares: Vec<SecretBuf>,
+    /// Threshold.
+    pub threshold: u8,
+}
+
+/// The software HSM.
+pub struct Hsm {
+    store: Arc<dyn ObjectStore>,
+    policy: TamperPolicy,
+    state: RwLock<State>,
+    pending: Mutex<Vec<Share>>,
+    events: Mutex<Vec<HsmEvent>>,
+}
+
+impl std::fmt::Debug for Hsm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hsm").finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Hsm {
+    /// Initializes a new store: a random unseal key split into `count`
+    /// shares (threshold `threshold`), a random root key sealed under it, and
+    /// a first crypto officer. `dev` marks the single-share dev mode.
+    pub fn init(
+        store: &dyn ObjectStore,
+        threshold: u8,
+        count: u8,
+        dev: bool,
+        officer: &str,
+        password: &[u8],
+    ) -> Result<InitOutput, HsmError> {
+        if store.meta()?.is_some() {
+            return Err(HsmError::AlreadyInitialized);
+        }
+        validate_name("operator", officer)?;
+        let mut store_id = [0u8; STORE_ID_LEN];
+        random::fill(&mut store_id)?;
+        let unseal = UnsealKey::generate()?;
+        let shares = seal::split(&unseal, &store_id, threshold, count)?;
+        let root = RootKey::generate()?;
+        let sealed_root = seal::seal_root(&unseal, &root, &store_id)?;
+        let sealer = Sealer::new(&root, &store_id)?;
+        let op = OperatorRecord {
+            name: officer.to_string(),
+            role: Role::CryptoOfficer,
+            password_hash: operator::hash_password(password)?,
+            failed_logins: 0,
+            locked: false,
+        };
+        let blob = sealer.seal(KIND_OPERATOR, officer, 1, op.encode().expose())?;
+        let meta = StoreMeta {
+            store_id,
+            threshold,
+            shares: count,
+            dev,
+            zeroized: false,
+            created: now(),
+        };
+        store.initialize(
+            &meta,
+            &sealed_root,
+            &[StoredObject {
+                kind: KIND_OPERATOR,
+                id: officer.to_string(),
+                revision: 1,
+                blob,
+            }],
+        )?;
+        Ok(InitOutput {
+            shares: shares.iter().map(Share::to_text).collect(),
+            threshold,
+        })
+    }
+
+    /// Opens the HSM over a store; it starts sealed.
+    pub fn open(store: Arc<dyn ObjectStore>, policy: TamperPolicy) -> Result<Hsm, HsmError> {
+        let state = match store.meta()? {
+            None => State::Uninitialized,
+            Some(m) if m.zeroized => State::Zeroized(m),
+            Some(m) => State::Sealed(m),
+        };
+        Ok(Hsm {
+            store,
+            policy,
+            state: RwLock::new(state),
+            pending: Mutex::new(Vec::new()),
+            events: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn event(&self, e: HsmEvent) {
+        lock(&self.events).push(e);
+    }
+
+    /// Takes the events recorded since the last call.
+    pub fn take_events(&self) -> Vec<HsmEvent> {
+        std::mem::take(&mut *lock(&self.events))
+    }
+
+    /// The seal status.
+    pub fn status(&self) -> Status {
+        let progress = u8::try_from(lock(&self.pending).len()).unwrap_or(u8::MAX);
+        match &*self.read() {
+            State::Uninitialized => Status {
+                sealed: true,
+                ..Status::default()
+            },
+            State::Sealed(m) | State::Zeroized(m) => Status {
+                initialized: true,
+                sealed: true,
+                zeroized: m.zeroized,
+                threshold: m.threshold,
+                shares: m.shares,
+                progress,
+                dev: m.dev,
+                key_count: 0,
+            },
+            State::Unsealed(m, u) => Status {
+                initialized: true,
+                sealed: false,
+                zeroized: false,
+                threshold: m.threshold,
+                shares: m.shares,
+                progress: 0,
+                dev: m.dev,
+                key_count: u.keys.len() + u.tampered_keys.len(),
+            },
+        }
+    }
+
+    fn unsealed(state: &State) -> Result<&Unsealed, HsmError> {
+        match state {
+            State::Unsealed(_, u) => Ok(u),
+            State::Uninitialized => Err(HsmError::NotInitialized),
+            State::Sealed(_) => Err(HsmError::Sealed),
+            State::Zeroized(_) => Err(HsmError::Zeroized),
+        }
+    }
+
+    fn unsealed_mut(state: &mut State) -> Result<&mut Unsealed, HsmError> {
+        match state {
+            State::Unsealed(_, u) => Ok(u),
+            State::Uninitialized => Err(HsmError::NotInitialized),
+            State::Sealed(_) => Err(HsmError::Sealed),
+            State::Zeroized(_) => Err(HsmError::Zeroized),
+        }
+    }
+
+    /// Gives one unseal share. Unseals once `threshold` distinct shares are
+    /// in. A share already given is ignored. When the shares combine to a
+    /// wrong key, progress resets and `UnsealFailed` is returned.
+    pub fn unseal(&self, share_text: &[u8]) -> Result<Status, HsmError> {
+        let share = Share::parse(share_text)?;
+        let mut st = self.write();
+        let meta = match &*st {
+            State::Unsealed(..) => {
+                drop(st);
+                return Ok(self.status());
+            }
+            State::Uninitialized => return Err(HsmError::NotInitialized),
+            State::Zeroized(_) => return Err(HsmError::Zeroized),
+            State::Sealed(m) => m.clone(),
+        };
+        if share.store_id != meta.store_id {
+            return Err(HsmError::InvalidShare(
+                "it belongs to another key store".into(),
+            ));
+        }
+        if share.threshold != meta.threshold || share.count != meta.shares {
+            return Err(HsmError::InvalidShare(
+                "it belongs to another share set".into(),
+            ));
+        }
+        {
+            let mut pending = lock(&self.pending);
+            if !pending.iter().any(|s| s.x == share.x) {
+                pending.push(share);
+            }
+            if pending.len() < usize::from(meta.threshold) {
+                drop(pending);
+                drop(st);
+                return Ok(self.status());
+            }
+        }
+        let shares = std::mem::take(&mut *lock(&self.pending));
+        let unseal = seal::combine(&shares)?;
+        let sealed_root = self.store.sealed_root()?.ok_or(HsmError::Zeroized)?;
+        let root = seal::open_root(&unseal, &sealed_root, &meta.store_id)?;
+        let sealer = Sealer::new(&root, &meta.store_id)?;
+        let mut u = Unsealed {
+            sealer,
+            keys: BTreeMap::new(),
+            operators: BTreeMap::new(),
+            tampered_keys: BTreeSet::new(),
+            tampered_operators: BTreeSet::new(),
+        };
+        for obj in self.store.objects()? {
+            self.load_object(&mut u, obj);
+        }
+        let tampered = !u.tampered_keys.is_empty() || !u.tampered_operators.is_empty();
+        *st = State::Unsealed(meta, Box::new(u));
+        drop(st);
+        if tampered && self.policy.zeroize_on_store_tamper {
+            self.zeroize_for("a key store object failed authentication")?;
+        }
+        Ok(self.status())
+    }
+
+    fn load_object(&self, u: &mut Unsealed, obj: StoredObject) {
+        let opened = u.sealer.open(obj.kind, &obj.id, obj.revision, &obj.blob);
+        match obj.kind {
+            KIND_MASTER_KEY => {
+                let entry = opened
+                    .and_then(|pt| MekRecord::decode(pt.expose()).ok())
+                    .filter(|r| r.name == obj.id)
+                    .and_then(|r| KeyEntry::new(r, obj.revision).ok());
+                match entry {
+                    Some(e) => {
+                        u.keys.insert(obj.id, e);
+                    }
+                    None => {
+                        self.event(HsmEvent::TamperDetected {
+                            kind: "master_key",
+                            id: obj.id.clone(),
+                        });
+                        u.tampered_keys.insert(obj.id);
+                    }
+                }
+            }
+            _ => {
+                let rec = opened
+                    .and_then(|pt| OperatorRecord::decode(pt.expose()).ok())
+                    .filter(|r| r.name == obj.id && obj.kind == KIND_OPERATOR);
+                match rec {
+                    Some(r) => {
+                        u.operators.insert(obj.id, (r, obj.revision));
+                    }
+                    None => {
+                        self.event(HsmEvent::TamperDetected {
+                            kind: "operator",
+                            id: obj.id.clone(),
+                        });
+                        u.tampered_operators.insert(obj.id);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Seals: drops every key from memory (zeroized on drop) and forgets
+    /// partial unseal progress.
+    pub fn seal(&self) -> Result<(), HsmError> {
+        let mut st = self.write();
+        lock(&self.pending).clear();
+        let next = match &*st {
+            State::Unsealed(m, _) | State::Sealed(m) => State::Sealed(m.clone()),
+            State::Uninitialized => return Err(HsmError::NotInitialized),
+            State::Zeroized(_) => return Err(HsmError::Zeroized),
+        };
+        *st = next;
+        Ok(())
+    }
+
+    /// Zeroizes: wipes memory and destroys the sealed root and every object
+    /// in the store. Irreversible.
+    pub fn zeroize(&self) -> Result<(), HsmError> {
+        let mut st = self.write();
+        lock(&self.pending).clear();
+        let meta = match &*st {
+            State::Uninitialized => return Err(HsmError::NotInitialized),
+            State::Unsealed(m, _) | State::Sealed(m) | State::Zeroized(m) => m.clone(),
+        };
+        // Memory first: even if the store write fails, no key stays usable.
+        *st = State::Zeroized(StoreMeta {
+            zeroized: true,
+            ..meta
+        });
+        self.store.zeroize()?;
+        Ok(())
+    }
+
+    fn zeroize_for(&self, why: &'static str) -> Result<(), HsmError> {
+        self.zeroize()?;
+        self.event(HsmEvent::TamperZeroized(why));
+        Ok(())
+    }
+
+    fn put_op(kind: u8, id: &str, revision: u64, blob: Vec<u8>) -> StoreOp {
+        StoreOp::Put(StoredObject {
+            kind,
+            id: id.to_string(),
+            revision,
+            blob,
+        })
+    }
+
+    fn persist_operator(
+        &self,
+        u: &mut Unsealed,
+        rec: OperatorRecord,
+        revision: u64,
+    ) -> Result<(), HsmError> {
+        let blob = u
+            .sealer
+            .seal(KIND_OPERATOR, &rec.name, revision, rec.encode().expose())?;
+        self.store
+            .apply(&[Self::put_op(KIND_OPERATOR, &rec.name, revision, blob)])?;
+        u.operators.insert(rec.name.clone(), (rec, revision));
+        Ok(())
+    }
+
+    /// Verifies an operator's password. Five consecutive failures lock the
+    /// operator. The Argon2 work runs outside the state lock.
+    pub fn login(&self, name: &str, password: &[u8]) -> Result<Role, HsmError> {
+        let (hash, locked) = {
+            let st = self.read();
+            let u = Self::unsealed(&st)?;
+            if u.tampered_operators.contains(name) {
+                return Err(HsmError::Tampered(format!("operator {name}")));
+            }
+            match u.operators.get(name) {
+                Some((r, _)) => (Some(r.password_hash.clone()), r.locked),
+                None => (None, false),
+            }
+        };
+        let Some(hash) = hash else {
+            // Spend the same work for unknown names as for known ones.
+            let _ = operator::verify_password(password, DUMMY_HASH);
+            return Err(HsmError::LoginFailed);
+        };
+        if locked {
+            return Err(HsmError::OperatorLocked(name.to_string()));
+        }
+        let ok = operator::verify_password(password, &hash);
+        let mut st = self.write();
+        let u = Self::unsealed_mut(&mut st)?;
+        let (rec, rev) = u
+            .operators
+            .get(name)
+            .cloned()
+            .ok_or(HsmError::LoginFailed)?;
+        let mut rec = rec;
+        if ok {
+            if rec.failed_logins != 0 {
+                rec.failed_logins = 0;
+                self.persist_operator(u, rec.clone(), rev + 1)?;
+            }
+            return Ok(rec.role);
+        }
+        rec.failed_logins += 1;
+        let now_locked = rec.failed_logins >= MAX_FAILED_LOGINS;
+        rec.locked = now_locked;
+        self.persist_operator(u, rec, rev + 1)?;
+        drop(st);
+        if now_locked {
+            self.event(HsmEvent::OperatorLocked(name.to_string()));
+            if self.policy.zeroize_on_lockout {
+                self.zeroize_for("an operator was locked out by failed logins")?;
+            }
+            return Err(HsmError::OperatorLocked(name.to_string()));
+        }
+        Err(HsmError::LoginFailed)
+    }
+
+    /// Adds an operator.
+    pub fn operator_add(&self, name: &str, role: Role, password: &[u8]) -> Result<(), HsmError> {
+        validate_name("operator", name)?;
+        let hash = operator::hash_password(password)?;
+        let mut st = self.write();
+        let u = Self::unsealed_mut(&mut st)?;
+        if u.operators.contains_key(name) || u.tampered_operators.contains(name) {
+            return Err(HsmError::OperatorExists(name.to_string()));
+        }
+        let rec = OperatorRecord {
+            name: name.to_string(),
+            role,
+            password_hash: hash,
+            failed_logins: 0,
+            locked: false,
+        };
+        self.persist_operator(u, rec, 1)
+    }
+
+    /// Sets an operator's password (and clears its failure count).
+    pub fn operator_passwd(&self, name: &str, password: &[u8]) -> Result<(), HsmError> {
+        let hash = operator::hash_password(password)?;
+        self.update_operator(name, |r| {
+            r.password_hash = hash;
+            r.failed_logins = 0;
+        })
+    }
+
+    /// Unlocks an operator.
+    pub fn operator_unlock(&self, name: &str) -> Result<(), HsmError> {
+        self.update_operator(name, |r| {
+            r.locked = false;
+            r.failed_logins = 0;
+        })
+    }
+
+    fn update_operator(
+        &self,
+        name: &str,
+        f: impl FnOnce(&mut OperatorRecord),
+    ) -> Result<(), HsmError> {
+        let mut st = self.write();
+        let u = Self::unsealed_mut(&mut st)?;
+        if u.tampered_operators.contains(name) {
+            return Err(HsmError::Tampered(format!("operator {name}")));
+        }
+        let (mut rec, rev) = u
+            .operators
+            .get(name)
+            .cloned()
+            .ok_or_else(|| HsmError::OperatorNotFound(name.to_string()))?;
+        f(&mut rec);
+        self.persist_operator(u, rec, rev + 1)
+    }
+
+    /// Lists operators.
+    pub fn operator_list(&self) -> Result<Vec<OperatorInfo>, HsmError> {
+        let st = self.read();
+        let u = Self::unsealed(&st)?;
+        Ok(u.operators
+            .values()
+            .map(|(r, _)| OperatorInfo {
+                name: r.name.clone(),
+                role: r.role,
+                locked: r.locked,
+                failed_logins: r.failed_logins,
+            })
+            .collect())
+    }
+
+    fn check_key<'a>(u: &'a Unsealed, key: &str) -> Result<&'a KeyEntry, HsmError> {
+        if u.tampered_keys.contains(key) {
+            return Err(HsmError::Tampered(format!("master key {key}")));
+        }
+        u.keys
+            .get(key)
+            .ok_or_else(|| HsmError::KeyNotFound(key.to_string()))
+    }
+
+    /// Writes a changed key record, then installs it in memory.
+    fn commit_key(
+        &self,
+        u: &mut Unsealed,
+        record: MekRecord,
+        revision: u64,
+    ) -> Result<KeyInfo, HsmError> {
+        let name = record.name.clone();
+        let blob = u
+            .sealer
+            .seal(KIND_MASTER_KEY, &name, revision, record.encode().expose())?;
+        let entry = KeyEntry::new(record, revision)?;
+        self.store
+            .apply(&[Self::put_op(KIND_MASTER_KEY, &name, revision, blob)])?;
+        let info = entry.info();
+        u.keys.insert(name, entry);
+        Ok(info)
+    }
+
+    /// Creates a master key with version 1.
+    pub fn key_create(&self, name: &str, description: &str) -> Result<KeyInfo, HsmError> {
+        validate_name("key", name)?;
+        if description.len() > 1024 {
+            return Err(HsmError::InvalidArgument(
+                "description over 1024 bytes".into(),
+            ));
+        }
+        let mut st = self.write();
+        let u = Self::unsealed_mut(&mut st)?;
+        if u.keys.contains_key(name) || u.tampered_keys.contains(name) {
+            return Err(HsmError::KeyExists(name.to_string()));
+        }
+        let t = now();
+        let record = MekRecord {
+            name: name.to_string(),
+            description: description.to_string(),
+            created: t,
+            primary: 1,
+            versions: vec![MekVersion {
+                version: 1,
+                state: VersionState::Enabled,
+                created: t,
+                destroy_at: None,
+                material: Some(MasterKeyMaterial::generate()?),
+            }],
+        };
+        self.commit_key(u, record, 1)
+    }
+
+    /// Lists master keys (tampered ones flagged).
+    pub fn key_list(&self) -> Result<Vec<KeyInfo>, HsmError> {
+        let st = self.read();
+        let u = Self::unsealed(&st)?;
+        let mut out: Vec<KeyInfo> = u.keys.values().map(KeyEntry::info).collect();
+        out.extend(u.tampered_keys.iter().map(|name| KeyInfo {
+            name: name.clone(),
+            description: String::new(),
+            created: 0,
+            primary: 0,
+            tampered: true,
+            versions: Vec::new(),
+        }));
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// Describes one master key.
+    pub fn key_describe(&self, name: &str) -> Result<KeyInfo, HsmError> {
+        let st = self.read();
+        let u = Self::unsealed(&st)?;
+        Ok(Self::check_key(u, name)?.info())
+    }
+
+    /// Changes one key under the write lock: `f` edits a copy of the record,
+    /// which is sealed, persisted and installed.
+    fn modify_key(
+        &self,
+        name: &str,
+        f: impl FnOnce(&mut MekRecord) -> Result<(), HsmError>,
+    ) -> Result<KeyInfo, HsmError> {
+        let mut st = self.write();
+        let u = Self::unsealed_mut(&mut st)?;
+        let entry = Self::check_key(u, name)?;
+        let mut record = entry.record.duplicate()?;
+        let revision = entry.revision + 1;
+        f(&mut record)?;
+        self.commit_key(u, record, revision)
+    }
+
+    /// Rotates: a new version becomes primary; old versions keep decrypting.
+    pub fn key_rotate(&self, name: &str) -> Result<KeyInfo, HsmError> {
+        self.modify_key(name, |r| {
+            if r.versions
+                .iter()
+                .all(|v| v.state == VersionState::Destroyed)
+            {
+                return Err(HsmError::KeyDestroyed {
+                    key: r.name.clone(),
+                    version: r.primary,
+                });
+            }
+            let next = r.versions.iter().map(|v| v.version).max().unwrap_or(0) + 1;
+            r.versions.push(MekVersion {
+                version: next,
+                state: VersionState::Enabled,
+                created: now(),
+                destroy_at: None,
+                material: Some(MasterKeyMaterial::generate()?),
+            });
+            r.primary = next;
+            Ok(())
+        })
+    }
+
+    /// Applies `f` to the selected versions, skipping destroyed ones when all
+    /// are selected.
+    fn each_version(
+        r: &mut MekRecord,
+        which: Versions,
+        mut f: impl FnMut(&str, &mut MekVersion) -> Result<(), HsmError>,
+    ) -> Result<(), HsmError> {
+        let name = r.name.clone();
+        match which {
+            Versions::One(n) => {
+                let v = r
+                    .version_mut(n)
+                    .ok_or_else(|| HsmError::KeyNotFound(format!("{name} version {n}")))?;
+                f(&name, v)
+            }
+            Versions::All => {
+                for v in r
+                    .versions
+                    .iter_mut()
+                    .filter(|v| v.state != VersionState::Destroyed)
+                {
+                    f(&name, v)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn state_err(key: &str, v: &MekVersion, what: &str) -> HsmError {
+        HsmError::InvalidKeyState(format!(
+            "cannot {what} {key} version {}: it is {}",
+            v.version,
+            v.state.name()
+        ))
+    }
+
+    /// Disables a version (or all).
+    pub fn key_disable(&self, name: &str, which: Versions) -> Result<KeyInfo, HsmError> {
+        self.modify_key(name, |r| {
+            Self::each_version(r, which, |key, v| match v.state {
+                VersionState::Enabled | VersionState::Disabled => {
+                    v.state = VersionState::Disabled;
+                    Ok(())
+                }
+                _ => Err(Self::state_err(key, v, "disable")),
+            })
+        })
+    }
+
+    /// Enables a disabled version (or all disabled ones).
+    pub fn key_enable(&self, name: &str, which: Versions) -> Result<KeyInfo, HsmError> {
+        self.modify_key(name, |r| {
+            Self::each_version(r, which, |key, v| match v.state {
+                VersionState::Enabled | VersionState::Disabled => {
+                    v.state = VersionState::Enabled;
+                    Ok(())
+                }
+                _ => Err(Self::state_err(key, v, "enable")),
+            })
+        })
+    }
+
+    fn refuse_primary_alone(r: &MekRecord, which: Versions, what: &str) -> Result<(), HsmError> {
+        match which {
+            Versions::One(n) if n == r.primary && r.versions.len() > 1 => {
+                Err(HsmError::InvalidKeyState(format!(
+                    "cannot {what} {} version {n} alone: it is the primary version; rotate first, or {what} the whole key",
+                    r.name
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Schedules destruction of a version (or the whole key) after `days`.
+    pub fn key_schedule_destroy(
+        &self,
+        name: &str,
+        which: Versions,
+        days: u32,
+    ) -> Result<KeyInfo, HsmError> {
+        if !(1..=365).contains(&days) {
+            return Err(HsmError::InvalidArgument(
+                "the waiting period must be 1 to 365 days".into(),
+            ));
+        }
+        let at = now() + u64::from(days) * 86_400;
+        self.modify_key(name, |r| {
+            Self::refuse_primary_alone(r, which, "schedule destruction of")?;
+            Self::each_version(r, which, |key, v| match v.state {
+                VersionState::Enabled | VersionState::Disabled => {
+                    v.state = VersionState::PendingDestruction;
+                    v.destroy_at = Some(at);
+                    Ok(())
+                }
+                _ => Err(Self::state_err(key, v, "schedule destruction of")),
+            })
+        })
+    }
+
+    /// Cancels a scheduled destruction; the version becomes disabled.
+    pub fn key_cancel_destroy(&self, name: &str, which: Versions) -> Result<KeyInfo, HsmError> {
+        self.modify_key(name, |r| {
+            let only_pending = matches!(which, Versions::All);
+            Self::each_version(r, which, |key, v| match v.state {
+                VersionState::PendingDestruction => {
+                    v.state = VersionState::Disabled;
+                    v.destroy_at = None;
+                    Ok(())
+                }
+                _ if only_pending => Ok(()),
+                _ => Err(Self::state_err(key, v, "cancel destruction of")),
+            })
+        })
+    }
+
+    /// Destroys a version (or the whole key) now: the material is zeroized
+    /// and removed from the store.
+    pub fn key_destroy(&self, name: &str, which: Versions) -> Result<KeyInfo, HsmError> {
+        self.modify_key(name, |r| {
+            Self::refuse_primary_alone(r, which, "destroy")?;
+            Self::each_version(r, which, |key, v| {
+                if v.state == VersionState::Destroyed {
+                    return Err(Self::state_err(key, v, "destroy"));
+                }
+                v.state = VersionState::Destroyed;
+                v.destroy_at = None;
+                v.material = None;
+                Ok(())
+            })
+        })
+    }
+
+    /// Destroys every pending version whose time has come. Returns how many.
+    pub fn destroy_due(&self, at: u64) -> Result<usize, HsmError> {
+        let due: Vec<(String, u32)> = {
+            let st = self.read();
+            let Ok(u) = Self::unsealed(&st) else {
+                return Ok(0);
+            };
+            u.keys
+                .values()
+                .flat_map(|e| {
+                    e.record
+                        .versions
+                        .iter()
+                        .filter(|v| {
+                            v.state == VersionState::PendingDestruction
+                                && v.destroy_at.is_some_and(|t| t <= at)
+                        })
+                        .map(|v| (e.record.name.clone(), v.version))
+                })
+                .collect()
+        };
+        for (key, version) in &due {
+            self.modify_key(key, |r| {
+                if let Some(v) = r.version_mut(*version) {
+                    v.state = VersionState::Destroyed;
+                    v.destroy_at = None;
+                    v.material = None;
+                }
+                Ok(())
+            })?;
+            self.event(HsmEvent::VersionDestroyed {
+                key: key.clone(),
+                version: *version,
+            });
+        }
+        Ok(due.len())
+    }
+
+    /// Generates a 256-bit data key and wraps it under the key's primary
+    /// version, bound to `context` (like AWS KMS GenerateDataKey).
+    pub fn generate_data_key(
+        &self,
+        key: &str,
+        context: &Context,
+    ) -> Result<GeneratedDataKey, HsmError> {
+        wrap::validate_context(context)?;
+        let st = self.read();
+        let u = Self::unsealed(&st)?;
+        let e = Self::check_key(u, key)?;
+        let version = e.record.primary;
+        let keys = e.usable(version)?;
+        let plaintext = DataKey::generate()?;
+        let ciphertext = wrap::wrap(keys, key, version, &plaintext, context)?;
+        Ok(GeneratedDataKey {
+            version,
+            plaintext,
+            ciphertext,
+        })
+    }
+
+    /// Unwraps a data key (like AWS KMS Decrypt). Returns the master key
+    /// version that had wrapped it, and the key.
+    pub fn decrypt(
+        &self,
+        blob: &[u8],
+        context: &Context,
+    ) -> Result<(String, u32, DataKey), HsmError> {
+        let h = wrap::parse_header(blob)?;
+        let st = self.read();
+        let u = Self::unsealed(&st)?;
+        let e = Self::check_key(u, &h.key)?;
+        let keys = e.usable(h.version)?;
+        let dek = wrap::unwrap(keys, blob, context)?;
+        Ok((h.key, h.version, dek))
+    }
+
+    /// Rewraps a data key under the primary version without the plaintext
+    /// leaving the HSM (like AWS KMS ReEncrypt). Returns the source version,
+    /// the new version and the new blob.
+    pub fn re_encrypt(
+        &self,
+        blob: &[u8],
+        context: &Context,
+    ) -> Result<(String, u32, u32, Vec<u8>), HsmError> {
+        let h = wrap::parse_header(blob)?;
+        let st = self.read();
+        let u = Self::unsealed(&st)?;
+        let e = Self::check_key(u, &h.key)?;
+        let dek = wrap::unwrap(e.usable(h.version)?, blob, context)?;
+        let primary = e.record.primary;
+        let out = wrap::wrap(e.usable(primary)?, &h.key, primary, &dek, context)?;
+        Ok((h.key, h.version, primary, out))
+    }
+
+    /// Random bytes from the OS CSPRNG; needs an unsealed HSM like every
+    /// other cryptographic service.
+    pub fn random(&self, n: usize) -> Result<SecretBuf, HsmError> {
+        Self::unsealed(&self.read())?;
+        Ok(SecretBuf::new(random::bytes(n)?))
+    }
+}
+
+/// A valid Argon2id hash of a random password, verified against when the
+/// operator name is unknown so that timing does not reveal which names exist.
+const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$Gk2Cr1wQ1Y6oPOeJ2bTL0JYQ5K1JvQ3zqCw3Wc6yW2A";
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,306 @@
+//! State-machine tests over an in-memory store. The SQLite backend has its
+//! own tests in `tde-sidecar`, and the end-to-end tests use it for real.
+
+use std::sync::Mutex;
+
+use super::*;
+use crate::store::StoreError;
+
+#[derive(Default)]
+struct MemStore {
+    meta: Mutex<Option<StoreMeta>>,
+    root: Mutex<Option<Vec<u8>>>,
+    objects: Mutex<BTreeMap<(u8, String), StoredObject>>,
+    fail_writes: Mutex<bool>,
+}
+
+impl ObjectStore for MemStore {
+    fn meta(&self) -> Result<Option<StoreMeta>, StoreError> {
+        Ok(self.meta.lock().expect("lock").clone())
+    }
+    fn initialize(
+        &self,
+        meta: &StoreMeta,
+        root: &[u8],
+        objects: &[StoredObject],
+    ) -> Result<(), StoreError> {
+        *self.meta.lock().expect("lock") = Some(meta.clone());
+        *self.root.lock().expect("lock") = Some(root.to_vec());
+        for o in objects {
+            self.objects
+                .lock()
+                .expect("lock")
+                .insert((o.kind, o.id.clone()), o.clone());
+        }
+        Ok(())
+    }
+    fn sealed_root(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.root.lock().expect("lock").clone())
+    }
+    fn objects(&self) -> Result<Vec<StoredObject>, StoreError> {
+        Ok(self
+            .objects
+            .lock()
+            .expect("lock")
+            .values()
+            .cloned()
+            .collect())
+    }
+    fn apply(&self, ops: &[StoreOp]) -> Result<(), StoreError> {
+        if *self.fail_writes.lock().expect("lock") {
+            return Err(StoreError::Io("disk full".into()));
+        }
+        let mut objs = self.objects.lock().expect("lock");
+        for op in ops {
+            match op {
+                StoreOp::Put(o) => {
+                    objs.insert((o.kind, o.id.clone()), o.clone());
+                }
+                StoreOp::Delete { kind, id } => {
+                    objs.remove(&(*kind, id.clone()));
+                }
+            }
+        }
+        Ok(())
+    }
+    fn zeroize(&self) -> Result<(), StoreError> {
+        *self.root.lock().expect("lock") = None;
+        self.objects.lock().expect("lock").clear();
+        if let Some(m) = self.meta.lock().expect("lock").as_mut() {
+            m.zeroized = true;
+        }
+        Ok(())
+    }
+}
+
+const PW: &[u8] = b"officer-password";
+
+fn setup(t: u8, n: u8) -> (Arc<MemStore>, Hsm, Vec<SecretBuf>) {
+    let store = Arc::new(MemStore::default());
+    let out = Hsm::init(store.as_ref(), t, n, false, "admin", PW).expect("init");
+    let hsm = Hsm::open(store.clone(), TamperPolicy::default()).expect("open");
+    (store, hsm, out.shares)
+}
+
+fn unsealed() -> (Arc<MemStore>, Hsm, Vec<SecretBuf>) {
+    let (s, h, shares) = setup(3, 5);
+    for sh in &shares[..3] {
+        h.unseal(sh.expose()).expect("unseal");
+    }
+    assert!(!h.status().sealed);
+    (s, h, shares)
+}
+
+fn ctx(t: &str) -> Context {
+    [("tablespace".to_string(), t.to_string())].into()
+}
+
+#[test]
+fn unseal_needs_threshold_distinct_shares() {
+    let (_s, h, shares) = setup(3, 5);
+    assert!(h.status().sealed);
+    assert!(matches!(h.key_list(), Err(HsmError::Sealed)));
+    assert_eq!(h.unseal(shares[0].expose()).expect("1").progress, 1);
+    assert_eq!(h.unseal(shares[0].expose()).expect("dup").progress, 1);
+    let st = h.unseal(shares[4].expose()).expect("2");
+    assert!(st.sealed);
+    assert_eq!(st.progress, 2);
+    let st = h.unseal(shares[2].expose()).expect("3");
+    assert!(!st.sealed);
+    h.seal().expect("seal");
+    assert!(h.status().sealed);
+}
+
+#[test]
+fn shares_of_another_store_are_refused() {
+    let (_s, h, _) = setup(2, 3);
+    let (_s2, _h2, other) = setup(2, 3);
+    assert!(matches!(
+        h.unseal(other[0].expose()),
+        Err(HsmError::InvalidShare(_))
+    ));
+}
+
+#[test]
+fn data_keys_rotate_rewrap_and_states() {
+    let (_s, h, _) = unsealed();
+    h.key_create("pg", "test").expect("create");
+    let g = h.generate_data_key("pg", &ctx("a")).expect("gen");
+    assert_eq!(g.version, 1);
+    let (_, v, dek) = h.decrypt(&g.ciphertext, &ctx("a")).expect("decrypt");
+    assert_eq!((v, dek.expose()), (1, g.plaintext.expose()));
+    assert!(matches!(
+        h.decrypt(&g.ciphertext, &ctx("b")),
+        Err(HsmError::ContextMismatch)
+    ));
+    let info = h.key_rotate("pg").expect("rotate");
+    assert_eq!(info.primary, 2);
+    let (_, from, to, blob2) = h.re_encrypt(&g.ciphertext, &ctx("a")).expect("rewrap");
+    assert_eq!((from, to), (1, 2));
+    assert_eq!(
+        h.decrypt(&blob2, &ctx("a")).expect("d2").2.expose(),
+        g.plaintext.expose()
+    );
+    h.key_disable("pg", Versions::One(1)).expect("disable");
+    assert!(matches!(
+        h.decrypt(&g.ciphertext, &ctx("a")),
+        Err(HsmError::KeyDisabled { .. })
+    ));
+    h.key_enable("pg", Versions::One(1)).expect("enable");
+    h.key_schedule_destroy("pg", Versions::One(1), 7)
+        .expect("schedule");
+    assert!(matches!(
+        h.decrypt(&g.ciphertext, &ctx("a")),
+        Err(HsmError::KeyPendingDestruction { .. })
+    ));
+    assert!(
+        h.key_schedule_destroy("pg", Versions::One(2), 7).is_err(),
+        "primary alone"
+    );
+    h.key_cancel_destroy("pg", Versions::One(1))
+        .expect("cancel");
+    assert_eq!(
+        h.key_describe("pg").expect("d").versions[0].state,
+        VersionState::Disabled
+    );
+    h.key_schedule_destroy("pg", Versions::One(1), 1)
+        .expect("schedule");
+    assert_eq!(h.destroy_due(now()).expect("not yet"), 0);
+    assert_eq!(h.destroy_due(now() + 2 * 86_400).expect("due"), 1);
+    assert!(matches!(
+        h.decrypt(&g.ciphertext, &ctx("a")),
+        Err(HsmError::KeyDestroyed { .. })
+    ));
+    assert!(h.take_events().contains(&HsmEvent::VersionDestroyed {
+        key: "pg".into(),
+        version: 1
+    }));
+    assert!(matches!(
+        h.key_create("pg", ""),
+        Err(HsmError::KeyExists(_))
+    ));
+    assert!(matches!(
+        h.generate_data_key("nope", &ctx("a")),
+        Err(HsmError::KeyNotFound(_))
+    ));
+}
+
+#[test]
+fn keys_survive_seal_and_unseal() {
+    let (_s, h, shares) = unsealed();
+    h.key_create("pg", "").expect("create");
+    let g = h.generate_data_key("pg", &ctx("a")).expect("gen");
+    h.seal().expect("seal");
+    assert!(matches!(
+        h.decrypt(&g.ciphertext, &ctx("a")),
+        Err(HsmError::Sealed)
+    ));
+    for sh in &shares[2..5] {
+        h.unseal(sh.expose()).expect("unseal");
+    }
+    assert_eq!(
+        h.decrypt(&g.ciphertext, &ctx("a")).expect("d").2.expose(),
+        g.plaintext.expose()
+    );
+}
+
+#[test]
+fn failed_store_write_changes_nothing() {
+    let (s, h, _) = unsealed();
+    h.key_create("pg", "").expect("create");
+    *s.fail_writes.lock().expect("lock") = true;
+    assert!(matches!(h.key_rotate("pg"), Err(HsmError::Store(_))));
+    assert_eq!(h.key_describe("pg").expect("d").primary, 1);
+}
+
+#[test]
+fn five_bad_logins_lock_and_an_officer_unlocks() {
+    let (_s, h, _) = unsealed();
+    assert_eq!(h.login("admin", PW).expect("login"), Role::CryptoOfficer);
+    h.operator_add("bob", Role::CryptoOfficer, b"bob-password")
+        .expect("add");
+    for i in 1..5 {
+        assert!(
+            matches!(
+                h.login("bob", b"wrong-password"),
+                Err(HsmError::LoginFailed)
+            ),
+            "{i}"
+        );
+    }
+    assert!(matches!(
+        h.login("bob", b"wrong-password"),
+        Err(HsmError::OperatorLocked(_))
+    ));
+    assert!(matches!(
+        h.login("bob", b"bob-password"),
+        Err(HsmError::OperatorLocked(_))
+    ));
+    assert!(
+        h.take_events()
+            .contains(&HsmEvent::OperatorLocked("bob".into()))
+    );
+    h.operator_unlock("bob").expect("unlock");
+    assert_eq!(
+        h.login("bob", b"bob-password").expect("login"),
+        Role::CryptoOfficer
+    );
+    assert!(matches!(h.login("nobody", PW), Err(HsmError::LoginFailed)));
+}
+
+#[test]
+fn tampered_object_is_flagged_and_zeroize_is_final() {
+    let (s, h, shares) = unsealed();
+    h.key_create("pg", "").expect("create");
+    h.key_create("other", "").expect("create");
+    h.seal().expect("seal");
+    {
+        let mut objs = s.objects.lock().expect("lock");
+        let o = objs
+            .get_mut(&(KIND_MASTER_KEY, "pg".to_string()))
+            .expect("row");
+        let last = o.blob.len() - 1;
+        o.blob[last] ^= 1;
+    }
+    for sh in &shares[..3] {
+        h.unseal(sh.expose()).expect("unseal");
+    }
+    assert!(matches!(
+        h.generate_data_key("pg", &ctx("a")),
+        Err(HsmError::Tampered(_))
+    ));
+    assert!(h.generate_data_key("other", &ctx("a")).is_ok());
+    assert!(
+        h.take_events()
+            .iter()
+            .any(|e| matches!(e, HsmEvent::TamperDetected { id, .. } if id == "pg"))
+    );
+    h.zeroize().expect("zeroize");
+    assert!(matches!(
+        h.unseal(shares[0].expose()),
+        Err(HsmError::Zeroized)
+    ));
+    let reopened = Hsm::open(s.clone(), TamperPolicy::default()).expect("open");
+    assert!(reopened.status().zeroized);
+    assert!(matches!(
+        reopened.unseal(shares[0].expose()),
+        Err(HsmError::Zeroized)
+    ));
+}
+
+#[test]
+fn tamper_policy_zeroizes_on_lockout() {
+    let store = Arc::new(MemStore::default());
+    let out = Hsm::init(store.as_ref(), 1, 1, true, "admin", PW).expect("init");
+    let policy = TamperPolicy {
+        zeroize_on_lockout: true,
+        zeroize_on_store_tamper: false,
+    };
+    let h = Hsm::open(store.clone(), policy).expect("open");
+    h.unseal(out.shares[0].expose()).expect("unseal");
+    for _ in 0..5 {
+        let _ = h.login("admin", b"wrong-password");
+    }
+    assert!(h.status().zeroized);
+    assert!(store.root.lock().expect("lock").is_none());
+}
