@@ -1,1 +1,22 @@
+//! `tde-sidecar`: the daemon that serves the HSM to database clients and
+//! operators over Unix sockets, with a SQLite key store and an audit chain.
+//!
+//! # Layout
+//! - [`server`]: listeners, connections, graceful shutdown, scheduler.
+//! - [`handler`]: authorization, HSM calls, audit records, error mapping.
+//! - [`policy`]: data-socket client policies (peer uid/gid, keys, contexts).
+//! - [`audit`]: the hash-chained audit log with group commit.
+//! - [`store`]: the SQLite key store and its migrations.
+//! - [`config`]: figment configuration (TOML + `TDE_` environment).
+//! - [`sys`]: process hardening (no core dumps, mlock).
+#![forbid(unsafe_code)]
 
+pub mod audit;
+pub mod config;
+pub mod handler;
+pub mod policy;
+pub mod server;
+pub mod store;
+pub mod sys;
+
+pub use config::Config;

@@ -1,0 +1,349 @@
+//! Configuration: defaults, then a TOML file, then `TDE_` environment
+//! variables (`__` separates levels: `TDE_LOG__FORMAT=json`).
+
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::policy::ClientPolicy;
+
+/// Environment variables read by the CLI, not configuration keys.
+const CLI_ENV: &[&str] = &["config", "password", "operator"];
+
+/// The daemon's configuration.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Directory for the store, sockets and dev files (created 0700).
+    pub data_dir: PathBuf,
+    /// Key store.
+    pub store: StoreConfig,
+    /// Socket for database clients.
+    pub data_socket: SocketConfig,
+    /// Socket for operators.
+    pub admin_socket: SocketConfig,
+    /// Logging.
+    pub log: LogConfig,
+    /// Tamper response.
+    pub tamper: TamperConfig,
+    /// Memory protection.
+    pub memory: MemoryConfig,
+    /// Connection limits.
+    pub limits: LimitsConfig,
+    /// Data-socket client policies.
+    pub clients: Vec<ClientPolicy>,
+}
+
+/// `[store]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// SQLite file; default `<data_dir>/tde.db`.
+    pub path: Option<PathBuf>,
+}
+
+/// `[data_socket]` and `[admin_socket]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SocketConfig {
+    /// Path; default in `data_dir`.
+    pub path: Option<PathBuf>,
+    /// File mode, octal string.
+    pub mode: String,
+    /// Group owning the socket (name or number).
+    pub group: Option<String>,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: String,
+    /// A tracing filter, e.g. `info` or `tde_sidecar=debug`.
+    pub level: String,
+}
+
+/// `[tamper]`: what triggers zeroization besides `tde zeroize`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TamperConfig {
+    /// Zeroize when an operator is locked by failed logins.
+    pub zeroize_on_lockout: bool,
+    /// Zeroize when a store object fails authentication at unseal.
+    pub zeroize_on_store_tamper: bool,
+}
+
+/// `[memory]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryConfig {
+    /// `auto` (lock if the memlock limit allows), `required` (refuse to
+    /// start without), or `off`.
+    pub lock: String,
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Concurrent connections per socket.
+    pub max_connections: usize,
+    /// Seconds between checks for scheduled key destruction.
+    pub destroy_check_seconds: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("/var/lib/tde"),
+            store: StoreConfig::default(),
+            data_socket: SocketConfig {
+                path: None,
+                mode: "0660".into(),
+                group: None,
+            },
+            admin_socket: SocketConfig {
+                path: None,
+                mode: "0600".into(),
+                group: None,
+            },
+            log: LogConfig {
+                format: "text".into(),
+                level: "info".into(),
+            },
+            tamper: TamperConfig::default(),
+            memory: MemoryConfig {
+                lock: "auto".into(),
+            },
+            limits: LimitsConfig {
+                max_connections: 1024,
+                destroy_check_seconds: 60,
+            },
+            clients: Vec::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads defaults, then `file` (if given), then `TDE_` variables.
+    pub fn load(file: Option<&Path>) -> Result<Config, String> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(f) = file {
+            if !f.exists() {
+                return Err(format!("config file {} does not exist", f.display()));
+            }
+            fig = fig.merge(Toml::file(f));
+        }
+        fig = fig.merge(
+            Env::prefixed("TDE_")
+                .split("__")
+                .filter(|k| !CLI_ENV.contains(&k.as_str().to_ascii_lowercase().as_str())),
+        );
+        let cfg: Config = fig
+            .extract()
+            .map_err(|e| format!("configuration error: {e}"))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks values that types cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        for s in [&self.data_socket, &self.admin_socket] {
+            parse_mode(&s.mode)?;
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return Err(format!(
+                "log.format must be text or json, not {:?}",
+                self.log.format
+            ));
+        }
+        if !matches!(self.memory.lock.as_str(), "auto" | "required" | "off") {
+            return Err(format!(
+                "memory.lock must be auto, required or off, not {:?}",
+                self.memory.lock
+            ));
+        }
+        for c in &self.clients {
+            c.validate()?;
+        }
+        Ok(())
+    }
+
+    /// The SQLite file.
+    pub fn store_path(&self) -> PathBuf {
+        self.store
+            .path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("tde.db"))
+    }
+
+    /// The data socket path.
+    pub fn data_socket_path(&self) -> PathBuf {
+        self.data_socket
+            .path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("data.sock"))
+    }
+
+    /// The admin socket path.
+    pub fn admin_socket_path(&self) -> PathBuf {
+        self.admin_socket
+            .path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("admin.sock"))
+    }
+
+    /// The dev-mode share file.
+    pub fn dev_share_path(&self) -> PathBuf {
+        self.data_dir.join("dev-unseal.share")
+    }
+
+    /// The dev-mode officer password file.
+    pub fn dev_password_path(&self) -> PathBuf {
+        self.data_dir.join("dev-admin.password")
+    }
+
+    /// The effective configuration as TOML, with credentials in URLs
+    /// redacted.
+    pub fn to_redacted_toml(&self) -> String {
+        let text = toml_string(self);
+        text.lines().map(redact_line).collect::<Vec<_>>().join("\n") + "\n"
+    }
+}
+
+fn toml_string(cfg: &Config) -> String {
+    // figment's TOML provider does not serialize; render through JSON into a
+    // small TOML writer to avoid another dependency.
+    let v = serde_json::to_value(cfg).unwrap_or_default();
+    let mut out = String::new();
+    write_table(&mut out, "", &v);
+    out
+}
+
+fn toml_value(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => format!("{s:?}"),
+        serde_json::Value::Array(a) => {
+            format!(
+                "[{}]",
+                a.iter().map(toml_value).collect::<Vec<_>>().join(", ")
+            )
+        }
+        serde_json::Value::Object(o) => format!(
+            "{{ {} }}",
+            o.iter()
+                .map(|(k, v)| format!("{k:?} = {}", toml_value(v)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        other => other.to_string(),
+    }
+}
+
+fn write_table(out: &mut String, prefix: &str, v: &serde_json::Value) {
+    let Some(obj) = v.as_object() else { return };
+    for (k, v) in obj {
+        match v {
+            serde_json::Value::Null => {}
+            serde_json::Value::Object(_) => {}
+            serde_json::Value::Array(a) if a.iter().all(|x| x.is_object()) && !a.is_empty() => {}
+            _ => out.push_str(&format!("{k} = {}\n", toml_value(v))),
+        }
+    }
+    for (k, v) in obj {
+        let name = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match v {
+            serde_json::Value::Object(_) => {
+                out.push_str(&format!("\n[{name}]\n"));
+                write_table(out, &name, v);
+            }
+            serde_json::Value::Array(a) if a.iter().all(|x| x.is_object()) && !a.is_empty() => {
+                for item in a {
+                    out.push_str(&format!("\n[[{name}]]\n"));
+                    write_table(out, &name, item);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Replaces `user:password@` in URLs with `user:***@`.
+pub fn redact_line(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut rest = line;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        let end = tail
+            .find(|c: char| c == '/' || c == '"' || c.is_whitespace())
+            .unwrap_or(tail.len());
+        let authority = &tail[..end];
+        match (authority.rfind('@'), authority.find(':')) {
+            (Some(at), Some(colon)) if colon < at => {
+                out.push_str(&authority[..colon]);
+                out.push_str(":***");
+                out.push_str(&authority[at..]);
+            }
+            _ => out.push_str(authority),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Parses an octal mode string like `0660`.
+pub fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("socket mode {s:?} is not an octal file mode like \"0660\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_url_passwords() {
+        assert_eq!(
+            redact_line(r#"url = "postgres://tde:s3cret@db:5432/keys""#),
+            r#"url = "postgres://tde:***@db:5432/keys""#
+        );
+        assert_eq!(
+            redact_line("path = \"/var/lib/tde\""),
+            "path = \"/var/lib/tde\""
+        );
+    }
+
+    #[test]
+    fn file_then_env() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let f = dir.path().join("tde.toml");
+        std::fs::write(
+            &f,
+            "data_dir = \"/tmp/x\"\n[log]\nformat = \"json\"\n[[clients]]\nname = \"pg\"\nuids = [101]\nkeys = [\"*\"]\noperations = [\"decrypt\"]\n",
+        )
+        .expect("write");
+        let c = Config::load(Some(&f)).expect("load");
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(c.log.format, "json");
+        assert_eq!(c.clients[0].uids, vec![101]);
+        assert_eq!(c.store_path(), PathBuf::from("/tmp/x/tde.db"));
+        let shown = c.to_redacted_toml();
+        assert!(shown.contains("[[clients]]"), "{shown}");
+        std::fs::write(&f, "data_dir = 5\n").expect("write");
+        assert!(Config::load(Some(&f)).is_err());
+        std::fs::write(&f, "[data_socket]\nmode = \"999\"\n").expect("write");
+        assert!(Config::load(Some(&f)).is_err());
+        assert!(Config::load(Some(&dir.path().join("missing.toml"))).is_err());
+    }
+}

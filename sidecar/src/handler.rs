@@ -1,0 +1,571 @@
+//! Request handling: authorization, the HSM call, the audit record, and the
+//! mapping of HSM errors to wire codes (the one place it happens).
+//!
+//! Handling is synchronous; the server runs it on tokio's blocking pool.
+
+use std::sync::Arc;
+
+use tde_hsm::{Hsm, HsmError, HsmEvent, Role, Versions};
+use tde_protocol::{
+    ErrorCode, KeyInfo, KeyVersionInfo, OperatorInfo, Request, Response, SecretBytes, StatusInfo,
+};
+
+use crate::audit::{Actor, AuditLog, AuditRecord};
+use crate::policy::{self, ClientPolicy};
+
+/// Largest `generate_random` request.
+pub const MAX_RANDOM: u32 = 4096;
+
+/// Which socket a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketKind {
+    /// Database clients, authorized by peer credentials and policy.
+    Data,
+    /// Operators, authorized by login and role.
+    Admin,
+}
+
+impl SocketKind {
+    fn name(self) -> &'static str {
+        match self {
+            SocketKind::Data => "data",
+            SocketKind::Admin => "admin",
+        }
+    }
+}
+
+/// The kernel's view of the peer (SO_PEERCRED).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    /// uid.
+    pub uid: u32,
+    /// gid.
+    pub gid: u32,
+    /// pid, when the kernel reports one.
+    pub pid: Option<i32>,
+}
+
+/// Per-connection state of the admin socket.
+#[derive(Debug, Default, Clone)]
+pub struct Session {
+    /// The operator logged in on this connection.
+    pub operator: Option<(String, Role)>,
+}
+
+/// The service behind both sockets.
+#[derive(Debug)]
+pub struct Service {
+    /// The HSM.
+    pub hsm: Arc<Hsm>,
+    /// The audit log.
+    pub audit: AuditLog,
+    /// Data-socket policies.
+    pub clients: Vec<ClientPolicy>,
+}
+
+type Outcome = Result<Response, (ErrorCode, String)>;
+
+/// Maps an HSM error to its wire code and message.
+pub fn map_error(e: &HsmError) -> (ErrorCode, String) {
+    let code = match e {
+        HsmError::NotInitialized => ErrorCode::NotInitialized,
+        HsmError::AlreadyInitialized => ErrorCode::InvalidArgument,
+        HsmError::Sealed => ErrorCode::Sealed,
+        HsmError::Zeroized => ErrorCode::Zeroized,
+        HsmError::InvalidShare(_) => ErrorCode::InvalidShare,
+        HsmError::UnsealFailed => ErrorCode::UnsealFailed,
+        HsmError::KeyNotFound(_) => ErrorCode::KeyNotFound,
+        HsmError::KeyExists(_) => ErrorCode::KeyExists,
+        HsmError::KeyDisabled { .. } => ErrorCode::KeyDisabled,
+        HsmError::KeyDestroyed { .. } => ErrorCode::KeyDestroyed,
+        HsmError::KeyPendingDestruction { .. } => ErrorCode::KeyPendingDestruction,
+        HsmError::InvalidKeyState(_) => ErrorCode::InvalidKeyState,
+        HsmError::InvalidCiphertext(_) => ErrorCode::InvalidCiphertext,
+        HsmError::ContextMismatch => ErrorCode::ContextMismatch,
+        HsmError::Tampered(_) => ErrorCode::Tampered,
+        HsmError::OperatorNotFound(_) => ErrorCode::OperatorNotFound,
+        HsmError::OperatorExists(_) => ErrorCode::OperatorExists,
+        HsmError::LoginFailed => ErrorCode::LoginFailed,
+        HsmError::OperatorLocked(_) => ErrorCode::OperatorLocked,
+        HsmError::PermissionDenied(_) => ErrorCode::PermissionDenied,
+        HsmError::InvalidArgument(_) => ErrorCode::InvalidArgument,
+        HsmError::Store(_) => ErrorCode::StoreFailed,
+        HsmError::Internal(_) => ErrorCode::Internal,
+    };
+    (code, e.to_string())
+}
+
+fn hsm<T>(r: Result<T, HsmError>) -> Result<T, (ErrorCode, String)> {
+    r.map_err(|e| map_error(&e))
+}
+
+fn denied(msg: impl Into<String>) -> (ErrorCode, String) {
+    (ErrorCode::PermissionDenied, msg.into())
+}
+
+/// Converts the HSM's key description to the wire's.
+pub fn key_info(k: tde_hsm::KeyInfo) -> KeyInfo {
+    KeyInfo {
+        name: k.name,
+        description: k.description,
+        created: k.created,
+        primary_version: k.primary,
+        tampered: k.tampered,
+        versions: k
+            .versions
+            .into_iter()
+            .map(|v| KeyVersionInfo {
+                version: v.version,
+                state: v.state.name().to_string(),
+                created: v.created,
+                destroy_at: v.destroy_at,
+            })
+            .collect(),
+    }
+}
+
+/// The wire status.
+pub fn status_info(hsm: &Hsm) -> StatusInfo {
+    let s = hsm.status();
+    StatusInfo {
+        initialized: s.initialized,
+        sealed: s.sealed,
+        zeroized: s.zeroized,
+        threshold: u32::from(s.threshold),
+        shares: u32::from(s.shares),
+        progress: u32::from(s.progress),
+        dev_mode: s.dev,
+        key_count: u32::try_from(s.key_count).unwrap_or(u32::MAX),
+        server_version: env!("CARGO_PKG_VERSION").to_string(),
+    }
+}
+
+/// Whether an admin operation changes state (and so gets an intent record
+/// before it runs).
+fn is_mutating(req: &Request) -> bool {
+    matches!(
+        req,
+        Request::Seal
+            | Request::Zeroize
+            | Request::OperatorAdd { .. }
+            | Request::OperatorPasswd { .. }
+            | Request::OperatorUnlock { .. }
+            | Request::KeyCreate { .. }
+            | Request::KeyRotate { .. }
+            | Request::KeyDisable { .. }
+            | Request::KeyEnable { .. }
+            | Request::KeyScheduleDestroy { .. }
+            | Request::KeyCancelDestroy { .. }
+            | Request::KeyDestroy { .. }
+    )
+}
+
+/// Fills the audit fields a request names (never secrets).
+fn describe(req: &Request, rec: &mut AuditRecord) {
+    match req {
+        Request::GenerateDataKey { key, context } => {
+            rec.key = Some(key.clone());
+            rec.context = Some(context.clone());
+        }
+        Request::Decrypt {
+            ciphertext,
+            context,
+        }
+        | Request::ReEncrypt {
+            ciphertext,
+            context,
+        } => {
+            if let Ok(h) = tde_hsm::wrap::parse_header(ciphertext) {
+                rec.key = Some(h.key);
+                rec.key_version = Some(h.version);
+            }
+            rec.context = Some(context.clone());
+        }
+        Request::KeyCreate { key, .. }
+        | Request::KeyDescribe { key }
+        | Request::KeyRotate { key } => rec.key = Some(key.clone()),
+        Request::KeyDisable { key, version }
+        | Request::KeyEnable { key, version }
+        | Request::KeyScheduleDestroy { key, version, .. }
+        | Request::KeyCancelDestroy { key, version }
+        | Request::KeyDestroy { key, version } => {
+            rec.key = Some(key.clone());
+            rec.key_version = *version;
+        }
+        Request::OperatorAdd { operator, role, .. } => {
+            rec.detail = Some(format!("operator {operator} role {role}"));
+        }
+        Request::OperatorPasswd { operator, .. } | Request::OperatorUnlock { operator } => {
+            rec.detail = Some(format!("operator {operator}"));
+        }
+        Request::Login { operator, .. } => rec.actor.operator = Some(operator.clone()),
+        Request::GenerateRandom { length } => rec.detail = Some(format!("{length} bytes")),
+        _ => {}
+    }
+}
+
+impl Service {
+    /// Handles one request end to end and returns the response. Every
+    /// request, allowed or refused, leaves one audit record (mutating admin
+    /// operations two: intent, then outcome). If the record cannot be
+    /// written the response is `AUDIT_FAILED` and nothing is released.
+    pub fn handle(
+        &self,
+        socket: SocketKind,
+        peer: Peer,
+        session: &mut Session,
+        request_id: u64,
+        req: Request,
+    ) -> Response {
+        let mut rec = AuditRecord::new(socket.name(), req.op().name());
+        rec.request_id = Some(request_id);
+        rec.actor = Actor {
+            client: None,
+            uid: Some(peer.uid),
+            gid: Some(peer.gid),
+            pid: peer.pid,
+            operator: session.operator.as_ref().map(|(n, _)| n.clone()),
+        };
+        describe(&req, &mut rec);
+        if socket == SocketKind::Data {
+            rec.actor.client =
+                policy::find(&self.clients, peer.uid, peer.gid).map(|p| p.name.clone());
+        }
+        if socket == SocketKind::Admin && is_mutating(&req) {
+            let mut intent = rec.clone();
+            intent.result = "pending";
+            if let Err(e) = self.audit.append(intent) {
+                self.drain_events();
+                return Response::error(ErrorCode::AuditFailed, e.to_string());
+            }
+        }
+        let outcome = match socket {
+            SocketKind::Data => self.data(peer, &req, &mut rec),
+            SocketKind::Admin => self.admin(session, &req, &mut rec),
+        };
+        if let Response::Decrypted { version, .. }
+        | Response::ReEncrypted { version, .. }
+        | Response::DataKey { version, .. } = outcome.as_ref().unwrap_or(&Response::Done)
+        {
+            rec.key_version = Some(*version);
+        }
+        let response = match outcome {
+            Ok(r) => r,
+            Err((code, message)) => {
+                rec.result = "error";
+                rec.error_code = Some(code.name());
+                rec.detail = Some(message.clone());
+                Response::Error { code, message }
+            }
+        };
+        let logged = self.audit.append(rec);
+        self.drain_events();
+        match logged {
+            Ok(_) => response,
+            Err(e) => Response::error(ErrorCode::AuditFailed, e.to_string()),
+        }
+    }
+
+    /// Audits a frame that could not be decoded.
+    pub fn audit_malformed(
+        &self,
+        socket: SocketKind,
+        peer: Peer,
+        request_id: u64,
+        code: ErrorCode,
+        why: &str,
+    ) -> Result<(), ErrorCode> {
+        let mut rec = AuditRecord::new(socket.name(), "malformed_request");
+        rec.request_id = Some(request_id);
+        rec.actor = Actor {
+            uid: Some(peer.uid),
+            gid: Some(peer.gid),
+            pid: peer.pid,
+            ..Actor::default()
+        };
+        rec.result = "error";
+        rec.error_code = Some(code.name());
+        rec.detail = Some(why.to_string());
+        self.audit
+            .append(rec)
+            .map(|_| ())
+            .map_err(|_| ErrorCode::AuditFailed)
+    }
+
+    /// Writes audit records for what the HSM did on its own.
+    pub fn drain_events(&self) {
+        for e in self.hsm.take_events() {
+            let mut rec = AuditRecord::new("internal", "");
+            match e {
+                HsmEvent::TamperDetected { kind, id } => {
+                    rec.op = "tamper_detected".into();
+                    rec.result = "error";
+                    rec.error_code = Some(ErrorCode::Tampered.name());
+                    rec.detail = Some(format!("{kind} {id} failed authentication"));
+                    if kind == "master_key" {
+                        rec.key = Some(id);
+                    }
+                }
+                HsmEvent::OperatorLocked(name) => {
+                    rec.op = "operator_locked".into();
+                    rec.actor.operator = Some(name);
+                }
+                HsmEvent::TamperZeroized(why) => {
+                    rec.op = "tamper_zeroize".into();
+                    rec.detail = Some(why.to_string());
+                }
+                HsmEvent::VersionDestroyed { key, version } => {
+                    rec.op = "scheduled_destroy".into();
+                    rec.key = Some(key);
+                    rec.key_version = Some(version);
+                }
+            }
+            if let Err(err) = self.audit.append(rec) {
+                tracing::error!(error = %err, "could not audit an HSM event");
+            }
+        }
+    }
+
+    fn data(&self, peer: Peer, req: &Request, rec: &mut AuditRecord) -> Outcome {
+        match req {
+            Request::Status => return Ok(Response::Status(status_info(&self.hsm))),
+            r if r.op().is_data_op() => {}
+            _ => {
+                return Err((
+                    ErrorCode::WrongSocket,
+                    format!(
+                        "{} is an admin operation: use the admin socket",
+                        req.op().name()
+                    ),
+                ));
+            }
+        }
+        let Some(p) = policy::find(&self.clients, peer.uid, peer.gid) else {
+            return Err(denied(format!(
+                "peer uid {} gid {} matches no client policy",
+                peer.uid, peer.gid
+            )));
+        };
+        let empty = Default::default();
+        let context = match req {
+            Request::GenerateDataKey { context, .. }
+            | Request::Decrypt { context, .. }
+            | Request::ReEncrypt { context, .. } => context,
+            _ => &empty,
+        };
+        if matches!(req, Request::Decrypt { .. } | Request::ReEncrypt { .. }) && rec.key.is_none() {
+            // Malformed blob: no key to check policy against.
+            p.allows(req.op().name(), None, context).map_err(denied)?;
+            return Err((
+                ErrorCode::InvalidCiphertext,
+                "the ciphertext is not a tde wrapped data key".into(),
+            ));
+        }
+        p.allows(req.op().name(), rec.key.as_deref(), context)
+            .map_err(denied)?;
+        self.data_op(req)
+    }
+
+    fn data_op(&self, req: &Request) -> Outcome {
+        match req {
+            Request::GenerateDataKey { key, context } => {
+                let g = hsm(self.hsm.generate_data_key(key, context))?;
+                Ok(Response::DataKey {
+                    key: key.clone(),
+                    version: g.version,
+                    plaintext: SecretBytes::from_slice(g.plaintext.expose()),
+                    ciphertext: g.ciphertext,
+                })
+            }
+            Request::Decrypt {
+                ciphertext,
+                context,
+            } => {
+                let (key, version, dek) = hsm(self.hsm.decrypt(ciphertext, context))?;
+                Ok(Response::Decrypted {
+                    key,
+                    version,
+                    plaintext: SecretBytes::from_slice(dek.expose()),
+                })
+            }
+            Request::ReEncrypt {
+                ciphertext,
+                context,
+            } => {
+                let (key, source_version, version, ciphertext) =
+                    hsm(self.hsm.re_encrypt(ciphertext, context))?;
+                Ok(Response::ReEncrypted {
+                    key,
+                    version,
+                    source_version,
+                    ciphertext,
+                })
+            }
+            Request::GenerateRandom { length } => {
+                if *length == 0 || *length > MAX_RANDOM {
+                    return Err((
+                        ErrorCode::InvalidArgument,
+                        format!("length must be 1..={MAX_RANDOM}"),
+                    ));
+                }
+                let b = hsm(self.hsm.random(*length as usize))?;
+                Ok(Response::Random {
+                    bytes: SecretBytes::from_slice(b.expose()),
+                })
+            }
+            _ => Err((ErrorCode::Internal, "not a data operation".into())),
+        }
+    }
+
+    fn admin(&self, session: &mut Session, req: &Request, rec: &mut AuditRecord) -> Outcome {
+        let role = session.operator.as_ref().map(|(_, r)| *r);
+        let need = |roles: &[Role]| -> Result<(), (ErrorCode, String)> {
+            match role {
+                None => Err((
+                    ErrorCode::NotAuthenticated,
+                    format!("{} needs an operator login", req.op().name()),
+                )),
+                Some(r) if roles.contains(&r) => Ok(()),
+                Some(r) => Err(denied(format!(
+                    "role {} may not call {}",
+                    r.name(),
+                    req.op().name()
+                ))),
+            }
+        };
+        const CO: &[Role] = &[Role::CryptoOfficer];
+        const READ: &[Role] = &[Role::CryptoOfficer, Role::Auditor];
+        let h = &self.hsm;
+        let key =
+            |k: Result<tde_hsm::KeyInfo, HsmError>| hsm(k).map(|k| Response::Key(key_info(k)));
+        match req {
+            Request::Status => Ok(Response::Status(status_info(h))),
+            Request::Unseal { share } => {
+                let s = hsm(h.unseal(share.expose()))?;
+                rec.detail = Some(format!(
+                    "progress {}/{}, sealed {}",
+                    s.progress, s.threshold, s.sealed
+                ));
+                Ok(Response::Status(status_info(h)))
+            }
+            Request::Login { operator, password } => {
+                let r = hsm(h.login(operator, password.expose()))?;
+                session.operator = Some((operator.clone(), r));
+                rec.actor.operator = Some(operator.clone());
+                Ok(Response::LoggedIn {
+                    operator: operator.clone(),
+                    role: r.name().to_string(),
+                })
+            }
+            Request::Seal => {
+                need(CO)?;
+                hsm(h.seal())?;
+                Ok(Response::Status(status_info(h)))
+            }
+            Request::Zeroize => {
+                // An unsealed HSM needs an officer; a sealed one cannot check
+                // logins, so access to the admin socket (mode 0600) is the
+                // authority, as physical access is for a hardware HSM.
+                if !h.status().sealed {
+                    need(CO)?;
+                }
+                hsm(h.zeroize())?;
+                Ok(Response::Done)
+            }
+            Request::OperatorAdd {
+                operator,
+                role: r,
+                password,
+            } => {
+                need(CO)?;
+                let r = hsm(Role::parse(r))?;
+                hsm(h.operator_add(operator, r, password.expose()))?;
+                Ok(Response::Done)
+            }
+            Request::OperatorPasswd { operator, password } => {
+                let own = session
+                    .operator
+                    .as_ref()
+                    .is_some_and(|(n, _)| n == operator);
+                if !own {
+                    need(CO)?;
+                }
+                hsm(h.operator_passwd(operator, password.expose()))?;
+                Ok(Response::Done)
+            }
+            Request::OperatorUnlock { operator } => {
+                need(CO)?;
+                hsm(h.operator_unlock(operator))?;
+                Ok(Response::Done)
+            }
+            Request::OperatorList => {
+                need(READ)?;
+                Ok(Response::Operators(
+                    hsm(h.operator_list())?
+                        .into_iter()
+                        .map(|o| OperatorInfo {
+                            name: o.name,
+                            role: o.role.name().to_string(),
+                            locked: o.locked,
+                            failed_logins: o.failed_logins,
+                        })
+                        .collect(),
+                ))
+            }
+            Request::KeyCreate {
+                key: k,
+                description,
+            } => {
+                need(CO)?;
+                key(h.key_create(k, description))
+            }
+            Request::KeyList => {
+                need(READ)?;
+                Ok(Response::Keys(
+                    hsm(h.key_list())?.into_iter().map(key_info).collect(),
+                ))
+            }
+            Request::KeyDescribe { key: k } => {
+                need(READ)?;
+                key(h.key_describe(k))
+            }
+            Request::KeyRotate { key: k } => {
+                need(CO)?;
+                let r = key(h.key_rotate(k));
+                if let Ok(Response::Key(info)) = &r {
+                    rec.key_version = Some(info.primary_version);
+                }
+                r
+            }
+            Request::KeyDisable { key: k, version } => {
+                need(CO)?;
+                key(h.key_disable(k, Versions::from(*version)))
+            }
+            Request::KeyEnable { key: k, version } => {
+                need(CO)?;
+                key(h.key_enable(k, Versions::from(*version)))
+            }
+            Request::KeyScheduleDestroy {
+                key: k,
+                version,
+                days,
+            } => {
+                need(CO)?;
+                key(h.key_schedule_destroy(k, Versions::from(*version), *days))
+            }
+            Request::KeyCancelDestroy { key: k, version } => {
+                need(CO)?;
+                key(h.key_cancel_destroy(k, Versions::from(*version)))
+            }
+            Request::KeyDestroy { key: k, version } => {
+                need(CO)?;
+                key(h.key_destroy(k, Versions::from(*version)))
+            }
+            r if r.op().is_data_op() => {
+                need(&[Role::CryptoUser])?;
+                self.data_op(r)
+            }
+            _ => Err((ErrorCode::UnknownOperation, "unsupported operation".into())),
+        }
+    }
+}

@@ -1,0 +1,414 @@
+//! The daemon: listeners, connections, shutdown, background tasks.
+//!
+//! Each connection reads frames in order (the length is checked against the
+//! cap before anything is allocated; a frame that started must finish within
+//! [`FRAME_TIMEOUT`]), handles each request on the blocking pool, and writes
+//! the response. A semaphore caps connections per socket. On SIGTERM or
+//! SIGINT the listeners close, connections finish the request in hand, the
+//! audit writer commits what is queued, and the sockets are removed.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use tde_hsm::store::ObjectStore;
+use tde_hsm::{Hsm, TamperPolicy};
+use tde_protocol::frame::{HEADER_LEN, PREFIX_LEN, check_length};
+use tde_protocol::{DecodeError, ErrorCode, Frame, Header, Request, Response};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{Semaphore, mpsc, watch};
+use zeroize::Zeroize;
+
+use crate::audit::{AuditLog, AuditRecord};
+use crate::config::{Config, parse_mode};
+use crate::handler::{Peer, Service, Session, SocketKind};
+use crate::store::SqliteStore;
+use crate::sys;
+
+/// Time allowed for the rest of a frame once its first byte arrived.
+pub const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time allowed for connections to finish at shutdown.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+enum ReadError {
+    Closed,
+    Bad(DecodeError),
+}
+
+async fn read_frame(rd: &mut (impl AsyncReadExt + Unpin)) -> Result<Option<Frame>, ReadError> {
+    let mut prefix = [0u8; PREFIX_LEN];
+    match rd.read(&mut prefix[..1]).await {
+        Ok(0) => return Ok(None),
+        Ok(_) => {}
+        Err(_) => return Err(ReadError::Closed),
+    }
+    let rest = async {
+        rd.read_exact(&mut prefix[1..])
+            .await
+            .map_err(|_| ReadError::Closed)?;
+        let body_len = check_length(u32::from_be_bytes(prefix)).map_err(ReadError::Bad)?;
+        let mut head = [0u8; HEADER_LEN];
+        rd.read_exact(&mut head)
+            .await
+            .map_err(|_| ReadError::Closed)?;
+        let mut body = vec![0u8; body_len];
+        rd.read_exact(&mut body)
+            .await
+            .map_err(|_| ReadError::Closed)?;
+        Ok(Frame {
+            header: Header::parse(&head),
+            body,
+        })
+    };
+    match tokio::time::timeout(FRAME_TIMEOUT, rest).await {
+        Ok(r) => r.map(Some),
+        Err(_) => Err(ReadError::Closed),
+    }
+}
+
+async fn write_response(
+    wr: &mut (impl AsyncWriteExt + Unpin),
+    resp: &Response,
+    op: u16,
+    request_id: u64,
+) -> std::io::Result<()> {
+    let mut bytes = match resp.to_frame(op, request_id).encode() {
+        Ok(b) => b,
+        Err(_) => Response::error(ErrorCode::Internal, "response too large for one frame")
+            .to_frame(op, request_id)
+            .encode()
+            .unwrap_or_default(),
+    };
+    let r = wr.write_all(&bytes).await;
+    // The frame may hold a data key: scrub it.
+    bytes.zeroize();
+    r
+}
+
+async fn connection(
+    stream: UnixStream,
+    kind: SocketKind,
+    svc: Arc<Service>,
+    mut shutdown: watch::Receiver<bool>,
+    _done: mpsc::Sender<()>,
+) {
+    let peer = match stream.peer_cred() {
+        Ok(c) => Peer {
+            uid: c.uid(),
+            gid: c.gid(),
+            pid: c.pid(),
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "no peer credentials; closing");
+            return;
+        }
+    };
+    let (mut rd, mut wr) = stream.into_split();
+    let mut session = Session::default();
+    loop {
+        let frame = tokio::select! {
+            _ = shutdown.changed() => break,
+            f = read_frame(&mut rd) => f,
+        };
+        let frame = match frame {
+            Ok(Some(f)) => f,
+            Ok(None) | Err(ReadError::Closed) => break,
+            Err(ReadError::Bad(e)) => {
+                // The stream cannot be resynchronized after a bad length.
+                let svc2 = svc.clone();
+                let (code, why) = (e.code(), e.to_string());
+                let why2 = why.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    svc2.audit_malformed(kind, peer, 0, code, &why2)
+                })
+                .await;
+                let _ = write_response(&mut wr, &Response::error(code, why), 0, 0).await;
+                break;
+            }
+        };
+        let (op, id) = (frame.header.op, frame.header.request_id);
+        let svc2 = svc.clone();
+        let mut sess = std::mem::take(&mut session);
+        let joined = tokio::task::spawn_blocking(move || {
+            let resp = match Request::from_frame(&frame) {
+                Ok(req) => svc2.handle(kind, peer, &mut sess, id, req),
+                Err(e) => match svc2.audit_malformed(kind, peer, id, e.code(), &e.to_string()) {
+                    Ok(()) => Response::error(e.code(), e.to_string()),
+                    Err(code) => Response::error(code, "the audit record could not be written"),
+                },
+            };
+            (sess, resp)
+        })
+        .await;
+        let resp = match joined {
+            Ok((s, r)) => {
+                session = s;
+                r
+            }
+            Err(_) => Response::error(ErrorCode::Internal, "request handler failed"),
+        };
+        if write_response(&mut wr, &resp, op, id).await.is_err() {
+            break;
+        }
+    }
+}
+
+fn resolve_group(group: &str) -> anyhow::Result<u32> {
+    if let Ok(n) = group.parse() {
+        return Ok(n);
+    }
+    let text = std::fs::read_to_string("/etc/group").context("reading /etc/group")?;
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            Some((f.next()?, f.nth(1)?))
+        })
+        .find(|(name, _)| *name == group)
+        .and_then(|(_, gid)| gid.parse().ok())
+        .with_context(|| format!("group {group:?} not found"))
+}
+
+async fn bind(path: &Path, mode: &str, group: Option<&str>) -> anyhow::Result<UnixListener> {
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            bail!("another tde serve is listening on {}", path.display());
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let l = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    let mode = parse_mode(mode).map_err(anyhow::Error::msg)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    if let Some(g) = group {
+        let gid = resolve_group(g)?;
+        rustix::fs::chown(path, None, Some(rustix::fs::Gid::from_raw(gid)))
+            .with_context(|| format!("setting group of {}", path.display()))?;
+    }
+    Ok(l)
+}
+
+async fn accept_loop(
+    listener: UnixListener,
+    kind: SocketKind,
+    svc: Arc<Service>,
+    max: usize,
+    shutdown: watch::Receiver<bool>,
+    done: mpsc::Sender<()>,
+) {
+    let limit = Arc::new(Semaphore::new(max));
+    let mut stop = shutdown.clone();
+    loop {
+        let permit = tokio::select! {
+            _ = stop.changed() => return,
+            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+        };
+        let accepted = tokio::select! {
+            _ = stop.changed() => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                let (svc, sd, dn) = (svc.clone(), shutdown.clone(), done.clone());
+                tokio::spawn(async move {
+                    connection(stream, kind, svc, sd, dn).await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Reads the dev share and unseals; warns loudly.
+fn dev_unseal(cfg: &Config, hsm: &Hsm) -> anyhow::Result<()> {
+    let path = cfg.dev_share_path();
+    let warning = format!(
+        "DEV MODE: the single unseal share is stored in {} next to the key store; \
+         anyone who can read that file can unseal every key. NOT FOR PRODUCTION.",
+        path.display()
+    );
+    eprintln!("WARNING: {warning}");
+    tracing::warn!("{warning}");
+    let share = zeroize::Zeroizing::new(
+        std::fs::read(&path)
+            .with_context(|| format!("reading the dev share {}", path.display()))?,
+    );
+    hsm.unseal(&share)
+        .map_err(|e| anyhow::anyhow!("dev auto-unseal failed: {e}"))?;
+    Ok(())
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let hardening = sys::harden(&cfg.memory.lock).map_err(anyhow::Error::msg)?;
+    tracing::info!(
+        no_core_dumps = hardening.no_core_dumps,
+        memory_locked = hardening.memory_locked,
+        note = hardening.lock_note.as_deref().unwrap_or(""),
+        "process hardening"
+    );
+    create_private_dir(&cfg.data_dir)?;
+    let store_path = cfg.store_path();
+    let store = Arc::new(
+        SqliteStore::open(&store_path)
+            .with_context(|| format!("opening key store {}", store_path.display()))?,
+    );
+    if store.meta()?.is_none() {
+        bail!(
+            "the key store {} is not initialized: run `tde init` (or `tde init --dev` to try it out)",
+            store_path.display()
+        );
+    }
+    let policy = TamperPolicy {
+        zeroize_on_lockout: cfg.tamper.zeroize_on_lockout,
+        zeroize_on_store_tamper: cfg.tamper.zeroize_on_store_tamper,
+    };
+    let hsm = Arc::new(Hsm::open(store.clone(), policy)?);
+    let (audit, writer) = AuditLog::start(&store_path)?;
+    let svc = Arc::new(Service {
+        hsm: hsm.clone(),
+        audit: audit.clone(),
+        clients: cfg.clients.clone(),
+    });
+    let mut start = AuditRecord::new("internal", "daemon_start");
+    start.detail = Some(format!(
+        "tde {} pid {}",
+        env!("CARGO_PKG_VERSION"),
+        std::process::id()
+    ));
+    audit.append(start)?;
+    if hsm.status().dev && !hsm.status().zeroized {
+        let r = dev_unseal(&cfg, &hsm);
+        let mut rec = AuditRecord::new("internal", "dev_auto_unseal");
+        if let Err(e) = &r {
+            rec.result = "error";
+            rec.detail = Some(e.to_string());
+        }
+        audit.append(rec)?;
+        r?;
+    }
+    svc.drain_events();
+
+    let data_path = cfg.data_socket_path();
+    let admin_path = cfg.admin_socket_path();
+    let data = bind(
+        &data_path,
+        &cfg.data_socket.mode,
+        cfg.data_socket.group.as_deref(),
+    )
+    .await?;
+    let admin = bind(
+        &admin_path,
+        &cfg.admin_socket.mode,
+        cfg.admin_socket.group.as_deref(),
+    )
+    .await?;
+    let status = hsm.status();
+    tracing::info!(
+        data_socket = %data_path.display(),
+        admin_socket = %admin_path.display(),
+        sealed = status.sealed,
+        zeroized = status.zeroized,
+        "tde serve listening"
+    );
+    if status.sealed && !status.zeroized {
+        tracing::info!(
+            "sealed: give {} unseal shares with `tde unseal`",
+            status.threshold
+        );
+    }
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    let max = cfg.limits.max_connections;
+    let tasks = [
+        tokio::spawn(accept_loop(
+            data,
+            SocketKind::Data,
+            svc.clone(),
+            max,
+            stop_rx.clone(),
+            done_tx.clone(),
+        )),
+        tokio::spawn(accept_loop(
+            admin,
+            SocketKind::Admin,
+            svc.clone(),
+            max,
+            stop_rx.clone(),
+            done_tx.clone(),
+        )),
+        tokio::spawn(destroy_scheduler(
+            svc.clone(),
+            cfg.limits.destroy_check_seconds,
+            stop_rx.clone(),
+        )),
+    ];
+    drop(done_tx);
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let signal = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(signal, "shutting down: finishing in-flight requests");
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        let _ = t.await;
+    }
+    if tokio::time::timeout(SHUTDOWN_GRACE, done_rx.recv())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections did not finish within the grace period");
+    }
+    let mut stop = AuditRecord::new("internal", "daemon_stop");
+    stop.detail = Some(signal.to_string());
+    let _ = audit.append(stop);
+    drop(svc);
+    drop(audit);
+    tokio::task::spawn_blocking(move || writer.join()).await?;
+    for p in [&data_path, &admin_path] {
+        let _ = std::fs::remove_file(p);
+    }
+    hsm.seal().ok();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn destroy_scheduler(svc: Arc<Service>, every: u64, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(every.max(1)));
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        let s = svc.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Err(e) = s.hsm.destroy_due(tde_hsm::hsm::now()) {
+                tracing::error!(error = %e, "scheduled key destruction failed");
+            }
+            s.drain_events();
+        })
+        .await;
+    }
+}
+
+/// Creates `dir` (and parents) with mode 0700 if missing.
+pub fn create_private_dir(dir: &Path) -> anyhow::Result<PathBuf> {
+    if !dir.exists() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(dir.to_path_buf())
+}

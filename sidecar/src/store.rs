@@ -1,0 +1,319 @@
+//! The SQLite key store (rusqlite), the embedded default backend.
+//!
+//! One database file holds the store's meta, the sealed root, the sealed
+//! objects and the audit chain. Migrations live in `sql/sqlite/` and are
+//! applied in order; `schema_version` records the last one applied.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use tde_hsm::seal::STORE_ID_LEN;
+use tde_hsm::store::{ObjectStore, StoreError, StoreMeta, StoreOp, StoredObject};
+
+/// Migrations, in order. Index + 1 is the schema version.
+const MIGRATIONS: &[&str] = &[include_str!("../../sql/sqlite/001_init.sql")];
+
+fn io(e: rusqlite::Error) -> StoreError {
+    StoreError::Io(e.to_string())
+}
+
+/// Opens a connection with the store's pragmas.
+pub fn connect(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path).map_err(io)?;
+    // Wait up to 5 s for the other connection (audit writer or key writer)
+    // instead of failing with SQLITE_BUSY.
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(io)?;
+    conn.execute_batch(
+        // WAL: readers never block the writer; one file set per store.
+        "PRAGMA journal_mode = WAL;
+         -- FULL: a commit is on disk before it returns (key material, audit).
+         PRAGMA synchronous = FULL;
+         -- Overwrite deleted content with zeros: destroyed key versions and a
+         -- zeroized root leave no sealed bytes in free pages.
+         PRAGMA secure_delete = ON;",
+    )
+    .map_err(io)?;
+    Ok(conn)
+}
+
+/// Applies pending migrations.
+pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    conn.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);")
+        .map_err(io)?;
+    let current: i64 = conn
+        .query_row(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_version",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(io)?;
+    if current > MIGRATIONS.len() as i64 {
+        return Err(StoreError::Corrupt(format!(
+            "schema version {current} is newer than this tde supports ({})",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        let tx = conn.transaction().map_err(io)?;
+        tx.execute_batch(sql).map_err(io)?;
+        tx.execute(
+            "INSERT INTO schema_version (version) VALUES (?1)",
+            [i as i64 + 1],
+        )
+        .map_err(io)?;
+        tx.commit().map_err(io)?;
+    }
+    Ok(())
+}
+
+/// The SQLite implementation of [`ObjectStore`].
+pub struct SqliteStore {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) and migrates the store at `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::Io(format!("{}: {e}", dir.display())))?;
+        }
+        let mut conn = connect(path)?;
+        migrate(&mut conn)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            conn: Mutex::new(conn),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Moves WAL content into the database and truncates the WAL, so old
+    /// sealed copies of changed rows do not linger in it. Best effort: a
+    /// busy checkpoint is retried at the next change.
+    fn checkpoint(conn: &Connection) {
+        let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+    }
+}
+
+impl ObjectStore for SqliteStore {
+    fn meta(&self) -> Result<Option<StoreMeta>, StoreError> {
+        let conn = self.conn();
+        conn.query_row(
+            "SELECT store_id, threshold, shares, dev, zeroized, created FROM meta WHERE id = 1",
+            [],
+            |r| {
+                Ok((
+                    r.get::<_, Vec<u8>>(0)?,
+                    r.get::<_, u8>(1)?,
+                    r.get::<_, u8>(2)?,
+                    r.get::<_, bool>(3)?,
+                    r.get::<_, bool>(4)?,
+                    r.get::<_, i64>(5)?,
+                ))
+            },
+        )
+        .optional()
+        .map_err(io)?
+        .map(|(id, threshold, shares, dev, zeroized, created)| {
+            let store_id: [u8; STORE_ID_LEN] = id
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("store id has the wrong length".into()))?;
+            Ok(StoreMeta {
+                store_id,
+                threshold,
+                shares,
+                dev,
+                zeroized,
+                created: u64::try_from(created).unwrap_or(0),
+            })
+        })
+        .transpose()
+    }
+
+    fn initialize(
+        &self,
+        meta: &StoreMeta,
+        sealed_root: &[u8],
+        objects: &[StoredObject],
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(io)?;
+        let exists: bool = tx
+            .query_row("SELECT EXISTS (SELECT 1 FROM meta)", [], |r| r.get(0))
+            .map_err(io)?;
+        if exists {
+            return Err(StoreError::AlreadyInitialized);
+        }
+        tx.execute(
+            "INSERT INTO meta (id, store_id, threshold, shares, dev, zeroized, created)
+             VALUES (1, ?1, ?2, ?3, ?4, 0, ?5)",
+            params![
+                &meta.store_id[..],
+                meta.threshold,
+                meta.shares,
+                meta.dev,
+                i64::try_from(meta.created).unwrap_or(i64::MAX)
+            ],
+        )
+        .map_err(io)?;
+        tx.execute(
+            "INSERT INTO root (id, sealed) VALUES (1, ?1)",
+            [sealed_root],
+        )
+        .map_err(io)?;
+        for o in objects {
+            put(&tx, o)?;
+        }
+        tx.commit().map_err(io)
+    }
+
+    fn sealed_root(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.conn()
+            .query_row("SELECT sealed FROM root WHERE id = 1", [], |r| r.get(0))
+            .optional()
+            .map_err(io)
+    }
+
+    fn objects(&self) -> Result<Vec<StoredObject>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT kind, id, revision, sealed FROM objects ORDER BY kind, id")
+            .map_err(io)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(StoredObject {
+                    kind: r.get(0)?,
+                    id: r.get(1)?,
+                    revision: u64::try_from(r.get::<_, i64>(2)?).unwrap_or(0),
+                    blob: r.get(3)?,
+                })
+            })
+            .map_err(io)?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(io)
+    }
+
+    fn apply(&self, ops: &[StoreOp]) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(io)?;
+        for op in ops {
+            match op {
+                StoreOp::Put(o) => put(&tx, o)?,
+                StoreOp::Delete { kind, id } => {
+                    tx.execute(
+                        "DELETE FROM objects WHERE kind = ?1 AND id = ?2",
+                        params![kind, id],
+                    )
+                    .map_err(io)?;
+                }
+            }
+        }
+        tx.commit().map_err(io)?;
+        Self::checkpoint(&conn);
+        Ok(())
+    }
+
+    fn zeroize(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(io)?;
+        tx.execute("DELETE FROM root", []).map_err(io)?;
+        tx.execute("DELETE FROM objects", []).map_err(io)?;
+        tx.execute("UPDATE meta SET zeroized = 1", []).map_err(io)?;
+        tx.commit().map_err(io)?;
+        Self::checkpoint(&conn);
+        // Rebuild the file so no page, free or not, keeps the old bytes.
+        conn.execute_batch("VACUUM").map_err(io)?;
+        Self::checkpoint(&conn);
+        Ok(())
+    }
+}
+
+fn put(tx: &rusqlite::Transaction<'_>, o: &StoredObject) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO objects (kind, id, revision, sealed) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (kind, id) DO UPDATE SET revision = excluded.revision, sealed = excluded.sealed",
+        params![o.kind, o.id, i64::try_from(o.revision).unwrap_or(i64::MAX), o.blob],
+    )
+    .map_err(io)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_zeroize_scrubs_the_file() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("tde.db");
+        let s = SqliteStore::open(&path).expect("open");
+        assert!(s.meta().expect("meta").is_none());
+        let meta = StoreMeta {
+            store_id: [7; 16],
+            threshold: 3,
+            shares: 5,
+            dev: false,
+            zeroized: false,
+            created: 1,
+        };
+        let root = vec![0xC7u8; 60];
+        let obj = StoredObject {
+            kind: 1,
+            id: "pg".into(),
+            revision: 1,
+            blob: vec![0xD9; 80],
+        };
+        s.initialize(&meta, &root, &[obj.clone()]).expect("init");
+        assert!(matches!(
+            s.initialize(&meta, &root, &[]),
+            Err(StoreError::AlreadyInitialized)
+        ));
+        assert_eq!(s.meta().expect("meta"), Some(meta));
+        assert_eq!(s.objects().expect("objects"), vec![obj.clone()]);
+        let obj2 = StoredObject {
+            revision: 2,
+            blob: vec![0xE1; 80],
+            ..obj
+        };
+        s.apply(&[StoreOp::Put(obj2.clone())]).expect("apply");
+        assert_eq!(s.objects().expect("objects"), vec![obj2]);
+        drop(s);
+        let s = SqliteStore::open(&path).expect("reopen");
+        assert_eq!(s.sealed_root().expect("root"), Some(root.clone()));
+        s.zeroize().expect("zeroize");
+        assert!(s.meta().expect("meta").expect("some").zeroized);
+        assert_eq!(s.sealed_root().expect("root"), None);
+        drop(s);
+        for f in ["tde.db", "tde.db-wal"] {
+            let Ok(bytes) = std::fs::read(dir.path().join(f)) else {
+                continue;
+            };
+            assert!(
+                !bytes.windows(60).any(|w| w == &root[..]),
+                "root bytes left in {f}"
+            );
+            assert!(
+                !bytes.windows(80).any(|w| w == &[0xE1; 80][..]),
+                "object bytes left in {f}"
+            );
+        }
+    }
+}
