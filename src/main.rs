@@ -1,1 +1,271 @@
-fn main() {}
+//! `tde`: the command line of the TDE key manager. It only wires the crates
+//! together: `tde-hsm` (the HSM), `tde-sidecar` (the daemon) and
+//! `tde-protocol` (the client side of the wire protocol).
+#![forbid(unsafe_code)]
+// The doc comments of clap types are the help text; flattened groups have none.
+#![allow(missing_docs)]
+
+mod client;
+mod cmd;
+mod demo;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Key manager for transparent data encryption: a software HSM in a sidecar
+/// daemon that wraps per-tablespace data keys for a database.
+#[derive(Parser, Debug)]
+#[command(name = "tde", version, about, long_about = None)]
+pub struct Cli {
+    /// Configuration file (TOML). `TDE_` environment variables override it,
+    /// e.g. TDE_DATA_DIR.
+    #[arg(long, global = true, env = "TDE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Admin socket (default: from the configuration).
+    #[arg(long, global = true)]
+    pub admin_socket: Option<PathBuf>,
+    /// Data socket (default: from the configuration).
+    #[arg(long, global = true)]
+    pub data_socket: Option<PathBuf>,
+    /// Operator to log in as for admin commands.
+    #[arg(long, global = true, env = "TDE_OPERATOR", default_value = "admin")]
+    pub operator: String,
+    /// File holding the operator's password (else TDE_PASSWORD, the dev
+    /// password file, or a prompt).
+    #[arg(long, global = true)]
+    pub password_file: Option<PathBuf>,
+    /// Machine-readable JSON output.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Commands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a self-contained demonstration on a temporary dev store.
+    Demo,
+    /// Create the key store: root key, unseal shares, first crypto officer.
+    Init(InitArgs),
+    /// Run the sidecar daemon.
+    Serve(ServeArgs),
+    /// Show seal status.
+    Status,
+    /// Give one unseal share.
+    Unseal {
+        /// The share text (else --share-file, or a hidden prompt).
+        share: Option<String>,
+        /// File holding the share.
+        #[arg(long)]
+        share_file: Option<PathBuf>,
+    },
+    /// Seal: wipe keys from the daemon's memory.
+    Seal,
+    /// Zeroize: destroy the root material for ever (like an HSM's zeroize).
+    Zeroize {
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Manage operators.
+    #[command(subcommand)]
+    Operator(OperatorCmd),
+    /// Manage master keys.
+    #[command(subcommand)]
+    Key(KeyCmd),
+    /// Data-key operations (like `aws kms generate-data-key`).
+    #[command(subcommand)]
+    Datakey(DatakeyCmd),
+}
+
+/// `tde init`.
+#[derive(Args, Debug)]
+pub struct InitArgs {
+    /// Number of unseal shares.
+    #[arg(long, default_value_t = 5)]
+    pub shares: u8,
+    /// Shares needed to unseal.
+    #[arg(long, default_value_t = 3)]
+    pub threshold: u8,
+    /// Dev mode: one share kept in a local file, auto-unseal. Not for
+    /// production.
+    #[arg(long)]
+    pub dev: bool,
+    /// Also write each share to DIR/share-N (mode 0600).
+    #[arg(long)]
+    pub share_dir: Option<PathBuf>,
+}
+
+/// `tde serve`.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Dev mode: initialize a dev store if there is none (in ./tde-dev unless
+    /// a data directory is configured), auto-unseal, allow the current user.
+    #[arg(long)]
+    pub dev: bool,
+    /// Print the effective configuration (secrets redacted) and exit.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+/// `tde operator`.
+#[derive(Subcommand, Debug)]
+pub enum OperatorCmd {
+    /// Add an operator (password from TDE_NEW_PASSWORD, --new-password-file
+    /// or a prompt).
+    Add {
+        /// Name.
+        name: String,
+        /// crypto_officer, crypto_user or auditor.
+        #[arg(long)]
+        role: String,
+        /// File holding the new operator's password.
+        #[arg(long)]
+        new_password_file: Option<PathBuf>,
+    },
+    /// Change an operator's password.
+    Passwd {
+        /// Name.
+        name: String,
+        /// File holding the new password.
+        #[arg(long)]
+        new_password_file: Option<PathBuf>,
+    },
+    /// Unlock an operator locked by failed logins.
+    Unlock {
+        /// Name.
+        name: String,
+    },
+    /// List operators.
+    List,
+}
+
+/// `tde key`.
+#[derive(Subcommand, Debug)]
+pub enum KeyCmd {
+    /// Create a master key.
+    Create {
+        /// Name.
+        name: String,
+        /// Free text.
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// List master keys.
+    List,
+    /// Show a master key and its versions.
+    Show {
+        /// Name.
+        name: String,
+    },
+    /// Rotate: a new version becomes primary.
+    Rotate {
+        /// Name.
+        name: String,
+    },
+    /// Disable a version (or all).
+    Disable(VersionArgs),
+    /// Enable a version (or all).
+    Enable(VersionArgs),
+    /// Schedule destruction of a version (or the whole key).
+    ScheduleDestroy {
+        #[command(flatten)]
+        target: VersionArgs,
+        /// Waiting period in days.
+        #[arg(long, default_value_t = 7)]
+        days: u32,
+    },
+    /// Cancel a scheduled destruction.
+    CancelDestroy(VersionArgs),
+    /// Destroy a version (or the whole key) now. Irreversible.
+    Destroy {
+        #[command(flatten)]
+        target: VersionArgs,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+/// A key and optionally one version.
+#[derive(Args, Debug)]
+pub struct VersionArgs {
+    /// Key name.
+    pub name: String,
+    /// Version (default: all).
+    #[arg(long)]
+    pub version: Option<u32>,
+}
+
+/// `tde datakey`.
+#[derive(Subcommand, Debug)]
+pub enum DatakeyCmd {
+    /// Generate a data key wrapped under a master key.
+    Generate {
+        /// Master key.
+        #[arg(long)]
+        key: String,
+        #[command(flatten)]
+        ctx: ContextArgs,
+        /// Write the plaintext key (32 raw bytes, mode 0600) here instead of
+        /// printing it.
+        #[arg(long)]
+        plaintext_file: Option<PathBuf>,
+        /// Write the wrapped key (raw bytes) here.
+        #[arg(long)]
+        ciphertext_file: Option<PathBuf>,
+    },
+    /// Unwrap a data key.
+    Decrypt {
+        #[command(flatten)]
+        input: CiphertextArgs,
+        #[command(flatten)]
+        ctx: ContextArgs,
+        /// Write the plaintext key (raw, 0600) here instead of printing it.
+        #[arg(long)]
+        plaintext_file: Option<PathBuf>,
+    },
+    /// Rewrap a data key under the primary version.
+    ReEncrypt {
+        #[command(flatten)]
+        input: CiphertextArgs,
+        #[command(flatten)]
+        ctx: ContextArgs,
+        /// Write the new wrapped key (raw) here.
+        #[arg(long)]
+        ciphertext_out: Option<PathBuf>,
+    },
+}
+
+/// Encryption context entries.
+#[derive(Args, Debug)]
+pub struct ContextArgs {
+    /// Encryption context entry KEY=VALUE (repeatable).
+    #[arg(long = "context", value_name = "KEY=VALUE")]
+    pub context: Vec<String>,
+}
+
+/// Where a wrapped key comes from.
+#[derive(Args, Debug)]
+pub struct CiphertextArgs {
+    /// The wrapped key, base64.
+    #[arg(long, conflicts_with = "ciphertext_file")]
+    pub ciphertext: Option<String>,
+    /// File holding the wrapped key (raw bytes).
+    #[arg(long)]
+    pub ciphertext_file: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cmd::run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

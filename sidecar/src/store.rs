@@ -281,7 +281,8 @@ mod tests {
             revision: 1,
             blob: vec![0xD9; 80],
         };
-        s.initialize(&meta, &root, &[obj.clone()]).expect("init");
+        s.initialize(&meta, &root, std::slice::from_ref(&obj))
+            .expect("init");
         assert!(matches!(
             s.initialize(&meta, &root, &[]),
             Err(StoreError::AlreadyInitialized)

@@ -21,7 +21,8 @@ pub struct Hardening {
 /// memory with `mlockall(MCL_CURRENT | MCL_FUTURE)` per `lock`
 /// (`auto`, `required`, `off`).
 ///
-/// `auto` locks only when `RLIMIT_MEMLOCK` is unlimited: with a finite limit
+/// `auto` locks only when `RLIMIT_MEMLOCK` is unlimited (or the process is
+/// root, whose CAP_IPC_LOCK lifts the limit): with a finite limit
 /// `MCL_FUTURE` would make later allocations fail.
 pub fn harden(lock: &str) -> Result<Hardening, String> {
     let no_core_dumps = setrlimit(
@@ -36,7 +37,9 @@ pub fn harden(lock: &str) -> Result<Hardening, String> {
     let mut memory_locked = false;
     let mut lock_note = None;
     if lock != "off" {
-        let unlimited = getrlimit(Resource::Memlock).current.is_none();
+        // With CAP_IPC_LOCK (root) the limit does not apply.
+        let unlimited =
+            getrlimit(Resource::Memlock).current.is_none() || rustix::process::geteuid().is_root();
         if unlimited {
             match rustix::mm::mlockall(
                 rustix::mm::MlockAllFlags::CURRENT | rustix::mm::MlockAllFlags::FUTURE,

@@ -1,0 +1,735 @@
+//! The commands behind the CLI.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context as _, bail};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde_json::{Value, json};
+use tde_hsm::Hsm;
+use tde_hsm::store::ObjectStore;
+use tde_protocol::{KeyInfo, Request, Response, SecretBytes, StatusInfo};
+use tde_sidecar::Config;
+use tde_sidecar::policy::{ClientPolicy, DATA_OPERATIONS};
+use tde_sidecar::server;
+use tde_sidecar::store::SqliteStore;
+use zeroize::Zeroizing;
+
+use crate::client::{Client, Refused};
+use crate::{Cli, Command, DatakeyCmd, InitArgs, KeyCmd, OperatorCmd, ServeArgs};
+
+/// Runs a parsed command line. A refusal from the sidecar is printed and
+/// exits 1; other failures exit 2.
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let json = cli.json;
+    match dispatch(cli) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => match e.downcast_ref::<Refused>() {
+            Some(r) => {
+                if json {
+                    println!(
+                        "{}",
+                        json!({"error": {"code": r.code.name(), "message": r.message}})
+                    );
+                } else {
+                    eprintln!("error: {r}");
+                    if let Some(hint) = hint(r) {
+                        eprintln!("hint: {hint}");
+                    }
+                }
+                Ok(ExitCode::from(1))
+            }
+            None => Err(e),
+        },
+    }
+}
+
+fn hint(r: &Refused) -> Option<&'static str> {
+    use tde_protocol::ErrorCode::*;
+    Some(match r.code {
+        Sealed => "unseal with `tde unseal` (run it once per share)",
+        NotAuthenticated | LoginFailed => {
+            "set TDE_OPERATOR and TDE_PASSWORD, or pass --operator/--password-file"
+        }
+        OperatorLocked => "another crypto officer can run `tde operator unlock NAME`",
+        PermissionDenied => "check the [[clients]] policies in the configuration",
+        ContextMismatch => "pass the same --context entries the data key was generated with",
+        KeyDisabled => "enable the version with `tde key enable NAME --version N`",
+        KeyPendingDestruction => "cancel with `tde key cancel-destroy NAME --version N`",
+        NotInitialized => "run `tde init` first",
+        _ => return None,
+    })
+}
+
+fn load_config(cli: &Cli) -> anyhow::Result<Config> {
+    Config::load(cli.config.as_deref()).map_err(anyhow::Error::msg)
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let cfg = load_config(&cli)?;
+    match &cli.command {
+        Command::Demo => crate::demo::run(),
+        Command::Init(a) => init(&cli, &cfg, a),
+        Command::Serve(a) => serve(&cli, cfg, a),
+        Command::Status => status(&cli, &cfg),
+        Command::Unseal { share, share_file } => {
+            unseal(&cli, &cfg, share.as_deref(), share_file.as_deref())
+        }
+        Command::Seal => {
+            let mut c = admin_login(&cli, &cfg)?;
+            let Response::Status(s) = c.call(&Request::Seal)? else {
+                bail!("unexpected response")
+            };
+            print_status(&cli, &s);
+            Ok(())
+        }
+        Command::Zeroize { yes } => zeroize(&cli, &cfg, *yes),
+        Command::Operator(o) => operator(&cli, &cfg, o),
+        Command::Key(k) => key(&cli, &cfg, k),
+        Command::Datakey(d) => datakey(&cli, &cfg, d),
+    }
+}
+
+// ---------------------------------------------------------------- helpers
+
+fn admin_path(cli: &Cli, cfg: &Config) -> PathBuf {
+    cli.admin_socket
+        .clone()
+        .unwrap_or_else(|| cfg.admin_socket_path())
+}
+
+fn data_path(cli: &Cli, cfg: &Config) -> PathBuf {
+    cli.data_socket
+        .clone()
+        .unwrap_or_else(|| cfg.data_socket_path())
+}
+
+fn read_secret_file(path: &Path) -> anyhow::Result<Zeroizing<String>> {
+    let s = Zeroizing::new(
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+    );
+    Ok(Zeroizing::new(s.trim_end_matches(['\n', '\r']).to_string()))
+}
+
+/// The operator password: --password-file, TDE_PASSWORD, the dev password
+/// file, or a prompt.
+fn password(cli: &Cli, cfg: &Config) -> anyhow::Result<Zeroizing<String>> {
+    if let Some(f) = &cli.password_file {
+        return read_secret_file(f);
+    }
+    if let Ok(p) = std::env::var("TDE_PASSWORD") {
+        return Ok(Zeroizing::new(p));
+    }
+    let dev = cfg.dev_password_path();
+    if cli.operator == "admin" && dev.exists() {
+        return read_secret_file(&dev);
+    }
+    if std::io::stdin().is_terminal() {
+        return Ok(Zeroizing::new(rpassword::prompt_password(format!(
+            "password for operator {}: ",
+            cli.operator
+        ))?));
+    }
+    bail!("no operator password: set TDE_PASSWORD, pass --password-file, or run on a terminal")
+}
+
+fn new_password(file: Option<&Path>) -> anyhow::Result<Zeroizing<String>> {
+    if let Some(f) = file {
+        return read_secret_file(f);
+    }
+    if let Ok(p) = std::env::var("TDE_NEW_PASSWORD") {
+        return Ok(Zeroizing::new(p));
+    }
+    if std::io::stdin().is_terminal() {
+        let a = Zeroizing::new(rpassword::prompt_password("new password: ")?);
+        let b = Zeroizing::new(rpassword::prompt_password("repeat new password: ")?);
+        if a != b {
+            bail!("the passwords differ");
+        }
+        return Ok(a);
+    }
+    bail!("no new password: set TDE_NEW_PASSWORD, pass --new-password-file, or run on a terminal")
+}
+
+fn admin_login(cli: &Cli, cfg: &Config) -> anyhow::Result<Client> {
+    let mut c = Client::connect(&admin_path(cli, cfg))?;
+    let pw = password(cli, cfg)?;
+    c.call(&Request::Login {
+        operator: cli.operator.clone(),
+        password: SecretBytes::from_slice(pw.as_bytes()),
+    })?;
+    Ok(c)
+}
+
+/// Creates `path` with mode 0600 (refusing to overwrite) and writes `bytes`.
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+fn emit(cli: &Cli, value: Value, human: impl FnOnce() -> String) {
+    if cli.json {
+        println!("{value}");
+    } else {
+        println!("{}", human());
+    }
+}
+
+fn fmt_time(secs: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+        .to_string()
+}
+
+fn key_json(k: &KeyInfo) -> Value {
+    json!({
+        "name": k.name,
+        "description": k.description,
+        "created": fmt_time(k.created),
+        "primary_version": k.primary_version,
+        "tampered": k.tampered,
+        "versions": k.versions.iter().map(|v| json!({
+            "version": v.version,
+            "state": v.state,
+            "created": fmt_time(v.created),
+            "destroy_at": v.destroy_at.map(fmt_time),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn key_human(k: &KeyInfo) -> String {
+    if k.tampered {
+        return format!(
+            "{}  TAMPERED: its store object failed authentication",
+            k.name
+        );
+    }
+    let mut s = format!(
+        "{}  primary v{}  {}\n",
+        k.name, k.primary_version, k.description
+    );
+    for v in &k.versions {
+        let star = if v.version == k.primary_version {
+            "*"
+        } else {
+            " "
+        };
+        s.push_str(&format!(
+            "  {star} v{:<4} {:<20} created {}",
+            v.version,
+            v.state,
+            fmt_time(v.created)
+        ));
+        if let Some(at) = v.destroy_at {
+            s.push_str(&format!("  destroy at {}", fmt_time(at)));
+        }
+        s.push('\n');
+    }
+    s.trim_end().to_string()
+}
+
+fn status_json(s: &StatusInfo) -> Value {
+    json!({
+        "initialized": s.initialized,
+        "sealed": s.sealed,
+        "zeroized": s.zeroized,
+        "threshold": s.threshold,
+        "shares": s.shares,
+        "progress": s.progress,
+        "dev_mode": s.dev_mode,
+        "key_count": s.key_count,
+        "version": s.server_version,
+    })
+}
+
+fn print_status(cli: &Cli, s: &StatusInfo) {
+    emit(cli, status_json(s), || {
+        let state = if s.zeroized {
+            "ZEROIZED (root material destroyed)".to_string()
+        } else if !s.initialized {
+            "not initialized".to_string()
+        } else if s.sealed {
+            format!("sealed (unseal progress {}/{})", s.progress, s.threshold)
+        } else {
+            "unsealed".to_string()
+        };
+        let mut out = format!(
+            "state:      {state}\nshares:     {} of {} needed\nkeys:       {}\nversion:    {}",
+            s.threshold, s.shares, s.key_count, s.server_version
+        );
+        if s.dev_mode {
+            out.push_str("\nmode:       DEV (single local share; not for production)");
+        }
+        out
+    });
+}
+
+// ---------------------------------------------------------------- init / serve
+
+fn init_store(
+    cfg: &Config,
+    threshold: u8,
+    shares: u8,
+    dev: bool,
+    officer: &str,
+    pw: &str,
+) -> anyhow::Result<tde_hsm::InitOutput> {
+    server::create_private_dir(&cfg.data_dir)?;
+    let store = SqliteStore::open(&cfg.store_path())?;
+    if store.meta()?.is_some() {
+        bail!(
+            "the key store {} is already initialized",
+            cfg.store_path().display()
+        );
+    }
+    Ok(Hsm::init(
+        &store,
+        threshold,
+        shares,
+        dev,
+        officer,
+        pw.as_bytes(),
+    )?)
+}
+
+fn init_dev(cli: &Cli, cfg: &Config) -> anyhow::Result<()> {
+    let mut raw = [0u8; 18];
+    tde_hsm::random::fill(&mut raw)?;
+    let pw = Zeroizing::new(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw));
+    let out = init_store(cfg, 1, 1, true, &cli.operator, &pw)?;
+    write_private(&cfg.dev_share_path(), out.shares[0].expose())?;
+    write_private(&cfg.dev_password_path(), pw.as_bytes())?;
+    eprintln!(
+        "WARNING: DEV MODE. The single unseal share is in {} and the password of operator {:?} in {}.\n\
+         Anyone who can read them holds every key. NOT FOR PRODUCTION.",
+        cfg.dev_share_path().display(),
+        cli.operator,
+        cfg.dev_password_path().display()
+    );
+    Ok(())
+}
+
+fn init(cli: &Cli, cfg: &Config, a: &InitArgs) -> anyhow::Result<()> {
+    if a.dev {
+        init_dev(cli, cfg)?;
+        emit(cli, json!({"dev": true, "data_dir": cfg.data_dir}), || {
+            format!("Initialized a DEV key store in {}.", cfg.data_dir.display())
+        });
+        return Ok(());
+    }
+    let pw = match (&cli.password_file, std::env::var("TDE_PASSWORD")) {
+        (Some(f), _) => read_secret_file(f)?,
+        (None, Ok(p)) => Zeroizing::new(p),
+        (None, Err(_)) => new_password(None)?,
+    };
+    let out = init_store(cfg, a.threshold, a.shares, false, &cli.operator, &pw)?;
+    let texts: Vec<String> = out
+        .shares
+        .iter()
+        .map(|s| String::from_utf8_lossy(s.expose()).into_owned())
+        .collect();
+    if let Some(dir) = &a.share_dir {
+        std::fs::create_dir_all(dir)?;
+        for (i, t) in texts.iter().enumerate() {
+            write_private(&dir.join(format!("share-{}", i + 1)), t.as_bytes())?;
+        }
+    }
+    emit(
+        cli,
+        json!({"shares": texts, "threshold": out.threshold, "officer": cli.operator, "store": cfg.store_path()}),
+        || {
+            let mut s = format!(
+                "Initialized the key store {}.\n\nUnseal shares ({} of {} needed to unseal). They are shown once and stored nowhere:\ngive each to a different custodian.\n\n",
+                cfg.store_path().display(),
+                out.threshold,
+                texts.len()
+            );
+            for (i, t) in texts.iter().enumerate() {
+                s.push_str(&format!("  share {}: {t}\n", i + 1));
+            }
+            s.push_str(&format!(
+                "\nCrypto officer {:?} created. Start the daemon with `tde serve`, then run `tde unseal` {} times.",
+                cli.operator, out.threshold
+            ));
+            s
+        },
+    );
+    Ok(())
+}
+
+fn data_dir_configured(cli: &Cli) -> bool {
+    cli.config.is_some() || std::env::var_os("TDE_DATA_DIR").is_some()
+}
+
+fn init_logging(cfg: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log.level));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cfg.log.format == "json" {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn serve(cli: &Cli, mut cfg: Config, a: &ServeArgs) -> anyhow::Result<()> {
+    if a.dev && !data_dir_configured(cli) {
+        cfg.data_dir = std::env::current_dir()?.join("tde-dev");
+    }
+    if a.dev && cfg.clients.is_empty() {
+        cfg.clients.push(ClientPolicy {
+            name: "dev".into(),
+            uids: vec![rustix::process::getuid().as_raw()],
+            gids: vec![],
+            keys: vec!["*".into()],
+            operations: DATA_OPERATIONS.iter().map(|s| s.to_string()).collect(),
+            context: BTreeMap::new(),
+        });
+    }
+    if a.print_config {
+        print!("{}", cfg.to_redacted_toml());
+        return Ok(());
+    }
+    if a.dev {
+        server::create_private_dir(&cfg.data_dir)?;
+        let fresh = SqliteStore::open(&cfg.store_path())?.meta()?.is_none();
+        if fresh {
+            init_dev(cli, &cfg)?;
+        }
+        eprintln!(
+            "DEV MODE: data directory {}\n  export TDE_DATA_DIR={}\n  admin password file: {}",
+            cfg.data_dir.display(),
+            cfg.data_dir.display(),
+            cfg.dev_password_path().display()
+        );
+    }
+    init_logging(&cfg);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(server::run(cfg))
+}
+
+// ---------------------------------------------------------------- admin
+
+fn status(cli: &Cli, cfg: &Config) -> anyhow::Result<()> {
+    let mut c = Client::connect(&admin_path(cli, cfg))
+        .or_else(|_| Client::connect(&data_path(cli, cfg)))?;
+    let Response::Status(s) = c.call(&Request::Status)? else {
+        bail!("unexpected response")
+    };
+    print_status(cli, &s);
+    Ok(())
+}
+
+fn unseal(cli: &Cli, cfg: &Config, share: Option<&str>, file: Option<&Path>) -> anyhow::Result<()> {
+    let text = match (share, file) {
+        (Some(s), _) => Zeroizing::new(s.to_string()),
+        (None, Some(f)) => read_secret_file(f)?,
+        (None, None) if std::io::stdin().is_terminal() => {
+            Zeroizing::new(rpassword::prompt_password("unseal share: ")?)
+        }
+        (None, None) => bail!("give the share as an argument, with --share-file, or on a terminal"),
+    };
+    let mut c = Client::connect(&admin_path(cli, cfg))?;
+    let Response::Status(s) = c.call(&Request::Unseal {
+        share: SecretBytes::from_slice(text.trim().as_bytes()),
+    })?
+    else {
+        bail!("unexpected response")
+    };
+    print_status(cli, &s);
+    Ok(())
+}
+
+fn zeroize(cli: &Cli, cfg: &Config, yes: bool) -> anyhow::Result<()> {
+    if !yes {
+        if !std::io::stdin().is_terminal() {
+            bail!("zeroize destroys every key for ever: pass --yes to confirm");
+        }
+        eprint!(
+            "This destroys the root material: no share will ever unseal this store again.\nType ZEROIZE to continue: "
+        );
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)?;
+        if line.trim() != "ZEROIZE" {
+            bail!("not confirmed; nothing changed");
+        }
+    }
+    let mut c = Client::connect(&admin_path(cli, cfg))?;
+    let Response::Status(s) = c.call(&Request::Status)? else {
+        bail!("unexpected response")
+    };
+    if !s.sealed {
+        c = admin_login(cli, cfg)?;
+    }
+    c.call(&Request::Zeroize)?;
+    emit(cli, json!({"zeroized": true}), || {
+        "Zeroized: the root material is destroyed.".into()
+    });
+    Ok(())
+}
+
+fn operator(cli: &Cli, cfg: &Config, o: &OperatorCmd) -> anyhow::Result<()> {
+    let (req, what) = match o {
+        OperatorCmd::Add {
+            name,
+            role,
+            new_password_file,
+        } => {
+            let pw = new_password(new_password_file.as_deref())?;
+            (
+                Request::OperatorAdd {
+                    operator: name.clone(),
+                    role: role.clone(),
+                    password: SecretBytes::from_slice(pw.as_bytes()),
+                },
+                format!("Operator {name} added."),
+            )
+        }
+        OperatorCmd::Passwd {
+            name,
+            new_password_file,
+        } => {
+            let pw = new_password(new_password_file.as_deref())?;
+            (
+                Request::OperatorPasswd {
+                    operator: name.clone(),
+                    password: SecretBytes::from_slice(pw.as_bytes()),
+                },
+                format!("Password of {name} changed."),
+            )
+        }
+        OperatorCmd::Unlock { name } => (
+            Request::OperatorUnlock {
+                operator: name.clone(),
+            },
+            format!("Operator {name} unlocked."),
+        ),
+        OperatorCmd::List => (Request::OperatorList, String::new()),
+    };
+    let mut c = admin_login(cli, cfg)?;
+    match c.call(&req)? {
+        Response::Operators(ops) => emit(
+            cli,
+            json!(ops.iter().map(|o| json!({"name": o.name, "role": o.role, "locked": o.locked, "failed_logins": o.failed_logins})).collect::<Vec<_>>()),
+            || {
+                ops.iter()
+                    .map(|o| format!("{:<24} {:<16} {}", o.name, o.role, if o.locked { "LOCKED" } else { "" }))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            },
+        ),
+        _ => emit(cli, json!({"ok": true}), || what),
+    }
+    Ok(())
+}
+
+fn key(cli: &Cli, cfg: &Config, k: &KeyCmd) -> anyhow::Result<()> {
+    let req = match k {
+        KeyCmd::Create { name, description } => Request::KeyCreate {
+            key: name.clone(),
+            description: description.clone(),
+        },
+        KeyCmd::List => Request::KeyList,
+        KeyCmd::Show { name } => Request::KeyDescribe { key: name.clone() },
+        KeyCmd::Rotate { name } => Request::KeyRotate { key: name.clone() },
+        KeyCmd::Disable(v) => Request::KeyDisable {
+            key: v.name.clone(),
+            version: v.version,
+        },
+        KeyCmd::Enable(v) => Request::KeyEnable {
+            key: v.name.clone(),
+            version: v.version,
+        },
+        KeyCmd::ScheduleDestroy { target, days } => Request::KeyScheduleDestroy {
+            key: target.name.clone(),
+            version: target.version,
+            days: *days,
+        },
+        KeyCmd::CancelDestroy(v) => Request::KeyCancelDestroy {
+            key: v.name.clone(),
+            version: v.version,
+        },
+        KeyCmd::Destroy { target, yes } => {
+            if !yes {
+                bail!(
+                    "destroying {} {} is irreversible: data wrapped under it is lost. Pass --yes to confirm.",
+                    target.name,
+                    target
+                        .version
+                        .map_or("(every version)".to_string(), |v| format!("version {v}"))
+                );
+            }
+            Request::KeyDestroy {
+                key: target.name.clone(),
+                version: target.version,
+            }
+        }
+    };
+    let mut c = admin_login(cli, cfg)?;
+    match c.call(&req)? {
+        Response::Key(info) => emit(cli, key_json(&info), || key_human(&info)),
+        Response::Keys(keys) => emit(
+            cli,
+            json!(keys.iter().map(key_json).collect::<Vec<_>>()),
+            || {
+                if keys.is_empty() {
+                    "no master keys".into()
+                } else {
+                    keys.iter().map(key_human).collect::<Vec<_>>().join("\n")
+                }
+            },
+        ),
+        _ => bail!("unexpected response"),
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- data keys
+
+fn parse_context(entries: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut ctx = BTreeMap::new();
+    for e in entries {
+        let (k, v) = e
+            .split_once('=')
+            .with_context(|| format!("context entry {e:?} is not KEY=VALUE"))?;
+        if ctx.insert(k.to_string(), v.to_string()).is_some() {
+            bail!("context key {k:?} given twice");
+        }
+    }
+    Ok(ctx)
+}
+
+fn read_ciphertext(a: &crate::CiphertextArgs) -> anyhow::Result<Vec<u8>> {
+    match (&a.ciphertext, &a.ciphertext_file) {
+        (Some(b), _) => B64
+            .decode(b.trim())
+            .context("--ciphertext is not valid base64"),
+        (None, Some(f)) => std::fs::read(f).with_context(|| format!("reading {}", f.display())),
+        (None, None) => bail!("give --ciphertext BASE64 or --ciphertext-file FILE"),
+    }
+}
+
+fn datakey(cli: &Cli, cfg: &Config, d: &DatakeyCmd) -> anyhow::Result<()> {
+    let mut c = Client::connect(&data_path(cli, cfg))?;
+    match d {
+        DatakeyCmd::Generate {
+            key,
+            ctx,
+            plaintext_file,
+            ciphertext_file,
+        } => {
+            let context = parse_context(&ctx.context)?;
+            let Response::DataKey {
+                key,
+                version,
+                plaintext,
+                ciphertext,
+            } = c.call(&Request::GenerateDataKey {
+                key: key.clone(),
+                context,
+            })?
+            else {
+                bail!("unexpected response")
+            };
+            if let Some(f) = ciphertext_file {
+                write_private(f, &ciphertext)?;
+            }
+            let pt = match plaintext_file {
+                Some(f) => {
+                    write_private(f, plaintext.expose())?;
+                    None
+                }
+                None => Some(Zeroizing::new(B64.encode(plaintext.expose()))),
+            };
+            let ct = B64.encode(&ciphertext);
+            emit(
+                cli,
+                json!({"key": key, "key_version": version, "ciphertext": ct, "plaintext": pt.as_deref()}),
+                || {
+                    let mut s = format!("key: {key} version {version}\nciphertext: {ct}");
+                    if let Some(p) = &pt {
+                        s.push_str(&format!("\nplaintext: {}", p.as_str()));
+                    }
+                    s
+                },
+            );
+        }
+        DatakeyCmd::Decrypt {
+            input,
+            ctx,
+            plaintext_file,
+        } => {
+            let Response::Decrypted {
+                key,
+                version,
+                plaintext,
+            } = c.call(&Request::Decrypt {
+                ciphertext: read_ciphertext(input)?,
+                context: parse_context(&ctx.context)?,
+            })?
+            else {
+                bail!("unexpected response")
+            };
+            let pt = match plaintext_file {
+                Some(f) => {
+                    write_private(f, plaintext.expose())?;
+                    None
+                }
+                None => Some(Zeroizing::new(B64.encode(plaintext.expose()))),
+            };
+            emit(
+                cli,
+                json!({"key": key, "key_version": version, "plaintext": pt.as_deref()}),
+                || {
+                    let mut s = format!("key: {key} version {version}");
+                    if let Some(p) = &pt {
+                        s.push_str(&format!("\nplaintext: {}", p.as_str()));
+                    }
+                    s
+                },
+            );
+        }
+        DatakeyCmd::ReEncrypt {
+            input,
+            ctx,
+            ciphertext_out,
+        } => {
+            let Response::ReEncrypted {
+                key,
+                version,
+                source_version,
+                ciphertext,
+            } = c.call(&Request::ReEncrypt {
+                ciphertext: read_ciphertext(input)?,
+                context: parse_context(&ctx.context)?,
+            })?
+            else {
+                bail!("unexpected response")
+            };
+            if let Some(f) = ciphertext_out {
+                write_private(f, &ciphertext)?;
+            }
+            let ct = B64.encode(&ciphertext);
+            emit(
+                cli,
+                json!({"key": key, "key_version": version, "source_key_version": source_version, "ciphertext": ct}),
+                || format!("key: {key} version {source_version} -> {version}\nciphertext: {ct}"),
+            );
+        }
+    }
+    Ok(())
+}
