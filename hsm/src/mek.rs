@@ -85,6 +85,11 @@ impl MekRecord {
         self.versions.iter().find(|x| x.version == v)
     }
 
+    /// The material of version `v`, if it exists and is not destroyed.
+    pub fn material(&self, v: u32) -> Option<&MasterKeyMaterial> {
+        self.version(v).and_then(|x| x.material.as_ref())
+    }
+
     pub(crate) fn version_mut(&mut self, v: u32) -> Option<&mut MekVersion> {
         self.versions.iter_mut().find(|x| x.version == v)
     }

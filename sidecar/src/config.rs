@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::policy::ClientPolicy;
 
 /// Environment variables read by the CLI, not configuration keys.
-const CLI_ENV: &[&str] = &["config", "password", "operator"];
+const CLI_ENV: &[&str] = &["config", "password", "new_password", "operator"];
 
 /// The daemon's configuration.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

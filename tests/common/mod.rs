@@ -1,0 +1,287 @@
+//! Harness for the end-to-end tests: a temporary data directory with a
+//! config, the real `tde` binary, and a real `tde serve` child that is
+//! stopped (SIGTERM, then SIGKILL) when dropped, also when a test fails.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tde_protocol::frame::{read_frame, write_frame};
+use tde_protocol::{Request, Response};
+
+pub const PASSWORD: &str = "officer-password-1";
+pub const BIN: &str = env!("CARGO_BIN_EXE_tde");
+
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+}
+
+impl Env {
+    /// A data directory and a config whose data socket is open to everyone
+    /// (mode 0666) so a foreign uid can reach it and be refused by policy.
+    /// Client `app` is the test runner's uid.
+    pub fn new(extra: &str) -> Env {
+        let dir = tempfile::Builder::new()
+            .prefix("tde-e2e-")
+            .tempdir()
+            .expect("tempdir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        let config = dir.path().join("tde.toml");
+        let uid = rustix::process::getuid().as_raw();
+        let text = format!(
+            r#"data_dir = "{data}"
+[data_socket]
+path = "{sock}"
+mode = "0666"
+[log]
+level = "info"
+[limits]
+destroy_check_seconds = 1
+[[clients]]
+name = "app"
+uids = [{uid}]
+keys = ["app-*", "pg*"]
+operations = ["generate_data_key", "decrypt", "re_encrypt", "generate_random"]
+{extra}
+"#,
+            data = dir.path().join("data").display(),
+            sock = dir.path().join("data.sock").display()
+        );
+        std::fs::write(&config, text).expect("config");
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        Env { dir, config }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn db(&self) -> PathBuf {
+        self.data_dir().join("tde.db")
+    }
+
+    pub fn data_socket(&self) -> PathBuf {
+        self.dir.path().join("data.sock")
+    }
+
+    pub fn admin_socket(&self) -> PathBuf {
+        self.data_dir().join("admin.sock")
+    }
+
+    pub fn log(&self) -> PathBuf {
+        self.dir.path().join("serve.log")
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.args(args)
+            .env("TDE_CONFIG", &self.config)
+            .env("TDE_PASSWORD", PASSWORD)
+            .env_remove("TDE_DATA_DIR")
+            .env_remove("TDE_OPERATOR")
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Runs `tde ARGS --json`; returns the exit code and the parsed stdout.
+    pub fn json(&self, args: &[&str]) -> (i32, Value) {
+        let out = self.cmd(args).arg("--json").output().expect("run tde");
+        parse(&out, args)
+    }
+
+    /// Like `json`, expecting success.
+    pub fn ok(&self, args: &[&str]) -> Value {
+        let (code, v) = self.json(args);
+        assert_eq!(code, 0, "tde {args:?} failed: {v}");
+        v
+    }
+
+    /// Like `json`, expecting a refusal with `code`; returns the message.
+    pub fn refused(&self, args: &[&str], code: &str) -> String {
+        let (rc, v) = self.json(args);
+        assert_eq!(rc, 1, "tde {args:?} should be refused with {code}: {v}");
+        assert_eq!(v["error"]["code"], code, "tde {args:?}: {v}");
+        let msg = v["error"]["message"].as_str().expect("message").to_string();
+        assert!(!msg.is_empty());
+        msg
+    }
+
+    /// Starts `tde serve` and waits for both sockets.
+    pub fn serve(&self) -> Daemon {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log())
+            .expect("log");
+        let child = self
+            .cmd(&["serve"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn tde serve");
+        let mut d = Daemon { child: Some(child) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !(self.data_socket().exists() && self.admin_socket().exists()) {
+            if let Some(st) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!(
+                    "tde serve exited: {st}\n{}",
+                    std::fs::read_to_string(self.log()).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < deadline, "tde serve did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    /// `tde init` with 5 shares, threshold 3; returns the shares.
+    pub fn init(&self) -> Vec<String> {
+        let v = self.ok(&["init", "--shares", "5", "--threshold", "3"]);
+        assert_eq!(v["threshold"], 3);
+        v["shares"]
+            .as_array()
+            .expect("shares")
+            .iter()
+            .map(|s| s.as_str().expect("share").to_string())
+            .collect()
+    }
+
+    pub fn unseal(&self, shares: &[String]) -> Value {
+        let mut last = Value::Null;
+        for s in shares {
+            last = self.ok(&["unseal", s]);
+        }
+        last
+    }
+}
+
+pub fn parse(out: &Output, args: &[&str]) -> (i32, Value) {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v = serde_json::from_str(stdout.trim()).unwrap_or_else(|_| {
+        Value::String(format!(
+            "stdout: {stdout}\nstderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    });
+    let _ = args;
+    (out.status.code().unwrap_or(-1), v)
+}
+
+pub struct Daemon {
+    child: Option<Child>,
+}
+
+impl Daemon {
+    /// Graceful stop (SIGTERM); asserts a clean exit.
+    pub fn stop(mut self) {
+        let mut c = self.child.take().expect("child");
+        term(&c);
+        let st = wait(&mut c, Duration::from_secs(30)).expect("tde serve did not stop on SIGTERM");
+        assert!(st.success(), "tde serve exited with {st}");
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("child").id()
+    }
+}
+
+fn term(c: &Child) {
+    if let Some(pid) = rustix::process::Pid::from_raw(c.id() as i32) {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    }
+}
+
+fn wait(c: &mut Child, d: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + d;
+    while Instant::now() < deadline {
+        if let Ok(Some(st)) = c.try_wait() {
+            return Some(st);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            term(&c);
+            if wait(&mut c, Duration::from_secs(10)).is_none() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+/// A raw protocol client for tests that speak frames directly.
+pub struct Raw {
+    pub stream: UnixStream,
+    pub id: u64,
+}
+
+impl Raw {
+    pub fn connect(path: &Path) -> Raw {
+        let stream = UnixStream::connect(path).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        Raw { stream, id: 0 }
+    }
+
+    pub fn call(&mut self, req: &Request) -> Response {
+        self.id += 1;
+        write_frame(&mut self.stream, &req.to_frame(self.id)).expect("send");
+        let f = read_frame(&mut self.stream)
+            .expect("read")
+            .expect("response");
+        assert_eq!(f.header.request_id, self.id);
+        Response::from_frame(&f).expect("decode")
+    }
+}
+
+pub fn ctx(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Every audit record, after checking the whole chain.
+pub fn audit(db: &Path) -> Vec<Value> {
+    let conn = tde_sidecar::store::connect(db).expect("open db");
+    let report = tde_sidecar::audit::verify_chain(&conn).expect("audit chain is intact");
+    let mut stmt = conn
+        .prepare("SELECT record FROM audit ORDER BY seq")
+        .expect("prepare");
+    let rows: Vec<Value> = stmt
+        .query_map([], |r| r.get::<_, String>(0))
+        .expect("query")
+        .map(|r| serde_json::from_str(&r.expect("row")).expect("json"))
+        .collect();
+    assert_eq!(rows.len() as u64, report.records);
+    rows
+}
+
+/// Number of audit records for `op` with `result`.
+pub fn count(records: &[Value], op: &str, result: &str) -> usize {
+    records
+        .iter()
+        .filter(|r| r["op"] == op && r["result"] == result)
+        .count()
+}
+
+/// Records for `op` refused with `code`.
+pub fn refusals(records: &[Value], op: &str, code: &str) -> usize {
+    records
+        .iter()
+        .filter(|r| r["op"] == op && r["error_code"] == code)
+        .count()
+}
