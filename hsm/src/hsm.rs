@@ -156,11 +156,22 @@ struct KeyEntry {
 }
 
 impl KeyEntry {
-    fn new(record: MekRecord, revision: u64) -> Result<Self, HsmError> {
+    /// Builds the entry, deriving the keys of each version with material;
+    /// keys already derived in `reuse` (from the previous revision) are moved
+    /// over instead of derived again.
+    fn new(
+        record: MekRecord,
+        revision: u64,
+        mut reuse: HashMap<u32, VersionKeys>,
+    ) -> Result<Self, HsmError> {
         let mut derived = HashMap::new();
         for v in &record.versions {
             if let Some(m) = &v.material {
-                derived.insert(v.version, VersionKeys::derive(m, &record.name, v.version)?);
+                let keys = match reuse.remove(&v.version) {
+                    Some(k) => k,
+                    None => VersionKeys::derive(m, &record.name, v.version)?,
+                };
+                derived.insert(v.version, keys);
             }
         }
         Ok(Self {
@@ -464,7 +475,7 @@ impl Hsm {
                 let entry = opened
                     .and_then(|pt| MekRecord::decode(pt.expose()).ok())
                     .filter(|r| r.name == obj.id)
-                    .and_then(|r| KeyEntry::new(r, obj.revision).ok());
+                    .and_then(|r| KeyEntry::new(r, obj.revision, HashMap::new()).ok());
                 match entry {
                     Some(e) => {
                         u.keys.insert(obj.id, e);
@@ -703,9 +714,12 @@ impl Hsm {
         let blob = u
             .sealer
             .seal(KIND_MASTER_KEY, &name, revision, record.encode().expose())?;
-        let entry = KeyEntry::new(record, revision)?;
         self.store
             .apply(&[Self::put_op(KIND_MASTER_KEY, &name, revision, blob)])?;
+        // Persisted: now install it, reusing the derived keys of versions
+        // whose material did not change (a version's material never does).
+        let reuse = u.keys.remove(&name).map(|e| e.derived).unwrap_or_default();
+        let entry = KeyEntry::new(record, revision, reuse)?;
         let info = entry.info();
         u.keys.insert(name, entry);
         Ok(info)
