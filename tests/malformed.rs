@@ -127,6 +127,17 @@ fn malformed_frames_are_answered_or_closed_and_others_keep_working() {
     let f = read_frame(&mut s).expect("read").expect("frame");
     assert!(matches!(Response::from_frame(&f), Ok(Response::Status(_))));
 
+    // An oversized context is refused and not copied into the audit log.
+    let mut c = Raw::connect(&env.data_socket());
+    let huge = ctx(&[("tablespace", &"x".repeat(200_000))]);
+    match c.call(&Request::GenerateDataKey {
+        key: "app-k".into(),
+        context: huge,
+    }) {
+        Response::Error { code, .. } => assert_eq!(code, ErrorCode::InvalidArgument),
+        r => panic!("{r:?}"),
+    }
+
     // Truncated frame, then the client goes away.
     let mut s = raw_conn(&env);
     let full = Request::Status.to_frame(1).encode().expect("enc");
@@ -178,4 +189,12 @@ fn malformed_frames_are_answered_or_closed_and_others_keep_working() {
     assert!(refusals(&recs, "malformed_request", "UNKNOWN_OPERATION") >= 1);
     assert!(refusals(&recs, "malformed_request", "MALFORMED") >= 2);
     assert_eq!(count(&recs, "generate_data_key", "ok"), rounds as usize);
+    let big = recs
+        .iter()
+        .find(|r| r["op"] == "generate_data_key" && r["error_code"] == "INVALID_ARGUMENT")
+        .expect("oversized context audited");
+    assert!(
+        big["context"].is_null(),
+        "the oversized context is not in the log"
+    );
 }

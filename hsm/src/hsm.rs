@@ -1020,6 +1020,7 @@ impl Hsm {
         blob: &[u8],
         context: &Context,
     ) -> Result<(String, u32, DataKey), HsmError> {
+        wrap::validate_context(context)?;
         let h = wrap::parse_header(blob)?;
         let st = self.read();
         let u = Self::unsealed(&st)?;
@@ -1037,6 +1038,7 @@ impl Hsm {
         blob: &[u8],
         context: &Context,
     ) -> Result<(String, u32, u32, Vec<u8>), HsmError> {
+        wrap::validate_context(context)?;
         let h = wrap::parse_header(blob)?;
         let st = self.read();
         let u = Self::unsealed(&st)?;

@@ -160,12 +160,20 @@ fn is_mutating(req: &Request) -> bool {
     )
 }
 
+/// The context for an audit record: only one within the limits, so a peer
+/// cannot push a megabyte of context into the log.
+fn audit_context(context: &tde_protocol::Context, rec: &mut AuditRecord) {
+    if tde_hsm::wrap::validate_context(context).is_ok() {
+        rec.context = Some(context.clone());
+    }
+}
+
 /// Fills the audit fields a request names (never secrets).
 fn describe(req: &Request, rec: &mut AuditRecord) {
     match req {
         Request::GenerateDataKey { key, context } => {
-            rec.key = Some(key.clone());
-            rec.context = Some(context.clone());
+            rec.key = Some(key.chars().take(256).collect());
+            audit_context(context, rec);
         }
         Request::Decrypt {
             ciphertext,
@@ -179,7 +187,7 @@ fn describe(req: &Request, rec: &mut AuditRecord) {
                 rec.key = Some(h.key);
                 rec.key_version = Some(h.version);
             }
-            rec.context = Some(context.clone());
+            audit_context(context, rec);
         }
         Request::KeyCreate { key, .. }
         | Request::KeyDescribe { key }
