@@ -623,6 +623,21 @@ fn read_ciphertext(a: &crate::CiphertextArgs) -> anyhow::Result<Vec<u8>> {
     }
 }
 
+/// Writes a plaintext data key to `file` (0600, raw) and returns `None`, or
+/// returns it as base64 for printing.
+fn plaintext_out(
+    file: Option<&Path>,
+    plaintext: &SecretBytes,
+) -> anyhow::Result<Option<Zeroizing<String>>> {
+    match file {
+        Some(f) => {
+            write_private(f, plaintext.expose())?;
+            Ok(None)
+        }
+        None => Ok(Some(Zeroizing::new(B64.encode(plaintext.expose())))),
+    }
+}
+
 fn datakey(cli: &Cli, cfg: &Config, d: &DatakeyCmd) -> anyhow::Result<()> {
     let mut c = Client::connect(&data_path(cli, cfg))?;
     match d {
@@ -648,13 +663,7 @@ fn datakey(cli: &Cli, cfg: &Config, d: &DatakeyCmd) -> anyhow::Result<()> {
             if let Some(f) = ciphertext_file {
                 write_private(f, &ciphertext)?;
             }
-            let pt = match plaintext_file {
-                Some(f) => {
-                    write_private(f, plaintext.expose())?;
-                    None
-                }
-                None => Some(Zeroizing::new(B64.encode(plaintext.expose()))),
-            };
+            let pt = plaintext_out(plaintext_file.as_deref(), &plaintext)?;
             let ct = B64.encode(&ciphertext);
             emit(
                 cli,
@@ -684,13 +693,7 @@ fn datakey(cli: &Cli, cfg: &Config, d: &DatakeyCmd) -> anyhow::Result<()> {
             else {
                 bail!("unexpected response")
             };
-            let pt = match plaintext_file {
-                Some(f) => {
-                    write_private(f, plaintext.expose())?;
-                    None
-                }
-                None => Some(Zeroizing::new(B64.encode(plaintext.expose()))),
-            };
+            let pt = plaintext_out(plaintext_file.as_deref(), &plaintext)?;
             emit(
                 cli,
                 json!({"key": key, "key_version": version, "plaintext": pt.as_deref()}),

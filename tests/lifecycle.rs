@@ -257,6 +257,20 @@ fn refusals_have_their_own_codes() {
         eprintln!("SKIPPED the foreign-uid refusal: it needs root (CI runs as root)");
     }
 
+    let decrypt_refused = |code: &str| {
+        env.refused(
+            &[
+                "datakey",
+                "decrypt",
+                "--ciphertext",
+                &ct,
+                "--context",
+                "tablespace=t1",
+            ],
+            code,
+        )
+    };
+
     // A key outside the client's key patterns.
     env.ok(&["key", "create", "other"]);
     let m = env.refused(
@@ -308,17 +322,7 @@ fn refusals_have_their_own_codes() {
 
     env.ok(&["key", "rotate", "pg-main"]);
     env.ok(&["key", "disable", "pg-main", "--version", "1"]);
-    let m = env.refused(
-        &[
-            "datakey",
-            "decrypt",
-            "--ciphertext",
-            &ct,
-            "--context",
-            "tablespace=t1",
-        ],
-        "KEY_DISABLED",
-    );
+    let m = decrypt_refused("KEY_DISABLED");
     assert!(m.contains("version 1 is disabled"), "{m}");
 
     env.ok(&[
@@ -330,17 +334,7 @@ fn refusals_have_their_own_codes() {
         "--days",
         "7",
     ]);
-    env.refused(
-        &[
-            "datakey",
-            "decrypt",
-            "--ciphertext",
-            &ct,
-            "--context",
-            "tablespace=t1",
-        ],
-        "KEY_PENDING_DESTRUCTION",
-    );
+    decrypt_refused("KEY_PENDING_DESTRUCTION");
     env.ok(&["key", "cancel-destroy", "pg-main", "--version", "1"]);
     env.refused(
         &["key", "destroy", "pg-main", "--version", "2", "--yes"],
@@ -348,17 +342,7 @@ fn refusals_have_their_own_codes() {
     );
     let d = env.ok(&["key", "destroy", "pg-main", "--version", "1", "--yes"]);
     assert_eq!(d["versions"][0]["state"], "destroyed");
-    let m = env.refused(
-        &[
-            "datakey",
-            "decrypt",
-            "--ciphertext",
-            &ct,
-            "--context",
-            "tablespace=t1",
-        ],
-        "KEY_DESTROYED",
-    );
+    let m = decrypt_refused("KEY_DESTROYED");
     assert!(m.contains("destroyed"), "{m}");
     env.refused(
         &["datakey", "generate", "--key", "pg-nope"],
