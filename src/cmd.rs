@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -19,8 +20,8 @@ use tde_sidecar::server;
 use tde_sidecar::store::SqliteStore;
 use zeroize::Zeroizing;
 
-use crate::client::{Client, Refused};
-use crate::{Cli, Command, DatakeyCmd, InitArgs, KeyCmd, OperatorCmd, ServeArgs};
+use crate::{Cli, Command, DatakeyCmd, InitArgs, KeyCmd, MountArgs, OperatorCmd, ServeArgs};
+use tde_plugin::client::{Client, Refused};
 
 /// Runs a parsed command line. A refusal from the sidecar is printed and
 /// exits 1; other failures exit 2.
@@ -91,7 +92,119 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Operator(o) => operator(&cli, &cfg, o),
         Command::Key(k) => key(&cli, &cfg, k),
         Command::Datakey(d) => datakey(&cli, &cfg, d),
+        Command::Mount(m) => mount(&cli, &cfg, m),
+        Command::Umount { mountpoint } => {
+            tde_plugin::mount::umount(mountpoint)?;
+            emit(&cli, json!({"unmounted": mountpoint}), || {
+                format!("Unmounted {}.", mountpoint.display())
+            });
+            Ok(())
+        }
     }
+}
+
+// ---------------------------------------------------------------- mount
+
+fn is_mountpoint(p: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(m), Some(parent)) = (
+        std::fs::metadata(p),
+        p.canonicalize()
+            .ok()
+            .and_then(|c| c.parent().map(Path::to_path_buf)),
+    ) else {
+        return false;
+    };
+    std::fs::metadata(parent).is_ok_and(|pm| pm.dev() != m.dev())
+}
+
+fn mount(cli: &Cli, cfg: &Config, a: &MountArgs) -> anyhow::Result<()> {
+    if a.daemon {
+        // Re-run in the foreground, detached, and wait until it is mounted.
+        let args: Vec<std::ffi::OsString> = std::env::args_os()
+            .skip(1)
+            .filter(|x| x != "--daemon")
+            .collect();
+        let log = tempfile::NamedTempFile::new()?;
+        let mut child = std::process::Command::new(std::env::current_exe()?)
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log.reopen()?)
+            .process_group(0)
+            .spawn()?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(a.wait + 30);
+        loop {
+            if is_mountpoint(&a.mountpoint) {
+                emit(
+                    cli,
+                    json!({"mounted": a.mountpoint, "pid": child.id()}),
+                    || {
+                        format!(
+                            "Mounted {} on {} (pid {}).",
+                            a.backing_dir.display(),
+                            a.mountpoint.display(),
+                            child.id()
+                        )
+                    },
+                );
+                return Ok(());
+            }
+            if let Some(st) = child.try_wait()? {
+                let why = std::fs::read_to_string(log.path()).unwrap_or_default();
+                bail!("tde mount failed ({st}):\n{}", why.trim());
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("tde mount did not finish mounting in time");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+    init_logging(cfg);
+    let spec = tde_plugin::mount::MountSpec {
+        sidecar: a
+            .sidecar
+            .clone()
+            .or_else(|| cli.data_socket.clone())
+            .unwrap_or_else(|| cfg.data_socket_path()),
+        key: a.key.clone(),
+        tablespace: a.tablespace.clone(),
+        cluster: a.cluster.clone(),
+        backing: a.backing_dir.clone(),
+        mountpoint: a.mountpoint.clone(),
+        init: a.init,
+        wait: std::time::Duration::from_secs(a.wait),
+        threads: a.threads,
+    };
+    let mounted = tde_plugin::mount::mount(&spec)?;
+    eprintln!(
+        "tde mount: {} mounted on {}",
+        spec.backing.display(),
+        spec.mountpoint.display()
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let why = rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        loop {
+            tokio::select! {
+                _ = term.recv() => return anyhow::Ok("SIGTERM"),
+                _ = int.recv() => return anyhow::Ok("SIGINT"),
+                _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {
+                    if mounted.finished() {
+                        return anyhow::Ok("unmounted");
+                    }
+                }
+            }
+        }
+    })?;
+    tracing::info!(reason = why, "unmounting");
+    mounted.unmount()?;
+    eprintln!("tde mount: {} unmounted ({why})", spec.mountpoint.display());
+    Ok(())
 }
 
 // ---------------------------------------------------------------- helpers
@@ -372,8 +485,10 @@ fn data_dir_configured(cli: &Cli) -> bool {
 }
 
 fn init_logging(cfg: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log.level));
+    // fuser warns when it retries an unmount that `tde umount` already did.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("{},fuser::mnt=error", cfg.log.level))
+    });
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

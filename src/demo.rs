@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use tde_protocol::{ErrorCode, Request, Response, SecretBytes};
 
-use crate::client::{Client, Refused};
+use tde_plugin::client::{Client, Refused};
 
 /// The sidecar child; stopped (SIGTERM, then SIGKILL) when dropped.
 struct Sidecar(Child);

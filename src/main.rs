@@ -5,7 +5,6 @@
 // The doc comments of clap types are the help text; flattened groups have none.
 #![allow(missing_docs)]
 
-mod client;
 mod cmd;
 mod demo;
 
@@ -79,6 +78,46 @@ pub enum Command {
     /// Data-key operations (like `aws kms generate-data-key`).
     #[command(subcommand)]
     Datakey(DatakeyCmd),
+    /// Mount an encrypted directory (FUSE) for a tablespace or a cluster.
+    Mount(MountArgs),
+    /// Unmount a `tde mount`.
+    Umount {
+        /// The mountpoint.
+        mountpoint: PathBuf,
+    },
+}
+
+/// `tde mount`.
+#[derive(Args, Debug)]
+pub struct MountArgs {
+    /// Create the key file with a new data key (empty backing directory).
+    #[arg(long)]
+    pub init: bool,
+    /// The sidecar's data socket (default: from the configuration).
+    #[arg(long)]
+    pub sidecar: Option<PathBuf>,
+    /// Master key that wraps the data key (needed with --init).
+    #[arg(long)]
+    pub key: Option<String>,
+    /// Tablespace name: bound into the encryption context and every block.
+    #[arg(long)]
+    pub tablespace: String,
+    /// Cluster id: bound into the encryption context.
+    #[arg(long, default_value = "default")]
+    pub cluster: String,
+    /// Seconds to wait for an unreachable or sealed sidecar.
+    #[arg(long, default_value_t = 60)]
+    pub wait: u64,
+    /// FUSE worker threads.
+    #[arg(long, default_value_t = 4)]
+    pub threads: usize,
+    /// Run in the background once mounted.
+    #[arg(long)]
+    pub daemon: bool,
+    /// Directory holding the ciphertext.
+    pub backing_dir: PathBuf,
+    /// Where the plaintext appears.
+    pub mountpoint: PathBuf,
 }
 
 /// `tde init`.

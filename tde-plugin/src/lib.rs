@@ -7,6 +7,15 @@
 //! # Layout
 //! - [`page`]: the on-disk format of a backing file and the page cipher
 //!   (AES-256-GCM-SIV per 8 KiB block). Pure: no I/O.
+//! - [`keyfile`]: the wrapped data keys of a tablespace, in its backing
+//!   directory.
+//! - [`client`]: a blocking client for the sidecar's sockets.
+//! - [`fs`]: the FUSE file system that encrypts a backing directory.
+//! - [`mount`]: `tde mount`: unwrap the DEK, mount, serve, unmount.
 #![forbid(unsafe_code)]
 
+pub mod client;
+pub mod fs;
+pub mod keyfile;
+pub mod mount;
 pub mod page;

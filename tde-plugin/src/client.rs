@@ -1,4 +1,5 @@
-//! A small blocking client for the sidecar's sockets.
+//! A small blocking client for the sidecar's sockets, used by the mount and
+//! the CLI.
 
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -35,10 +36,11 @@ impl Client {
     pub fn connect(path: &Path) -> anyhow::Result<Client> {
         let stream = UnixStream::connect(path).with_context(|| {
             format!(
-                "cannot connect to {}: is `tde serve` running, and is this the right data directory (TDE_DATA_DIR / --config)?",
+                "cannot connect to {}: is `tde serve` running, and is this the right socket (TDE_DATA_DIR / --config / --sidecar)?",
                 path.display()
             )
         })?;
+        stream.set_read_timeout(Some(std::time::Duration::from_secs(60)))?;
         Ok(Client {
             stream,
             next_id: u64::from(std::process::id()) << 32,

@@ -1,0 +1,970 @@
+//! The FUSE file system: a passthrough onto a backing directory in which every
+//! regular file is stored in the page format of [`crate::page`].
+//!
+//! - Directories, symlinks, hard links, renames, permissions and times pass
+//!   through to the backing directory unchanged.
+//! - Regular files are encrypted per 8 KiB block. A read decrypts the blocks
+//!   it covers (one `pread` for the whole range); a write encrypts whole
+//!   blocks directly and read-modify-writes only partial ones (one `pwrite`
+//!   for the whole range).
+//! - No global lock on the data path: each inode has a read-write lock;
+//!   overwriting whole blocks inside the file takes it shared, so PostgreSQL
+//!   backends writing different pages of one relation run in parallel;
+//!   partial, extending and truncating writes take it exclusive.
+//! - Inode numbers are the backing files' (the backing root is inode 1).
+//! - The key file in the backing root is invisible and untouchable through
+//!   the mount.
+//! - A block that fails authentication is an I/O error (`EIO`), logged with
+//!   its file and block number; it is never returned as data.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::{File, Metadata, OpenOptions};
+use std::io;
+use std::os::unix::fs::{
+    DirEntryExt, FileExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt,
+};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
+    TimeOrNow, WriteFlags,
+};
+
+use crate::keyfile::KEY_FILE;
+use crate::page::{self, FileHeader, FileId, HEADER_LEN, PAGE_SIZE, PageCipher, TRAILER_LEN};
+
+/// How long the kernel may cache attributes and entries. Only this process
+/// changes the backing directory, so caching is safe; it is short so that
+/// out-of-band repairs are seen quickly.
+const TTL: Duration = Duration::from_secs(1);
+/// Largest write the kernel sends at once.
+pub const MAX_WRITE: u32 = 1 << 20;
+
+/// An open regular file.
+struct Handle {
+    file: File,
+    file_id: FileId,
+    ino: u64,
+    path: PathBuf,
+}
+
+/// The file system.
+pub struct TdeFs {
+    backing: PathBuf,
+    root_ino: u64,
+    cipher: Arc<RwLock<PageCipher>>,
+    paths: RwLock<HashMap<u64, PathBuf>>,
+    locks: Mutex<HashMap<u64, Arc<RwLock<()>>>>,
+    handles: RwLock<HashMap<u64, Arc<Handle>>>,
+    next_fh: AtomicU64,
+}
+
+fn errno(e: &io::Error) -> Errno {
+    e.raw_os_error().map_or(Errno::EIO, Errno::from_i32)
+}
+
+fn eio() -> Errno {
+    Errno::EIO
+}
+
+/// Growth is written in pieces of this size, so growing a file by a lot
+/// never buffers it whole.
+const GROW_CHUNK: u64 = 8 << 20;
+
+fn time_or_now(t: TimeOrNow) -> rustix::fs::Timespec {
+    let st = match t {
+        TimeOrNow::SpecificTime(t) => t,
+        TimeOrNow::Now => SystemTime::now(),
+    };
+    let d = st.duration_since(UNIX_EPOCH).unwrap_or_default();
+    rustix::fs::Timespec {
+        tv_sec: d.as_secs() as i64,
+        tv_nsec: i64::from(d.subsec_nanos()),
+    }
+}
+
+impl TdeFs {
+    /// A file system over `backing` using `cipher`.
+    pub fn new(backing: &Path, cipher: Arc<RwLock<PageCipher>>) -> io::Result<Self> {
+        let backing = backing.canonicalize()?;
+        let root_ino = std::fs::metadata(&backing)?.ino();
+        let mut paths = HashMap::new();
+        paths.insert(1, PathBuf::new());
+        Ok(Self {
+            backing,
+            root_ino,
+            cipher,
+            paths: RwLock::new(paths),
+            locks: Mutex::new(HashMap::new()),
+            handles: RwLock::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+        })
+    }
+
+    /// Backing inode number to FUSE inode number (the root is 1).
+    fn fuse_ino(&self, backing_ino: u64) -> u64 {
+        if backing_ino == self.root_ino {
+            1
+        } else if backing_ino == 1 {
+            self.root_ino
+        } else {
+            backing_ino
+        }
+    }
+
+    fn rel(&self, ino: INodeNo) -> Result<PathBuf, Errno> {
+        self.paths
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&ino.0)
+            .cloned()
+            .ok_or(Errno::ENOENT)
+    }
+
+    fn abs(&self, rel: &Path) -> PathBuf {
+        self.backing.join(rel)
+    }
+
+    fn child(&self, parent: INodeNo, name: &OsStr) -> Result<PathBuf, Errno> {
+        let p = self.rel(parent)?;
+        if p.as_os_str().is_empty()
+            && (name == KEY_FILE || name == format!("{KEY_FILE}.tmp").as_str())
+        {
+            return Err(Errno::ENOENT);
+        }
+        Ok(p.join(name))
+    }
+
+    fn remember(&self, ino: u64, rel: PathBuf) {
+        self.paths
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(ino, rel);
+    }
+
+    fn lock_of(&self, ino: u64) -> Arc<RwLock<()>> {
+        self.locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(ino)
+            .or_default()
+            .clone()
+    }
+
+    fn attr(&self, m: &Metadata) -> FileAttr {
+        let ft = m.file_type();
+        let kind = if ft.is_dir() {
+            FileType::Directory
+        } else if ft.is_symlink() {
+            FileType::Symlink
+        } else if ft.is_fifo() {
+            FileType::NamedPipe
+        } else if ft.is_socket() {
+            FileType::Socket
+        } else if ft.is_char_device() {
+            FileType::CharDevice
+        } else if ft.is_block_device() {
+            FileType::BlockDevice
+        } else {
+            FileType::RegularFile
+        };
+        let size = if kind == FileType::RegularFile {
+            match m.len() {
+                0 => 0,
+                n => page::logical_len(n).unwrap_or(0),
+            }
+        } else {
+            m.len()
+        };
+        let t = |s: i64, ns: i64| {
+            UNIX_EPOCH + Duration::new(s.max(0) as u64, ns.clamp(0, 999_999_999) as u32)
+        };
+        FileAttr {
+            ino: INodeNo(self.fuse_ino(m.ino())),
+            size,
+            blocks: m.blocks(),
+            atime: t(m.atime(), m.atime_nsec()),
+            mtime: t(m.mtime(), m.mtime_nsec()),
+            ctime: t(m.ctime(), m.ctime_nsec()),
+            crtime: UNIX_EPOCH,
+            kind,
+            perm: (m.mode() & 0o7777) as u16,
+            nlink: m.nlink() as u32,
+            uid: m.uid(),
+            gid: m.gid(),
+            rdev: m.rdev() as u32,
+            blksize: PAGE_SIZE as u32,
+            flags: 0,
+        }
+    }
+
+    fn stat_rel(&self, rel: &Path) -> Result<FileAttr, Errno> {
+        let m = std::fs::symlink_metadata(self.abs(rel)).map_err(|e| errno(&e))?;
+        let a = self.attr(&m);
+        self.remember(a.ino.0, rel.to_path_buf());
+        Ok(a)
+    }
+
+    fn handle(&self, fh: FileHandle) -> Result<Arc<Handle>, Errno> {
+        self.handles
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&fh.0)
+            .cloned()
+            .ok_or(Errno::EBADF)
+    }
+
+    fn chown_to(path: &Path, req: &Request) {
+        let _ = std::os::unix::fs::lchown(path, Some(req.uid()), Some(req.gid()));
+    }
+
+    /// Opens a backing regular file and reads (or, for an empty writable
+    /// file, writes) its header.
+    fn open_backing(&self, rel: &Path, ino: u64, write: bool) -> Result<Handle, Errno> {
+        let path = self.abs(rel);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(write)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .open(&path)
+            .map_err(|e| errno(&e))?;
+        let mut head = [0u8; HEADER_LEN as usize];
+        let len = file.metadata().map_err(|e| errno(&e))?.len();
+        let header = if len == 0 && write {
+            let h = FileHeader::generate().map_err(|_| eio())?;
+            file.write_all_at(&h.encode(), 0).map_err(|e| errno(&e))?;
+            h
+        } else {
+            file.read_exact_at(&mut head, 0).map_err(|e| errno(&e))?;
+            FileHeader::decode(&head).map_err(|e| {
+                tracing::error!(file = %path.display(), error = %e, "refusing a backing file that is not ours");
+                eio()
+            })?
+        };
+        Ok(Handle {
+            file,
+            file_id: header.file_id,
+            ino,
+            path,
+        })
+    }
+
+    fn register(&self, h: Handle) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(fh, Arc::new(h));
+        fh
+    }
+
+    fn logical_size(h: &Handle) -> Result<u64, Errno> {
+        let stored = h.file.metadata().map_err(|e| errno(&e))?.len();
+        page::logical_len(stored).map_err(|e| {
+            tracing::error!(file = %h.path.display(), error = %e, "backing file has an impossible length");
+            eio()
+        })
+    }
+
+    /// Reads and decrypts plaintext `[offset, offset + size)`, clamped to the
+    /// file size.
+    fn read_range(&self, h: &Handle, offset: u64, size: usize) -> Result<Vec<u8>, Errno> {
+        let file_len = Self::logical_size(h)?;
+        if offset >= file_len {
+            return Ok(Vec::new());
+        }
+        let end = (offset + size as u64).min(file_len);
+        let first = offset / PAGE_SIZE as u64;
+        let last = (end - 1) / PAGE_SIZE as u64;
+        let stored_end =
+            page::block_offset(last) + block_len(file_len, last) as u64 + TRAILER_LEN as u64;
+        let mut stored = vec![0u8; (stored_end - page::block_offset(first)) as usize];
+        h.file
+            .read_exact_at(&mut stored, page::block_offset(first))
+            .map_err(|e| errno(&e))?;
+        let mut plain = vec![0u8; ((last - first + 1) as usize) * PAGE_SIZE];
+        let cipher = self.cipher.read().unwrap_or_else(|p| p.into_inner());
+        let mut at = 0usize;
+        for b in first..=last {
+            let n = block_len(file_len, b);
+            let src = &stored[at..at + n + TRAILER_LEN];
+            let dst = &mut plain[((b - first) as usize) * PAGE_SIZE..];
+            cipher.decrypt_block(&h.file_id, b, src, dst).map_err(|e| {
+                tracing::error!(file = %h.path.display(), block = b, error = %e, "refusing to return a block");
+                eio()
+            })?;
+            at += n + TRAILER_LEN;
+        }
+        let skip = (offset - first * PAGE_SIZE as u64) as usize;
+        plain.drain(..skip);
+        plain.truncate((end - offset) as usize);
+        Ok(plain)
+    }
+
+    /// Writes plaintext `data` at `offset` (zero-filling any gap after the
+    /// current end), re-encrypting every block it touches.
+    fn write_range(&self, h: &Handle, offset: u64, data: &[u8]) -> Result<(), Errno> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let lock = self.lock_of(h.ino);
+        let end = offset + data.len() as u64;
+        // Whole blocks inside the current size: no read-modify-write, and
+        // no size change, so other such writes may run at the same time.
+        let aligned =
+            offset.is_multiple_of(PAGE_SIZE as u64) && data.len().is_multiple_of(PAGE_SIZE);
+        let shared = lock.read().unwrap_or_else(|p| p.into_inner());
+        if aligned && end <= Self::logical_size(h)? {
+            return self.rewrite(h, offset, data);
+        }
+        drop(shared);
+        let _excl = lock.write().unwrap_or_else(|p| p.into_inner());
+        let mut old_len = Self::logical_size(h)?;
+        if offset > old_len {
+            self.grow(h, old_len, offset)?;
+            old_len = offset;
+        }
+        self.rewrite_with_old(h, offset, data, old_len, old_len.max(end))
+    }
+
+    /// Grows the file from `from` to `to` bytes with zeros, in pieces.
+    /// Called with the inode's exclusive lock held.
+    fn grow(&self, h: &Handle, mut from: u64, to: u64) -> Result<(), Errno> {
+        while from < to {
+            let n = (to - from).min(GROW_CHUNK);
+            self.rewrite_with_old(h, from, &vec![0u8; n as usize], from, from + n)?;
+            from += n;
+        }
+        Ok(())
+    }
+
+    /// Encrypts whole blocks of `data` at the block-aligned `offset`.
+    fn rewrite(&self, h: &Handle, offset: u64, data: &[u8]) -> Result<(), Errno> {
+        let first = offset / PAGE_SIZE as u64;
+        let blocks = data.len() / PAGE_SIZE;
+        let mut out = vec![0u8; blocks * (PAGE_SIZE + TRAILER_LEN)];
+        let cipher = self.cipher.read().unwrap_or_else(|p| p.into_inner());
+        for (i, (plain, stored)) in data
+            .chunks(PAGE_SIZE)
+            .zip(out.chunks_mut(PAGE_SIZE + TRAILER_LEN))
+            .enumerate()
+        {
+            cipher
+                .encrypt_block(&h.file_id, first + i as u64, plain, stored)
+                .map_err(|_| eio())?;
+        }
+        drop(cipher);
+        h.file
+            .write_all_at(&out, page::block_offset(first))
+            .map_err(|e| errno(&e))
+    }
+
+    /// The general write of `data` at `offset <= old_len`: every block it
+    /// touches is rebuilt from the old plaintext and `data`, and written
+    /// with one `pwrite`. Called with the inode's exclusive lock held.
+    fn rewrite_with_old(
+        &self,
+        h: &Handle,
+        offset: u64,
+        data: &[u8],
+        old_len: u64,
+        new_len: u64,
+    ) -> Result<(), Errno> {
+        let end = offset + data.len() as u64;
+        let first = offset / PAGE_SIZE as u64;
+        let last = (end - 1) / PAGE_SIZE as u64;
+        let cipher = self.cipher.read().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::with_capacity(((last - first + 1) as usize) * (PAGE_SIZE + TRAILER_LEN));
+        let mut old = [0u8; PAGE_SIZE];
+        for b in first..=last {
+            let bs = b * PAGE_SIZE as u64;
+            let n = block_len(new_len, b);
+            let mut plain = vec![0u8; n];
+            // Old content of this block, if any and not fully overwritten.
+            let covered = offset <= bs && end >= bs + n as u64;
+            if !covered && bs < old_len {
+                let on = block_len(old_len, b);
+                let mut stored = vec![0u8; on + TRAILER_LEN];
+                h.file
+                    .read_exact_at(&mut stored, page::block_offset(b))
+                    .map_err(|e| errno(&e))?;
+                cipher.decrypt_block(&h.file_id, b, &stored, &mut old).map_err(|e| {
+                    tracing::error!(file = %h.path.display(), block = b, error = %e, "cannot update a damaged block");
+                    eio()
+                })?;
+                plain[..on.min(n)].copy_from_slice(&old[..on.min(n)]);
+            }
+            // Overlay the written bytes.
+            let ws = offset.max(bs);
+            let we = end.min(bs + n as u64);
+            if ws < we {
+                plain[(ws - bs) as usize..(we - bs) as usize]
+                    .copy_from_slice(&data[(ws - offset) as usize..(we - offset) as usize]);
+            }
+            let at = out.len();
+            out.resize(at + n + TRAILER_LEN, 0);
+            cipher
+                .encrypt_block(&h.file_id, b, &plain, &mut out[at..])
+                .map_err(|_| eio())?;
+        }
+        drop(cipher);
+        old.fill(0);
+        h.file
+            .write_all_at(&out, page::block_offset(first))
+            .map_err(|e| errno(&e))?;
+        // The stored length is now `stored_len(new_len)`: a grown last block
+        // was rewritten at its new length, other blocks kept theirs.
+        Ok(())
+    }
+
+    /// Sets the plaintext length: shrinks (re-encrypting a cut block) or
+    /// grows with zeros.
+    fn set_len(&self, h: &Handle, len: u64) -> Result<(), Errno> {
+        let lock = self.lock_of(h.ino);
+        let _excl = lock.write().unwrap_or_else(|p| p.into_inner());
+        let old_len = Self::logical_size(h)?;
+        if len > old_len {
+            return self.grow(h, old_len, len);
+        }
+        if len < old_len && !len.is_multiple_of(PAGE_SIZE as u64) {
+            // Re-encrypt the new last block at its new length.
+            let b = len / PAGE_SIZE as u64;
+            let keep = self.read_range(
+                h,
+                b * PAGE_SIZE as u64,
+                (len - b * PAGE_SIZE as u64) as usize,
+            )?;
+            let mut stored = vec![0u8; keep.len() + TRAILER_LEN];
+            self.cipher
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .encrypt_block(&h.file_id, b, &keep, &mut stored)
+                .map_err(|_| eio())?;
+            h.file
+                .write_all_at(&stored, page::block_offset(b))
+                .map_err(|e| errno(&e))?;
+        }
+        h.file.set_len(page::stored_len(len)).map_err(|e| errno(&e))
+    }
+
+    fn truncate_path(&self, rel: &Path, ino: u64, len: u64) -> Result<(), Errno> {
+        let h = self.open_backing(rel, ino, true)?;
+        self.set_len(&h, len)
+    }
+}
+
+/// Plaintext length of block `b` in a file of `len` bytes.
+fn block_len(len: u64, b: u64) -> usize {
+    (len - b * PAGE_SIZE as u64).min(PAGE_SIZE as u64) as usize
+}
+
+impl Filesystem for TdeFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        let _ = config.set_max_write(MAX_WRITE);
+        let _ = config.set_max_readahead(MAX_WRITE);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.child(parent, name).and_then(|rel| self.stat_rel(&rel)) {
+            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.rel(ino).and_then(|rel| self.stat_rel(&rel)) {
+            Ok(a) => reply.attr(&TTL, &a),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let result = (|| -> Result<FileAttr, Errno> {
+            let rel = self.rel(ino)?;
+            let path = self.abs(&rel);
+            if let Some(m) = mode {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(m & 0o7777))
+                    .map_err(|e| errno(&e))?;
+            }
+            if uid.is_some() || gid.is_some() {
+                std::os::unix::fs::lchown(&path, uid, gid).map_err(|e| errno(&e))?;
+            }
+            if let Some(len) = size {
+                match fh.map(|f| self.handle(f)) {
+                    Some(Ok(h)) => self.set_len(&h, len)?,
+                    _ => self.truncate_path(&rel, ino.0, len)?,
+                }
+            }
+            if atime.is_some() || mtime.is_some() {
+                let omit = rustix::fs::Timespec {
+                    tv_sec: 0,
+                    tv_nsec: rustix::fs::UTIME_OMIT,
+                };
+                let ts = rustix::fs::Timestamps {
+                    last_access: atime.map(time_or_now).unwrap_or(omit),
+                    last_modification: mtime.map(time_or_now).unwrap_or(omit),
+                };
+                rustix::fs::utimensat(
+                    rustix::fs::CWD,
+                    &path,
+                    &ts,
+                    rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+                )
+                .map_err(|e| Errno::from_i32(e.raw_os_error()))?;
+            }
+            self.stat_rel(&rel)
+        })();
+        match result {
+            Ok(a) => reply.attr(&TTL, &a),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self
+            .rel(ino)
+            .and_then(|rel| std::fs::read_link(self.abs(&rel)).map_err(|e| errno(&e)))
+        {
+            Ok(t) => reply.data(t.as_os_str().as_encoded_bytes()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        if mode & 0o170000 != 0o100000 {
+            // Only regular files: PostgreSQL needs nothing else.
+            reply.error(Errno::EPERM);
+            return;
+        }
+        let result = (|| -> Result<FileAttr, Errno> {
+            let rel = self.child(parent, name)?;
+            let path = self.abs(&rel);
+            let f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode & !umask & 0o7777)
+                .open(&path)
+                .map_err(|e| errno(&e))?;
+            f.write_all_at(&FileHeader::generate().map_err(|_| eio())?.encode(), 0)
+                .map_err(|e| errno(&e))?;
+            Self::chown_to(&path, req);
+            self.stat_rel(&rel)
+        })();
+        match result {
+            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let result = (|| -> Result<FileAttr, Errno> {
+            let rel = self.child(parent, name)?;
+            let path = self.abs(&rel);
+            std::fs::create_dir(&path).map_err(|e| errno(&e))?;
+            std::fs::set_permissions(
+                &path,
+                std::fs::Permissions::from_mode(mode & !umask & 0o7777),
+            )
+            .map_err(|e| errno(&e))?;
+            Self::chown_to(&path, req);
+            self.stat_rel(&rel)
+        })();
+        match result {
+            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self
+            .child(parent, name)
+            .and_then(|rel| std::fs::remove_file(self.abs(&rel)).map_err(|e| errno(&e)))
+        {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self
+            .child(parent, name)
+            .and_then(|rel| std::fs::remove_dir(self.abs(&rel)).map_err(|e| errno(&e)))
+        {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let result = (|| -> Result<FileAttr, Errno> {
+            let rel = self.child(parent, link_name)?;
+            let path = self.abs(&rel);
+            std::os::unix::fs::symlink(target, &path).map_err(|e| errno(&e))?;
+            Self::chown_to(&path, req);
+            self.stat_rel(&rel)
+        })();
+        match result {
+            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let result = (|| -> Result<(), Errno> {
+            let from = self.child(parent, name)?;
+            let to = self.child(newparent, newname)?;
+            let rflags = rustix::fs::RenameFlags::from_bits(flags.bits()).ok_or(Errno::EINVAL)?;
+            rustix::fs::renameat_with(
+                rustix::fs::CWD,
+                self.abs(&from),
+                rustix::fs::CWD,
+                self.abs(&to),
+                rflags,
+            )
+            .map_err(|e| Errno::from_i32(e.raw_os_error()))?;
+            // Re-point remembered paths under the old name.
+            let mut paths = self.paths.write().unwrap_or_else(|p| p.into_inner());
+            for p in paths.values_mut() {
+                if let Ok(rest) = p.strip_prefix(&from) {
+                    *p = to.join(rest);
+                }
+            }
+            Ok(())
+        })();
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let result = (|| -> Result<FileAttr, Errno> {
+            let from = self.rel(ino)?;
+            let to = self.child(newparent, newname)?;
+            std::fs::hard_link(self.abs(&from), self.abs(&to)).map_err(|e| errno(&e))?;
+            self.stat_rel(&to)
+        })();
+        match result {
+            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let write = !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY);
+        match self
+            .rel(ino)
+            .and_then(|rel| self.open_backing(&rel, ino.0, write))
+        {
+            Ok(h) => reply.opened(FileHandle(self.register(h)), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self
+            .handle(fh)
+            .and_then(|h| self.read_range(&h, offset, size as usize))
+        {
+            Ok(mut data) => {
+                reply.data(&data);
+                data.fill(0);
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self
+            .handle(fh)
+            .and_then(|h| self.write_range(&h, offset, data))
+        {
+            Ok(()) => reply.written(data.len() as u32),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.handles
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let r = self.handle(fh).and_then(|h| {
+            if datasync {
+                h.file.sync_data()
+            } else {
+                h.file.sync_all()
+            }
+            .map_err(|e| errno(&e))
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let result = (|| -> Result<(), Errno> {
+            let rel = self.rel(ino)?;
+            let at_root = rel.as_os_str().is_empty();
+            let mut entries: Vec<(u64, FileType, std::ffi::OsString)> = vec![
+                (ino.0, FileType::Directory, ".".into()),
+                (ino.0, FileType::Directory, "..".into()),
+            ];
+            for e in std::fs::read_dir(self.abs(&rel)).map_err(|e| errno(&e))? {
+                let e = e.map_err(|e| errno(&e))?;
+                let name = e.file_name();
+                if at_root && (name == KEY_FILE || name == format!("{KEY_FILE}.tmp").as_str()) {
+                    continue;
+                }
+                let ft = e.file_type().map_err(|e| errno(&e))?;
+                let kind = if ft.is_dir() {
+                    FileType::Directory
+                } else if ft.is_symlink() {
+                    FileType::Symlink
+                } else {
+                    FileType::RegularFile
+                };
+                entries.push((self.fuse_ino(e.ino()), kind, name));
+            }
+            for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
+                if reply.add(INodeNo(ino), (i + 1) as u64, kind, &name) {
+                    break;
+                }
+            }
+            Ok(())
+        })();
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.rel(ino).and_then(|rel| {
+            File::open(self.abs(&rel))
+                .and_then(|d| d.sync_all())
+                .map_err(|e| errno(&e))
+        }) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match rustix::fs::statvfs(&self.backing) {
+            Ok(s) => reply.statfs(
+                s.f_blocks,
+                s.f_bfree,
+                s.f_bavail,
+                s.f_files,
+                s.f_ffree,
+                s.f_bsize as u32,
+                s.f_namemax as u32,
+                s.f_frsize as u32,
+            ),
+            Err(e) => reply.error(Errno::from_i32(e.raw_os_error())),
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let result = (|| -> Result<(FileAttr, u64), Errno> {
+            let rel = self.child(parent, name)?;
+            let path = self.abs(&rel);
+            let excl = flags & rustix::fs::OFlags::EXCL.bits() as i32 != 0;
+            let f = OpenOptions::new()
+                .write(true)
+                .create(!excl)
+                .create_new(excl)
+                .mode(mode & !umask & 0o7777)
+                .open(&path)
+                .map_err(|e| errno(&e))?;
+            if f.metadata().map_err(|e| errno(&e))?.len() == 0 {
+                f.write_all_at(&FileHeader::generate().map_err(|_| eio())?.encode(), 0)
+                    .map_err(|e| errno(&e))?;
+                Self::chown_to(&path, req);
+            }
+            drop(f);
+            let attr = self.stat_rel(&rel)?;
+            let h = self.open_backing(&rel, attr.ino.0, true)?;
+            Ok((attr, self.register(h)))
+        })();
+        match result {
+            Ok((a, fh)) => reply.created(
+                &TTL,
+                &a,
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::FOPEN_KEEP_CACHE,
+            ),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        if mode != 0 {
+            reply.error(Errno::EOPNOTSUPP);
+            return;
+        }
+        let r = self.handle(fh).and_then(|h| {
+            let want = offset + length;
+            if want > Self::logical_size(&h)? {
+                self.set_len(&h, want)
+            } else {
+                Ok(())
+            }
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! The key file: the wrapped DEK versions of one tablespace, kept in the
+//! backing directory as `tde.key` (JSON, mode 0600), like the key that Oracle
+//! and MySQL keep in a tablespace's header.
+//!
+//! ```json
+//! {"format":"tde-keyfile-1","mek":"pg-main","tablespace":"secure","cluster":"prod-1",
+//!  "deks":[{"version":1,"mek_version":1,"wrapped":"VERFVwEH..."}]}
+//! ```
+//!
+//! Only wrapped keys are stored. Each unwraps only with the encryption
+//! context `{cluster, tablespace}` given at mount time, so a key file copied
+//! into another tablespace's backing directory is refused by the sidecar
+//! (`CONTEXT_MISMATCH`). Writes are atomic: a temporary file is written and
+//! fsynced, renamed over the old one, and the directory is fsynced.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, bail};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde::{Deserialize, Serialize};
+
+/// File name of the key file in the backing directory's root.
+pub const KEY_FILE: &str = "tde.key";
+/// Format tag.
+pub const FORMAT: &str = "tde-keyfile-1";
+
+/// One wrapped DEK version.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct WrappedDek {
+    /// DEK version (the one recorded in each block's trailer).
+    pub version: u32,
+    /// Master key version that wrapped it (informational; the blob says).
+    pub mek_version: u32,
+    /// The wrapped key, base64.
+    pub wrapped: String,
+}
+
+impl WrappedDek {
+    /// The wrapped bytes.
+    pub fn blob(&self) -> anyhow::Result<Vec<u8>> {
+        B64.decode(&self.wrapped)
+            .context("the key file holds a wrapped key that is not base64")
+    }
+}
+
+/// The key file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct KeyFile {
+    /// [`FORMAT`].
+    pub format: String,
+    /// Master key name in the sidecar.
+    pub mek: String,
+    /// Tablespace name (part of the encryption context).
+    pub tablespace: String,
+    /// Cluster id (part of the encryption context).
+    pub cluster: String,
+    /// DEK versions, oldest first. The newest encrypts new writes.
+    pub deks: Vec<WrappedDek>,
+}
+
+impl KeyFile {
+    /// A key file with one DEK (version 1).
+    pub fn new(
+        mek: &str,
+        tablespace: &str,
+        cluster: &str,
+        mek_version: u32,
+        wrapped: &[u8],
+    ) -> Self {
+        Self {
+            format: FORMAT.into(),
+            mek: mek.into(),
+            tablespace: tablespace.into(),
+            cluster: cluster.into(),
+            deks: vec![WrappedDek {
+                version: 1,
+                mek_version,
+                wrapped: B64.encode(wrapped),
+            }],
+        }
+    }
+
+    /// The encryption context its DEKs are bound to.
+    pub fn context(tablespace: &str, cluster: &str) -> BTreeMap<String, String> {
+        [
+            ("cluster".to_string(), cluster.to_string()),
+            ("tablespace".to_string(), tablespace.to_string()),
+        ]
+        .into()
+    }
+
+    /// Path of the key file in `backing`.
+    pub fn path(backing: &Path) -> PathBuf {
+        backing.join(KEY_FILE)
+    }
+
+    /// Reads the key file of `backing`.
+    pub fn load(backing: &Path) -> anyhow::Result<KeyFile> {
+        let path = Self::path(backing);
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "{} has no key file ({}): it is not a tde backing directory; use --init to create one",
+                backing.display(),
+                path.display()
+            )
+        })?;
+        let kf: KeyFile = serde_json::from_str(&text)
+            .with_context(|| format!("{} is damaged", path.display()))?;
+        if kf.format != FORMAT {
+            bail!("{} has unsupported format {:?}", path.display(), kf.format);
+        }
+        if kf.deks.is_empty() {
+            bail!("{} holds no data key", path.display());
+        }
+        Ok(kf)
+    }
+
+    /// Writes the key file atomically (temp file, fsync, rename, fsync dir).
+    pub fn store(&self, backing: &Path) -> anyhow::Result<()> {
+        let path = Self::path(backing);
+        let tmp = backing.join(format!("{KEY_FILE}.tmp"));
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(serde_json::to_string_pretty(self)?.as_bytes())?;
+        f.write_all(b"\n")?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, &path).with_context(|| format!("replacing {}", path.display()))?;
+        std::fs::File::open(backing)?.sync_all()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_and_load() {
+        let dir = tempfile::tempdir().expect("tmp");
+        assert!(KeyFile::load(dir.path()).is_err());
+        let k = KeyFile::new("pg", "ts", "c1", 1, b"blob");
+        k.store(dir.path()).expect("store");
+        assert_eq!(KeyFile::load(dir.path()).expect("load"), k);
+        assert_eq!(k.deks[0].blob().expect("b64"), b"blob");
+        std::fs::write(KeyFile::path(dir.path()), "{}").expect("write");
+        assert!(KeyFile::load(dir.path()).is_err());
+    }
+}

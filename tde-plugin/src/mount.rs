@@ -1,0 +1,348 @@
+//! `tde mount`: get the tablespace's data keys from the sidecar, mount the
+//! FUSE file system, and keep watching the sidecar.
+//!
+//! The plaintext DEKs live only in this process (inside AWS-LC key contexts,
+//! which cleanse their memory when freed at unmount). If the sidecar goes
+//! away after mounting, I/O goes on with the keys in memory; a watcher thread
+//! notices and reconnects when it is back (rotation needs it later).
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use fuser::{Config, MountOption, SessionACL};
+use tde_protocol::{ErrorCode, Request, Response};
+
+use crate::client::{Client, Refused};
+use crate::fs::TdeFs;
+use crate::keyfile::KeyFile;
+use crate::page::PageCipher;
+
+/// What `tde mount` was asked to do.
+#[derive(Debug, Clone)]
+pub struct MountSpec {
+    /// The sidecar's data socket.
+    pub sidecar: PathBuf,
+    /// Master key (required with `init`; else taken from the key file).
+    pub key: Option<String>,
+    /// Tablespace name, bound into the encryption context and every block.
+    pub tablespace: String,
+    /// Cluster id, bound into the encryption context.
+    pub cluster: String,
+    /// Directory that holds the ciphertext.
+    pub backing: PathBuf,
+    /// Where the plaintext view appears.
+    pub mountpoint: PathBuf,
+    /// Create the key file (new, empty backing directory).
+    pub init: bool,
+    /// How long to wait for an unreachable or sealed sidecar.
+    pub wait: Duration,
+    /// FUSE worker threads.
+    pub threads: usize,
+}
+
+/// Connects to the sidecar and sends `req`, waiting up to `wait` while it is
+/// unreachable or sealed, with a message each time. Other refusals end at
+/// once.
+pub fn call_waiting(sidecar: &Path, req: &Request, wait: Duration) -> anyhow::Result<Response> {
+    let deadline = Instant::now() + wait;
+    let mut said = None::<String>;
+    loop {
+        let attempt = Client::connect(sidecar).and_then(|mut c| c.call(req));
+        let why = match attempt {
+            Ok(r) => return Ok(r),
+            Err(e) => match e.downcast_ref::<Refused>() {
+                Some(r) if r.code == ErrorCode::Sealed => {
+                    "the sidecar is sealed; waiting for it to be unsealed".to_string()
+                }
+                Some(_) => return Err(e),
+                None => format!(
+                    "the sidecar at {} is unreachable ({e:#}); waiting",
+                    sidecar.display()
+                ),
+            },
+        };
+        if Instant::now() >= deadline {
+            bail!("{why}: gave up after {} s", wait.as_secs());
+        }
+        if said.as_deref() != Some(why.as_str()) {
+            eprintln!("tde mount: {why}");
+            tracing::warn!("{why}");
+            said = Some(why);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn explain(e: anyhow::Error, spec: &MountSpec) -> anyhow::Error {
+    match e.downcast_ref::<Refused>().map(|r| r.code) {
+        Some(ErrorCode::ContextMismatch) => anyhow::anyhow!(
+            "mount refused: the key file in {} was not made for tablespace {:?} of cluster {:?} (it was copied from another backing directory, or the names are wrong)",
+            spec.backing.display(),
+            spec.tablespace,
+            spec.cluster
+        ),
+        Some(ErrorCode::PermissionDenied) => {
+            e.context("mount refused by the sidecar's client policy")
+        }
+        _ => e,
+    }
+}
+
+fn check_dirs(spec: &MountSpec) -> anyhow::Result<()> {
+    let b = std::fs::metadata(&spec.backing).with_context(|| {
+        format!(
+            "backing directory {} does not exist",
+            spec.backing.display()
+        )
+    })?;
+    if !b.is_dir() {
+        bail!("{} is not a directory", spec.backing.display());
+    }
+    let m = std::fs::metadata(&spec.mountpoint)
+        .with_context(|| format!("mountpoint {} does not exist", spec.mountpoint.display()))?;
+    if !m.is_dir() {
+        bail!(
+            "mountpoint {} is not a directory",
+            spec.mountpoint.display()
+        );
+    }
+    let parent = spec
+        .mountpoint
+        .canonicalize()?
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    if std::fs::metadata(&parent)
+        .map(|p| p.dev() != m.dev())
+        .unwrap_or(false)
+    {
+        bail!(
+            "mountpoint {} is busy: something is already mounted there",
+            spec.mountpoint.display()
+        );
+    }
+    if std::fs::read_dir(&spec.mountpoint)?.next().is_some() {
+        bail!("mountpoint {} is not empty", spec.mountpoint.display());
+    }
+    if spec.backing.canonicalize()? == spec.mountpoint.canonicalize()? {
+        bail!("the backing directory and the mountpoint must differ");
+    }
+    Ok(())
+}
+
+/// Creates or reads the key file and builds the page cipher with every DEK
+/// version it holds.
+pub fn load_keys(spec: &MountSpec) -> anyhow::Result<PageCipher> {
+    let context = KeyFile::context(&spec.tablespace, &spec.cluster);
+    let mut cipher = PageCipher::new(&spec.tablespace).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if spec.init {
+        if KeyFile::path(&spec.backing).exists() {
+            bail!(
+                "{} is already a tde backing directory (it has a key file); mount it without --init",
+                spec.backing.display()
+            );
+        }
+        if std::fs::read_dir(&spec.backing)?.next().is_some() {
+            bail!(
+                "{} is not empty: --init needs an empty backing directory",
+                spec.backing.display()
+            );
+        }
+        let key = spec.key.as_deref().context("--init needs --key MEK")?;
+        let req = Request::GenerateDataKey {
+            key: key.to_string(),
+            context,
+        };
+        let Response::DataKey {
+            version,
+            plaintext,
+            ciphertext,
+            ..
+        } = call_waiting(&spec.sidecar, &req, spec.wait).map_err(|e| explain(e, spec))?
+        else {
+            bail!("unexpected response from the sidecar")
+        };
+        cipher
+            .add_key(1, plaintext.expose())
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        KeyFile::new(key, &spec.tablespace, &spec.cluster, version, &ciphertext)
+            .store(&spec.backing)?;
+        return Ok(cipher);
+    }
+    let kf = KeyFile::load(&spec.backing)?;
+    if kf.tablespace != spec.tablespace || kf.cluster != spec.cluster {
+        bail!(
+            "mount refused: the key file in {} belongs to tablespace {:?} of cluster {:?}, not {:?} of {:?}",
+            spec.backing.display(),
+            kf.tablespace,
+            kf.cluster,
+            spec.tablespace,
+            spec.cluster
+        );
+    }
+    if let Some(k) = &spec.key
+        && *k != kf.mek
+    {
+        bail!("the key file is under master key {:?}, not {k:?}", kf.mek);
+    }
+    for dek in &kf.deks {
+        let req = Request::Decrypt {
+            ciphertext: dek.blob()?,
+            context: context.clone(),
+        };
+        let Response::Decrypted { plaintext, .. } =
+            call_waiting(&spec.sidecar, &req, spec.wait).map_err(|e| explain(e, spec))?
+        else {
+            bail!("unexpected response from the sidecar")
+        };
+        cipher
+            .add_key(dek.version, plaintext.expose())
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    Ok(cipher)
+}
+
+/// A mounted tablespace; unmounted when dropped.
+pub struct Mounted {
+    session: Option<fuser::BackgroundSession>,
+    stop: Arc<AtomicBool>,
+    watcher: Option<std::thread::JoinHandle<()>>,
+    /// The mountpoint.
+    pub mountpoint: PathBuf,
+}
+
+impl Mounted {
+    /// True once the file system was unmounted from outside (`tde umount`).
+    pub fn finished(&self) -> bool {
+        self.session.as_ref().is_none_or(|s| s.guard.is_finished())
+    }
+
+    /// Unmounts (if still mounted) and waits for the worker threads.
+    pub fn unmount(mut self) -> anyhow::Result<()> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> anyhow::Result<()> {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(w) = self.watcher.take() {
+            let _ = w.join();
+        }
+        match self.session.take() {
+            Some(s) if !s.guard.is_finished() => s.umount_and_join().context("unmounting"),
+            Some(s) => s.join().context("the file system thread failed"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}
+
+/// Checks, loads keys, mounts, and starts the sidecar watcher.
+pub fn mount(spec: &MountSpec) -> anyhow::Result<Mounted> {
+    check_dirs(spec)?;
+    let cipher = Arc::new(RwLock::new(load_keys(spec)?));
+    let fs = TdeFs::new(&spec.backing, cipher).context("opening the backing directory")?;
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(format!("tde:{}", spec.backing.display())),
+        MountOption::Subtype("tde".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+    ];
+    config.acl = SessionACL::All;
+    config.n_threads = Some(spec.threads.max(1));
+    config.clone_fd = true;
+    let session = fuser::spawn_mount(fs, &spec.mountpoint, &config)
+        .with_context(|| format!("mounting on {}", spec.mountpoint.display()))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (stop, sidecar) = (stop.clone(), spec.sidecar.clone());
+        std::thread::Builder::new()
+            .name("tde-sidecar-watch".into())
+            .spawn(move || watch(&sidecar, &stop))?
+    };
+    tracing::info!(
+        backing = %spec.backing.display(),
+        mountpoint = %spec.mountpoint.display(),
+        tablespace = %spec.tablespace,
+        "mounted"
+    );
+    Ok(Mounted {
+        session: Some(session),
+        stop,
+        watcher: Some(watcher),
+        mountpoint: spec.mountpoint.clone(),
+    })
+}
+
+/// Keeps a connection to the sidecar, checking it every few seconds, and
+/// says when it is lost and when it is back.
+fn watch(sidecar: &Path, stop: &AtomicBool) {
+    let mut conn: Option<Client> = None;
+    let mut lost = false;
+    let mut next = Instant::now();
+    while !stop.load(Ordering::SeqCst) {
+        if Instant::now() >= next {
+            next = Instant::now() + Duration::from_secs(2);
+            let ok = match conn.as_mut() {
+                Some(c) => c.call(&Request::Status).is_ok(),
+                None => match Client::connect(sidecar) {
+                    Ok(mut c) => {
+                        let ok = c.call(&Request::Status).is_ok();
+                        conn = Some(c);
+                        ok
+                    }
+                    Err(_) => false,
+                },
+            };
+            if !ok {
+                conn = None;
+                if !lost {
+                    tracing::warn!(
+                        "lost the sidecar connection; I/O continues with the data keys in memory"
+                    );
+                    lost = true;
+                }
+            } else if lost {
+                tracing::info!("reconnected to the sidecar");
+                lost = false;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Unmounts `mountpoint` (as root, directly; else with `fusermount3 -u`).
+pub fn umount(mountpoint: &Path) -> anyhow::Result<()> {
+    match rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::empty()) {
+        Ok(()) => Ok(()),
+        Err(e) if e == rustix::io::Errno::PERM => {
+            let st = std::process::Command::new("fusermount3")
+                .arg("-u")
+                .arg(mountpoint)
+                .status()?;
+            if st.success() {
+                Ok(())
+            } else {
+                bail!("fusermount3 -u {} failed", mountpoint.display())
+            }
+        }
+        Err(e) if e == rustix::io::Errno::BUSY => {
+            bail!(
+                "{} is busy: stop the processes using it (PostgreSQL) first",
+                mountpoint.display()
+            )
+        }
+        Err(e) if e == rustix::io::Errno::INVAL => bail!("{} is not mounted", mountpoint.display()),
+        Err(e) => Err(e).with_context(|| format!("unmounting {}", mountpoint.display())),
+    }
+}
