@@ -14,6 +14,8 @@ use serde_json::Value;
 use tde_protocol::frame::{read_frame, write_frame};
 use tde_protocol::{Request, Response};
 
+pub mod pg;
+
 pub const PASSWORD: &str = "officer-password-1";
 pub const BIN: &str = env!("CARGO_BIN_EXE_tde");
 

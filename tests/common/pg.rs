@@ -1,0 +1,482 @@
+//! A real PostgreSQL 15 cluster for the tests (run as the `postgres` user,
+//! Unix socket only) and a real `tde mount` child. Both are stopped when
+//! dropped, also when a test fails; a mount that does not go away is
+//! detached.
+#![allow(dead_code)]
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+use super::{BIN, Env};
+
+pub const PGBIN: &str = "/usr/lib/postgresql/15/bin";
+
+static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
+
+/// uid and gid of the `postgres` user.
+pub fn postgres_ids() -> (u32, u32) {
+    let passwd = std::fs::read_to_string("/etc/passwd").expect("passwd");
+    let line = passwd
+        .lines()
+        .find(|l| l.starts_with("postgres:"))
+        .expect("a postgres user (install postgresql-15)");
+    let f: Vec<&str> = line.split(':').collect();
+    (f[2].parse().expect("uid"), f[3].parse().expect("gid"))
+}
+
+/// Whether these tests can run here: root (to mount and to run as postgres)
+/// and /dev/fuse.
+pub fn can_run() -> bool {
+    let ok = rustix::process::geteuid().is_root() && Path::new("/dev/fuse").exists();
+    if !ok {
+        eprintln!("SKIPPED: needs root and /dev/fuse (CI has both)");
+    }
+    ok
+}
+
+pub fn chown_pg(p: &Path) {
+    let (uid, gid) = postgres_ids();
+    std::os::unix::fs::chown(p, Some(uid), Some(gid)).expect("chown");
+}
+
+fn as_postgres(cmd: &mut Command) -> &mut Command {
+    let (uid, gid) = postgres_ids();
+    cmd.uid(uid)
+        .gid(gid)
+        .env("HOME", "/tmp")
+        .env_remove("PGDATA")
+        .current_dir("/")
+}
+
+pub struct Pg {
+    pub data: PathBuf,
+    pub sock: PathBuf,
+    pub port: u16,
+    pub log: PathBuf,
+    running: bool,
+}
+
+impl Pg {
+    /// initdb into `data` (created by initdb; its parent must exist and be
+    /// writable by postgres). The socket and log live in `work`.
+    pub fn initdb(data: &Path, work: &Path) -> Pg {
+        let port = 20000
+            + (std::process::id() as u16 % 2000) * 10
+            + NEXT_PORT.fetch_add(1, Ordering::SeqCst);
+        let sock = work.join(format!("sock{port}"));
+        std::fs::create_dir_all(&sock).expect("sock dir");
+        chown_pg(&sock);
+        let out = as_postgres(&mut Command::new(format!("{PGBIN}/initdb")))
+            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
+            .arg(data)
+            .output()
+            .expect("initdb");
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Pg {
+            data: data.to_path_buf(),
+            log: sock.join("postgres.log"),
+            sock,
+            port,
+            running: false,
+        }
+    }
+
+    pub fn start(&mut self) {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses='' -c shared_buffers=32MB -c max_connections=40 -c fsync=on -c full_page_writes=on",
+            self.port,
+            self.sock.display()
+        );
+        let out = as_postgres(&mut Command::new(format!("{PGBIN}/pg_ctl")))
+            .args(["start", "-w", "-t", "120", "-D"])
+            .arg(&self.data)
+            .args(["-o", &opts, "-l"])
+            .arg(&self.log)
+            .output()
+            .expect("pg_ctl start");
+        assert!(
+            out.status.success(),
+            "pg_ctl start: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
+        self.running = true;
+    }
+
+    pub fn stop(&mut self) {
+        let out = as_postgres(&mut Command::new(format!("{PGBIN}/pg_ctl")))
+            .args(["stop", "-w", "-m", "fast", "-D"])
+            .arg(&self.data)
+            .output()
+            .expect("pg_ctl stop");
+        assert!(
+            out.status.success(),
+            "pg_ctl stop: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.running = false;
+    }
+
+    /// The postmaster's pid, from postmaster.pid.
+    fn postmaster(&self) -> Option<i32> {
+        std::fs::read_to_string(self.data.join("postmaster.pid"))
+            .ok()?
+            .lines()
+            .next()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// SIGKILL to the postmaster and all its children at once, as a crash.
+    pub fn kill9(&mut self) {
+        if let Some(pm) = self.postmaster() {
+            let mut pids = children(pm);
+            pids.push(pm);
+            for p in &pids {
+                if let Some(pid) = rustix::process::Pid::from_raw(*p) {
+                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+                }
+            }
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while pids
+                .iter()
+                .any(|p| Path::new(&format!("/proc/{p}")).exists())
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        self.running = false;
+    }
+
+    fn psql_cmd(&self) -> Command {
+        let mut c = Command::new(format!("{PGBIN}/psql"));
+        as_postgres(&mut c)
+            .args([
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-h",
+            ])
+            .arg(&self.sock)
+            .args(["-p", &self.port.to_string()]);
+        c
+    }
+
+    /// Runs each statement with its own `-c`; returns stdout or the error.
+    pub fn try_sql(&self, stmts: &[&str]) -> Result<String, String> {
+        let mut c = self.psql_cmd();
+        for s in stmts {
+            c.args(["-c", s]);
+        }
+        let out = c.output().expect("psql");
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    pub fn sql(&self, stmts: &[&str]) -> String {
+        self.try_sql(stmts)
+            .unwrap_or_else(|e| panic!("psql {stmts:?}: {e}"))
+    }
+
+    pub fn pgbench(&self, args: &[&str]) -> Output {
+        as_postgres(&mut Command::new(format!("{PGBIN}/pgbench")))
+            .args(["-h"])
+            .arg(&self.sock)
+            .args(["-p", &self.port.to_string(), "-U", "postgres"])
+            .args(args)
+            .arg("postgres")
+            .output()
+            .expect("pgbench")
+    }
+
+    /// Starts pgbench in the background.
+    pub fn pgbench_spawn(&self, args: &[&str]) -> Child {
+        as_postgres(&mut Command::new(format!("{PGBIN}/pgbench")))
+            .args(["-h"])
+            .arg(&self.sock)
+            .args(["-p", &self.port.to_string(), "-U", "postgres"])
+            .args(args)
+            .arg("postgres")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("pgbench")
+    }
+
+    /// pg_amcheck over every database, heap and indexes; asserts it is clean.
+    pub fn amcheck(&self) {
+        let out = as_postgres(&mut Command::new(format!("{PGBIN}/pg_amcheck")))
+            .args([
+                "--install-missing",
+                "--heapallindexed",
+                "--all",
+                "-U",
+                "postgres",
+                "-h",
+            ])
+            .arg(&self.sock)
+            .args(["-p", &self.port.to_string()])
+            .output()
+            .expect("pg_amcheck");
+        assert!(
+            out.status.success(),
+            "pg_amcheck found problems:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+fn children(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
+        if after
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse::<i32>().ok())
+            == Some(pid)
+        {
+            out.push(p);
+        }
+    }
+    out
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        if self.running || self.postmaster().is_some() {
+            let _ = as_postgres(&mut Command::new(format!("{PGBIN}/pg_ctl")))
+                .args(["stop", "-w", "-t", "20", "-m", "immediate", "-D"])
+                .arg(&self.data)
+                .output();
+            self.kill9();
+        }
+    }
+}
+
+/// True when `p` is a mountpoint (its device differs from its parent's).
+pub fn is_mountpoint(p: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Some(parent) = p.parent() else {
+        return false;
+    };
+    match (std::fs::metadata(p), std::fs::metadata(parent)) {
+        (Ok(a), Ok(b)) => a.dev() != b.dev(),
+        _ => {
+            // A dead FUSE mount answers ENOTCONN: still a mountpoint.
+            std::fs::metadata(p).err().and_then(|e| e.raw_os_error()) == Some(107)
+        }
+    }
+}
+
+/// A `tde mount` child.
+pub struct Mount {
+    child: Option<Child>,
+    pub mountpoint: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Mount {
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("child").id()
+    }
+
+    /// Graceful unmount (SIGTERM to the mount process).
+    pub fn stop(mut self) {
+        let mut c = self.child.take().expect("child");
+        signal(&c, rustix::process::Signal::TERM);
+        let st = wait(&mut c, Duration::from_secs(30)).expect("tde mount did not stop");
+        assert!(
+            st.success(),
+            "tde mount exited with {st}: {}",
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
+        assert!(!is_mountpoint(&self.mountpoint), "still mounted");
+    }
+
+    /// SIGKILL to the mount process, then detach the dead mount.
+    pub fn kill9(mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        detach(&self.mountpoint);
+    }
+}
+
+fn signal(c: &Child, s: rustix::process::Signal) {
+    if let Some(pid) = rustix::process::Pid::from_raw(c.id() as i32) {
+        let _ = rustix::process::kill_process(pid, s);
+    }
+}
+
+fn wait(c: &mut Child, d: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + d;
+    while Instant::now() < deadline {
+        if let Ok(Some(st)) = c.try_wait() {
+            return Some(st);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+pub fn detach(mountpoint: &Path) {
+    for _ in 0..50 {
+        if !is_mountpoint(mountpoint) {
+            return;
+        }
+        let _ = rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            signal(&c, rustix::process::Signal::TERM);
+            if wait(&mut c, Duration::from_secs(15)).is_none() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        detach(&self.mountpoint);
+    }
+}
+
+impl Env {
+    /// `tde mount` in the foreground as a child; waits until mounted.
+    pub fn mount(&self, extra: &[&str], backing: &Path, mountpoint: &Path) -> Mount {
+        let log = self.dir.path().join(format!(
+            "mount-{}.log",
+            mountpoint
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        ));
+        let child = self
+            .cmd(&["mount", "--wait", "20"])
+            .args(extra)
+            .arg(backing)
+            .arg(mountpoint)
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .expect("log"),
+            )
+            .spawn()
+            .expect("spawn tde mount");
+        let mut m = Mount {
+            child: Some(child),
+            mountpoint: mountpoint.to_path_buf(),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !is_mountpoint(mountpoint) {
+            if let Some(st) = m.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                m.child = None;
+                panic!(
+                    "tde mount exited ({st}): {}",
+                    std::fs::read_to_string(&m.log).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < deadline, "tde mount did not mount");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        m
+    }
+
+    /// `tde mount` expected to fail: returns its stderr.
+    pub fn mount_refused(&self, extra: &[&str], backing: &Path, mountpoint: &Path) -> String {
+        let out = self
+            .cmd(&["mount", "--wait", "5"])
+            .args(extra)
+            .arg(backing)
+            .arg(mountpoint)
+            .output()
+            .expect("run tde mount");
+        assert!(!out.status.success(), "tde mount should have been refused");
+        assert!(!is_mountpoint(mountpoint));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// A sidecar with 5/3 shares, unsealed, and master keys created.
+    pub fn sidecar_with_keys(&self, keys: &[&str]) -> super::Daemon {
+        let shares = self.init();
+        let d = self.serve();
+        self.unseal(&shares[..3]);
+        for k in keys {
+            self.ok(&["key", "create", k]);
+        }
+        d
+    }
+
+    /// A new directory under the test directory, owned by postgres.
+    pub fn pg_dir(&self, name: &str) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::create_dir_all(&p).expect("mkdir");
+        chown_pg(&p);
+        p
+    }
+}
+
+/// Every file under `dir` (recursively) that contains `needle`.
+pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut hits = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read_dir").flatten() {
+            let ft = e.file_type().expect("type");
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_file() {
+                let bytes = std::fs::read(e.path()).expect("read");
+                if bytes.windows(needle.len()).any(|w| w == needle) {
+                    hits.push(e.path());
+                }
+            }
+        }
+    }
+    hits
+}
+
+pub fn tde_bin() -> &'static str {
+    BIN
+}
+
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// PostgreSQL tests run one at a time: two cores do not carry several
+/// clusters under load at once.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
