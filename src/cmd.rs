@@ -491,6 +491,7 @@ fn init_logging(cfg: &Config) {
     });
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if cfg.log.format == "json" {
         b.json().init();

@@ -940,6 +940,23 @@ impl Filesystem for TdeFs {
         }
     }
 
+    // Extended attributes are not supported. ENOSYS makes the kernel stop
+    // asking (and answer EOPNOTSUPP itself) without fuser's warning per call.
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: fuser::ReplyXattr,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: fuser::ReplyXattr) {
+        reply.error(Errno::ENOSYS);
+    }
+
     fn fallocate(
         &self,
         _req: &Request,

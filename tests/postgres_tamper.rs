@@ -1,0 +1,177 @@
+//! Issue 3, must-show 3: tampering with the backing directory is an I/O
+//! error in PostgreSQL, never silent garbage, and a copied key file does not
+//! mount.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::Env;
+use common::pg::*;
+use tde_plugin::page::{BLOCK_STRIDE, HEADER_LEN};
+
+fn block_at(file: &Path, block: u64) -> u64 {
+    let _ = file;
+    HEADER_LEN + block * BLOCK_STRIDE
+}
+
+fn flip(file: &Path, offset: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(file)
+        .expect("open");
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, offset).expect("read");
+    f.write_all_at(&[b[0] ^ 0x01], offset).expect("write");
+    f.sync_all().expect("sync");
+}
+
+fn swap(file: &Path, a: u64, b: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(file)
+        .expect("open");
+    let mut x = vec![0u8; BLOCK_STRIDE as usize];
+    let mut y = vec![0u8; BLOCK_STRIDE as usize];
+    f.read_exact_at(&mut x, block_at(file, a)).expect("read");
+    f.read_exact_at(&mut y, block_at(file, b)).expect("read");
+    f.write_all_at(&y, block_at(file, a)).expect("write");
+    f.write_all_at(&x, block_at(file, b)).expect("write");
+    f.sync_all().expect("sync");
+}
+
+#[test]
+fn tampered_blocks_are_io_errors_and_copied_key_files_do_not_mount() {
+    if !can_run() {
+        return;
+    }
+    let _serial = serial();
+    let env = Env::new("");
+    let _sidecar = env.sidecar_with_keys(&["pg-main"]);
+    let backing = env.pg_dir("backing");
+    let mnt = env.pg_dir("mnt");
+    let args = ["--tablespace", "secure", "--cluster", "c1"];
+    let mount = env.mount(
+        &[
+            "--init",
+            "--key",
+            "pg-main",
+            "--tablespace",
+            "secure",
+            "--cluster",
+            "c1",
+        ],
+        &backing,
+        &mnt,
+    );
+    let mut pg = Pg::initdb(&env.pg_dir("cluster").join("data"), env.dir.path());
+    pg.start();
+    pg.sql(&[
+        &format!("CREATE TABLESPACE secure LOCATION '{}'", mnt.display()),
+        "CREATE TABLE t (id int, v text) TABLESPACE secure",
+        "INSERT INTO t SELECT g, repeat('x', 100) || g FROM generate_series(1, 20000) g",
+        "CHECKPOINT",
+    ]);
+    let rel = pg.sql(&["SELECT pg_relation_filepath('t')"]);
+    let rel: PathBuf = rel.split('/').skip(2).collect();
+    let file = backing.join(&rel);
+    assert!(file.exists(), "{}", file.display());
+    let pages: u64 = pg
+        .sql(&["SELECT pg_relation_size('t') / 8192"])
+        .parse()
+        .expect("pages");
+    assert!(pages > 20);
+
+    // The tamperer works with PostgreSQL and the mount down, so no cache
+    // (shared buffers, kernel page cache) hides the change.
+    let restart = |pg: &mut Pg, mount: Mount| {
+        pg.stop();
+        mount.stop();
+        env.mount(&args, &backing, &mnt)
+    };
+    pg.stop();
+    mount.stop();
+    flip(&file, block_at(&file, 5) + 100);
+    let mount = env.mount(&args, &backing, &mnt);
+    pg.start();
+    let err = pg
+        .try_sql(&["SELECT count(*) FROM t"])
+        .expect_err("reading block 5 must fail");
+    assert!(
+        err.contains("could not read block 5") && err.contains("Input/output error"),
+        "{err}"
+    );
+    // Other blocks still read.
+    assert_eq!(
+        pg.sql(&["SELECT count(*) FROM t WHERE ctid = '(0,1)'"]),
+        "1"
+    );
+    assert_eq!(
+        pg.sql(&["SELECT count(*) FROM t WHERE ctid = '(10,1)'"]),
+        "1"
+    );
+    let log = std::fs::read_to_string(&mount.log).expect("mount log");
+    assert!(
+        log.contains("block=5") && log.contains("failed authentication"),
+        "{log}"
+    );
+
+    // Undo the flip; swap two blocks instead: both are refused.
+    let mount = restart(&mut pg, mount);
+    drop(mount);
+    flip(&file, block_at(&file, 5) + 100);
+    swap(&file, 2, 3);
+    let mount = env.mount(&args, &backing, &mnt);
+    pg.start();
+    assert_eq!(
+        pg.sql(&["SELECT count(*) FROM t WHERE ctid = '(5,1)'"]),
+        "1",
+        "block 5 is whole again"
+    );
+    for b in [2, 3] {
+        let err = pg
+            .try_sql(&[&format!("SELECT count(*) FROM t WHERE ctid = '({b},1)'")])
+            .expect_err("a swapped block must fail");
+        assert!(err.contains(&format!("could not read block {b}")), "{err}");
+    }
+    pg.stop();
+    drop(mount);
+
+    // A key file copied into another backing directory does not mount, as
+    // another tablespace, as another cluster, or edited to claim either.
+    let other = env.pg_dir("other-backing");
+    let other_mnt = env.pg_dir("other-mnt");
+    std::fs::copy(backing.join("tde.key"), other.join("tde.key")).expect("copy");
+    let e = env.mount_refused(
+        &["--tablespace", "other", "--cluster", "c1"],
+        &other,
+        &other_mnt,
+    );
+    assert!(e.contains("mount refused"), "{e}");
+    let e = env.mount_refused(
+        &["--tablespace", "secure", "--cluster", "c2"],
+        &other,
+        &other_mnt,
+    );
+    assert!(e.contains("mount refused"), "{e}");
+    let edited = std::fs::read_to_string(other.join("tde.key"))
+        .expect("read")
+        .replace("\"secure\"", "\"other\"");
+    std::fs::write(other.join("tde.key"), edited).expect("write");
+    let e = env.mount_refused(
+        &["--tablespace", "other", "--cluster", "c1"],
+        &other,
+        &other_mnt,
+    );
+    assert!(
+        e.contains("was not made for tablespace"),
+        "the sidecar's context check: {e}"
+    );
+    drop(_sidecar);
+    let recs = common::audit(&env.db());
+    assert!(common::refusals(&recs, "decrypt", "CONTEXT_MISMATCH") >= 1);
+}
