@@ -459,6 +459,16 @@ impl TdeFs {
     }
 }
 
+/// The path `p` after `from` was renamed to `to`. (`Path::join("")` would
+/// add a trailing slash, which turns a file's path into ENOTDIR.)
+fn repoint(p: &Path, from: &Path, to: &Path) -> PathBuf {
+    match p.strip_prefix(from) {
+        Ok(rest) if rest.as_os_str().is_empty() => to.to_path_buf(),
+        Ok(rest) => to.join(rest),
+        Err(_) => p.to_path_buf(),
+    }
+}
+
 /// Plaintext length of block `b` in a file of `len` bytes.
 fn block_len(len: u64, b: u64) -> usize {
     (len - b * PAGE_SIZE as u64).min(PAGE_SIZE as u64) as usize
@@ -682,9 +692,7 @@ impl Filesystem for TdeFs {
             // Re-point remembered paths under the old name.
             let mut paths = self.paths.write().unwrap_or_else(|p| p.into_inner());
             for p in paths.values_mut() {
-                if let Ok(rest) = p.strip_prefix(&from) {
-                    *p = to.join(rest);
-                }
+                *p = repoint(p, &from, &to);
             }
             Ok(())
         })();
@@ -983,5 +991,34 @@ impl Filesystem for TdeFs {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repoint_after_rename() {
+        let r = |p: &str, f: &str, t: &str| repoint(Path::new(p), Path::new(f), Path::new(t));
+        assert_eq!(r("a/tmp.1", "a/tmp.1", "a/seg"), PathBuf::from("a/seg"));
+        assert_eq!(
+            r("a/tmp.1", "a/tmp.1", "a/seg").as_os_str().len(),
+            5,
+            "no trailing slash"
+        );
+        assert_eq!(r("d/x/y", "d", "e"), PathBuf::from("e/x/y"));
+        assert_eq!(
+            r("dd/x", "d", "e"),
+            PathBuf::from("dd/x"),
+            "components, not string prefixes"
+        );
+        assert_eq!(r("b/c", "a", "z"), PathBuf::from("b/c"));
+    }
+
+    #[test]
+    fn block_lengths() {
+        assert_eq!(block_len(8192 * 2 + 5, 2), 5);
+        assert_eq!(block_len(8192 * 2, 1), 8192);
     }
 }
