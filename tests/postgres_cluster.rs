@@ -148,8 +148,10 @@ fn crashes_under_load_recover() {
         String::from_utf8_lossy(&init.stderr)
     );
 
+    // `-n`: pgbench would otherwise truncate pgbench_history at the start of
+    // each run; with it, history accumulates and sum(delta) = sum(abalance).
     // 1. PostgreSQL dies mid-load.
-    let mut bench = pg.pgbench_spawn(&["-c", "4", "-j", "2", "-T", "30"]);
+    let mut bench = pg.pgbench_spawn(&["-n", "-c", "4", "-j", "2", "-T", "30"]);
     std::thread::sleep(Duration::from_secs(4));
     pg.kill9();
     let _ = bench.kill();
@@ -164,7 +166,7 @@ fn crashes_under_load_recover() {
 
     // 2. The mount dies mid-load. PostgreSQL then fails its I/O; it is
     // stopped, the dead mount detached, remounted, and PostgreSQL recovers.
-    let mut bench = pg.pgbench_spawn(&["-c", "4", "-j", "2", "-T", "30"]);
+    let mut bench = pg.pgbench_spawn(&["-n", "-c", "4", "-j", "2", "-T", "30"]);
     std::thread::sleep(Duration::from_secs(4));
     mount.kill9();
     let _ = bench.kill();

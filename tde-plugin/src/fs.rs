@@ -63,6 +63,10 @@ pub struct TdeFs {
     locks: Mutex<HashMap<u64, Arc<RwLock<()>>>>,
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
+    /// Generation of each inode number whose file was deleted through this
+    /// mount (absent = 0). See [`TdeFs::retire`].
+    generations: Mutex<HashMap<u64, u64>>,
+    next_generation: AtomicU64,
 }
 
 fn errno(e: &io::Error) -> Errno {
@@ -104,6 +108,8 @@ impl TdeFs {
             locks: Mutex::new(HashMap::new()),
             handles: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            generations: Mutex::new(HashMap::new()),
+            next_generation: AtomicU64::new(1),
         })
     }
 
@@ -155,6 +161,47 @@ impl TdeFs {
             .entry(ino)
             .or_default()
             .clone()
+    }
+
+    /// The generation to report with inode `ino`.
+    fn generation(&self, ino: u64) -> Generation {
+        Generation(
+            self.generations
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&ino)
+                .copied()
+                .unwrap_or(0),
+        )
+    }
+
+    /// Records that the file behind inode `ino` is gone. The backing file
+    /// system may give the number to a new file; the FUSE protocol then wants
+    /// a new generation, so that a kernel inode that outlived the old file
+    /// is marked stale instead of being reused with its page cache (the
+    /// plaintext of another file). The kernel usually evicts such inodes
+    /// itself when their link count drops; this covers the cases where it
+    /// does not.
+    fn retire(&self, ino: u64) {
+        let g = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        self.generations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(ino, g);
+        self.paths
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&ino);
+        self.locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&ino);
+    }
+
+    /// The FUSE inode of `rel` if removing it now removes its last link.
+    fn last_link(&self, rel: &Path) -> Option<u64> {
+        let m = std::fs::symlink_metadata(self.abs(rel)).ok()?;
+        (m.nlink() <= 1 || m.is_dir()).then(|| self.fuse_ino(m.ino()))
     }
 
     fn attr(&self, m: &Metadata) -> FileAttr {
@@ -483,7 +530,7 @@ impl Filesystem for TdeFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.child(parent, name).and_then(|rel| self.stat_rel(&rel)) {
-            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            Ok(a) => reply.entry(&TTL, &a, self.generation(a.ino.0)),
             Err(e) => reply.error(e),
         }
     }
@@ -594,7 +641,7 @@ impl Filesystem for TdeFs {
             self.stat_rel(&rel)
         })();
         match result {
-            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            Ok(a) => reply.entry(&TTL, &a, self.generation(a.ino.0)),
             Err(e) => reply.error(e),
         }
     }
@@ -621,26 +668,36 @@ impl Filesystem for TdeFs {
             self.stat_rel(&rel)
         })();
         match result {
-            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            Ok(a) => reply.entry(&TTL, &a, self.generation(a.ino.0)),
             Err(e) => reply.error(e),
         }
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self
-            .child(parent, name)
-            .and_then(|rel| std::fs::remove_file(self.abs(&rel)).map_err(|e| errno(&e)))
-        {
+        let r = self.child(parent, name).and_then(|rel| {
+            let last = self.last_link(&rel);
+            std::fs::remove_file(self.abs(&rel)).map_err(|e| errno(&e))?;
+            if let Some(ino) = last {
+                self.retire(ino);
+            }
+            Ok(())
+        });
+        match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self
-            .child(parent, name)
-            .and_then(|rel| std::fs::remove_dir(self.abs(&rel)).map_err(|e| errno(&e)))
-        {
+        let r = self.child(parent, name).and_then(|rel| {
+            let last = self.last_link(&rel);
+            std::fs::remove_dir(self.abs(&rel)).map_err(|e| errno(&e))?;
+            if let Some(ino) = last {
+                self.retire(ino);
+            }
+            Ok(())
+        });
+        match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
@@ -662,7 +719,7 @@ impl Filesystem for TdeFs {
             self.stat_rel(&rel)
         })();
         match result {
-            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            Ok(a) => reply.entry(&TTL, &a, self.generation(a.ino.0)),
             Err(e) => reply.error(e),
         }
     }
@@ -681,6 +738,16 @@ impl Filesystem for TdeFs {
             let from = self.child(parent, name)?;
             let to = self.child(newparent, newname)?;
             let rflags = rustix::fs::RenameFlags::from_bits(flags.bits()).ok_or(Errno::EINVAL)?;
+            // A target that is replaced (and not exchanged) loses a link.
+            let replaced = if rflags.contains(rustix::fs::RenameFlags::EXCHANGE) {
+                None
+            } else {
+                let same = std::fs::symlink_metadata(self.abs(&from))
+                    .ok()
+                    .zip(std::fs::symlink_metadata(self.abs(&to)).ok())
+                    .is_some_and(|(a, b)| a.ino() == b.ino());
+                if same { None } else { self.last_link(&to) }
+            };
             rustix::fs::renameat_with(
                 rustix::fs::CWD,
                 self.abs(&from),
@@ -690,6 +757,9 @@ impl Filesystem for TdeFs {
             )
             .map_err(|e| Errno::from_i32(e.raw_os_error()))?;
             // Re-point remembered paths under the old name.
+            if let Some(ino) = replaced {
+                self.retire(ino);
+            }
             let mut paths = self.paths.write().unwrap_or_else(|p| p.into_inner());
             for p in paths.values_mut() {
                 *p = repoint(p, &from, &to);
@@ -717,7 +787,7 @@ impl Filesystem for TdeFs {
             self.stat_rel(&to)
         })();
         match result {
-            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            Ok(a) => reply.entry(&TTL, &a, self.generation(a.ino.0)),
             Err(e) => reply.error(e),
         }
     }
@@ -940,7 +1010,7 @@ impl Filesystem for TdeFs {
             Ok((a, fh)) => reply.created(
                 &TTL,
                 &a,
-                Generation(0),
+                self.generation(a.ino.0),
                 FileHandle(fh),
                 FopenFlags::FOPEN_KEEP_CACHE,
             ),
