@@ -183,6 +183,7 @@ fn mount(cli: &Cli, cfg: &Config, a: &MountArgs) -> anyhow::Result<()> {
         spec.backing.display(),
         spec.mountpoint.display()
     );
+    let mut mounted = mounted;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -190,19 +191,28 @@ fn mount(cli: &Cli, cfg: &Config, a: &MountArgs) -> anyhow::Result<()> {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
         loop {
-            tokio::select! {
-                _ = term.recv() => return anyhow::Ok("SIGTERM"),
-                _ = int.recv() => return anyhow::Ok("SIGINT"),
+            let why = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
                 _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {
-                    if mounted.finished() {
-                        return anyhow::Ok("unmounted");
+                    if !mounted.finished() {
+                        continue;
                     }
+                    "unmounted"
                 }
+            };
+            tracing::info!(reason = why, "unmounting");
+            if mounted.try_unmount()? {
+                return anyhow::Ok(why);
             }
+            // Leaving now would strand the processes using the mount with a
+            // dead file system: keep serving until they are gone.
+            tracing::warn!(
+                "{} is busy: still mounted and serving; stop the processes using it (PostgreSQL) and signal again",
+                spec.mountpoint.display()
+            );
         }
     })?;
-    tracing::info!(reason = why, "unmounting");
-    mounted.unmount()?;
     eprintln!("tde mount: {} unmounted ({why})", spec.mountpoint.display());
     Ok(())
 }

@@ -1,39 +1,84 @@
 //! `tde demo`: a self-contained tour on a temporary dev store.
 //!
-//! It starts a real `tde serve --dev` child on a temporary directory, walks
-//! through the key lifecycle over the real sockets, verifies the audit
-//! chain, and removes everything again, also on Ctrl-C.
+//! It starts a real `tde serve --dev` on a temporary directory, walks the key
+//! lifecycle over the real sockets, then (where PostgreSQL 15 and FUSE are
+//! available) mounts an encrypted tablespace with `tde mount`, initdb's a
+//! throwaway PostgreSQL, loads it with pgbench, and shows that SQL sees
+//! plaintext while the backing files hold ciphertext. Everything is torn down
+//! at the end, also on Ctrl-C: PostgreSQL first, then the mount, then the
+//! sidecar. The children run in their own process groups so that a Ctrl-C
+//! reaches only the demo, which stops them in that order.
 
 use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use tde_plugin::client::{Client, Refused};
 use tde_protocol::{ErrorCode, Request, Response, SecretBytes};
 
-use tde_plugin::client::{Client, Refused};
+const PGBIN: &str = "/usr/lib/postgresql/15/bin";
+const MARKER: &str = "TOP-SECRET-demo-row-";
 
-/// The sidecar child; stopped (SIGTERM, then SIGKILL) when dropped.
-struct Sidecar(Child);
+/// What the demo started, so that it can be stopped from any point.
+#[derive(Default)]
+struct Stack {
+    sidecar: Option<Child>,
+    mount: Option<(Child, PathBuf)>,
+    pg: Option<(PathBuf, Option<(u32, u32)>)>,
+}
 
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        if let Some(pid) = rustix::process::Pid::from_raw(self.0.id() as i32) {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
+impl Stack {
+    fn teardown(&mut self) {
+        if let Some((data, ids)) = self.pg.take() {
+            let mut c = Command::new(format!("{PGBIN}/pg_ctl"));
+            if let Some((u, g)) = ids {
+                c.uid(u).gid(g);
             }
-            std::thread::sleep(Duration::from_millis(50));
+            let _ = c
+                .args(["stop", "-w", "-m", "fast", "-D"])
+                .arg(&data)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
         }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        if let Some((child, mnt)) = self.mount.take() {
+            stop_child(child);
+            if mounted(&mnt) {
+                let _ = rustix::mount::unmount(&mnt, rustix::mount::UnmountFlags::DETACH);
+            }
+        }
+        if let Some(child) = self.sidecar.take() {
+            stop_child(child);
+        }
     }
+}
+
+fn stop_child(mut c: Child) {
+    if let Some(pid) = rustix::process::Pid::from_raw(c.id() as i32) {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = c.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+fn mounted(p: &Path) -> bool {
+    std::fs::read_to_string("/proc/self/mounts")
+        .map(|m| {
+            m.lines()
+                .any(|l| l.split_whitespace().nth(1) == Some(&*p.to_string_lossy()))
+        })
+        .unwrap_or(false)
 }
 
 fn step(n: &mut u32, what: &str) {
@@ -41,14 +86,14 @@ fn step(n: &mut u32, what: &str) {
     println!("\n[{n}] {what}");
 }
 
-fn wait_for(path: &Path, child: &mut Child) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !path.exists() {
+fn wait_for(what: impl Fn() -> bool, child: &mut Child, name: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !what() {
         if let Some(status) = child.try_wait()? {
-            bail!("the sidecar exited during start-up ({status})");
+            bail!("{name} exited during start-up ({status})");
         }
         if Instant::now() > deadline {
-            bail!("the sidecar did not create {} within 20 s", path.display());
+            bail!("{name} did not start within 30 s");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -63,36 +108,51 @@ fn short(b: &[u8]) -> String {
 
 /// Runs the demo.
 pub fn run() -> anyhow::Result<()> {
-    let interrupted = Arc::new(AtomicBool::new(false));
     let dir = tempfile::Builder::new().prefix("tde-demo-").tempdir()?;
+    let stack = Arc::new(Mutex::new(Stack::default()));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let result = {
-        let flag = interrupted.clone();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let path = dir.path().to_path_buf();
+        let (path, st) = (dir.path().to_path_buf(), stack.clone());
         rt.block_on(async move {
-            let work = tokio::task::spawn_blocking(move || tour(&path));
+            let work = tokio::task::spawn_blocking(move || tour(&path, &st));
             tokio::select! {
                 r = work => r.context("the demo failed")?,
-                _ = tokio::signal::ctrl_c() => {
-                    flag.store(true, Ordering::SeqCst);
-                    bail!("interrupted")
-                }
+                _ = tokio::signal::ctrl_c() => bail!("interrupted"),
             }
         })
     };
-    if interrupted.load(Ordering::SeqCst) {
-        // The tour thread is still running; it owns the child, and the
-        // child got the same SIGINT from the terminal. Give it a moment.
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    println!("\nCleaning up: stopping PostgreSQL, unmounting, stopping the sidecar.");
+    stack.lock().unwrap_or_else(|p| p.into_inner()).teardown();
     drop(dir);
-    println!("\nCleaned up the temporary data directory.");
+    println!("Removed the temporary directory. Nothing is left running.");
+    if result.is_err() {
+        // The tour thread may still be inside a step; end it with us.
+        eprintln!(
+            "error: {:#}",
+            result
+                .as_ref()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        );
+        std::process::exit(
+            if result
+                .as_ref()
+                .err()
+                .is_some_and(|e| e.to_string() == "interrupted")
+            {
+                130
+            } else {
+                1
+            },
+        );
+    }
     result
 }
 
-fn tour(dir: &Path) -> anyhow::Result<()> {
+fn tour(dir: &Path, stack: &Mutex<Stack>) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
     let mut n = 0;
     println!(
@@ -104,22 +164,27 @@ fn tour(dir: &Path) -> anyhow::Result<()> {
         &mut n,
         "Start `tde serve --dev` (initializes a dev store with one local unseal share, auto-unseals)",
     );
-    let log = std::fs::File::create(dir.join("serve.log"))?;
-    let child = Command::new(&exe)
+    let sc_dir = dir.join("sidecar");
+    let mut child = Command::new(&exe)
         .args(["serve", "--dev"])
-        .env("TDE_DATA_DIR", dir)
+        .env("TDE_DATA_DIR", &sc_dir)
         .env("TDE_LOG__LEVEL", "warn")
         .env_remove("TDE_CONFIG")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(log)
+        .stderr(std::fs::File::create(dir.join("serve.log"))?)
+        .process_group(0)
         .spawn()
         .context("starting tde serve")?;
-    let mut sidecar = Sidecar(child);
-    let admin_sock = dir.join("admin.sock");
-    let data_sock = dir.join("data.sock");
-    wait_for(&data_sock, &mut sidecar.0)?;
-    wait_for(&admin_sock, &mut sidecar.0)?;
+    let admin_sock = sc_dir.join("admin.sock");
+    let data_sock = sc_dir.join("data.sock");
+    let up = wait_for(
+        || data_sock.exists() && admin_sock.exists(),
+        &mut child,
+        "tde serve",
+    );
+    stack.lock().unwrap_or_else(|p| p.into_inner()).sidecar = Some(child);
+    up?;
     let mut admin = Client::connect(&admin_sock)?;
     if let Response::Status(s) = admin.call(&Request::Status)? {
         println!(
@@ -132,7 +197,7 @@ fn tour(dir: &Path) -> anyhow::Result<()> {
         &mut n,
         "Log in as crypto officer `admin` and create master key `demo-mek` (it never leaves the HSM)",
     );
-    let pw = std::fs::read(dir.join("dev-admin.password"))?;
+    let pw = std::fs::read(sc_dir.join("dev-admin.password"))?;
     admin.call(&Request::Login {
         operator: "admin".into(),
         password: SecretBytes::new(pw),
@@ -169,9 +234,8 @@ fn tour(dir: &Path) -> anyhow::Result<()> {
         "    wrapped under demo-mek v{version}: {}",
         short(&ciphertext)
     );
-    println!("    plaintext data key: 32 bytes, held only by the client");
 
-    step(&mut n, "Unwrap it again, as the plugin does at mount time");
+    step(&mut n, "Unwrap it again, as the mount does at start-up");
     let Response::Decrypted {
         plaintext: again, ..
     } = data.call(&Request::Decrypt {
@@ -232,19 +296,6 @@ fn tour(dir: &Path) -> anyhow::Result<()> {
         bail!("unexpected response")
     };
     println!("    v{source_version} -> v{version}: {}", short(&v2));
-    let Response::Decrypted {
-        plaintext: from_v2, ..
-    } = data.call(&Request::Decrypt {
-        ciphertext: v2,
-        context: ctx.clone(),
-    })?
-    else {
-        bail!("unexpected response")
-    };
-    println!(
-        "    the v2 blob unwraps to the same data key: {}",
-        from_v2 == plaintext
-    );
 
     step(
         &mut n,
@@ -261,15 +312,17 @@ fn tour(dir: &Path) -> anyhow::Result<()> {
         }),
         ErrorCode::KeyDisabled,
     )?;
+    drop(admin);
+    drop(data);
+
+    postgres_part(dir, &exe, &data_sock, stack, &mut n)?;
 
     step(
         &mut n,
-        "Stop the daemon (SIGTERM: in-flight requests finish) and verify the audit chain offline",
+        "Stop everything in order and verify the audit chain offline",
     );
-    drop(admin);
-    drop(data);
-    drop(sidecar);
-    let conn = tde_sidecar::store::connect(&dir.join("tde.db"))?;
+    stack.lock().unwrap_or_else(|p| p.into_inner()).teardown();
+    let conn = tde_sidecar::store::connect(&sc_dir.join("tde.db"))?;
     let report = tde_sidecar::audit::verify_chain(&conn).map_err(|e| anyhow::anyhow!("{e}"))?;
     println!(
         "    {} audit records, every request allowed or refused, SHA-256 chain intact (head {})",
@@ -281,17 +334,245 @@ fn tour(dir: &Path) -> anyhow::Result<()> {
             .map(|b| format!("{b:02x}"))
             .collect::<String>()
     );
-    let plain = count_plaintext(dir, plaintext.expose())?;
-    println!(
-        "    the data key's bytes appear in {plain} files under the data directory (expected 0)"
-    );
-    if plain != 0 {
-        bail!("the plaintext data key was found on disk");
-    }
-    println!(
-        "\nDone. Next: `tde serve --dev` to keep a dev sidecar running, or see README.md for production set-up."
-    );
+    println!("\nDone. See README.md for running the sidecar and `tde mount` for real.");
     Ok(())
+}
+
+fn postgres_part(
+    dir: &Path,
+    exe: &Path,
+    data_sock: &Path,
+    stack: &Mutex<Stack>,
+    n: &mut u32,
+) -> anyhow::Result<()> {
+    let root = rustix::process::geteuid().is_root();
+    if !Path::new(&format!("{PGBIN}/initdb")).exists() || !Path::new("/dev/fuse").exists() {
+        println!(
+            "\n(PostgreSQL 15 at {PGBIN} or /dev/fuse is missing: skipping the encrypted-tablespace part.)"
+        );
+        return Ok(());
+    }
+    // PostgreSQL refuses to run as root: as root, run it as `postgres`.
+    let ids = if root { Some(postgres_ids()?) } else { None };
+    let as_pg = |c: &mut Command| {
+        if let Some((u, g)) = ids {
+            c.uid(u).gid(g);
+        }
+        c.current_dir("/").env("HOME", "/tmp").env_remove("PGDATA");
+    };
+    let chown = |p: &Path| -> anyhow::Result<()> {
+        if let Some((u, g)) = ids {
+            std::os::unix::fs::chown(p, Some(u), Some(g))?;
+        }
+        Ok(())
+    };
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+    let (backing, mnt, pgroot) = (dir.join("backing"), dir.join("mnt"), dir.join("pg"));
+    for d in [&backing, &mnt, &pgroot] {
+        std::fs::create_dir_all(d)?;
+        chown(d)?;
+    }
+
+    step(
+        n,
+        "Mount an encrypted tablespace: `tde mount --init` asks the sidecar for a data key under demo-mek",
+    );
+    let mut child = Command::new(exe)
+        .args([
+            "mount",
+            "--init",
+            "--key",
+            "demo-mek",
+            "--tablespace",
+            "secure",
+            "--cluster",
+            "demo",
+            "--sidecar",
+        ])
+        .arg(data_sock)
+        .arg(&backing)
+        .arg(&mnt)
+        .env("TDE_LOG__LEVEL", "warn")
+        .env_remove("TDE_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("mount.log"))?)
+        .process_group(0)
+        .spawn()
+        .context("starting tde mount")?;
+    let up = wait_for(|| mounted(&mnt), &mut child, "tde mount");
+    stack.lock().unwrap_or_else(|p| p.into_inner()).mount = Some((child, mnt.clone()));
+    up?;
+    println!(
+        "    {} (ciphertext) is mounted on {} (plaintext)",
+        backing.display(),
+        mnt.display()
+    );
+
+    step(
+        n,
+        "initdb a throwaway PostgreSQL 15 and start it on a Unix socket",
+    );
+    let data = pgroot.join("data");
+    let mut c = Command::new(format!("{PGBIN}/initdb"));
+    as_pg(&mut c);
+    let out = c
+        .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
+        .arg(&data)
+        .output()?;
+    if !out.status.success() {
+        bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let port = 15000 + (std::process::id() % 10000) as u16;
+    let opts = format!(
+        "-p {port} -k {} -c listen_addresses='' -c shared_buffers=32MB",
+        pgroot.display()
+    );
+    let mut c = Command::new(format!("{PGBIN}/pg_ctl"));
+    as_pg(&mut c);
+    let out = c
+        .args(["start", "-w", "-D"])
+        .arg(&data)
+        .args(["-o", &opts, "-l"])
+        .arg(pgroot.join("postgres.log"))
+        .process_group(0)
+        .output()?;
+    stack.lock().unwrap_or_else(|p| p.into_inner()).pg = Some((data.clone(), ids));
+    if !out.status.success() {
+        bail!(
+            "PostgreSQL did not start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let psql = |sql: &str| -> anyhow::Result<String> {
+        let mut c = Command::new(format!("{PGBIN}/psql"));
+        as_pg(&mut c);
+        let out = c
+            .args([
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-U",
+                "postgres",
+                "-h",
+            ])
+            .arg(&pgroot)
+            .args(["-p", &port.to_string(), "-c", sql])
+            .output()?;
+        if !out.status.success() {
+            bail!("{sql}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    let pgbench = |args: &[&str]| -> anyhow::Result<String> {
+        let mut c = Command::new(format!("{PGBIN}/pgbench"));
+        as_pg(&mut c);
+        let out = c
+            .args(["-U", "postgres", "-h"])
+            .arg(&pgroot)
+            .args(["-p", &port.to_string()])
+            .args(args)
+            .arg("postgres")
+            .output()?;
+        if !out.status.success() {
+            bail!("pgbench failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    println!("    PostgreSQL 15 on port {port}");
+
+    step(
+        n,
+        "CREATE TABLESPACE on the mount; load it with pgbench and a table of marked rows",
+    );
+    psql(&format!(
+        "CREATE TABLESPACE secure LOCATION '{}'",
+        mnt.display()
+    ))?;
+    pgbench(&[
+        "-i",
+        "-s",
+        "2",
+        "-q",
+        "--tablespace=secure",
+        "--index-tablespace=secure",
+    ])?;
+    psql(&format!(
+        "CREATE TABLE secrets TABLESPACE secure AS SELECT g AS id, '{MARKER}' || g AS v FROM generate_series(1, 10000) g"
+    ))?;
+    let run = pgbench(&["-n", "-c", "4", "-j", "2", "-T", "5"])?;
+    let tps = run
+        .lines()
+        .find(|l| l.starts_with("tps"))
+        .unwrap_or("tps: n/a");
+    let failed = run
+        .lines()
+        .find(|l| l.starts_with("number of failed"))
+        .unwrap_or("");
+    println!("    pgbench 5 s, 4 clients: {tps}; {failed}");
+    psql("CHECKPOINT")?;
+
+    step(
+        n,
+        "SQL sees plaintext; the backing directory holds only ciphertext",
+    );
+    println!(
+        "    SELECT v FROM secrets LIMIT 2  ->  {}",
+        psql("SELECT string_agg(v, ', ') FROM (SELECT v FROM secrets ORDER BY id LIMIT 2) s")?
+    );
+    let rel = psql("SELECT pg_relation_filepath('secrets')")?;
+    let rel: PathBuf = rel.split('/').skip(2).collect();
+    let plain = std::fs::read(mnt.join(&rel))?;
+    let cipher = std::fs::read(backing.join(&rel))?;
+    let found = |b: &[u8]| {
+        b.windows(MARKER.len())
+            .filter(|w| *w == MARKER.as_bytes())
+            .count()
+    };
+    println!(
+        "    {} through the mount: {} bytes, the marker appears {} times",
+        rel.display(),
+        plain.len(),
+        found(&plain)
+    );
+    println!(
+        "    the same file in the backing directory: {} bytes, the marker appears {} times",
+        cipher.len(),
+        found(&cipher)
+    );
+    println!(
+        "    through the mount, the last row of the last page: {}",
+        hex(&plain[plain.len().saturating_sub(48)..][..24])
+    );
+    println!(
+        "    in the backing file, the start of block 0:        {}",
+        hex(&cipher[64..88])
+    );
+    if found(&cipher) != 0 || found(&plain) == 0 {
+        bail!("the backing file is not ciphertext");
+    }
+    Ok(())
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter()
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn postgres_ids() -> anyhow::Result<(u32, u32)> {
+    let passwd = std::fs::read_to_string("/etc/passwd")?;
+    let line = passwd
+        .lines()
+        .find(|l| l.starts_with("postgres:"))
+        .context("no `postgres` user: install postgresql-15")?;
+    let f: Vec<&str> = line.split(':').collect();
+    Ok((f[2].parse()?, f[3].parse()?))
 }
 
 fn expect_refusal(r: anyhow::Result<Response>, code: ErrorCode) -> anyhow::Result<()> {
@@ -305,25 +586,4 @@ fn expect_refusal(r: anyhow::Result<Response>, code: ErrorCode) -> anyhow::Resul
         },
         Ok(_) => bail!("expected {code}, but the request succeeded"),
     }
-}
-
-fn count_plaintext(dir: &Path, needle: &[u8]) -> anyhow::Result<usize> {
-    let mut hits = 0;
-    let mut stack: Vec<PathBuf> = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d)? {
-            let e = e?;
-            let ft = e.file_type()?;
-            if ft.is_dir() {
-                stack.push(e.path());
-            } else if ft.is_file()
-                && std::fs::read(e.path())?
-                    .windows(needle.len())
-                    .any(|w| w == needle)
-            {
-                hits += 1;
-            }
-        }
-    }
-    Ok(hits)
 }

@@ -221,9 +221,23 @@ impl Mounted {
         self.session.as_ref().is_none_or(|s| s.guard.is_finished())
     }
 
-    /// Unmounts (if still mounted) and waits for the worker threads.
-    pub fn unmount(mut self) -> anyhow::Result<()> {
-        self.shutdown()
+    /// Unmounts and waits for the worker threads. `Ok(false)` when the file
+    /// system is busy (files open on it): it stays mounted and serving, as
+    /// `umount` would refuse.
+    pub fn try_unmount(&mut self) -> anyhow::Result<bool> {
+        if !self.finished() {
+            match rustix::mount::unmount(&self.mountpoint, rustix::mount::UnmountFlags::empty()) {
+                Ok(()) => {}
+                Err(e) if e == rustix::io::Errno::BUSY => return Ok(false),
+                Err(e) if e == rustix::io::Errno::INVAL => {} // already gone
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("unmounting {}", self.mountpoint.display()));
+                }
+            }
+        }
+        self.shutdown()?;
+        Ok(true)
     }
 
     fn shutdown(&mut self) -> anyhow::Result<()> {
@@ -235,6 +249,19 @@ impl Mounted {
             Some(s) if !s.guard.is_finished() => s.umount_and_join().context("unmounting"),
             Some(s) => s.join().context("the file system thread failed"),
             None => Ok(()),
+        }
+    }
+}
+
+impl Mounted {
+    /// Unmounts if it can; see [`Mounted::try_unmount`].
+    pub fn unmount(mut self) -> anyhow::Result<()> {
+        match self.try_unmount()? {
+            true => Ok(()),
+            false => bail!(
+                "{} is busy: stop the processes using it (PostgreSQL) first",
+                self.mountpoint.display()
+            ),
         }
     }
 }
@@ -263,6 +290,12 @@ pub fn mount(spec: &MountSpec) -> anyhow::Result<Mounted> {
     config.clone_fd = true;
     let session = fuser::spawn_mount(fs, &spec.mountpoint, &config)
         .with_context(|| format!("mounting on {}", spec.mountpoint.display()))?;
+    // The kernel gives the root inode placeholder attributes (owner root)
+    // until its first getattr, and chmod's ownership check does not refresh
+    // them: PostgreSQL's chmod of a fresh tablespace location would fail
+    // with EPERM. One stat loads the real ones.
+    std::fs::metadata(&spec.mountpoint)
+        .with_context(|| format!("checking the new mount {}", spec.mountpoint.display()))?;
     let stop = Arc::new(AtomicBool::new(false));
     let watcher = {
         let (stop, sidecar) = (stop.clone(), spec.sidecar.clone());
