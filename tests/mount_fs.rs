@@ -90,6 +90,32 @@ fn posix_semantics_through_the_mount() {
     assert_eq!(&tail[20_000..], b"appended");
     drop(h);
 
+    // Whole blocks written out of order past the end (as the kernel's
+    // writeback does): the gap is filled, then overwritten.
+    let g = mnt.join("ooo");
+    let o = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&g)
+        .expect("open");
+    o.write_all_at(&[5u8; 8192 * 2], 8192 * 10)
+        .expect("write blocks 10-11");
+    o.write_all_at(&[3u8; 8192], 8192 * 4)
+        .expect("write block 4");
+    o.write_all_at(&[9u8; 8192], 8192 * 12)
+        .expect("write block 12 at the end");
+    let all = read(&g);
+    assert_eq!(all.len(), 8192 * 13);
+    assert!(all[..8192 * 4].iter().all(|b| *b == 0));
+    assert!(all[8192 * 4..8192 * 5].iter().all(|b| *b == 3));
+    assert!(all[8192 * 5..8192 * 10].iter().all(|b| *b == 0));
+    assert!(all[8192 * 10..8192 * 12].iter().all(|b| *b == 5));
+    assert!(all[8192 * 12..].iter().all(|b| *b == 9));
+    drop(o);
+    std::fs::remove_file(&g).expect("unlink");
+
     // Directories, rename, links, permissions.
     std::fs::create_dir_all(mnt.join("d/e")).expect("mkdir");
     std::fs::rename(&f, mnt.join("d/e/b")).expect("rename");

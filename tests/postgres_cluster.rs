@@ -112,28 +112,8 @@ fn crashes_under_load_recover() {
     let _serial = serial();
     let env = Env::new("");
     let _sidecar = env.sidecar_with_keys(&["pg-main"]);
-    let backing = env.pg_dir("backing");
-    let mnt = env.pg_dir("mnt");
     let args = ["--tablespace", "ts", "--cluster", "c1"];
-    let mount = env.mount(
-        &[
-            "--init",
-            "--key",
-            "pg-main",
-            "--tablespace",
-            "ts",
-            "--cluster",
-            "c1",
-        ],
-        &backing,
-        &mnt,
-    );
-    let mut pg = Pg::initdb(&env.pg_dir("cluster").join("data"), env.dir.path());
-    pg.start();
-    pg.sql(&[&format!(
-        "CREATE TABLESPACE ts LOCATION '{}'",
-        mnt.display()
-    )]);
+    let (backing, mnt, mount, mut pg) = tablespace(&env, "pg-main", "ts");
     let init = pg.pgbench(&[
         "-i",
         "-s",
@@ -196,27 +176,7 @@ fn pgbench_a_minute_eight_clients() {
     let _serial = serial();
     let env = Env::new("");
     let _sidecar = env.sidecar_with_keys(&["pg-main"]);
-    let backing = env.pg_dir("backing");
-    let mnt = env.pg_dir("mnt");
-    let _mount = env.mount(
-        &[
-            "--init",
-            "--key",
-            "pg-main",
-            "--tablespace",
-            "ts",
-            "--cluster",
-            "c1",
-        ],
-        &backing,
-        &mnt,
-    );
-    let mut pg = Pg::initdb(&env.pg_dir("cluster").join("data"), env.dir.path());
-    pg.start();
-    pg.sql(&[&format!(
-        "CREATE TABLESPACE ts LOCATION '{}'",
-        mnt.display()
-    )]);
+    let (_backing, _mnt, _mount, pg) = tablespace(&env, "pg-main", "ts");
     let init = pg.pgbench(&[
         "-i",
         "-s",

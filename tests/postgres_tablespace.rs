@@ -21,27 +21,7 @@ fn tablespace_on_the_mount_round_trips() {
     let _serial = serial();
     let env = Env::new("");
     let _sidecar = env.sidecar_with_keys(&["pg-main"]);
-    let backing = env.pg_dir("backing");
-    let mnt = env.pg_dir("mnt");
-    let mount = env.mount(
-        &[
-            "--init",
-            "--key",
-            "pg-main",
-            "--tablespace",
-            "secure",
-            "--cluster",
-            "c1",
-        ],
-        &backing,
-        &mnt,
-    );
-    let mut pg = Pg::initdb(&env.pg_dir("cluster").join("data"), env.dir.path());
-    pg.start();
-    pg.sql(&[&format!(
-        "CREATE TABLESPACE secure LOCATION '{}'",
-        mnt.display()
-    )]);
+    let (backing, mnt, mount, mut pg) = tablespace(&env, "pg-main", "secure");
     pg.sql(&[
         "CREATE TABLE t (id int PRIMARY KEY USING INDEX TABLESPACE secure, v text) TABLESPACE secure",
         &format!("INSERT INTO t SELECT g, '{MARKER}' || g FROM generate_series(1, 200000) g"),

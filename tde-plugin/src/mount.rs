@@ -294,8 +294,9 @@ pub fn mount(spec: &MountSpec) -> anyhow::Result<Mounted> {
     // until its first getattr, and chmod's ownership check does not refresh
     // them: PostgreSQL's chmod of a fresh tablespace location would fail
     // with EPERM. One stat loads the real ones.
-    std::fs::metadata(&spec.mountpoint)
+    let root = std::fs::metadata(&spec.mountpoint)
         .with_context(|| format!("checking the new mount {}", spec.mountpoint.display()))?;
+    raise_readahead(root.dev());
     let stop = Arc::new(AtomicBool::new(false));
     let watcher = {
         let (stop, sidecar) = (stop.clone(), spec.sidecar.clone());
@@ -315,6 +316,19 @@ pub fn mount(spec: &MountSpec) -> anyhow::Result<Mounted> {
         watcher: Some(watcher),
         mountpoint: spec.mountpoint.clone(),
     })
+}
+
+/// FUSE mounts start with the kernel's default readahead (128 KiB): raise
+/// it to the largest request we accept, for sequential scans. Best effort.
+fn raise_readahead(dev: u64) {
+    let path = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        rustix::fs::major(dev),
+        rustix::fs::minor(dev)
+    );
+    if let Err(e) = std::fs::write(&path, (crate::fs::MAX_WRITE / 1024).to_string()) {
+        tracing::debug!(path, error = %e, "could not raise readahead");
+    }
 }
 
 /// Keeps a connection to the sidecar, checking it every few seconds, and

@@ -193,29 +193,35 @@ impl Pg {
     }
 
     pub fn sql(&self, stmts: &[&str]) -> String {
-        self.try_sql(stmts)
-            .unwrap_or_else(|e| panic!("psql {stmts:?}: {e}"))
+        self.try_sql(stmts).unwrap_or_else(|e| {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            panic!(
+                "psql {stmts:?}: {e}\n--- postgres log (tail) ---\n{}",
+                tail.join("\n")
+            )
+        })
     }
 
-    pub fn pgbench(&self, args: &[&str]) -> Output {
-        as_postgres(&mut Command::new(format!("{PGBIN}/pgbench")))
-            .args(["-h"])
+    fn pgbench_cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(format!("{PGBIN}/pgbench"));
+        as_postgres(&mut c)
+            .arg("-h")
             .arg(&self.sock)
             .args(["-p", &self.port.to_string(), "-U", "postgres"])
             .args(args)
-            .arg("postgres")
-            .output()
-            .expect("pgbench")
+            .arg("postgres");
+        c
+    }
+
+    pub fn pgbench(&self, args: &[&str]) -> Output {
+        self.pgbench_cmd(args).output().expect("pgbench")
     }
 
     /// Starts pgbench in the background.
     pub fn pgbench_spawn(&self, args: &[&str]) -> Child {
-        as_postgres(&mut Command::new(format!("{PGBIN}/pgbench")))
-            .args(["-h"])
-            .arg(&self.sock)
-            .args(["-p", &self.port.to_string(), "-U", "postgres"])
-            .args(args)
-            .arg("postgres")
+        self.pgbench_cmd(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -359,6 +365,13 @@ pub fn detach(mountpoint: &Path) {
 
 impl Drop for Mount {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            eprintln!(
+                "--- tde mount log ({}) ---\n{log}",
+                self.mountpoint.display()
+            );
+        }
         if let Some(mut c) = self.child.take() {
             signal(&c, rustix::process::Signal::TERM);
             if wait(&mut c, Duration::from_secs(15)).is_none() {
@@ -447,6 +460,38 @@ impl Env {
         chown_pg(&p);
         p
     }
+}
+
+/// The usual set-up: a backing directory and mountpoint, `tde mount --init`
+/// under `key` as tablespace `name` (cluster `c1`), a started cluster, and
+/// `CREATE TABLESPACE name` on the mount. Bind the result in this order so
+/// that PostgreSQL stops before the mount: `let (backing, mnt, mount, pg)`.
+pub fn tablespace(env: &Env, key: &str, name: &str) -> (PathBuf, PathBuf, Mount, Pg) {
+    let backing = env.pg_dir(&format!("backing-{name}"));
+    let mnt = env.pg_dir(&format!("mnt-{name}"));
+    let mount = env.mount(
+        &[
+            "--init",
+            "--key",
+            key,
+            "--tablespace",
+            name,
+            "--cluster",
+            "c1",
+        ],
+        &backing,
+        &mnt,
+    );
+    let mut pg = Pg::initdb(
+        &env.pg_dir(&format!("cluster-{name}")).join("data"),
+        env.dir.path(),
+    );
+    pg.start();
+    pg.sql(&[&format!(
+        "CREATE TABLESPACE {name} LOCATION '{}'",
+        mnt.display()
+    )]);
+    (backing, mnt, mount, pg)
 }
 
 /// Every file under `dir` (recursively) that contains `needle`.
