@@ -116,6 +116,33 @@ fn posix_semantics_through_the_mount() {
     drop(o);
     std::fs::remove_file(&g).expect("unlink");
 
+    // An open file truncated and then unlinked, as PostgreSQL does with an
+    // old relation file after VACUUM FULL and a checkpoint: it stays usable
+    // through its descriptor (fstat, write, fsync, chmod), and fsync, which
+    // flushes the kernel's cached times with a setattr on the handle,
+    // succeeds.
+    let doomed = mnt.join("doomed");
+    let d = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&doomed)
+        .expect("open");
+    d.write_all_at(&[1u8; 8192 * 4], 0).expect("write");
+    d.set_len(0).expect("truncate");
+    std::fs::remove_file(&doomed).expect("unlink");
+    d.write_all_at(&[2u8; 8192], 0)
+        .expect("write to the unlinked file");
+    assert_eq!(d.metadata().expect("fstat").len(), 8192);
+    d.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .expect("fchmod");
+    d.sync_all().expect("fsync of the unlinked file");
+    let mut back = vec![0u8; 8192];
+    d.read_exact_at(&mut back, 0).expect("read");
+    assert!(back.iter().all(|b| *b == 2));
+    drop(d);
+
     // Directories, rename, links, permissions.
     std::fs::create_dir_all(mnt.join("d/e")).expect("mkdir");
     std::fs::rename(&f, mnt.join("d/e/b")).expect("rename");
