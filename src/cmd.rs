@@ -105,19 +105,6 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
 
 // ---------------------------------------------------------------- mount
 
-fn is_mountpoint(p: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let (Ok(m), Some(parent)) = (
-        std::fs::metadata(p),
-        p.canonicalize()
-            .ok()
-            .and_then(|c| c.parent().map(Path::to_path_buf)),
-    ) else {
-        return false;
-    };
-    std::fs::metadata(parent).is_ok_and(|pm| pm.dev() != m.dev())
-}
-
 fn mount(cli: &Cli, cfg: &Config, a: &MountArgs) -> anyhow::Result<()> {
     if a.daemon {
         // Re-run in the foreground, detached, and wait until it is mounted.
@@ -135,7 +122,7 @@ fn mount(cli: &Cli, cfg: &Config, a: &MountArgs) -> anyhow::Result<()> {
             .spawn()?;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(a.wait + 30);
         loop {
-            if is_mountpoint(&a.mountpoint) {
+            if tde_plugin::mount::is_mountpoint(&a.mountpoint) {
                 emit(
                     cli,
                     json!({"mounted": a.mountpoint, "pid": child.id()}),

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use tde_plugin::client::{Client, Refused};
+use tde_plugin::mount::is_mountpoint;
 use tde_protocol::{ErrorCode, Request, Response, SecretBytes};
 
 const PGBIN: &str = "/usr/lib/postgresql/15/bin";
@@ -47,7 +48,7 @@ impl Stack {
         }
         if let Some((child, mnt)) = self.mount.take() {
             stop_child(child);
-            if mounted(&mnt) {
+            if is_mountpoint(&mnt) {
                 let _ = rustix::mount::unmount(&mnt, rustix::mount::UnmountFlags::DETACH);
             }
         }
@@ -70,15 +71,6 @@ fn stop_child(mut c: Child) {
     }
     let _ = c.kill();
     let _ = c.wait();
-}
-
-fn mounted(p: &Path) -> bool {
-    std::fs::read_to_string("/proc/self/mounts")
-        .map(|m| {
-            m.lines()
-                .any(|l| l.split_whitespace().nth(1) == Some(&*p.to_string_lossy()))
-        })
-        .unwrap_or(false)
 }
 
 fn step(n: &mut u32, what: &str) {
@@ -127,29 +119,16 @@ pub fn run() -> anyhow::Result<()> {
     stack.lock().unwrap_or_else(|p| p.into_inner()).teardown();
     drop(dir);
     println!("Removed the temporary directory. Nothing is left running.");
-    if result.is_err() {
-        // The tour thread may still be inside a step; end it with us.
-        eprintln!(
-            "error: {:#}",
-            result
-                .as_ref()
-                .err()
-                .map(|e| e.to_string())
-                .unwrap_or_default()
-        );
-        std::process::exit(
-            if result
-                .as_ref()
-                .err()
-                .is_some_and(|e| e.to_string() == "interrupted")
-            {
-                130
-            } else {
-                1
-            },
-        );
+    if let Err(e) = &result {
+        // The tour thread may still be inside a step: end it with us.
+        eprintln!("error: {e:#}");
+        std::process::exit(if e.to_string() == "interrupted" {
+            130
+        } else {
+            1
+        });
     }
-    result
+    Ok(())
 }
 
 fn tour(dir: &Path, stack: &Mutex<Stack>) -> anyhow::Result<()> {
@@ -401,7 +380,7 @@ fn postgres_part(
         .process_group(0)
         .spawn()
         .context("starting tde mount")?;
-    let up = wait_for(|| mounted(&mnt), &mut child, "tde mount");
+    let up = wait_for(|| is_mountpoint(&mnt), &mut child, "tde mount");
     stack.lock().unwrap_or_else(|p| p.into_inner()).mount = Some((child, mnt.clone()));
     up?;
     println!(

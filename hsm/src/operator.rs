@@ -62,8 +62,8 @@ impl Role {
     }
 }
 
-/// A stored operator.
-#[derive(Debug, Clone)]
+/// A stored operator. `Debug` leaves out the password hash.
+#[derive(Clone)]
 pub struct OperatorRecord {
     /// Name.
     pub name: String,
@@ -75,6 +75,17 @@ pub struct OperatorRecord {
     pub failed_logins: u32,
     /// Locked until another officer unlocks.
     pub locked: bool,
+}
+
+impl std::fmt::Debug for OperatorRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OperatorRecord")
+            .field("name", &self.name)
+            .field("role", &self.role)
+            .field("failed_logins", &self.failed_logins)
+            .field("locked", &self.locked)
+            .finish_non_exhaustive()
+    }
 }
 
 impl OperatorRecord {
@@ -159,6 +170,10 @@ mod tests {
             failed_logins: 2,
             locked: false,
         };
+        assert!(
+            !format!("{r:?}").contains("argon2"),
+            "Debug leaves out the hash"
+        );
         let d = OperatorRecord::decode(r.encode().expose()).expect("decode");
         assert_eq!(d.failed_logins, 2);
         assert_eq!(d.role, Role::CryptoOfficer);

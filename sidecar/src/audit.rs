@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -208,11 +208,8 @@ fn writer(mut conn: Connection, rx: Receiver<Job>, ready: SyncSender<Result<(), 
         }
     };
     loop {
-        let first = match rx.recv_timeout(Duration::from_secs(3600)) {
-            Ok(j) => j,
-            Err(RecvTimeoutError::Timeout) => continue,
-            Err(RecvTimeoutError::Disconnected) => return,
-        };
+        // Ends when every AuditLog handle is dropped and the queue is empty.
+        let Ok(first) = rx.recv() else { return };
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {

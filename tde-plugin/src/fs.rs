@@ -73,10 +73,6 @@ fn errno(e: &io::Error) -> Errno {
     e.raw_os_error().map_or(Errno::EIO, Errno::from_i32)
 }
 
-fn eio() -> Errno {
-    Errno::EIO
-}
-
 /// Growth is written in pieces of this size, so growing a file by a lot
 /// never buffers it whole.
 const GROW_CHUNK: u64 = 8 << 20;
@@ -166,6 +162,16 @@ impl TdeFs {
     }
 
     fn remember(&self, ino: u64, rel: PathBuf) {
+        // Most calls confirm what is known: take the write lock only to change it.
+        if self
+            .paths
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&ino)
+            == Some(&rel)
+        {
+            return;
+        }
         self.paths
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -302,8 +308,30 @@ impl TdeFs {
             .ok_or(Errno::EBADF)
     }
 
-    /// Any open handle of inode `ino` (the kernel does not send one with
-    /// every request on an open file, e.g. fchmod).
+    /// The open file a request on `ino` should go through: the handle the
+    /// kernel named, or, when the inode's path is gone (unlinked while
+    /// open), any open handle of it. `None`: use the path.
+    fn open_file(&self, ino: u64, fh: Option<FileHandle>) -> Option<Arc<Handle>> {
+        if let Some(h) = fh.and_then(|f| self.handle(f).ok()) {
+            return Some(h);
+        }
+        let gone = self.rel(INodeNo(ino)).map_or(true, |rel| {
+            std::fs::symlink_metadata(self.abs(&rel))
+                .map_or(true, |m| self.fuse_ino(m.ino()) != ino)
+        });
+        if gone { self.open_handle_of(ino) } else { None }
+    }
+
+    fn fstat(&self, h: &Handle) -> Result<FileAttr, Errno> {
+        h.file
+            .metadata()
+            .map(|m| self.attr(&m))
+            .map_err(|e| errno(&e))
+    }
+
+    /// Any open handle of inode `ino` (a scan: only for files whose path is
+    /// gone; the kernel does not send a handle with every request on an
+    /// open file, e.g. fchmod).
     fn open_handle_of(&self, ino: u64) -> Option<Arc<Handle>> {
         self.handles
             .read()
@@ -330,14 +358,14 @@ impl TdeFs {
         let mut head = [0u8; HEADER_LEN as usize];
         let len = file.metadata().map_err(|e| errno(&e))?.len();
         let header = if len == 0 && write {
-            let h = FileHeader::generate().map_err(|_| eio())?;
+            let h = FileHeader::generate().map_err(|_| Errno::EIO)?;
             file.write_all_at(&h.encode(), 0).map_err(|e| errno(&e))?;
             h
         } else {
             file.read_exact_at(&mut head, 0).map_err(|e| errno(&e))?;
             FileHeader::decode(&head).map_err(|e| {
                 tracing::error!(file = %path.display(), error = %e, "refusing a backing file that is not ours");
-                eio()
+                Errno::EIO
             })?
         };
         Ok(Handle {
@@ -361,7 +389,7 @@ impl TdeFs {
         let stored = h.file.metadata().map_err(|e| errno(&e))?.len();
         page::logical_len(stored).map_err(|e| {
             tracing::error!(file = %h.path.display(), error = %e, "backing file has an impossible length");
-            eio()
+            Errno::EIO
         })
     }
 
@@ -399,7 +427,7 @@ impl TdeFs {
                 let dst = &mut plain[((b - first) as usize) * PAGE_SIZE..];
                 cipher.decrypt_block(&h.file_id, b, src, dst).map_err(|e| {
                     tracing::error!(file = %h.path.display(), block = b, error = %e, "refusing to return a block");
-                    eio()
+                    Errno::EIO
                 })?;
                 at += n + TRAILER_LEN;
             }
@@ -473,7 +501,7 @@ impl TdeFs {
         {
             cipher
                 .encrypt_block(&h.file_id, first + i as u64, plain, stored)
-                .map_err(|_| eio())?;
+                .map_err(|_| Errno::EIO)?;
         }
         Ok(())
     }
@@ -518,7 +546,7 @@ impl TdeFs {
                 at += n + TRAILER_LEN;
                 if offset <= bs && end >= bs + n as u64 {
                     let from = (bs - offset) as usize;
-                    cipher.encrypt_block(&h.file_id, b, &data[from..from + n], dst).map_err(|_| eio())?;
+                    cipher.encrypt_block(&h.file_id, b, &data[from..from + n], dst).map_err(|_| Errno::EIO)?;
                     continue;
                 }
                 // A partial block: old plaintext (if any), zeros, new bytes.
@@ -532,7 +560,7 @@ impl TdeFs {
                     let mut old = [0u8; PAGE_SIZE];
                     cipher.decrypt_block(&h.file_id, b, &stored[..on + TRAILER_LEN], &mut old).map_err(|e| {
                         tracing::error!(file = %h.path.display(), block = b, error = %e, "cannot update a damaged block");
-                        eio()
+                        Errno::EIO
                     })?;
                     merged[..on.min(n)].copy_from_slice(&old[..on.min(n)]);
                     old.fill(0);
@@ -543,7 +571,7 @@ impl TdeFs {
                     merged[(ws - bs) as usize..(we - bs) as usize]
                         .copy_from_slice(&data[(ws - offset) as usize..(we - offset) as usize]);
                 }
-                cipher.encrypt_block(&h.file_id, b, &merged[..n], dst).map_err(|_| eio())?;
+                cipher.encrypt_block(&h.file_id, b, &merged[..n], dst).map_err(|_| Errno::EIO)?;
             }
             merged.fill(0);
             drop(cipher);
@@ -578,7 +606,7 @@ impl TdeFs {
                 .read()
                 .unwrap_or_else(|p| p.into_inner())
                 .encrypt_block(&h.file_id, b, &keep, &mut stored)
-                .map_err(|_| eio())?;
+                .map_err(|_| Errno::EIO)?;
             h.file
                 .write_all_at(&stored, page::block_offset(b))
                 .map_err(|e| errno(&e))?;
@@ -646,17 +674,17 @@ impl Filesystem for TdeFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
-        // Through the open file when there is one: it may be unlinked.
-        let r = match fh
-            .and_then(|f| self.handle(f).ok())
-            .or_else(|| self.open_handle_of(ino.0))
-        {
-            Some(h) => h
-                .file
-                .metadata()
-                .map(|m| self.attr(&m))
-                .map_err(|e| errno(&e)),
-            None => self.rel(ino).and_then(|rel| self.stat_rel(&rel)),
+        // By path, as usual; through an open file when the kernel names one
+        // or the path is gone (an unlinked file that is still open).
+        let r = match fh.and_then(|f| self.handle(f).ok()) {
+            Some(h) => self.fstat(&h),
+            None => self
+                .rel(ino)
+                .and_then(|rel| self.stat_rel(&rel))
+                .or_else(|e| {
+                    self.open_handle_of(ino.0)
+                        .map_or(Err(e), |h| self.fstat(&h))
+                }),
         };
         match r {
             Ok(a) => reply.attr(&TTL, &a),
@@ -688,10 +716,7 @@ impl Filesystem for TdeFs {
             // been unlinked (PostgreSQL truncates, then unlinks, relation
             // files that other processes still hold open), and the kernel
             // sends the handle exactly then. Otherwise by path.
-            if let Some(h) = fh
-                .and_then(|f| self.handle(f).ok())
-                .or_else(|| self.open_handle_of(ino.0))
-            {
+            if let Some(h) = self.open_file(ino.0, fh) {
                 if let Some(m) = mode {
                     rustix::fs::fchmod(&h.file, rustix::fs::Mode::from_raw_mode(m & 0o7777))
                         .map_err(sys)?;
@@ -710,11 +735,7 @@ impl Filesystem for TdeFs {
                 if let Some(ts) = timestamps(atime, mtime) {
                     rustix::fs::futimens(&h.file, &ts).map_err(sys)?;
                 }
-                return h
-                    .file
-                    .metadata()
-                    .map(|m| self.attr(&m))
-                    .map_err(|e| errno(&e));
+                return self.fstat(&h);
             }
             let rel = self.rel(ino)?;
             let path = self.abs(&rel);
@@ -782,7 +803,7 @@ impl Filesystem for TdeFs {
                 .mode(mode & !umask & 0o7777)
                 .open(&path)
                 .map_err(|e| errno(&e))?;
-            f.write_all_at(&FileHeader::generate().map_err(|_| eio())?.encode(), 0)
+            f.write_all_at(&FileHeader::generate().map_err(|_| Errno::EIO)?.encode(), 0)
                 .map_err(|e| errno(&e))?;
             Self::chown_to(&path, req);
             self.stat_rel(&rel)
@@ -1132,7 +1153,7 @@ impl Filesystem for TdeFs {
                 .open(&path)
                 .map_err(|e| errno(&e))?;
             if f.metadata().map_err(|e| errno(&e))?.len() == 0 {
-                f.write_all_at(&FileHeader::generate().map_err(|_| eio())?.encode(), 0)
+                f.write_all_at(&FileHeader::generate().map_err(|_| Errno::EIO)?.encode(), 0)
                     .map_err(|e| errno(&e))?;
                 Self::chown_to(&path, req);
             }

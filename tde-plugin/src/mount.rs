@@ -110,16 +110,7 @@ fn check_dirs(spec: &MountSpec) -> anyhow::Result<()> {
             spec.mountpoint.display()
         );
     }
-    let parent = spec
-        .mountpoint
-        .canonicalize()?
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
-    if std::fs::metadata(&parent)
-        .map(|p| p.dev() != m.dev())
-        .unwrap_or(false)
-    {
+    if is_mountpoint(&spec.mountpoint) {
         bail!(
             "mountpoint {} is busy: something is already mounted there",
             spec.mountpoint.display()
@@ -365,6 +356,24 @@ fn watch(sidecar: &Path, stop: &AtomicBool) {
             }
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// True when something is mounted on `p`: its device differs from its
+/// parent's, or it is a dead FUSE mount (ENOTCONN, its daemon gone).
+pub fn is_mountpoint(p: &Path) -> bool {
+    let Some(parent) = p
+        .canonicalize()
+        .ok()
+        .and_then(|c| c.parent().map(Path::to_path_buf))
+    else {
+        return std::fs::metadata(p).err().and_then(|e| e.raw_os_error())
+            == Some(rustix::io::Errno::NOTCONN.raw_os_error());
+    };
+    match (std::fs::metadata(p), std::fs::metadata(parent)) {
+        (Ok(a), Ok(b)) => a.dev() != b.dev(),
+        (Err(e), _) => e.raw_os_error() == Some(rustix::io::Errno::NOTCONN.raw_os_error()),
+        _ => false,
     }
 }
 

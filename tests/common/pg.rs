@@ -286,20 +286,7 @@ impl Drop for Pg {
     }
 }
 
-/// True when `p` is a mountpoint (its device differs from its parent's).
-pub fn is_mountpoint(p: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let Some(parent) = p.parent() else {
-        return false;
-    };
-    match (std::fs::metadata(p), std::fs::metadata(parent)) {
-        (Ok(a), Ok(b)) => a.dev() != b.dev(),
-        _ => {
-            // A dead FUSE mount answers ENOTCONN: still a mountpoint.
-            std::fs::metadata(p).err().and_then(|e| e.raw_os_error()) == Some(107)
-        }
-    }
-}
+pub use tde_plugin::mount::is_mountpoint;
 
 /// A `tde mount` child.
 pub struct Mount {
