@@ -54,13 +54,119 @@ struct Handle {
     path: PathBuf,
 }
 
+/// Per-inode synchronisation of the data path.
+#[derive(Default)]
+struct InodeState {
+    /// Shared for whole-block overwrites inside the file, exclusive for
+    /// anything that changes the size or rebuilds a partial block.
+    lock: RwLock<()>,
+    /// Writes being handled right now, and a count of finished ones.
+    in_flight: Mutex<InFlight>,
+    finished: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct InFlight {
+    ranges: Vec<(u64, u64)>,
+    done: u64,
+}
+
+/// How long an extending write waits for the writes in flight that cover
+/// the gap before it, before it fills the gap with zeros itself.
+const GAP_WAIT: Duration = Duration::from_millis(50);
+
+impl InodeState {
+    /// Registers the write `[offset, end)` until the guard drops.
+    fn begin(&self, offset: u64, end: u64) -> WriteGuard<'_> {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .ranges
+            .push((offset, end));
+        WriteGuard(self, offset, end)
+    }
+
+    /// The exclusive lock, once the file reaches `offset` or nothing in
+    /// flight will fill the gap `[size, offset)`.
+    ///
+    /// The kernel's writeback sends the pages of a growing file as several
+    /// writes at once, and a later one may get here first. Filling its gap
+    /// with encrypted zeros would be wasted work (the earlier writes are
+    /// about to overwrite it), so it waits for them while they are being
+    /// handled by other threads. Waits only go to writes at lower offsets
+    /// that are already running, so they cannot form a cycle; the timeout
+    /// is a safety net.
+    fn exclusive_at(
+        &self,
+        h: &Handle,
+        offset: u64,
+    ) -> Result<std::sync::RwLockWriteGuard<'_, ()>, Errno> {
+        let deadline = std::time::Instant::now() + GAP_WAIT;
+        loop {
+            let excl = self.lock.write().unwrap_or_else(|p| p.into_inner());
+            let size = TdeFs::logical_size(h)?;
+            if offset <= size || std::time::Instant::now() >= deadline {
+                return Ok(excl);
+            }
+            let seen = {
+                let f = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+                if !covers(&f.ranges, size, offset) {
+                    return Ok(excl);
+                }
+                f.done
+            };
+            drop(excl);
+            let mut f = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            while f.done == seen {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                f = self
+                    .finished
+                    .wait_timeout(f, left)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+        }
+    }
+}
+
+/// Whether the union of `ranges` covers `[from, to)`.
+fn covers(ranges: &[(u64, u64)], from: u64, to: u64) -> bool {
+    let mut sorted: Vec<_> = ranges.iter().filter(|r| r.1 > from && r.0 < to).collect();
+    sorted.sort_unstable();
+    let mut pos = from;
+    for &(s, e) in sorted {
+        if s > pos {
+            break;
+        }
+        pos = pos.max(e);
+    }
+    pos >= to
+}
+
+/// A registered write; unregisters and wakes waiters on drop.
+struct WriteGuard<'a>(&'a InodeState, u64, u64);
+
+impl Drop for WriteGuard<'_> {
+    fn drop(&mut self) {
+        let mut f = self.0.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = f.ranges.iter().position(|r| *r == (self.1, self.2)) {
+            f.ranges.swap_remove(i);
+        }
+        f.done += 1;
+        self.0.finished.notify_all();
+    }
+}
+
 /// The file system.
 pub struct TdeFs {
     backing: PathBuf,
     root_ino: u64,
     cipher: Arc<RwLock<PageCipher>>,
     paths: RwLock<HashMap<u64, PathBuf>>,
-    locks: Mutex<HashMap<u64, Arc<RwLock<()>>>>,
+    locks: Mutex<HashMap<u64, Arc<InodeState>>>,
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
     /// Generation of each inode number whose file was deleted through this
@@ -178,7 +284,7 @@ impl TdeFs {
             .insert(ino, rel);
     }
 
-    fn lock_of(&self, ino: u64) -> Arc<RwLock<()>> {
+    fn inode(&self, ino: u64) -> Arc<InodeState> {
         self.locks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -442,8 +548,9 @@ impl TdeFs {
         if data.is_empty() {
             return Ok(());
         }
-        let lock = self.lock_of(h.ino);
+        let inode = self.inode(h.ino);
         let end = offset + data.len() as u64;
+        let _registered = inode.begin(offset, end);
         if offset.is_multiple_of(PAGE_SIZE as u64) && data.len().is_multiple_of(PAGE_SIZE) {
             // Whole blocks: their ciphertext depends on nothing in the file,
             // so encrypt before taking any lock (writes run in parallel).
@@ -454,27 +561,33 @@ impl TdeFs {
                 self.encrypt_whole(h, offset, data, out)?;
                 // Inside the current size: no size change, so shared.
                 {
-                    let _shared = lock.read().unwrap_or_else(|p| p.into_inner());
+                    let _shared = inode.lock.read().unwrap_or_else(|p| p.into_inner());
                     if end <= Self::logical_size(h)? {
-                        return h
-                            .file
+                        h.file
                             .write_all_at(out, page::block_offset(offset / PAGE_SIZE as u64))
-                            .map_err(|e| errno(&e));
+                            .map_err(|e| errno(&e))?;
+                        drop(_shared);
+                        start_writeback(h, offset, out.len());
+                        return Ok(());
                     }
                 }
-                let _excl = lock.write().unwrap_or_else(|p| p.into_inner());
-                let old_len = Self::logical_size(h)?;
-                // A partial old last block inside this write is covered
-                // whole by `data`, so the new blocks simply replace it.
-                if offset > old_len {
-                    self.grow(h, old_len, offset)?;
+                {
+                    let _excl = inode.exclusive_at(h, offset)?;
+                    let old_len = Self::logical_size(h)?;
+                    // A partial old last block inside this write is covered
+                    // whole by `data`, so the new blocks simply replace it.
+                    if offset > old_len {
+                        self.grow(h, old_len, offset)?;
+                    }
+                    h.file
+                        .write_all_at(out, page::block_offset(offset / PAGE_SIZE as u64))
+                        .map_err(|e| errno(&e))?;
                 }
-                h.file
-                    .write_all_at(out, page::block_offset(offset / PAGE_SIZE as u64))
-                    .map_err(|e| errno(&e))
+                start_writeback(h, offset, out.len());
+                Ok(())
             });
         }
-        let _excl = lock.write().unwrap_or_else(|p| p.into_inner());
+        let _excl = inode.exclusive_at(h, offset)?;
         let mut old_len = Self::logical_size(h)?;
         if offset > old_len {
             self.grow(h, old_len, offset)?;
@@ -586,8 +699,8 @@ impl TdeFs {
     /// Sets the plaintext length: shrinks (re-encrypting a cut block) or
     /// grows with zeros.
     fn set_len(&self, h: &Handle, len: u64) -> Result<(), Errno> {
-        let lock = self.lock_of(h.ino);
-        let _excl = lock.write().unwrap_or_else(|p| p.into_inner());
+        let inode = self.inode(h.ino);
+        let _excl = inode.lock.write().unwrap_or_else(|p| p.into_inner());
         let old_len = Self::logical_size(h)?;
         if len > old_len {
             return self.grow(h, old_len, len);
@@ -628,6 +741,27 @@ thread_local! {
     /// Per worker thread: the encrypted output of whole-block writes.
     static WHOLE_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
+
+/// Large writes (the kernel's writeback of a file written sequentially)
+/// start the backing file's writeback right away, so the disk works while
+/// the next writes are encrypted and the final fsync has little left to do.
+/// `POSIX_FADV_DONTNEED` starts writeback of the dirty range without waiting
+/// (and drops clean ciphertext pages: the plaintext stays cached above).
+/// Small writes (PostgreSQL's 8 KiB pages) are left to the kernel to merge.
+fn start_writeback(h: &Handle, offset: u64, stored_len: usize) {
+    if stored_len >= STREAM_WRITE {
+        let at = page::block_offset(offset / PAGE_SIZE as u64);
+        let _ = rustix::fs::fadvise(
+            &h.file,
+            at,
+            std::num::NonZeroU64::new(stored_len as u64),
+            rustix::fs::Advice::DontNeed,
+        );
+    }
+}
+
+/// Writes at least this large start their writeback at once.
+const STREAM_WRITE: usize = 256 << 10;
 
 /// `buf` resized to at least `len` bytes, reusing its allocation; returns
 /// the first `len` (the caller overwrites them).
@@ -1240,6 +1374,19 @@ mod tests {
             "components, not string prefixes"
         );
         assert_eq!(r("b/c", "a", "z"), PathBuf::from("b/c"));
+    }
+
+    #[test]
+    fn gap_coverage() {
+        assert!(covers(&[(0, 10), (10, 20)], 5, 20));
+        assert!(covers(&[(10, 20), (0, 12)], 0, 20), "order does not matter");
+        assert!(!covers(&[(0, 10), (11, 20)], 0, 20), "a hole at 10");
+        assert!(!covers(&[(0, 10)], 0, 11), "short of the end");
+        assert!(!covers(&[], 0, 1));
+        assert!(
+            !covers(&[(20, 30)], 0, 10),
+            "ranges after the gap do not count"
+        );
     }
 
     #[test]
