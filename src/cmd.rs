@@ -93,6 +93,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Key(k) => key(&cli, &cfg, k),
         Command::Datakey(d) => datakey(&cli, &cfg, d),
         Command::Mount(m) => mount(&cli, &cfg, m),
+        Command::Rewrap {
+            backing_dir,
+            sidecar,
+        } => rewrap(&cli, &cfg, backing_dir, sidecar.as_deref()),
         Command::Umount { mountpoint } => {
             tde_plugin::mount::umount(mountpoint)?;
             emit(&cli, json!({"unmounted": mountpoint}), || {
@@ -104,6 +108,41 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
 }
 
 // ---------------------------------------------------------------- mount
+
+fn rewrap(cli: &Cli, cfg: &Config, backing: &Path, sidecar: Option<&Path>) -> anyhow::Result<()> {
+    let socket = sidecar
+        .map(Path::to_path_buf)
+        .or_else(|| cli.data_socket.clone())
+        .unwrap_or_else(|| cfg.data_socket_path());
+    let mut c = Client::connect(&socket)?;
+    let o = tde_plugin::rotation::sync(&mut c, backing, &Default::default())?;
+    emit(
+        cli,
+        json!({
+            "backing_dir": backing,
+            "primary_version": o.primary,
+            "rewrapped": o.rewrapped.iter().map(|(d, f, t)| json!({"dek_version": d, "from": f, "to": t})).collect::<Vec<_>>(),
+        }),
+        || {
+            if o.rewrapped.is_empty() {
+                format!(
+                    "{}: every data key is already under master key version {}.",
+                    backing.display(),
+                    o.primary
+                )
+            } else {
+                o.rewrapped
+                    .iter()
+                    .map(|(d, f, t)| {
+                        format!("data key v{d}: rewrapped from master key v{f} to v{t}")
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            }
+        },
+    );
+    Ok(())
+}
 
 fn mount(cli: &Cli, cfg: &Config, a: &MountArgs) -> anyhow::Result<()> {
     if a.daemon {
@@ -308,13 +347,50 @@ fn key_json(k: &KeyInfo) -> Value {
         "created": fmt_time(k.created),
         "primary_version": k.primary_version,
         "tampered": k.tampered,
+        "rotate_after_seconds": k.rotate_after,
         "versions": k.versions.iter().map(|v| json!({
             "version": v.version,
             "state": v.state,
             "created": fmt_time(v.created),
             "destroy_at": v.destroy_at.map(fmt_time),
+            "used_by": k.references.iter().filter(|r| r.key_version == v.version).map(reference_json).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })
+}
+
+fn reference_json(r: &tde_protocol::KeyReference) -> Value {
+    json!({
+        "context": r.context,
+        "dek_version": r.dek_version,
+        "location": r.location,
+        "last_seen": fmt_time(r.last_seen),
+    })
+}
+
+/// `90d`, `12h`, `30m`, `45s` or plain seconds, to seconds.
+pub fn parse_period(text: &str) -> anyhow::Result<u64> {
+    let t = text.trim();
+    let (num, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => t.split_at(i),
+        None => (t, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("{text:?} is not a period like 90d, 12h, 30m or 45s"))?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => bail!("{text:?}: the unit must be d, h, m or s"),
+    };
+    let secs = n
+        .checked_mul(mult)
+        .with_context(|| format!("{text:?} is too long"))?;
+    if secs == 0 {
+        bail!("a rotation period must be at least 1 s (use `off` to turn rotation off)");
+    }
+    Ok(secs)
 }
 
 fn key_human(k: &KeyInfo) -> String {
@@ -328,6 +404,12 @@ fn key_human(k: &KeyInfo) -> String {
         "{}  primary v{}  {}\n",
         k.name, k.primary_version, k.description
     );
+    if k.rotate_after > 0 {
+        s.push_str(&format!(
+            "  rotates automatically every {} s\n",
+            k.rotate_after
+        ));
+    }
     for v in &k.versions {
         let star = if v.version == k.primary_version {
             "*"
@@ -344,6 +426,16 @@ fn key_human(k: &KeyInfo) -> String {
             s.push_str(&format!("  destroy at {}", fmt_time(at)));
         }
         s.push('\n');
+        for r in k.references.iter().filter(|r| r.key_version == v.version) {
+            let ctx: Vec<String> = r.context.iter().map(|(a, b)| format!("{a}={b}")).collect();
+            s.push_str(&format!(
+                "        used by {} data key v{} at {} (seen {})\n",
+                ctx.join(","),
+                r.dek_version,
+                r.location,
+                fmt_time(r.last_seen)
+            ));
+        }
     }
     s.trim_end().to_string()
 }
@@ -652,9 +744,38 @@ fn operator(cli: &Cli, cfg: &Config, o: &OperatorCmd) -> anyhow::Result<()> {
 
 fn key(cli: &Cli, cfg: &Config, k: &KeyCmd) -> anyhow::Result<()> {
     let req = match k {
-        KeyCmd::Create { name, description } => Request::KeyCreate {
+        KeyCmd::Create {
+            name,
+            description,
+            rotate_after,
+        } => {
+            let period = rotate_after.as_deref().map(parse_period).transpose()?;
+            let mut c = admin_login(cli, cfg)?;
+            let mut info = match c.call(&Request::KeyCreate {
+                key: name.clone(),
+                description: description.clone(),
+            })? {
+                Response::Key(info) => info,
+                _ => bail!("unexpected response"),
+            };
+            if let Some(p) = period
+                && let Response::Key(i) = c.call(&Request::KeySetRotation {
+                    key: name.clone(),
+                    rotate_after: p,
+                })?
+            {
+                info = i;
+            }
+            emit(cli, key_json(&info), || key_human(&info));
+            return Ok(());
+        }
+        KeyCmd::SetRotation { name, period } => Request::KeySetRotation {
             key: name.clone(),
-            description: description.clone(),
+            rotate_after: if period == "off" {
+                0
+            } else {
+                parse_period(period)?
+            },
         },
         KeyCmd::List => Request::KeyList,
         KeyCmd::Show { name } => Request::KeyDescribe { key: name.clone() },
@@ -667,16 +788,21 @@ fn key(cli: &Cli, cfg: &Config, k: &KeyCmd) -> anyhow::Result<()> {
             key: v.name.clone(),
             version: v.version,
         },
-        KeyCmd::ScheduleDestroy { target, days } => Request::KeyScheduleDestroy {
+        KeyCmd::ScheduleDestroy {
+            target,
+            days,
+            force,
+        } => Request::KeyScheduleDestroy {
             key: target.name.clone(),
             version: target.version,
             days: *days,
+            force: *force,
         },
         KeyCmd::CancelDestroy(v) => Request::KeyCancelDestroy {
             key: v.name.clone(),
             version: v.version,
         },
-        KeyCmd::Destroy { target, yes } => {
+        KeyCmd::Destroy { target, yes, force } => {
             if !yes {
                 bail!(
                     "destroying {} {} is irreversible: data wrapped under it is lost. Pass --yes to confirm.",
@@ -689,6 +815,7 @@ fn key(cli: &Cli, cfg: &Config, k: &KeyCmd) -> anyhow::Result<()> {
             Request::KeyDestroy {
                 key: target.name.clone(),
                 version: target.version,
+                force: *force,
             }
         }
     };

@@ -85,6 +85,15 @@ pub enum Command {
         /// The mountpoint.
         mountpoint: PathBuf,
     },
+    /// Rewrap an unmounted tablespace's data keys under its master key's
+    /// newest version (mounted ones do it by themselves after a rotation).
+    Rewrap {
+        /// The backing directory (holds the key file).
+        backing_dir: PathBuf,
+        /// The sidecar's data socket (default: from the configuration).
+        #[arg(long)]
+        sidecar: Option<PathBuf>,
+    },
 }
 
 /// `tde mount`.
@@ -192,6 +201,18 @@ pub enum KeyCmd {
         /// Free text.
         #[arg(long, default_value = "")]
         description: String,
+        /// Rotate automatically when the primary version is this old
+        /// (e.g. 90d, 12h, 30m, 45s).
+        #[arg(long)]
+        rotate_after: Option<String>,
+    },
+    /// Set or turn off automatic rotation: `tde key set-rotation pg 90d`,
+    /// `tde key set-rotation pg off`.
+    SetRotation {
+        /// Name.
+        name: String,
+        /// Period (90d, 12h, 30m, 45s) or `off`.
+        period: String,
     },
     /// List master keys.
     List,
@@ -216,6 +237,9 @@ pub enum KeyCmd {
         /// Waiting period in days.
         #[arg(long, default_value_t = 7)]
         days: u32,
+        /// Even if registered data keys still use it.
+        #[arg(long)]
+        force: bool,
     },
     /// Cancel a scheduled destruction.
     CancelDestroy(VersionArgs),
@@ -226,6 +250,10 @@ pub enum KeyCmd {
         /// Do not ask for confirmation.
         #[arg(long)]
         yes: bool,
+        /// Even if registered data keys still use it (their tablespaces
+        /// are gone).
+        #[arg(long)]
+        force: bool,
     },
 }
 

@@ -10,29 +10,6 @@ use std::time::Duration;
 use common::Env;
 use common::pg::*;
 
-fn failed_transactions(out: &std::process::Output) -> u64 {
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .find_map(|l| l.strip_prefix("number of failed transactions: "))
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| {
-            panic!(
-                "no failed-transactions line in pgbench output:\n{text}\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })
-}
-
-fn processed(out: &std::process::Output) -> u64 {
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
-        .and_then(|r| r.split('/').next())
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// initdb into the mount: catalogs, WAL and temporary files are all
 /// encrypted; pgbench initializes and runs.
 #[test]

@@ -57,6 +57,13 @@ pub enum HsmEvent {
         /// Version.
         version: u32,
     },
+    /// The rotation policy made a new primary version.
+    AutoRotated {
+        /// Key.
+        key: String,
+        /// The new primary version.
+        version: u32,
+    },
 }
 
 /// Public seal status.
@@ -108,6 +115,8 @@ pub struct KeyInfo {
     pub tampered: bool,
     /// Versions.
     pub versions: Vec<VersionInfo>,
+    /// Automatic rotation period in seconds (0: off).
+    pub rotate_after: u64,
 }
 
 /// An operator as shown to officers.
@@ -189,6 +198,7 @@ impl KeyEntry {
             created: r.created,
             primary: r.primary,
             tampered: false,
+            rotate_after: r.rotate_after,
             versions: r
                 .versions
                 .iter()
@@ -751,6 +761,7 @@ impl Hsm {
                 destroy_at: None,
                 material: Some(MasterKeyMaterial::generate()?),
             }],
+            rotate_after: 0,
         };
         self.commit_key(u, record, 1)
     }
@@ -767,6 +778,7 @@ impl Hsm {
             primary: 0,
             tampered: true,
             versions: Vec::new(),
+            rotate_after: 0,
         }));
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
@@ -818,6 +830,49 @@ impl Hsm {
             r.primary = next;
             Ok(())
         })
+    }
+
+    /// Sets the automatic rotation period (seconds; 0 turns it off), like
+    /// Vault transit's `auto_rotate_period` or KMS's rotation period.
+    pub fn key_set_rotation(&self, name: &str, seconds: u64) -> Result<KeyInfo, HsmError> {
+        self.modify_key(name, |r| {
+            r.rotate_after = seconds;
+            Ok(())
+        })
+    }
+
+    /// Rotates every key whose rotation policy is due at `at` (its primary
+    /// version is at least `rotate_after` seconds old). Returns the keys
+    /// rotated and their new primary versions.
+    pub fn rotate_due(&self, at: u64) -> Result<Vec<(String, u32)>, HsmError> {
+        let due: Vec<String> = {
+            let st = self.read();
+            let Ok(u) = Self::unsealed(&st) else {
+                return Ok(Vec::new());
+            };
+            u.keys
+                .values()
+                .filter(|e| {
+                    let r = &e.record;
+                    r.rotate_after > 0
+                        && r.version(r.primary).is_some_and(|v| {
+                            v.state == VersionState::Enabled
+                                && at >= v.created.saturating_add(r.rotate_after)
+                        })
+                })
+                .map(|e| e.record.name.clone())
+                .collect()
+        };
+        let mut out = Vec::new();
+        for key in due {
+            let info = self.key_rotate(&key)?;
+            self.event(HsmEvent::AutoRotated {
+                key: key.clone(),
+                version: info.primary,
+            });
+            out.push((key, info.primary));
+        }
+        Ok(out)
     }
 
     /// Applies `f` to the selected versions, skipping destroyed ones when all

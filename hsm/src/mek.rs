@@ -75,9 +75,13 @@ pub struct MekRecord {
     pub primary: u32,
     /// Versions, ascending.
     pub versions: Vec<MekVersion>,
+    /// Automatic rotation period in seconds (0: off): a new primary version
+    /// once the primary is this old.
+    pub rotate_after: u64,
 }
 
-const RECORD_FORMAT: u8 = 1;
+/// Format 2 adds `rotate_after`; format 1 records (no field) still load.
+const RECORD_FORMAT: u8 = 2;
 
 impl MekRecord {
     /// The version `v`, if it exists.
@@ -116,13 +120,15 @@ impl MekRecord {
                 None => e.u8(0),
             };
         }
+        e.u64(self.rotate_after);
         SecretBuf::new(e.0)
     }
 
     /// Parses a record produced by [`MekRecord::encode`].
     pub fn decode(b: &[u8]) -> Result<Self, HsmError> {
         let mut d = Dec::new(b, "key record");
-        if d.u8()? != RECORD_FORMAT {
+        let format = d.u8()?;
+        if !(1..=RECORD_FORMAT).contains(&format) {
             return Err(HsmError::InvalidCiphertext("key record format"));
         }
         let name = d.string()?;
@@ -148,6 +154,7 @@ impl MekRecord {
                 material,
             });
         }
+        let rotate_after = if format >= 2 { d.u64()? } else { 0 };
         d.finish()?;
         Ok(MekRecord {
             name,
@@ -155,6 +162,7 @@ impl MekRecord {
             created,
             primary,
             versions,
+            rotate_after,
         })
     }
 
@@ -209,10 +217,17 @@ mod tests {
                     material: Some(MasterKeyMaterial::from_slice(&[7u8; 32]).expect("key")),
                 },
             ],
+            rotate_after: 90 * 86400,
         };
         let d = r.duplicate().expect("dup");
         assert_eq!(d.encode().expose(), r.encode().expose());
         assert_eq!(d.version(2).expect("v2").destroy_at, Some(9));
+        assert_eq!(d.rotate_after, 90 * 86400);
+        // A format 1 record (before rotate_after) still loads, with it off.
+        let mut v1 = r.encode().expose().to_vec();
+        v1[0] = 1;
+        v1.truncate(v1.len() - 8);
+        assert_eq!(MekRecord::decode(&v1).expect("format 1").rotate_after, 0);
         assert!(MekRecord::decode(&r.encode().expose()[..20]).is_err());
         let shown = format!("{r:?}");
         assert!(!shown.contains("7, 7, 7"), "{shown}");

@@ -3,15 +3,21 @@
 //!
 //! Handling is synchronous; the server runs it on tokio's blocking pool.
 
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use tde_hsm::{Hsm, HsmError, HsmEvent, Role, Versions};
 use tde_protocol::{
-    ErrorCode, KeyInfo, KeyVersionInfo, OperatorInfo, Request, Response, SecretBytes, StatusInfo,
+    Context, ErrorCode, KeyInfo, KeyReference, KeyVersionInfo, OperatorInfo, Request, Response,
+    SecretBytes, StatusInfo,
 };
 
 use crate::audit::{Actor, AuditLog, AuditRecord};
 use crate::policy::{self, ClientPolicy};
+use crate::store::{Registration, SqliteStore};
+
+/// Longest a `watch_key` request waits.
+pub const MAX_WATCH: Duration = Duration::from_secs(60);
 
 /// Largest `generate_random` request.
 pub const MAX_RANDOM: u32 = 4096;
@@ -61,6 +67,77 @@ pub struct Service {
     pub audit: AuditLog,
     /// Data-socket policies.
     pub clients: Vec<ClientPolicy>,
+    /// The registry of wrapped data keys.
+    pub registry: Arc<SqliteStore>,
+    /// Bumped whenever a key's primary version changes; `watch_key` waits
+    /// on it.
+    pub key_changes: KeyChanges,
+}
+
+/// A counter of primary-version changes that waiters can sleep on.
+#[derive(Debug, Default)]
+pub struct KeyChanges {
+    count: Mutex<u64>,
+    changed: Condvar,
+    stopping: std::sync::atomic::AtomicBool,
+}
+
+impl KeyChanges {
+    /// Ends every wait now and from now on (the daemon is stopping).
+    pub fn stop(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.bump();
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Wakes every waiter.
+    pub fn bump(&self) {
+        *self.count.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        self.changed.notify_all();
+    }
+
+    /// The current count.
+    fn now(&self) -> u64 {
+        *self.count.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits until the count differs from `seen` or `until` passes.
+    fn wait(&self, seen: u64, until: Instant) {
+        let mut c = self.count.lock().unwrap_or_else(|p| p.into_inner());
+        while *c == seen {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            c = self
+                .changed
+                .wait_timeout(c, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+/// The registry's text form of an encryption context (JSON, sorted keys).
+pub fn context_text(context: &Context) -> String {
+    serde_json::to_string(context).unwrap_or_default()
+}
+
+fn context_from_text(text: &str) -> Context {
+    serde_json::from_str(text).unwrap_or_default()
+}
+
+/// `cluster=c1,tablespace=ts`: a context for people.
+pub fn context_display(context: &Context) -> String {
+    context
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 type Outcome = Result<Response, (ErrorCode, String)>;
@@ -103,9 +180,21 @@ fn denied(msg: impl Into<String>) -> (ErrorCode, String) {
     (ErrorCode::PermissionDenied, msg.into())
 }
 
-/// Converts the HSM's key description to the wire's.
-pub fn key_info(k: tde_hsm::KeyInfo) -> KeyInfo {
+/// Converts the HSM's key description to the wire's, with the registry's
+/// references to it.
+pub fn key_info(k: tde_hsm::KeyInfo, refs: Vec<Registration>) -> KeyInfo {
     KeyInfo {
+        rotate_after: k.rotate_after,
+        references: refs
+            .into_iter()
+            .map(|r| KeyReference {
+                context: context_from_text(&r.context),
+                dek_version: r.dek_version,
+                key_version: r.key_version,
+                location: r.location,
+                last_seen: r.last_seen,
+            })
+            .collect(),
         name: k.name,
         description: k.description,
         created: k.created,
@@ -157,6 +246,7 @@ fn is_mutating(req: &Request) -> bool {
             | Request::KeyScheduleDestroy { .. }
             | Request::KeyCancelDestroy { .. }
             | Request::KeyDestroy { .. }
+            | Request::KeySetRotation { .. }
     )
 }
 
@@ -191,12 +281,34 @@ fn describe(req: &Request, rec: &mut AuditRecord) {
         }
         Request::KeyCreate { key, .. }
         | Request::KeyDescribe { key }
-        | Request::KeyRotate { key } => rec.key = Some(key.clone()),
+        | Request::KeyRotate { key }
+        | Request::WatchKey { key, .. } => rec.key = Some(key.chars().take(256).collect()),
+        Request::KeySetRotation { key, rotate_after } => {
+            rec.key = Some(key.clone());
+            rec.detail = Some(format!("rotate_after {rotate_after} s"));
+        }
+        Request::RegisterDeks {
+            key,
+            context,
+            location,
+            deks,
+        } => {
+            rec.key = Some(key.chars().take(256).collect());
+            audit_context(context, rec);
+            rec.detail = Some(format!(
+                "{} at {}",
+                deks.iter()
+                    .map(|d| format!("dek v{} under v{}", d.dek_version, d.key_version))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                location.chars().take(512).collect::<String>()
+            ));
+        }
         Request::KeyDisable { key, version }
         | Request::KeyEnable { key, version }
         | Request::KeyScheduleDestroy { key, version, .. }
         | Request::KeyCancelDestroy { key, version }
-        | Request::KeyDestroy { key, version } => {
+        | Request::KeyDestroy { key, version, .. } => {
             rec.key = Some(key.clone());
             rec.key_version = *version;
         }
@@ -327,6 +439,12 @@ impl Service {
                     rec.key = Some(key);
                     rec.key_version = Some(version);
                 }
+                HsmEvent::AutoRotated { key, version } => {
+                    rec.op = "auto_rotate".into();
+                    rec.key = Some(key);
+                    rec.key_version = Some(version);
+                    self.key_changes.bump();
+                }
             }
             if let Err(err) = self.audit.append(rec) {
                 tracing::error!(error = %err, "could not audit an HSM event");
@@ -358,9 +476,23 @@ impl Service {
         let context = match req {
             Request::GenerateDataKey { context, .. }
             | Request::Decrypt { context, .. }
-            | Request::ReEncrypt { context, .. } => context,
+            | Request::ReEncrypt { context, .. }
+            | Request::RegisterDeks { context, .. } => context,
             _ => &empty,
         };
+        // Registering and watching tell nothing secret: a client that may
+        // decrypt under the key (in that context) may do them.
+        match req {
+            Request::RegisterDeks { key, .. } => {
+                p.allows("decrypt", Some(key), context).map_err(denied)?;
+                return self.data_op(req);
+            }
+            Request::WatchKey { key, .. } => {
+                p.allows_key("decrypt", key).map_err(denied)?;
+                return self.data_op(req);
+            }
+            _ => {}
+        }
         if matches!(req, Request::Decrypt { .. } | Request::ReEncrypt { .. }) && rec.key.is_none() {
             // Malformed blob: no key to check policy against.
             p.allows(req.op().name(), None, context).map_err(denied)?;
@@ -421,8 +553,106 @@ impl Service {
                     bytes: SecretBytes::from_slice(b.expose()),
                 })
             }
+            Request::RegisterDeks {
+                key,
+                context,
+                location,
+                deks,
+            } => {
+                let info = hsm(self.hsm.key_describe(key))?;
+                let ctx = context_text(context);
+                let now = tde_hsm::hsm::now();
+                let rows: Vec<Registration> = deks
+                    .iter()
+                    .map(|d| Registration {
+                        key: key.clone(),
+                        context: ctx.clone(),
+                        dek_version: d.dek_version,
+                        key_version: d.key_version,
+                        location: location.chars().take(4096).collect(),
+                        last_seen: now,
+                    })
+                    .collect();
+                self.registry
+                    .register(key, &ctx, &rows)
+                    .map_err(|e| (ErrorCode::StoreFailed, e.to_string()))?;
+                Ok(Response::KeyPrimary {
+                    key: key.clone(),
+                    version: info.primary,
+                })
+            }
+            Request::WatchKey {
+                key,
+                version,
+                timeout_ms,
+            } => {
+                let until =
+                    Instant::now() + Duration::from_millis(u64::from(*timeout_ms)).min(MAX_WATCH);
+                loop {
+                    let seen = self.key_changes.now();
+                    let primary = hsm(self.hsm.key_describe(key))?.primary;
+                    if primary != *version || Instant::now() >= until || self.key_changes.stopping()
+                    {
+                        return Ok(Response::KeyPrimary {
+                            key: key.clone(),
+                            version: primary,
+                        });
+                    }
+                    self.key_changes.wait(seen, until);
+                }
+            }
             _ => Err((ErrorCode::Internal, "not a data operation".into())),
         }
+    }
+
+    fn references(&self, key: &str) -> Result<Vec<Registration>, (ErrorCode, String)> {
+        self.registry
+            .registrations(key)
+            .map_err(|e| (ErrorCode::StoreFailed, e.to_string()))
+    }
+
+    /// Refuses to destroy `version` of `key` (all versions when `None`)
+    /// while registered data keys are wrapped under it, naming them, unless
+    /// `force`.
+    fn refuse_in_use(
+        &self,
+        key: &str,
+        version: Option<u32>,
+        force: bool,
+        rec: &mut AuditRecord,
+    ) -> Result<(), (ErrorCode, String)> {
+        let users: Vec<Registration> = self
+            .references(key)?
+            .into_iter()
+            .filter(|r| version.is_none_or(|v| r.key_version == v))
+            .collect();
+        if users.is_empty() {
+            return Ok(());
+        }
+        let list = users
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} (data key v{} under v{}, at {})",
+                    context_display(&context_from_text(&r.context)),
+                    r.dek_version,
+                    r.key_version,
+                    r.location
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        if force {
+            rec.detail = Some(format!("forced while in use by: {list}"));
+            return Ok(());
+        }
+        let which = version.map_or_else(|| "any version".to_string(), |v| format!("version {v}"));
+        Err((
+            ErrorCode::KeyInUse,
+            format!(
+                "{which} of {key} still wraps the data keys of {list}; rewrap them first (a mount does it by itself after a rotation; `tde rewrap BACKING_DIR` for an unmounted tablespace), or pass --force if those tablespaces are gone"
+            ),
+        ))
     }
 
     fn admin(&self, session: &mut Session, req: &Request, rec: &mut AuditRecord) -> Outcome {
@@ -444,8 +674,12 @@ impl Service {
         const CO: &[Role] = &[Role::CryptoOfficer];
         const READ: &[Role] = &[Role::CryptoOfficer, Role::Auditor];
         let h = &self.hsm;
-        let key =
-            |k: Result<tde_hsm::KeyInfo, HsmError>| hsm(k).map(|k| Response::Key(key_info(k)));
+        let key = |k: Result<tde_hsm::KeyInfo, HsmError>| {
+            hsm(k).and_then(|k| {
+                let refs = self.references(&k.name)?;
+                Ok(Response::Key(key_info(k, refs)))
+            })
+        };
         match req {
             Request::Status => Ok(Response::Status(status_info(h))),
             Request::Unseal { share } => {
@@ -529,9 +763,12 @@ impl Service {
             }
             Request::KeyList => {
                 need(READ)?;
-                Ok(Response::Keys(
-                    hsm(h.key_list())?.into_iter().map(key_info).collect(),
-                ))
+                let mut out = Vec::new();
+                for k in hsm(h.key_list())? {
+                    let refs = self.references(&k.name)?;
+                    out.push(key_info(k, refs));
+                }
+                Ok(Response::Keys(out))
             }
             Request::KeyDescribe { key: k } => {
                 need(READ)?;
@@ -542,6 +779,7 @@ impl Service {
                 let r = key(h.key_rotate(k));
                 if let Ok(Response::Key(info)) = &r {
                     rec.key_version = Some(info.primary_version);
+                    self.key_changes.bump();
                 }
                 r
             }
@@ -557,17 +795,31 @@ impl Service {
                 key: k,
                 version,
                 days,
+                force,
             } => {
                 need(CO)?;
+                self.refuse_in_use(k, *version, *force, rec)?;
                 key(h.key_schedule_destroy(k, Versions::from(*version), *days))
             }
             Request::KeyCancelDestroy { key: k, version } => {
                 need(CO)?;
                 key(h.key_cancel_destroy(k, Versions::from(*version)))
             }
-            Request::KeyDestroy { key: k, version } => {
+            Request::KeyDestroy {
+                key: k,
+                version,
+                force,
+            } => {
                 need(CO)?;
+                self.refuse_in_use(k, *version, *force, rec)?;
                 key(h.key_destroy(k, Versions::from(*version)))
+            }
+            Request::KeySetRotation {
+                key: k,
+                rotate_after,
+            } => {
+                need(CO)?;
+                key(h.key_set_rotation(k, *rotate_after))
             }
             r if r.op().is_data_op() => {
                 need(&[Role::CryptoUser])?;

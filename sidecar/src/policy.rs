@@ -63,6 +63,21 @@ impl ClientPolicy {
         self.uids.contains(&uid) || self.gids.contains(&gid)
     }
 
+    /// Whether `op` on `key` is allowed, whatever the context (for requests
+    /// that carry none); `Err` says why not.
+    pub fn allows_key(&self, op: &str, key: &str) -> Result<(), String> {
+        if !self.operations.iter().any(|o| o == op) {
+            return Err(format!("client {:?} may not call {op}", self.name));
+        }
+        if !self.keys.iter().any(|p| glob(p, key)) {
+            return Err(format!(
+                "client {:?} may not use master key {key:?}",
+                self.name
+            ));
+        }
+        Ok(())
+    }
+
     /// Whether `op` on `key` with `context` is allowed; `Err` says why not.
     pub fn allows(
         &self,

@@ -278,6 +278,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         hsm: hsm.clone(),
         audit: audit.clone(),
         clients: cfg.clients.clone(),
+        registry: store.clone(),
+        key_changes: Default::default(),
     });
     let mut start = AuditRecord::new("internal", "daemon_start");
     start.detail = Some(format!(
@@ -347,7 +349,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             stop_rx.clone(),
             done_tx.clone(),
         )),
-        tokio::spawn(destroy_scheduler(
+        tokio::spawn(key_scheduler(
             svc.clone(),
             cfg.limits.destroy_check_seconds,
             stop_rx.clone(),
@@ -363,6 +365,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     };
     tracing::info!(signal, "shutting down: finishing in-flight requests");
     let _ = stop_tx.send(true);
+    svc.key_changes.stop();
     for t in tasks {
         let _ = t.await;
     }
@@ -386,16 +389,31 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn destroy_scheduler(svc: Arc<Service>, every: u64, mut stop: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(every.max(1)));
+/// Every second: rotates keys whose rotation policy is due; every
+/// `destroy_every` seconds: destroys versions whose waiting period is over.
+async fn key_scheduler(svc: Arc<Service>, destroy_every: u64, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last_destroy = 0u64;
     loop {
         tokio::select! {
             _ = stop.changed() => return,
             _ = tick.tick() => {}
         }
         let s = svc.clone();
+        let destroy = tde_hsm::hsm::now() >= last_destroy + destroy_every.max(1);
+        if destroy {
+            last_destroy = tde_hsm::hsm::now();
+        }
         let _ = tokio::task::spawn_blocking(move || {
-            if let Err(e) = s.hsm.destroy_due(tde_hsm::hsm::now()) {
+            match s.hsm.rotate_due(tde_hsm::hsm::now()) {
+                Ok(done) => {
+                    for (key, version) in done {
+                        tracing::info!(key, version, "rotated by policy");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "automatic rotation failed"),
+            }
+            if destroy && let Err(e) = s.hsm.destroy_due(tde_hsm::hsm::now()) {
                 tracing::error!(error = %e, "scheduled key destruction failed");
             }
             s.drain_events();

@@ -12,7 +12,27 @@ use tde_hsm::seal::STORE_ID_LEN;
 use tde_hsm::store::{ObjectStore, StoreError, StoreMeta, StoreOp, StoredObject};
 
 /// Migrations, in order. Index + 1 is the schema version.
-const MIGRATIONS: &[&str] = &[include_str!("../../sql/sqlite/001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../sql/sqlite/001_init.sql"),
+    include_str!("../../sql/sqlite/002_registry.sql"),
+];
+
+/// One row of the data key registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    /// Master key name.
+    pub key: String,
+    /// Encryption context, as `k=v` pairs joined by `,` (sorted).
+    pub context: String,
+    /// Data key version.
+    pub dek_version: u32,
+    /// Master key version wrapping it.
+    pub key_version: u32,
+    /// Where it lives.
+    pub location: String,
+    /// Unix seconds.
+    pub last_seen: u64,
+}
 
 fn io(e: rusqlite::Error) -> StoreError {
     StoreError::Io(e.to_string())
@@ -100,6 +120,63 @@ impl SqliteStore {
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Replaces the registration of `(key, context)` with `rows` (all of
+    /// the same key and context), in one transaction.
+    pub fn register(
+        &self,
+        key: &str,
+        context: &str,
+        rows: &[Registration],
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(io)?;
+        tx.execute(
+            "DELETE FROM registry WHERE key = ?1 AND context = ?2",
+            rusqlite::params![key, context],
+        )
+        .map_err(io)?;
+        for r in rows {
+            tx.execute(
+                "INSERT INTO registry (key, context, dek_version, key_version, location, last_seen)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                rusqlite::params![
+                    r.key,
+                    r.context,
+                    r.dek_version,
+                    r.key_version,
+                    r.location,
+                    r.last_seen as i64
+                ],
+            )
+            .map_err(io)?;
+        }
+        tx.commit().map_err(io)
+    }
+
+    /// The registrations under master key `key`.
+    pub fn registrations(&self, key: &str) -> Result<Vec<Registration>, StoreError> {
+        let conn = self.conn();
+        let mut st = conn
+            .prepare(
+                "SELECT key, context, dek_version, key_version, location, last_seen
+                 FROM registry WHERE key = ?1 ORDER BY context, dek_version",
+            )
+            .map_err(io)?;
+        st.query_map([key], |r| {
+            Ok(Registration {
+                key: r.get(0)?,
+                context: r.get(1)?,
+                dek_version: r.get(2)?,
+                key_version: r.get(3)?,
+                location: r.get(4)?,
+                last_seen: r.get::<_, i64>(5)?.max(0) as u64,
+            })
+        })
+        .map_err(io)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(io)
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -236,6 +313,7 @@ impl ObjectStore for SqliteStore {
         let tx = conn.transaction().map_err(io)?;
         tx.execute("DELETE FROM root", []).map_err(io)?;
         tx.execute("DELETE FROM objects", []).map_err(io)?;
+        tx.execute("DELETE FROM registry", []).map_err(io)?;
         tx.execute("UPDATE meta SET zeroized = 1", []).map_err(io)?;
         tx.commit().map_err(io)?;
         Self::checkpoint(&conn);

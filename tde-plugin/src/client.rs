@@ -47,6 +47,12 @@ impl Client {
         })
     }
 
+    /// Another handle on the connection's socket (to shut it down from
+    /// another thread).
+    pub fn stream_clone(&self) -> std::io::Result<UnixStream> {
+        self.stream.try_clone()
+    }
+
     /// Sends a request and returns the response, `Refused` for an error
     /// response.
     pub fn call(&mut self, req: &Request) -> anyhow::Result<Response> {

@@ -12,6 +12,8 @@
 //! - [`client`]: a blocking client for the sidecar's sockets.
 //! - [`fs`]: the FUSE file system that encrypts a backing directory.
 //! - [`mount`]: `tde mount`: unwrap the DEK, mount, serve, unmount.
+//! - [`rotation`]: master-key rotation: rewrap the key file, register with
+//!   the sidecar's registry, follow new primary versions.
 #![forbid(unsafe_code)]
 
 pub mod client;
@@ -19,3 +21,4 @@ pub mod fs;
 pub mod keyfile;
 pub mod mount;
 pub mod page;
+pub mod rotation;

@@ -3,12 +3,12 @@
 //!
 //! The plaintext DEKs live only in this process (inside AWS-LC key contexts,
 //! which cleanse their memory when freed at unmount). If the sidecar goes
-//! away after mounting, I/O goes on with the keys in memory; a watcher thread
-//! notices and reconnects when it is back (rotation needs it later).
+//! away after mounting, I/O goes on with the keys in memory; the keeper thread
+//! ([`crate::rotation`]) notices, reconnects when it is back, and rewraps the
+//! key file when the master key rotates.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,7 @@ use crate::client::{Client, Refused};
 use crate::fs::TdeFs;
 use crate::keyfile::KeyFile;
 use crate::page::PageCipher;
+use crate::rotation::{Keeper, KeyFileLock};
 
 /// What `tde mount` was asked to do.
 #[derive(Debug, Clone)]
@@ -200,8 +201,7 @@ pub fn load_keys(spec: &MountSpec) -> anyhow::Result<PageCipher> {
 /// A mounted tablespace; unmounted when dropped.
 pub struct Mounted {
     session: Option<fuser::BackgroundSession>,
-    stop: Arc<AtomicBool>,
-    watcher: Option<std::thread::JoinHandle<()>>,
+    keeper: Option<Keeper>,
     /// The mountpoint.
     pub mountpoint: PathBuf,
 }
@@ -232,9 +232,8 @@ impl Mounted {
     }
 
     fn shutdown(&mut self) -> anyhow::Result<()> {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(w) = self.watcher.take() {
-            let _ = w.join();
+        if let Some(mut k) = self.keeper.take() {
+            k.stop();
         }
         match self.session.take() {
             Some(s) if !s.guard.is_finished() => s.umount_and_join().context("unmounting"),
@@ -288,13 +287,12 @@ pub fn mount(spec: &MountSpec) -> anyhow::Result<Mounted> {
     let root = std::fs::metadata(&spec.mountpoint)
         .with_context(|| format!("checking the new mount {}", spec.mountpoint.display()))?;
     raise_readahead(root.dev());
-    let stop = Arc::new(AtomicBool::new(false));
-    let watcher = {
-        let (stop, sidecar) = (stop.clone(), spec.sidecar.clone());
-        std::thread::Builder::new()
-            .name("tde-sidecar-watch".into())
-            .spawn(move || watch(&sidecar, &stop))?
-    };
+    let keyfile_lock = KeyFileLock::default();
+    let keeper = Keeper::start(
+        spec.sidecar.clone(),
+        spec.backing.clone(),
+        keyfile_lock.clone(),
+    )?;
     tracing::info!(
         backing = %spec.backing.display(),
         mountpoint = %spec.mountpoint.display(),
@@ -303,8 +301,7 @@ pub fn mount(spec: &MountSpec) -> anyhow::Result<Mounted> {
     );
     Ok(Mounted {
         session: Some(session),
-        stop,
-        watcher: Some(watcher),
+        keeper: Some(keeper),
         mountpoint: spec.mountpoint.clone(),
     })
 }
@@ -319,43 +316,6 @@ fn raise_readahead(dev: u64) {
     );
     if let Err(e) = std::fs::write(&path, (crate::fs::MAX_WRITE / 1024).to_string()) {
         tracing::debug!(path, error = %e, "could not raise readahead");
-    }
-}
-
-/// Keeps a connection to the sidecar, checking it every few seconds, and
-/// says when it is lost and when it is back.
-fn watch(sidecar: &Path, stop: &AtomicBool) {
-    let mut conn: Option<Client> = None;
-    let mut lost = false;
-    let mut next = Instant::now();
-    while !stop.load(Ordering::SeqCst) {
-        if Instant::now() >= next {
-            next = Instant::now() + Duration::from_secs(2);
-            let ok = match conn.as_mut() {
-                Some(c) => c.call(&Request::Status).is_ok(),
-                None => match Client::connect(sidecar) {
-                    Ok(mut c) => {
-                        let ok = c.call(&Request::Status).is_ok();
-                        conn = Some(c);
-                        ok
-                    }
-                    Err(_) => false,
-                },
-            };
-            if !ok {
-                conn = None;
-                if !lost {
-                    tracing::warn!(
-                        "lost the sidecar connection; I/O continues with the data keys in memory"
-                    );
-                    lost = true;
-                }
-            } else if lost {
-                tracing::info!("reconnected to the sidecar");
-                lost = false;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

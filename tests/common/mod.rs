@@ -130,7 +130,10 @@ operations = ["generate_data_key", "decrypt", "re_encrypt", "generate_random"]
             .expect("spawn tde serve");
         let mut d = Daemon { child: Some(child) };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !(self.data_socket().exists() && self.admin_socket().exists()) {
+        // Connectable, not merely present: a killed daemon leaves its
+        // socket files behind.
+        let up = |p: PathBuf| std::os::unix::net::UnixStream::connect(p).is_ok();
+        while !(up(self.data_socket()) && up(self.admin_socket())) {
             if let Some(st) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 panic!(
                     "tde serve exited: {st}\n{}",
@@ -191,6 +194,14 @@ impl Daemon {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("child").id()
+    }
+
+    /// kill -9, and wait for the process to be gone.
+    pub fn kill9(mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 

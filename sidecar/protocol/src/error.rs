@@ -77,6 +77,9 @@ error_codes! {
     KeyPendingDestruction = 24, "KEY_PENDING_DESTRUCTION";
     /// The key state does not allow this transition.
     InvalidKeyState = 25, "INVALID_KEY_STATE";
+    /// Registered data keys are still wrapped under the version (use force
+    /// only when those tablespaces are gone).
+    KeyInUse = 32, "KEY_IN_USE";
     /// The wrapped key is malformed or failed authentication.
     InvalidCiphertext = 26, "INVALID_CIPHERTEXT";
     /// The encryption context differs from the one the key was wrapped with.

@@ -29,6 +29,7 @@ pub mod secret;
 pub use error::{DecodeError, ErrorCode};
 pub use frame::{Frame, FrameKind, Header, MAX_FRAME_LEN, PROTOCOL_VERSION};
 pub use message::{
-    Context, KeyInfo, KeyVersionInfo, Op, OperatorInfo, Request, Response, StatusInfo,
+    Context, DekRef, KeyInfo, KeyReference, KeyVersionInfo, Op, OperatorInfo, Request, Response,
+    StatusInfo,
 };
 pub use secret::SecretBytes;

@@ -81,6 +81,23 @@ pub mod tag {
     pub const KEY_COUNT: u8 = 34;
     /// Random bytes (secret).
     pub const RANDOM: u8 = 35;
+    /// A data key version, as recorded in each page (u32).
+    pub const DEK_VERSION: u8 = 36;
+    /// A registered wrapped data key (record: `CONTEXT`s, `DEK_VERSION`,
+    /// `KEY_VERSION`, `LOCATION`, `LAST_SEEN`).
+    pub const REFERENCE: u8 = 37;
+    /// Where a registered data key lives, e.g. a backing directory (string).
+    pub const LOCATION: u8 = 38;
+    /// When a registration was last confirmed, Unix seconds (u64).
+    pub const LAST_SEEN: u8 = 39;
+    /// Automatic rotation period in seconds, 0 for off (u64).
+    pub const ROTATE_AFTER: u8 = 40;
+    /// Override a safety check (bool).
+    pub const FORCE: u8 = 41;
+    /// How long to wait, milliseconds (u32).
+    pub const TIMEOUT_MS: u8 = 42;
+    /// One data key of a registration (record: `DEK_VERSION`, `KEY_VERSION`).
+    pub const DEK: u8 = 43;
 }
 
 /// Operation codes.
@@ -131,6 +148,13 @@ pub enum Op {
     KeyCancelDestroy = 0x0408,
     /// Destroy now.
     KeyDestroy = 0x0409,
+    /// Set a key's automatic rotation period.
+    KeySetRotation = 0x040A,
+    /// Register the wrapped data keys of one context (a tablespace) and
+    /// learn the key's primary version.
+    RegisterDeks = 0x0105,
+    /// Wait until a key's primary version differs from a known one.
+    WatchKey = 0x0106,
 }
 
 impl Op {
@@ -158,6 +182,9 @@ impl Op {
         Op::KeyScheduleDestroy,
         Op::KeyCancelDestroy,
         Op::KeyDestroy,
+        Op::KeySetRotation,
+        Op::RegisterDeks,
+        Op::WatchKey,
     ];
 
     /// The operation for a wire code.
@@ -190,6 +217,9 @@ impl Op {
             Op::KeyScheduleDestroy => "key_schedule_destroy",
             Op::KeyCancelDestroy => "key_cancel_destroy",
             Op::KeyDestroy => "key_destroy",
+            Op::KeySetRotation => "key_set_rotation",
+            Op::RegisterDeks => "register_deks",
+            Op::WatchKey => "watch_key",
         }
     }
 
@@ -197,7 +227,12 @@ impl Op {
     pub fn is_data_op(self) -> bool {
         matches!(
             self,
-            Op::GenerateDataKey | Op::Decrypt | Op::ReEncrypt | Op::GenerateRandom
+            Op::GenerateDataKey
+                | Op::Decrypt
+                | Op::ReEncrypt
+                | Op::GenerateRandom
+                | Op::RegisterDeks
+                | Op::WatchKey
         )
     }
 }
@@ -317,6 +352,8 @@ pub enum Request {
         version: Option<u32>,
         /// Waiting period in days.
         days: u32,
+        /// Even if registered data keys still use it.
+        force: bool,
     },
     /// See [`Op::KeyCancelDestroy`].
     KeyCancelDestroy {
@@ -331,7 +368,61 @@ pub enum Request {
         key: String,
         /// One version, or the whole key when `None`.
         version: Option<u32>,
+        /// Even if registered data keys still use it.
+        force: bool,
     },
+    /// See [`Op::KeySetRotation`].
+    KeySetRotation {
+        /// Key name.
+        key: String,
+        /// Seconds; 0 turns automatic rotation off.
+        rotate_after: u64,
+    },
+    /// See [`Op::RegisterDeks`].
+    RegisterDeks {
+        /// Master key name.
+        key: String,
+        /// The encryption context the data keys are bound to.
+        context: Context,
+        /// Where they live (a backing directory), for people.
+        location: String,
+        /// Every data key version held, with the master key version that
+        /// wraps it. Replaces the previous registration of this context.
+        deks: Vec<DekRef>,
+    },
+    /// See [`Op::WatchKey`].
+    WatchKey {
+        /// Master key name.
+        key: String,
+        /// The primary version the caller knows.
+        version: u32,
+        /// How long to wait at most (capped by the server).
+        timeout_ms: u32,
+    },
+}
+
+/// One registered data key version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DekRef {
+    /// Data key version.
+    pub dek_version: u32,
+    /// Master key version that wraps it.
+    pub key_version: u32,
+}
+
+/// A registered data key as shown with its master key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyReference {
+    /// The encryption context (for tde mounts: cluster and tablespace).
+    pub context: Context,
+    /// Data key version.
+    pub dek_version: u32,
+    /// Master key version that wraps it.
+    pub key_version: u32,
+    /// Where it lives.
+    pub location: String,
+    /// Last confirmed, Unix seconds.
+    pub last_seen: u64,
 }
 
 /// Seal state and identity of the server.
@@ -385,6 +476,10 @@ pub struct KeyInfo {
     pub tampered: bool,
     /// Versions, oldest first.
     pub versions: Vec<KeyVersionInfo>,
+    /// Automatic rotation period in seconds (0: off).
+    pub rotate_after: u64,
+    /// Registered data keys wrapped under this key.
+    pub references: Vec<KeyReference>,
 }
 
 /// An operator's public description.
@@ -456,6 +551,13 @@ pub enum Response {
     Key(KeyInfo),
     /// Answer to key-list.
     Keys(Vec<KeyInfo>),
+    /// Answer to register-deks and watch-key: the key's primary version.
+    KeyPrimary {
+        /// Master key name.
+        key: String,
+        /// Its primary version.
+        version: u32,
+    },
     /// Any failure.
     Error {
         /// What kind of failure.
@@ -525,6 +627,11 @@ struct Fields {
     days: Option<u32>,
     random: Option<SecretBytes>,
     message: Option<String>,
+    force: Option<bool>,
+    rotate_after: Option<u64>,
+    timeout_ms: Option<u32>,
+    location: Option<String>,
+    deks: Vec<DekRef>,
 }
 
 impl Fields {
@@ -558,11 +665,44 @@ impl Fields {
                 tag::DAYS => once(&mut f.days, as_u32(v, "days")?, "days")?,
                 tag::RANDOM => once(&mut f.random, SecretBytes::from_slice(v), "random")?,
                 tag::MESSAGE => once(&mut f.message, as_str(v, "message")?, "message")?,
+                tag::FORCE => once(&mut f.force, as_bool(v, "force")?, "force")?,
+                tag::ROTATE_AFTER => once(
+                    &mut f.rotate_after,
+                    as_u64(v, "rotate_after")?,
+                    "rotate_after",
+                )?,
+                tag::TIMEOUT_MS => once(&mut f.timeout_ms, as_u32(v, "timeout_ms")?, "timeout_ms")?,
+                tag::LOCATION => once(&mut f.location, as_str(v, "location")?, "location")?,
+                tag::DEK => {
+                    if f.deks.len() >= MAX_DEKS {
+                        return Err(DecodeError::InvalidValue("too many data keys"));
+                    }
+                    f.deks.push(take_dek(v)?)
+                }
                 other => return Err(unexpected(what, other)),
             }
         }
         Ok(f)
     }
+}
+
+/// Most data key versions one registration may carry.
+pub const MAX_DEKS: usize = 1024;
+
+fn take_dek(body: &[u8]) -> Result<DekRef, DecodeError> {
+    let (mut dek, mut key) = (None, None);
+    let mut r = Reader::new(body);
+    while let Some((t, v)) = r.next_field()? {
+        match t {
+            tag::DEK_VERSION => once(&mut dek, as_u32(v, "dek_version")?, "dek_version")?,
+            tag::KEY_VERSION => once(&mut key, as_u32(v, "version")?, "version")?,
+            other => return Err(unexpected("dek", other)),
+        }
+    }
+    Ok(DekRef {
+        dek_version: required(dek, "dek_version")?,
+        key_version: required(key, "version")?,
+    })
 }
 
 use tag::*;
@@ -593,6 +733,9 @@ impl Request {
             Request::KeyScheduleDestroy { .. } => Op::KeyScheduleDestroy,
             Request::KeyCancelDestroy { .. } => Op::KeyCancelDestroy,
             Request::KeyDestroy { .. } => Op::KeyDestroy,
+            Request::KeySetRotation { .. } => Op::KeySetRotation,
+            Request::RegisterDeks { .. } => Op::RegisterDeks,
+            Request::WatchKey { .. } => Op::WatchKey,
         }
     }
 
@@ -650,19 +793,67 @@ impl Request {
             }
             Request::KeyDisable { key, version }
             | Request::KeyEnable { key, version }
-            | Request::KeyCancelDestroy { key, version }
-            | Request::KeyDestroy { key, version } => {
+            | Request::KeyCancelDestroy { key, version } => {
                 w.str(KEY_NAME, key);
                 if let Some(v) = version {
                     w.u32(KEY_VERSION, *v);
                 }
             }
-            Request::KeyScheduleDestroy { key, version, days } => {
+            Request::KeyDestroy {
+                key,
+                version,
+                force,
+            } => {
+                w.str(KEY_NAME, key);
+                if let Some(v) = version {
+                    w.u32(KEY_VERSION, *v);
+                }
+                if *force {
+                    w.bool(FORCE, true);
+                }
+            }
+            Request::KeyScheduleDestroy {
+                key,
+                version,
+                days,
+                force,
+            } => {
                 w.str(KEY_NAME, key);
                 if let Some(v) = version {
                     w.u32(KEY_VERSION, *v);
                 }
                 w.u32(DAYS, *days);
+                if *force {
+                    w.bool(FORCE, true);
+                }
+            }
+            Request::KeySetRotation { key, rotate_after } => {
+                w.str(KEY_NAME, key).u64(ROTATE_AFTER, *rotate_after);
+            }
+            Request::RegisterDeks {
+                key,
+                context,
+                location,
+                deks,
+            } => {
+                w.str(KEY_NAME, key);
+                put_context(&mut w, context);
+                w.str(LOCATION, location);
+                for d in deks {
+                    let mut r = Writer::new();
+                    r.u32(DEK_VERSION, d.dek_version)
+                        .u32(KEY_VERSION, d.key_version);
+                    w.record(DEK, &r);
+                }
+            }
+            Request::WatchKey {
+                key,
+                version,
+                timeout_ms,
+            } => {
+                w.str(KEY_NAME, key)
+                    .u32(KEY_VERSION, *version)
+                    .u32(TIMEOUT_MS, *timeout_ms);
             }
         }
         w.finish()
@@ -784,23 +975,55 @@ impl Request {
             Op::KeyRotate => Request::KeyRotate {
                 key: required(read(&[KEY_NAME])?.key, "key")?,
             },
-            Op::KeyDisable | Op::KeyEnable | Op::KeyCancelDestroy | Op::KeyDestroy => {
+            Op::KeyDisable | Op::KeyEnable | Op::KeyCancelDestroy => {
                 let f = read(&[KEY_NAME, KEY_VERSION])?;
                 let key = required(f.key, "key")?;
                 let version = f.version;
                 match op {
                     Op::KeyDisable => Request::KeyDisable { key, version },
                     Op::KeyEnable => Request::KeyEnable { key, version },
-                    Op::KeyCancelDestroy => Request::KeyCancelDestroy { key, version },
-                    _ => Request::KeyDestroy { key, version },
+                    _ => Request::KeyCancelDestroy { key, version },
+                }
+            }
+            Op::KeyDestroy => {
+                let f = read(&[KEY_NAME, KEY_VERSION, FORCE])?;
+                Request::KeyDestroy {
+                    key: required(f.key, "key")?,
+                    version: f.version,
+                    force: f.force.unwrap_or(false),
                 }
             }
             Op::KeyScheduleDestroy => {
-                let f = read(&[KEY_NAME, KEY_VERSION, DAYS])?;
+                let f = read(&[KEY_NAME, KEY_VERSION, DAYS, FORCE])?;
                 Request::KeyScheduleDestroy {
                     key: required(f.key, "key")?,
                     version: f.version,
                     days: required(f.days, "days")?,
+                    force: f.force.unwrap_or(false),
+                }
+            }
+            Op::KeySetRotation => {
+                let f = read(&[KEY_NAME, ROTATE_AFTER])?;
+                Request::KeySetRotation {
+                    key: required(f.key, "key")?,
+                    rotate_after: required(f.rotate_after, "rotate_after")?,
+                }
+            }
+            Op::RegisterDeks => {
+                let f = read(&[KEY_NAME, CONTEXT, LOCATION, DEK])?;
+                Request::RegisterDeks {
+                    key: required(f.key, "key")?,
+                    context: f.context,
+                    location: f.location.unwrap_or_default(),
+                    deks: f.deks,
+                }
+            }
+            Op::WatchKey => {
+                let f = read(&[KEY_NAME, KEY_VERSION, TIMEOUT_MS])?;
+                Request::WatchKey {
+                    key: required(f.key, "key")?,
+                    version: required(f.version, "version")?,
+                    timeout_ms: required(f.timeout_ms, "timeout_ms")?,
                 }
             }
         })
@@ -823,6 +1046,18 @@ fn put_key_info(w: &mut Writer, k: &KeyInfo) {
             vr.u64(DESTROY_AT, at);
         }
         r.record(VERSION_INFO, &vr);
+    }
+    if k.rotate_after != 0 {
+        r.u64(ROTATE_AFTER, k.rotate_after);
+    }
+    for x in &k.references {
+        let mut rr = Writer::new();
+        put_context(&mut rr, &x.context);
+        rr.u32(DEK_VERSION, x.dek_version)
+            .u32(KEY_VERSION, x.key_version)
+            .str(LOCATION, &x.location)
+            .u64(LAST_SEEN, x.last_seen);
+        r.record(REFERENCE, &rr);
     }
     w.record(KEY_INFO, &r);
 }
@@ -847,10 +1082,35 @@ fn take_version_info(body: &[u8]) -> Result<KeyVersionInfo, DecodeError> {
     })
 }
 
+fn take_reference(body: &[u8]) -> Result<KeyReference, DecodeError> {
+    let mut context = Context::new();
+    let (mut dek, mut key, mut location, mut seen) = (None, None, None, None);
+    let mut r = Reader::new(body);
+    while let Some((t, v)) = r.next_field()? {
+        match t {
+            CONTEXT => take_context(&mut context, v)?,
+            DEK_VERSION => once(&mut dek, as_u32(v, "dek_version")?, "dek_version")?,
+            KEY_VERSION => once(&mut key, as_u32(v, "version")?, "version")?,
+            LOCATION => once(&mut location, as_str(v, "location")?, "location")?,
+            LAST_SEEN => once(&mut seen, as_u64(v, "last_seen")?, "last_seen")?,
+            other => return Err(unexpected("reference", other)),
+        }
+    }
+    Ok(KeyReference {
+        context,
+        dek_version: required(dek, "dek_version")?,
+        key_version: required(key, "version")?,
+        location: location.unwrap_or_default(),
+        last_seen: required(seen, "last_seen")?,
+    })
+}
+
 fn take_key_info(body: &[u8]) -> Result<KeyInfo, DecodeError> {
     let (mut name, mut description, mut created, mut primary, mut tampered) =
         (None, None, None, None, None);
+    let mut rotate_after = None;
     let mut versions = Vec::new();
+    let mut references = Vec::new();
     let mut r = Reader::new(body);
     while let Some((t, v)) = r.next_field()? {
         match t {
@@ -860,6 +1120,12 @@ fn take_key_info(body: &[u8]) -> Result<KeyInfo, DecodeError> {
             PRIMARY_VERSION => once(&mut primary, as_u32(v, "primary")?, "primary")?,
             TAMPERED => once(&mut tampered, as_bool(v, "tampered")?, "tampered")?,
             VERSION_INFO => versions.push(take_version_info(v)?),
+            ROTATE_AFTER => once(
+                &mut rotate_after,
+                as_u64(v, "rotate_after")?,
+                "rotate_after",
+            )?,
+            REFERENCE => references.push(take_reference(v)?),
             other => return Err(unexpected("key_info", other)),
         }
     }
@@ -870,6 +1136,8 @@ fn take_key_info(body: &[u8]) -> Result<KeyInfo, DecodeError> {
         primary_version: required(primary, "primary")?,
         tampered: tampered.unwrap_or(false),
         versions,
+        rotate_after: rotate_after.unwrap_or(0),
+        references,
     })
 }
 
@@ -988,6 +1256,9 @@ impl Response {
                 for k in ks {
                     put_key_info(&mut w, k);
                 }
+            }
+            Response::KeyPrimary { key, version } => {
+                w.str(KEY_NAME, key).u32(KEY_VERSION, *version);
             }
             Response::Error { message, .. } => {
                 w.str(MESSAGE, message);
@@ -1114,7 +1385,8 @@ impl Response {
             | Op::KeyEnable
             | Op::KeyScheduleDestroy
             | Op::KeyCancelDestroy
-            | Op::KeyDestroy => {
+            | Op::KeyDestroy
+            | Op::KeySetRotation => {
                 let mut r = Reader::new(body);
                 let mut info = None;
                 while let Some((t, v)) = r.next_field()? {
@@ -1124,6 +1396,13 @@ impl Response {
                     once(&mut info, take_key_info(v)?, "key_info")?;
                 }
                 Response::Key(required(info, "key_info")?)
+            }
+            Op::RegisterDeks | Op::WatchKey => {
+                let f = Fields::read(body, what, &[KEY_NAME, KEY_VERSION])?;
+                Response::KeyPrimary {
+                    key: required(f.key, "key")?,
+                    version: required(f.version, "version")?,
+                }
             }
         })
     }

@@ -5,8 +5,8 @@ use proptest::collection::{btree_map, vec};
 use proptest::option;
 use proptest::prelude::*;
 use tde_protocol::{
-    ErrorCode, Frame, KeyInfo, KeyVersionInfo, OperatorInfo, Request, Response, SecretBytes,
-    StatusInfo,
+    DekRef, ErrorCode, Frame, KeyInfo, KeyReference, KeyVersionInfo, OperatorInfo, Request,
+    Response, SecretBytes, StatusInfo,
 };
 
 fn secret() -> impl Strategy<Value = SecretBytes> {
@@ -57,12 +57,54 @@ fn request() -> impl Strategy<Value = Request> {
             .prop_map(|(key, version)| Request::KeyDisable { key, version }),
         (name(), option::of(any::<u32>()))
             .prop_map(|(key, version)| Request::KeyEnable { key, version }),
-        (name(), option::of(any::<u32>()), any::<u32>())
-            .prop_map(|(key, version, days)| Request::KeyScheduleDestroy { key, version, days }),
+        (
+            name(),
+            option::of(any::<u32>()),
+            any::<u32>(),
+            any::<bool>()
+        )
+            .prop_map(|(key, version, days, force)| Request::KeyScheduleDestroy {
+                key,
+                version,
+                days,
+                force
+            }),
         (name(), option::of(any::<u32>()))
             .prop_map(|(key, version)| Request::KeyCancelDestroy { key, version }),
-        (name(), option::of(any::<u32>()))
-            .prop_map(|(key, version)| Request::KeyDestroy { key, version }),
+        (name(), option::of(any::<u32>()), any::<bool>()).prop_map(|(key, version, force)| {
+            Request::KeyDestroy {
+                key,
+                version,
+                force,
+            }
+        }),
+        (name(), any::<u64>())
+            .prop_map(|(key, rotate_after)| Request::KeySetRotation { key, rotate_after }),
+        (
+            name(),
+            context(),
+            name(),
+            vec(
+                (any::<u32>(), any::<u32>()).prop_map(|(dek_version, key_version)| DekRef {
+                    dek_version,
+                    key_version
+                }),
+                0..5
+            )
+        )
+            .prop_map(|(key, context, location, deks)| Request::RegisterDeks {
+                key,
+                context,
+                location,
+                deks
+            }),
+        (name(), any::<u32>(), any::<u32>()).prop_map(|(key, version, timeout_ms)| {
+            Request::WatchKey {
+                key,
+                version,
+                timeout_ms,
+            }
+        }),
     ]
 }
 
@@ -84,15 +126,39 @@ fn key_info() -> impl Strategy<Value = KeyInfo> {
             ),
             0..4,
         ),
+        any::<u64>(),
+        vec(
+            (context(), any::<u32>(), any::<u32>(), name(), any::<u64>()).prop_map(
+                |(context, dek_version, key_version, location, last_seen)| KeyReference {
+                    context,
+                    dek_version,
+                    key_version,
+                    location,
+                    last_seen,
+                },
+            ),
+            0..3,
+        ),
     )
         .prop_map(
-            |(name, description, created, primary_version, tampered, versions)| KeyInfo {
+            |(
                 name,
                 description,
                 created,
                 primary_version,
                 tampered,
                 versions,
+                rotate_after,
+                references,
+            )| KeyInfo {
+                name,
+                description,
+                created,
+                primary_version,
+                tampered,
+                versions,
+                rotate_after,
+                references,
             },
         )
 }
@@ -163,6 +229,10 @@ fn response() -> impl Strategy<Value = (u16, Response)> {
         .prop_map(|o| (Op::OperatorList as u16, Response::Operators(o))),
         key_info().prop_map(|k| (Op::KeyRotate as u16, Response::Key(k))),
         vec(key_info(), 0..4).prop_map(|k| (Op::KeyList as u16, Response::Keys(k))),
+        (name(), any::<u32>()).prop_map(|(key, version)| (
+            Op::WatchKey as u16,
+            Response::KeyPrimary { key, version }
+        )),
         (prop::sample::select(ErrorCode::ALL), name())
             .prop_map(|(code, message)| (Op::Decrypt as u16, Response::Error { code, message })),
     ]

@@ -1,0 +1,286 @@
+//! Master-key rotation on the database side: rewrapping a tablespace's data
+//! keys under the master key's newest version, and keeping the sidecar's
+//! registry of them current.
+//!
+//! Rewrapping never touches data and never sees a plaintext key: the sidecar's
+//! `re_encrypt` unwraps and wraps again inside the HSM. The key file is then
+//! replaced atomically (see [`KeyFile::store`]), so a crash at any moment
+//! leaves either the old key file (still valid: the old master key version
+//! exists until it is destroyed, and destruction is refused while the
+//! registry says it is in use) or the new one.
+//!
+//! A mounted tablespace does this by itself ([`Keeper`]): it registers, then
+//! waits on the sidecar for a new primary version (`watch_key`, a long poll
+//! that returns at once on rotation and otherwise every
+//! [`WATCH_TIMEOUT`] as a periodic check), and rewraps when the key file is
+//! behind. `tde rewrap BACKING_DIR` runs the same [`sync`] once for a
+//! tablespace that is not mounted.
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use tde_protocol::{DekRef, Request, Response};
+
+use crate::client::Client;
+use crate::keyfile::KeyFile;
+
+/// How long one `watch_key` waits before the keeper checks anyway.
+pub const WATCH_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a mount confirms its registration when nothing changes.
+pub const REGISTER_EVERY: Duration = Duration::from_secs(600);
+
+/// What [`sync`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncOutcome {
+    /// The master key's primary version.
+    pub primary: u32,
+    /// Data key versions rewrapped: `(dek_version, from, to)`.
+    pub rewrapped: Vec<(u32, u32, u32)>,
+}
+
+/// Serializes changes to one backing directory's key file within this
+/// process (the keeper and the re-key engine both change it).
+pub type KeyFileLock = Arc<Mutex<()>>;
+
+/// Registers the key file's data keys with the sidecar and returns the
+/// master key's primary version.
+pub fn register(c: &mut Client, backing: &Path, kf: &KeyFile) -> anyhow::Result<u32> {
+    let location = backing
+        .canonicalize()
+        .unwrap_or_else(|_| backing.to_path_buf())
+        .display()
+        .to_string();
+    let req = Request::RegisterDeks {
+        key: kf.mek.clone(),
+        context: KeyFile::context(&kf.tablespace, &kf.cluster),
+        location,
+        deks: kf
+            .deks
+            .iter()
+            .map(|d| DekRef {
+                dek_version: d.version,
+                key_version: d.mek_version,
+            })
+            .collect(),
+    };
+    match c.call(&req)? {
+        Response::KeyPrimary { version, .. } => Ok(version),
+        _ => bail!("unexpected response to register_deks"),
+    }
+}
+
+/// Brings `backing`'s key file up to the master key's primary version:
+/// registers, rewraps every data key wrapped under an older version through
+/// the sidecar, replaces the key file atomically, and registers again.
+pub fn sync(c: &mut Client, backing: &Path, lock: &Mutex<()>) -> anyhow::Result<SyncOutcome> {
+    let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
+    let mut kf = KeyFile::load(backing)?;
+    let primary = register(c, backing, &kf)?;
+    let context = KeyFile::context(&kf.tablespace, &kf.cluster);
+    let mut rewrapped = Vec::new();
+    for dek in &mut kf.deks {
+        if dek.mek_version >= primary {
+            continue;
+        }
+        let req = Request::ReEncrypt {
+            ciphertext: dek.blob()?,
+            context: context.clone(),
+        };
+        let Response::ReEncrypted {
+            version,
+            source_version,
+            ciphertext,
+            ..
+        } = c.call(&req).with_context(|| {
+            format!(
+                "rewrapping data key v{} (under master key {} v{})",
+                dek.version, kf.mek, dek.mek_version
+            )
+        })?
+        else {
+            bail!("unexpected response to re_encrypt");
+        };
+        rewrapped.push((dek.version, source_version, version));
+        dek.mek_version = version;
+        dek.wrapped = B64.encode(&ciphertext);
+    }
+    if !rewrapped.is_empty() {
+        kf.store(backing)?;
+        register(c, backing, &kf)?;
+    }
+    Ok(SyncOutcome { primary, rewrapped })
+}
+
+/// The thread that keeps a mounted tablespace's key file on the newest
+/// master key version and tells when the sidecar is lost and back.
+pub struct Keeper {
+    stop: Arc<AtomicBool>,
+    stream: Arc<Mutex<Option<UnixStream>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Keeper {
+    /// Starts the keeper for `backing`, talking to `sidecar`.
+    pub fn start(sidecar: PathBuf, backing: PathBuf, lock: KeyFileLock) -> anyhow::Result<Keeper> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stream = Arc::new(Mutex::new(None));
+        let thread = {
+            let (stop, stream) = (stop.clone(), stream.clone());
+            std::thread::Builder::new()
+                .name("tde-keeper".into())
+                .spawn(move || keep(&sidecar, &backing, &lock, &stop, &stream))?
+        };
+        Ok(Keeper {
+            stop,
+            stream,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the thread, cutting a pending long poll short.
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(s) = self
+            .stream
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Keeper {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn sleep_unless_stopped(stop: &AtomicBool, d: Duration) {
+    let until = Instant::now() + d;
+    while !stop.load(Ordering::SeqCst) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn keep(
+    sidecar: &Path,
+    backing: &Path,
+    lock: &Mutex<()>,
+    stop: &AtomicBool,
+    stream: &Mutex<Option<UnixStream>>,
+) {
+    let mut lost = false;
+    let mut conn: Option<Client> = None;
+    let mut registered_at: Option<Instant> = None;
+    let mut primary = 0u32;
+    let mut refusal: Option<String> = None;
+    while !stop.load(Ordering::SeqCst) {
+        if conn.is_none() {
+            match Client::connect(sidecar) {
+                Ok(c) => {
+                    *stream.lock().unwrap_or_else(|p| p.into_inner()) = c.stream_clone().ok();
+                    conn = Some(c);
+                    registered_at = None;
+                    if lost {
+                        tracing::info!("reconnected to the sidecar");
+                        lost = false;
+                    }
+                }
+                Err(_) => {
+                    if !lost {
+                        tracing::warn!(
+                            "lost the sidecar connection; I/O continues with the data keys in memory"
+                        );
+                        lost = true;
+                    }
+                    sleep_unless_stopped(stop, Duration::from_secs(2));
+                    continue;
+                }
+            }
+        }
+        let Some(c) = conn.as_mut() else { continue };
+        let due = registered_at.is_none_or(|t| t.elapsed() >= REGISTER_EVERY);
+        let step = if due {
+            sync(c, backing, lock).map(|o| {
+                for (dek, from, to) in &o.rewrapped {
+                    tracing::info!(
+                        dek_version = dek,
+                        from_mek_version = from,
+                        to_mek_version = to,
+                        "rewrapped the data key under the new master key version"
+                    );
+                }
+                registered_at = Some(Instant::now());
+                primary = o.primary;
+            })
+        } else {
+            let key = match KeyFile::load(backing) {
+                Ok(kf) => kf.mek,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the key file");
+                    sleep_unless_stopped(stop, Duration::from_secs(5));
+                    continue;
+                }
+            };
+            let req = Request::WatchKey {
+                key,
+                version: primary,
+                timeout_ms: WATCH_TIMEOUT.as_millis() as u32,
+            };
+            c.call(&req).map(|r| {
+                if let Response::KeyPrimary { version, .. } = r
+                    && version != primary
+                {
+                    tracing::info!(
+                        from = primary,
+                        to = version,
+                        "the master key has a new primary version"
+                    );
+                    registered_at = None;
+                }
+            })
+        };
+        match step {
+            Ok(()) => refusal = None,
+            Err(e) if stop.load(Ordering::SeqCst) => {
+                let _ = e;
+            }
+            Err(e) => {
+                let refused = e.downcast_ref::<crate::client::Refused>().is_some();
+                if refused {
+                    // Sealed, or a refusal: keep the connection, retry later,
+                    // and say so once.
+                    let why = format!("{e:#}");
+                    if refusal.as_deref() != Some(why.as_str()) {
+                        tracing::warn!(error = %why, "the sidecar refused the key file sync; retrying every 2 s");
+                        refusal = Some(why);
+                    }
+                    registered_at = None;
+                    sleep_unless_stopped(stop, Duration::from_secs(2));
+                } else {
+                    if !lost {
+                        tracing::warn!(
+                            error = %format!("{e:#}"),
+                            "lost the sidecar connection; I/O continues with the data keys in memory"
+                        );
+                        lost = true;
+                    }
+                    conn = None;
+                    *stream.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                    sleep_unless_stopped(stop, Duration::from_secs(1));
+                }
+            }
+        }
+    }
+}
