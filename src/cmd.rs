@@ -93,6 +93,21 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Key(k) => key(&cli, &cfg, k),
         Command::Datakey(d) => datakey(&cli, &cfg, d),
         Command::Mount(m) => mount(&cli, &cfg, m),
+        Command::Rekey(r) => rekey(&cli, r),
+        Command::Inspect { backing_dir } => {
+            let i = tde_plugin::rekey::inspect(backing_dir)?;
+            emit(&cli, json!(i), || {
+                let mut out = format!(
+                    "{} files in the page format ({} others skipped)",
+                    i.files, i.foreign_files
+                );
+                for (v, n) in &i.versions {
+                    out.push_str(&format!("\ndata key v{v}: {n} blocks"));
+                }
+                out
+            });
+            Ok(())
+        }
         Command::Rewrap {
             backing_dir,
             sidecar,
@@ -108,6 +123,146 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
 }
 
 // ---------------------------------------------------------------- mount
+
+/// `50MB/s`, `200M`, `1GiB/s`, `0`, `unlimited` to bytes per second.
+pub fn parse_rate(text: &str) -> anyhow::Result<u64> {
+    let t = text.trim().trim_end_matches("/s");
+    if t == "unlimited" || t == "0" {
+        return Ok(0);
+    }
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .with_context(|| format!("{text:?} is not a rate like 50MB/s"))?;
+    let mult = match unit.trim_end_matches('B') {
+        "" => 1.0,
+        "K" | "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "Ki" => 1024.0,
+        "Mi" => 1024.0 * 1024.0,
+        "Gi" => 1024.0 * 1024.0 * 1024.0,
+        _ => bail!("{text:?}: the unit must be K, M, G (or Ki, Mi, Gi), optionally with B and /s"),
+    };
+    let r = (n * mult) as u64;
+    if r < 1_000_000 {
+        bail!("{text:?}: a re-key rate below 1 MB/s would take forever; use at least 1MB/s");
+    }
+    Ok(r)
+}
+
+fn rekey_line(s: &tde_plugin::rekey::Status) -> String {
+    let pct = if s.blocks_total > 0 {
+        s.blocks_done as f64 * 100.0 / s.blocks_total as f64
+    } else {
+        0.0
+    };
+    let mut out = format!(
+        "re-key {} to data key v{}: pass {} {:.1}% ({}/{} blocks, {} re-encrypted), {:.0} MB/s",
+        s.state,
+        s.target_version.map_or("?".into(), |v| v.to_string()),
+        s.pass,
+        pct,
+        s.blocks_done,
+        s.blocks_total,
+        s.blocks_rewritten,
+        s.speed as f64 / 1e6
+    );
+    if s.rate_limit > 0 {
+        out.push_str(&format!(" (limit {:.0} MB/s)", s.rate_limit as f64 / 1e6));
+    }
+    if let Some(eta) = s.eta_seconds.filter(|_| s.state == "running") {
+        out.push_str(&format!(", ETA {eta} s"));
+    }
+    if let Some(e) = &s.error {
+        out.push_str(&format!(": {e}"));
+    }
+    out
+}
+
+fn rekey(cli: &Cli, a: &crate::RekeyArgs) -> anyhow::Result<()> {
+    use tde_plugin::control::{Control, call};
+    let backing = tde_plugin::control::backing_of(&a.mountpoint)?;
+    let rate = a.rate.as_deref().map(parse_rate).transpose()?;
+    let current = call(&backing, &Control::Status)?;
+    let active = matches!(current.state.as_str(), "running" | "paused" | "finishing");
+    let st = if a.status {
+        current
+    } else if a.pause {
+        call(&backing, &Control::Pause)?
+    } else if a.resume {
+        call(&backing, &Control::Resume)?
+    } else if active {
+        // Already running: change its throttle if asked, and follow it.
+        match rate {
+            Some(r) => call(&backing, &Control::SetRate { rate: r })?,
+            None => current,
+        }
+    } else {
+        call(
+            &backing,
+            &Control::Start {
+                rate: rate.unwrap_or(0),
+            },
+        )?
+    };
+    let follow = !(a.status || a.pause || a.no_wait || cli.json) && st.state == "running";
+    if !follow {
+        emit(cli, json!(st), || rekey_line(&st));
+        return Ok(());
+    }
+    // Follow the progress: a bar on a terminal, a line every 10 s otherwise.
+    // Ctrl-C only stops watching: the re-key runs in the mount.
+    let bar = if std::io::stderr().is_terminal() {
+        let b = indicatif::ProgressBar::new(st.blocks_total.max(1));
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:40}] {pos}/{len} blocks ({percent}%) ETA {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        Some(b)
+    } else {
+        None
+    };
+    let mut last_line = std::time::Instant::now();
+    let last = loop {
+        let s = call(&backing, &Control::Status)?;
+        if let Some(b) = &bar {
+            b.set_length(s.blocks_total.max(1));
+            b.set_position(s.blocks_done);
+            b.set_message(format!(
+                "pass {} {} {:.0} MB/s",
+                s.pass,
+                s.state,
+                s.speed as f64 / 1e6
+            ));
+        } else if last_line.elapsed() >= std::time::Duration::from_secs(10) {
+            eprintln!("{}", rekey_line(&s));
+            last_line = std::time::Instant::now();
+        }
+        if matches!(s.state.as_str(), "done" | "failed" | "idle") {
+            break s;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    };
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    if last.state == "failed" {
+        bail!("{}", rekey_line(&last));
+    }
+    println!(
+        "Re-key done: every block is under data key v{}; retired v{:?}.",
+        last.target_version.unwrap_or(0),
+        last.old_versions
+    );
+    Ok(())
+}
 
 fn rewrap(cli: &Cli, cfg: &Config, backing: &Path, sidecar: Option<&Path>) -> anyhow::Result<()> {
     let socket = sidecar
@@ -455,7 +610,11 @@ fn status_json(s: &StatusInfo) -> Value {
 }
 
 fn print_status(cli: &Cli, s: &StatusInfo) {
-    emit(cli, status_json(s), || {
+    emit(cli, status_json(s), || status_human(s));
+}
+
+fn status_human(s: &StatusInfo) -> String {
+    {
         let state = if s.zeroized {
             "ZEROIZED (root material destroyed)".to_string()
         } else if !s.initialized {
@@ -473,7 +632,7 @@ fn print_status(cli: &Cli, s: &StatusInfo) {
             out.push_str("\nmode:       DEV (single local share; not for production)");
         }
         out
-    });
+    }
 }
 
 // ---------------------------------------------------------------- init / serve
@@ -635,7 +794,41 @@ fn status(cli: &Cli, cfg: &Config) -> anyhow::Result<()> {
     let Response::Status(s) = c.call(&Request::Status)? else {
         bail!("unexpected response")
     };
-    print_status(cli, &s);
+    let mounts: Vec<_> = tde_plugin::control::mounts()
+        .into_iter()
+        .map(|(m, b)| {
+            let r = tde_plugin::control::call(&b, &tde_plugin::control::Control::Status);
+            (m, b, r)
+        })
+        .collect();
+    let mut v = status_json(&s);
+    v["mounts"] = json!(
+        mounts
+            .iter()
+            .map(|(m, b, r)| json!({
+                "mountpoint": m,
+                "backing_dir": b,
+                "rekey": r.as_ref().ok(),
+                "error": r.as_ref().err().map(|e| format!("{e:#}")),
+            }))
+            .collect::<Vec<_>>()
+    );
+    emit(cli, v, || {
+        let mut out = status_human(&s);
+        for (m, b, r) in &mounts {
+            out.push_str(&format!(
+                "\nmount:      {} (backing {}): {}",
+                m.display(),
+                b.display(),
+                match r {
+                    Ok(st) if st.state == "idle" => "no re-key running".to_string(),
+                    Ok(st) => rekey_line(st),
+                    Err(e) => format!("{e:#}"),
+                }
+            ));
+        }
+        out
+    });
     Ok(())
 }
 

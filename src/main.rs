@@ -85,6 +85,15 @@ pub enum Command {
         /// The mountpoint.
         mountpoint: PathBuf,
     },
+    /// Re-encrypt a mounted tablespace under a new data key version, online
+    /// (or pause, resume, throttle or watch a running re-key).
+    Rekey(RekeyArgs),
+    /// Count a backing directory's blocks per data key version (reads the
+    /// block trailers; no key needed).
+    Inspect {
+        /// The backing directory.
+        backing_dir: PathBuf,
+    },
     /// Rewrap an unmounted tablespace's data keys under its master key's
     /// newest version (mounted ones do it by themselves after a rotation).
     Rewrap {
@@ -94,6 +103,29 @@ pub enum Command {
         #[arg(long)]
         sidecar: Option<PathBuf>,
     },
+}
+
+/// `tde rekey`.
+#[derive(Args, Debug)]
+pub struct RekeyArgs {
+    /// The mountpoint of a running `tde mount`.
+    pub mountpoint: PathBuf,
+    /// Throttle: 50MB/s, 200M, 1GB/s; 0 or `unlimited` for none. With a
+    /// running re-key, changes its throttle.
+    #[arg(long)]
+    pub rate: Option<String>,
+    /// Pause the running re-key (it stays paused across a remount).
+    #[arg(long, conflicts_with_all = ["resume", "status"])]
+    pub pause: bool,
+    /// Resume a paused re-key.
+    #[arg(long, conflicts_with_all = ["pause", "status"])]
+    pub resume: bool,
+    /// Show the progress and return.
+    #[arg(long)]
+    pub status: bool,
+    /// Start (or change) and return without following the progress.
+    #[arg(long)]
+    pub no_wait: bool,
 }
 
 /// `tde mount`.

@@ -36,7 +36,6 @@ use fuser::{
     TimeOrNow, WriteFlags,
 };
 
-use crate::keyfile::KEY_FILE;
 use crate::page::{self, FileHeader, FileId, HEADER_LEN, PAGE_SIZE, PageCipher, TRAILER_LEN};
 
 /// How long the kernel may cache attributes and entries. Only this process
@@ -104,7 +103,7 @@ impl InodeState {
         let deadline = std::time::Instant::now() + GAP_WAIT;
         loop {
             let excl = self.lock.write().unwrap_or_else(|p| p.into_inner());
-            let size = TdeFs::logical_size(h)?;
+            let size = Core::logical_size(h)?;
             if offset <= size || std::time::Instant::now() >= deadline {
                 return Ok(excl);
             }
@@ -160,8 +159,20 @@ impl Drop for WriteGuard<'_> {
     }
 }
 
-/// The file system.
-pub struct TdeFs {
+/// The file system: a shared [`Core`], so the re-key engine can work on the
+/// same inodes, locks and cipher while FUSE owns the `TdeFs`.
+#[derive(Clone)]
+pub struct TdeFs(Arc<Core>);
+
+impl std::ops::Deref for TdeFs {
+    type Target = Core;
+    fn deref(&self) -> &Core {
+        &self.0
+    }
+}
+
+/// The file system's state and data path.
+pub struct Core {
     backing: PathBuf,
     root_ino: u64,
     cipher: Arc<RwLock<PageCipher>>,
@@ -170,7 +181,7 @@ pub struct TdeFs {
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
     /// Generation of each inode number whose file was deleted through this
-    /// mount (absent = 0). See [`TdeFs::retire`].
+    /// mount (absent = 0). See [`Core::retire`].
     generations: Mutex<HashMap<u64, u64>>,
     next_generation: AtomicU64,
 }
@@ -216,6 +227,12 @@ fn time_or_now(t: TimeOrNow) -> rustix::fs::Timespec {
 impl TdeFs {
     /// A file system over `backing` using `cipher`.
     pub fn new(backing: &Path, cipher: Arc<RwLock<PageCipher>>) -> io::Result<Self> {
+        Core::new(backing, cipher).map(|c| TdeFs(Arc::new(c)))
+    }
+}
+
+impl Core {
+    fn new(backing: &Path, cipher: Arc<RwLock<PageCipher>>) -> io::Result<Self> {
         let backing = backing.canonicalize()?;
         let root_ino = std::fs::metadata(&backing)?.ino();
         let mut paths = HashMap::new();
@@ -259,9 +276,7 @@ impl TdeFs {
 
     fn child(&self, parent: INodeNo, name: &OsStr) -> Result<PathBuf, Errno> {
         let p = self.rel(parent)?;
-        if p.as_os_str().is_empty()
-            && (name == KEY_FILE || name == format!("{KEY_FILE}.tmp").as_str())
-        {
+        if p.as_os_str().is_empty() && is_reserved(name) {
             return Err(Errno::ENOENT);
         }
         Ok(p.join(name))
@@ -492,10 +507,99 @@ impl TdeFs {
     }
 
     fn logical_size(h: &Handle) -> Result<u64, Errno> {
-        let stored = h.file.metadata().map_err(|e| errno(&e))?.len();
+        Self::logical_size_of(&h.file, &h.path)
+    }
+
+    fn logical_size_of(file: &File, path: &Path) -> Result<u64, Errno> {
+        let stored = file.metadata().map_err(|e| errno(&e))?.len();
         page::logical_len(stored).map_err(|e| {
-            tracing::error!(file = %h.path.display(), error = %e, "backing file has an impossible length");
+            tracing::error!(file = %path.display(), error = %e, "backing file has an impossible length");
             Errno::EIO
+        })
+    }
+
+    /// The backing directory.
+    pub fn backing(&self) -> &Path {
+        &self.backing
+    }
+
+    /// The FUSE inode number of a backing file.
+    pub fn inode_of(&self, m: &Metadata) -> u64 {
+        self.fuse_ino(m.ino())
+    }
+
+    /// Open files whose last name is gone (unlinked while open): no walk of
+    /// the backing directory finds them, but they are still read.
+    pub fn unlinked_open_files(&self) -> Vec<(u64, FileId, File, PathBuf)> {
+        self.handles
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|h| h.file.metadata().is_ok_and(|m| m.nlink() == 0))
+            .filter_map(|h| Some((h.ino, h.file_id, h.file.try_clone().ok()?, h.path.clone())))
+            .collect()
+    }
+
+    /// Re-encrypts under the cipher's current version every block in
+    /// `[first, first + max)` of `file` that is under another version, with
+    /// the inode's exclusive lock held for the step (so no write of the
+    /// kernel's can land between the read and the write back: no lost
+    /// update). `buf` is scratch space.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rekey_step(
+        &self,
+        file: &File,
+        path: &Path,
+        ino: u64,
+        file_id: &FileId,
+        first: u64,
+        max: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<RekeyStep, Errno> {
+        let inode = self.inode(ino);
+        let _excl = inode.lock.write().unwrap_or_else(|p| p.into_inner());
+        let len = Self::logical_size_of(file, path)?;
+        let nblocks = len.div_ceil(PAGE_SIZE as u64);
+        if first >= nblocks {
+            return Ok(RekeyStep::default());
+        }
+        let last = (first + max.max(1)).min(nblocks) - 1;
+        let start = page::block_offset(first);
+        let end = page::block_offset(last) + (block_len(len, last) + TRAILER_LEN) as u64;
+        let stored = scratch(buf, (end - start) as usize);
+        file.read_exact_at(stored, start).map_err(|e| errno(&e))?;
+        let cipher = self.cipher.read().unwrap_or_else(|p| p.into_inner());
+        let target = cipher.current_version();
+        let mut plain = [0u8; PAGE_SIZE];
+        let mut sealed = [0u8; PAGE_SIZE + TRAILER_LEN];
+        let (mut at, mut rewritten) = (0usize, 0u64);
+        for b in first..=last {
+            let n = block_len(len, b) + TRAILER_LEN;
+            let block = &mut stored[at..at + n];
+            if PageCipher::block_version(block) != Some(target) {
+                cipher
+                    .decrypt_block(file_id, b, block, &mut plain)
+                    .map_err(|e| {
+                        tracing::error!(file = %path.display(), block = b, error = %e, "re-key cannot read a damaged block; leaving it");
+                        Errno::EIO
+                    })?;
+                cipher
+                    .encrypt_block(file_id, b, &plain[..n - TRAILER_LEN], &mut sealed[..n])
+                    .map_err(|_| Errno::EIO)?;
+                block.copy_from_slice(&sealed[..n]);
+                rewritten += 1;
+            }
+            at += n;
+        }
+        plain.fill(0);
+        drop(cipher);
+        if rewritten > 0 {
+            file.write_all_at(stored, start).map_err(|e| errno(&e))?;
+        }
+        Ok(RekeyStep {
+            blocks: last - first + 1,
+            rewritten,
+            stored_bytes: end - start,
         })
     }
 
@@ -742,6 +846,24 @@ thread_local! {
     static WHOLE_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// What one [`Core::rekey_step`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RekeyStep {
+    /// Blocks looked at (0: the file ends before `first`).
+    pub blocks: u64,
+    /// Blocks re-encrypted.
+    pub rewritten: u64,
+    /// Stored bytes read.
+    pub stored_bytes: u64,
+}
+
+/// Names in the backing root that belong to tde (the key file, its
+/// temporary copy, the control socket, the re-key checkpoint): hidden from
+/// and untouchable through the mount.
+pub fn is_reserved(name: &OsStr) -> bool {
+    name.as_encoded_bytes().starts_with(b"tde.")
+}
+
 /// Large writes (the kernel's writeback of a file written sequentially)
 /// start the backing file's writeback right away, so the disk works while
 /// the next writes are encrypted and the final fsync has little left to do.
@@ -939,7 +1061,7 @@ impl Filesystem for TdeFs {
                 .map_err(|e| errno(&e))?;
             f.write_all_at(&FileHeader::generate().map_err(|_| Errno::EIO)?.encode(), 0)
                 .map_err(|e| errno(&e))?;
-            Self::chown_to(&path, req);
+            Core::chown_to(&path, req);
             self.stat_rel(&rel)
         })();
         match result {
@@ -966,7 +1088,7 @@ impl Filesystem for TdeFs {
                 std::fs::Permissions::from_mode(mode & !umask & 0o7777),
             )
             .map_err(|e| errno(&e))?;
-            Self::chown_to(&path, req);
+            Core::chown_to(&path, req);
             self.stat_rel(&rel)
         })();
         match result {
@@ -1001,7 +1123,7 @@ impl Filesystem for TdeFs {
             let rel = self.child(parent, link_name)?;
             let path = self.abs(&rel);
             std::os::unix::fs::symlink(target, &path).map_err(|e| errno(&e))?;
-            Self::chown_to(&path, req);
+            Core::chown_to(&path, req);
             self.stat_rel(&rel)
         })();
         match result {
@@ -1205,7 +1327,7 @@ impl Filesystem for TdeFs {
             for e in std::fs::read_dir(self.abs(&rel)).map_err(|e| errno(&e))? {
                 let e = e.map_err(|e| errno(&e))?;
                 let name = e.file_name();
-                if at_root && (name == KEY_FILE || name == format!("{KEY_FILE}.tmp").as_str()) {
+                if at_root && is_reserved(&name) {
                     continue;
                 }
                 let ft = e.file_type().map_err(|e| errno(&e))?;
@@ -1289,7 +1411,7 @@ impl Filesystem for TdeFs {
             if f.metadata().map_err(|e| errno(&e))?.len() == 0 {
                 f.write_all_at(&FileHeader::generate().map_err(|_| Errno::EIO)?.encode(), 0)
                     .map_err(|e| errno(&e))?;
-                Self::chown_to(&path, req);
+                Core::chown_to(&path, req);
             }
             drop(f);
             let attr = self.stat_rel(&rel)?;
@@ -1341,7 +1463,7 @@ impl Filesystem for TdeFs {
         }
         let r = self.handle(fh).and_then(|h| {
             let want = offset + length;
-            if want > Self::logical_size(&h)? {
+            if want > Core::logical_size(&h)? {
                 self.set_len(&h, want)
             } else {
                 Ok(())

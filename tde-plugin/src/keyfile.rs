@@ -123,23 +123,38 @@ impl KeyFile {
 
     /// Writes the key file atomically (temp file, fsync, rename, fsync dir).
     pub fn store(&self, backing: &Path) -> anyhow::Result<()> {
-        let path = Self::path(backing);
-        let tmp = backing.join(format!("{KEY_FILE}.tmp"));
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(serde_json::to_string_pretty(self)?.as_bytes())?;
-        f.write_all(b"\n")?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, &path).with_context(|| format!("replacing {}", path.display()))?;
-        std::fs::File::open(backing)?.sync_all()?;
-        Ok(())
+        let mut text = serde_json::to_string_pretty(self)?;
+        text.push('\n');
+        write_atomic(&Self::path(backing), text.as_bytes())
     }
+}
+
+/// Replaces `path` with `bytes` atomically and durably: a temporary file
+/// (mode 0600) in the same directory is written and fsynced, renamed over
+/// `path`, and the directory is fsynced. A crash leaves the old or the new
+/// file, never a mix.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let dir = path.parent().context("a file path has a directory")?;
+    let mut tmp_name = path
+        .file_name()
+        .context("a file path has a name")?
+        .to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = dir.join(tmp_name);
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    drop(f);
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -10,15 +10,20 @@
 //! - [`keyfile`]: the wrapped data keys of a tablespace, in its backing
 //!   directory.
 //! - [`client`]: a blocking client for the sidecar's sockets.
+//! - [`control`]: the mount's control socket (`tde rekey`, `tde status`).
 //! - [`fs`]: the FUSE file system that encrypts a backing directory.
 //! - [`mount`]: `tde mount`: unwrap the DEK, mount, serve, unmount.
+//! - [`rekey`]: online re-encryption of every block under a new data key
+//!   version, throttled, checkpointed, resumable.
 //! - [`rotation`]: master-key rotation: rewrap the key file, register with
 //!   the sidecar's registry, follow new primary versions.
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod control;
 pub mod fs;
 pub mod keyfile;
 pub mod mount;
 pub mod page;
+pub mod rekey;
 pub mod rotation;

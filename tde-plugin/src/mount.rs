@@ -20,6 +20,7 @@ use crate::client::{Client, Refused};
 use crate::fs::TdeFs;
 use crate::keyfile::KeyFile;
 use crate::page::PageCipher;
+use crate::rekey::{KeySource, Rekey};
 use crate::rotation::{Keeper, KeyFileLock};
 
 /// What `tde mount` was asked to do.
@@ -202,6 +203,8 @@ pub fn load_keys(spec: &MountSpec) -> anyhow::Result<PageCipher> {
 pub struct Mounted {
     session: Option<fuser::BackgroundSession>,
     keeper: Option<Keeper>,
+    control: Option<crate::control::Server>,
+    rekey: Option<Arc<Rekey>>,
     /// The mountpoint.
     pub mountpoint: PathBuf,
 }
@@ -232,6 +235,12 @@ impl Mounted {
     }
 
     fn shutdown(&mut self) -> anyhow::Result<()> {
+        if let Some(mut c) = self.control.take() {
+            c.stop();
+        }
+        if let Some(r) = self.rekey.take() {
+            r.stop();
+        }
         if let Some(mut k) = self.keeper.take() {
             k.stop();
         }
@@ -266,7 +275,7 @@ impl Drop for Mounted {
 pub fn mount(spec: &MountSpec) -> anyhow::Result<Mounted> {
     check_dirs(spec)?;
     let cipher = Arc::new(RwLock::new(load_keys(spec)?));
-    let fs = TdeFs::new(&spec.backing, cipher).context("opening the backing directory")?;
+    let fs = TdeFs::new(&spec.backing, cipher.clone()).context("opening the backing directory")?;
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName(format!("tde:{}", spec.backing.display())),
@@ -278,6 +287,7 @@ pub fn mount(spec: &MountSpec) -> anyhow::Result<Mounted> {
     config.acl = SessionACL::All;
     config.n_threads = Some(spec.threads.max(1));
     config.clone_fd = true;
+    let core = fs.clone();
     let session = fuser::spawn_mount(fs, &spec.mountpoint, &config)
         .with_context(|| format!("mounting on {}", spec.mountpoint.display()))?;
     // The kernel gives the root inode placeholder attributes (owner root)
@@ -293,6 +303,15 @@ pub fn mount(spec: &MountSpec) -> anyhow::Result<Mounted> {
         spec.backing.clone(),
         keyfile_lock.clone(),
     )?;
+    let rekey = Arc::new(Rekey::new(
+        core,
+        cipher,
+        KeySource {
+            sidecar: spec.sidecar.clone(),
+        },
+        keyfile_lock,
+    )?);
+    let control = crate::control::Server::start(&spec.backing, rekey.clone())?;
     tracing::info!(
         backing = %spec.backing.display(),
         mountpoint = %spec.mountpoint.display(),
@@ -302,6 +321,8 @@ pub fn mount(spec: &MountSpec) -> anyhow::Result<Mounted> {
     Ok(Mounted {
         session: Some(session),
         keeper: Some(keeper),
+        control: Some(control),
+        rekey: Some(rekey),
         mountpoint: spec.mountpoint.clone(),
     })
 }

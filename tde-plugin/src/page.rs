@@ -290,7 +290,12 @@ impl PageCipher {
         }
     }
 
-    /// The version new writes use.
+    /// The versions it holds.
+    pub fn versions(&self) -> Vec<u32> {
+        self.keys.iter().map(|k| k.version).collect()
+    }
+
+    /// The version new blocks are encrypted under.
     pub fn current_version(&self) -> u32 {
         self.current
     }
