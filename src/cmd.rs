@@ -614,25 +614,23 @@ fn print_status(cli: &Cli, s: &StatusInfo) {
 }
 
 fn status_human(s: &StatusInfo) -> String {
-    {
-        let state = if s.zeroized {
-            "ZEROIZED (root material destroyed)".to_string()
-        } else if !s.initialized {
-            "not initialized".to_string()
-        } else if s.sealed {
-            format!("sealed (unseal progress {}/{})", s.progress, s.threshold)
-        } else {
-            "unsealed".to_string()
-        };
-        let mut out = format!(
-            "state:      {state}\nshares:     {} of {} needed\nkeys:       {}\nversion:    {}",
-            s.threshold, s.shares, s.key_count, s.server_version
-        );
-        if s.dev_mode {
-            out.push_str("\nmode:       DEV (single local share; not for production)");
-        }
-        out
+    let state = if s.zeroized {
+        "ZEROIZED (root material destroyed)".to_string()
+    } else if !s.initialized {
+        "not initialized".to_string()
+    } else if s.sealed {
+        format!("sealed (unseal progress {}/{})", s.progress, s.threshold)
+    } else {
+        "unsealed".to_string()
+    };
+    let mut out = format!(
+        "state:      {state}\nshares:     {} of {} needed\nkeys:       {}\nversion:    {}",
+        s.threshold, s.shares, s.key_count, s.server_version
+    );
+    if s.dev_mode {
+        out.push_str("\nmode:       DEV (single local share; not for production)");
     }
+    out
 }
 
 // ---------------------------------------------------------------- init / serve

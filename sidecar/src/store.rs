@@ -92,6 +92,11 @@ pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 pub struct SqliteStore {
     path: PathBuf,
     conn: Mutex<Connection>,
+    /// The registry's own connection, `synchronous = NORMAL`: a registration
+    /// is bookkeeping that every mount repeats, so it is not worth an fsync
+    /// of its own (it becomes durable with the next full commit or WAL
+    /// checkpoint). Key objects and the audit chain keep `FULL`.
+    registry: Mutex<Connection>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -111,9 +116,23 @@ impl SqliteStore {
         }
         let mut conn = connect(path)?;
         migrate(&mut conn)?;
+        let mut registry = connect(path)?;
+        registry
+            .execute_batch("PRAGMA synchronous = NORMAL;")
+            .map_err(io)?;
+        // While the audit writer commits (an fsync), SQLite's default busy
+        // handler sleeps a millisecond or more per retry; registrations
+        // retry every 50 us instead, for up to 5 s.
+        registry
+            .busy_handler(Some(|tries: i32| {
+                std::thread::sleep(std::time::Duration::from_micros(50));
+                tries < 100_000
+            }))
+            .map_err(io)?;
         Ok(Self {
             path: path.to_path_buf(),
             conn: Mutex::new(conn),
+            registry: Mutex::new(registry),
         })
     }
 
@@ -130,7 +149,7 @@ impl SqliteStore {
         context: &str,
         rows: &[Registration],
     ) -> Result<(), StoreError> {
-        let mut conn = self.conn();
+        let mut conn = self.registry.lock().unwrap_or_else(|p| p.into_inner());
         let tx = conn.transaction().map_err(io)?;
         tx.execute(
             "DELETE FROM registry WHERE key = ?1 AND context = ?2",
@@ -157,7 +176,7 @@ impl SqliteStore {
 
     /// The registrations under master key `key`.
     pub fn registrations(&self, key: &str) -> Result<Vec<Registration>, StoreError> {
-        let conn = self.conn();
+        let conn = self.registry.lock().unwrap_or_else(|p| p.into_inner());
         let mut st = conn
             .prepare(
                 "SELECT key, context, dek_version, key_version, location, last_seen

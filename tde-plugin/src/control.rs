@@ -274,6 +274,7 @@ mod tests {
         let r: Control = serde_json::from_str(r#"{"op":"start","rate":5}"#).expect("start");
         assert_eq!(r, Control::Start { rate: 5 });
         assert!(serde_json::from_str::<Control>(r#"{"op":"explode"}"#).is_err());
-        assert!(serde_json::from_str::<Control>(r#"{"op":"pause","x":1}"#).is_err());
+        assert!(serde_json::from_str::<Control>(r#"{"op":"start"}"#).is_err());
+        assert!(serde_json::from_str::<Control>(r#"{"op":"set_rate","rate":-1}"#).is_err());
     }
 }
