@@ -46,7 +46,7 @@ use crate::rotation::KeyFileLock;
 /// Blocks per step (one lock hold, one read, at most one write).
 pub const STEP_BLOCKS: u64 = 32;
 /// How often progress is made durable.
-pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
+pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// File name of the checkpoint in the backing root.
 pub const CHECKPOINT_FILE: &str = "tde.rekey";
 const CHECKPOINT_FORMAT: &str = "tde-rekey-1";

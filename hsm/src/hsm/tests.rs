@@ -304,3 +304,32 @@ fn tamper_policy_zeroizes_on_lockout() {
     assert!(h.status().zeroized);
     assert!(store.root.lock().expect("lock").is_none());
 }
+
+#[test]
+fn rotation_policy_rotates_when_due_and_survives_unseal() {
+    let (_s, h, shares) = unsealed();
+    h.key_create("pg", "").expect("create");
+    h.key_create("manual", "").expect("create");
+    let info = h.key_set_rotation("pg", 3600).expect("policy");
+    assert_eq!(info.rotate_after, 3600);
+    let created = info.versions[0].created;
+    // Not yet due.
+    assert!(h.rotate_due(created + 3599).expect("check").is_empty());
+    // Due: only the key with a policy rotates, once per period.
+    let done = h.rotate_due(created + 3600).expect("check");
+    assert_eq!(done, vec![("pg".to_string(), 2)]);
+    assert!(
+        h.take_events()
+            .iter()
+            .any(|e| matches!(e, HsmEvent::AutoRotated { key, version: 2 } if key == "pg"))
+    );
+    assert_eq!(h.key_describe("manual").expect("d").primary, 1);
+    // The policy is sealed with the key and survives seal and unseal.
+    h.seal().expect("seal");
+    for sh in &shares[..3] {
+        h.unseal(sh.expose()).expect("unseal");
+    }
+    assert_eq!(h.key_describe("pg").expect("d").rotate_after, 3600);
+    h.key_set_rotation("pg", 0).expect("off");
+    assert!(h.rotate_due(u64::MAX).expect("check").is_empty());
+}
