@@ -80,6 +80,11 @@ pub struct AuditRecord {
     /// Why (the error message), or other detail.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// A registry change committed in the same transaction as this record
+    /// (only if the operation succeeded): the registration is durable
+    /// exactly when its audit record is, with no write of its own.
+    #[serde(skip)]
+    pub registration: Option<store::RegistryWrite>,
 }
 
 impl AuditRecord {
@@ -100,6 +105,7 @@ impl AuditRecord {
             result: "ok",
             error_code: None,
             detail: None,
+            registration: None,
         }
     }
 }
@@ -261,6 +267,13 @@ fn commit(
             let hash = chain_hash(&prev, json.as_bytes());
             insert.execute(params![seq as i64, json, &prev[..], &hash[..]])?;
             prev = hash;
+            if let Some(r) = record
+                .registration
+                .as_ref()
+                .filter(|_| record.result == "ok")
+            {
+                store::write_registration(&tx, r)?;
+            }
         }
     }
     tx.commit()?;

@@ -14,7 +14,7 @@ use tde_protocol::{
 
 use crate::audit::{Actor, AuditLog, AuditRecord};
 use crate::policy::{self, ClientPolicy};
-use crate::store::{Registration, SqliteStore};
+use crate::store::{Registration, RegistryWrite, SqliteStore};
 
 /// Longest a `watch_key` request waits.
 pub const MAX_WATCH: Duration = Duration::from_secs(60);
@@ -485,11 +485,11 @@ impl Service {
         match req {
             Request::RegisterDeks { key, .. } => {
                 p.allows("decrypt", Some(key), context).map_err(denied)?;
-                return self.data_op(req);
+                return self.data_op(req, rec);
             }
             Request::WatchKey { key, .. } => {
                 p.allows_key("decrypt", key).map_err(denied)?;
-                return self.data_op(req);
+                return self.data_op(req, rec);
             }
             _ => {}
         }
@@ -503,10 +503,10 @@ impl Service {
         }
         p.allows(req.op().name(), rec.key.as_deref(), context)
             .map_err(denied)?;
-        self.data_op(req)
+        self.data_op(req, rec)
     }
 
-    fn data_op(&self, req: &Request) -> Outcome {
+    fn data_op(&self, req: &Request, rec: &mut AuditRecord) -> Outcome {
         match req {
             Request::GenerateDataKey { key, context } => {
                 let g = hsm(self.hsm.generate_data_key(key, context))?;
@@ -573,9 +573,12 @@ impl Service {
                         last_seen: now,
                     })
                     .collect();
-                self.registry
-                    .register(key, &ctx, &rows)
-                    .map_err(|e| (ErrorCode::StoreFailed, e.to_string()))?;
+                // Written with the audit record, in its transaction.
+                rec.registration = Some(RegistryWrite {
+                    key: key.clone(),
+                    context: ctx,
+                    rows,
+                });
                 Ok(Response::KeyPrimary {
                     key: key.clone(),
                     version: info.primary,
@@ -823,7 +826,7 @@ impl Service {
             }
             r if r.op().is_data_op() => {
                 need(&[Role::CryptoUser])?;
-                self.data_op(r)
+                self.data_op(r, rec)
             }
             _ => Err((ErrorCode::UnknownOperation, "unsupported operation".into())),
         }

@@ -17,12 +17,50 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../sql/sqlite/002_registry.sql"),
 ];
 
+/// A registry change: the registration of `(key, context)` becomes `rows`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistryWrite {
+    /// Master key name.
+    pub key: String,
+    /// Encryption context (JSON).
+    pub context: String,
+    /// The new rows (all of this key and context).
+    pub rows: Vec<Registration>,
+}
+
+/// Applies `w` inside the transaction `tx` (the audit writer's: see
+/// [`crate::audit::AuditRecord::registration`]).
+pub fn write_registration(
+    tx: &rusqlite::Transaction<'_>,
+    w: &RegistryWrite,
+) -> rusqlite::Result<()> {
+    tx.execute(
+        "DELETE FROM registry WHERE key = ?1 AND context = ?2",
+        rusqlite::params![w.key, w.context],
+    )?;
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO registry (key, context, dek_version, key_version, location, last_seen)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?;
+    for r in &w.rows {
+        insert.execute(rusqlite::params![
+            w.key,
+            w.context,
+            r.dek_version,
+            r.key_version,
+            r.location,
+            r.last_seen as i64
+        ])?;
+    }
+    Ok(())
+}
+
 /// One row of the data key registry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Registration {
     /// Master key name.
     pub key: String,
-    /// Encryption context, as `k=v` pairs joined by `,` (sorted).
+    /// Encryption context (JSON, sorted keys).
     pub context: String,
     /// Data key version.
     pub dek_version: u32,
@@ -92,11 +130,6 @@ pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 pub struct SqliteStore {
     path: PathBuf,
     conn: Mutex<Connection>,
-    /// The registry's own connection, `synchronous = NORMAL`: a registration
-    /// is bookkeeping that every mount repeats, so it is not worth an fsync
-    /// of its own (it becomes durable with the next full commit or WAL
-    /// checkpoint). Key objects and the audit chain keep `FULL`.
-    registry: Mutex<Connection>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -116,23 +149,9 @@ impl SqliteStore {
         }
         let mut conn = connect(path)?;
         migrate(&mut conn)?;
-        let mut registry = connect(path)?;
-        registry
-            .execute_batch("PRAGMA synchronous = NORMAL;")
-            .map_err(io)?;
-        // While the audit writer commits (an fsync), SQLite's default busy
-        // handler sleeps a millisecond or more per retry; registrations
-        // retry every 50 us instead, for up to 5 s.
-        registry
-            .busy_handler(Some(|tries: i32| {
-                std::thread::sleep(std::time::Duration::from_micros(50));
-                tries < 100_000
-            }))
-            .map_err(io)?;
         Ok(Self {
             path: path.to_path_buf(),
             conn: Mutex::new(conn),
-            registry: Mutex::new(registry),
         })
     }
 
@@ -141,42 +160,9 @@ impl SqliteStore {
         &self.path
     }
 
-    /// Replaces the registration of `(key, context)` with `rows` (all of
-    /// the same key and context), in one transaction.
-    pub fn register(
-        &self,
-        key: &str,
-        context: &str,
-        rows: &[Registration],
-    ) -> Result<(), StoreError> {
-        let mut conn = self.registry.lock().unwrap_or_else(|p| p.into_inner());
-        let tx = conn.transaction().map_err(io)?;
-        tx.execute(
-            "DELETE FROM registry WHERE key = ?1 AND context = ?2",
-            rusqlite::params![key, context],
-        )
-        .map_err(io)?;
-        for r in rows {
-            tx.execute(
-                "INSERT INTO registry (key, context, dek_version, key_version, location, last_seen)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                rusqlite::params![
-                    r.key,
-                    r.context,
-                    r.dek_version,
-                    r.key_version,
-                    r.location,
-                    r.last_seen as i64
-                ],
-            )
-            .map_err(io)?;
-        }
-        tx.commit().map_err(io)
-    }
-
     /// The registrations under master key `key`.
     pub fn registrations(&self, key: &str) -> Result<Vec<Registration>, StoreError> {
-        let conn = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        let conn = self.conn();
         let mut st = conn
             .prepare(
                 "SELECT key, context, dek_version, key_version, location, last_seen
