@@ -662,10 +662,11 @@ impl Core {
             return WHOLE_BUF.with(|cell| {
                 let out = &mut *cell.borrow_mut();
                 let out = scratch(out, data.len() / PAGE_SIZE * (PAGE_SIZE + TRAILER_LEN));
-                self.encrypt_whole(h, offset, data, out)?;
+                let version = self.encrypt_whole(h, offset, data, out)?;
                 // Inside the current size: no size change, so shared.
                 {
                     let _shared = inode.lock.read().unwrap_or_else(|p| p.into_inner());
+                    self.still_current(h, version, offset, data, out)?;
                     if end <= Self::logical_size(h)? {
                         h.file
                             .write_all_at(out, page::block_offset(offset / PAGE_SIZE as u64))
@@ -677,6 +678,7 @@ impl Core {
                 }
                 {
                     let _excl = inode.exclusive_at(h, offset)?;
+                    self.still_current(h, version, offset, data, out)?;
                     let old_len = Self::logical_size(h)?;
                     // A partial old last block inside this write is covered
                     // whole by `data`, so the new blocks simply replace it.
@@ -701,14 +703,14 @@ impl Core {
     }
 
     /// Encrypts whole blocks of `data` (at the block-aligned `offset`) into
-    /// `out`.
+    /// `out`; returns the data key version used.
     fn encrypt_whole(
         &self,
         h: &Handle,
         offset: u64,
         data: &[u8],
         out: &mut [u8],
-    ) -> Result<(), Errno> {
+    ) -> Result<u32, Errno> {
         let first = offset / PAGE_SIZE as u64;
         let cipher = self.cipher.read().unwrap_or_else(|p| p.into_inner());
         for (i, (plain, stored)) in data
@@ -719,6 +721,29 @@ impl Core {
             cipher
                 .encrypt_block(&h.file_id, first + i as u64, plain, stored)
                 .map_err(|_| Errno::EIO)?;
+        }
+        Ok(cipher.current_version())
+    }
+
+    /// Called with the inode lock held, before writing blocks encrypted
+    /// without it: if a re-key changed the current data key version
+    /// meanwhile, encrypts them again, so that no block is written under a
+    /// version that a re-key has already moved past (and may retire).
+    fn still_current(
+        &self,
+        h: &Handle,
+        version: u32,
+        offset: u64,
+        data: &[u8],
+        out: &mut [u8],
+    ) -> Result<(), Errno> {
+        let now = self
+            .cipher
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .current_version();
+        if now != version {
+            self.encrypt_whole(h, offset, data, out)?;
         }
         Ok(())
     }

@@ -278,7 +278,9 @@ pub fn mount(spec: &MountSpec) -> anyhow::Result<Mounted> {
     let fs = TdeFs::new(&spec.backing, cipher.clone()).context("opening the backing directory")?;
     let mut config = Config::default();
     config.mount_options = vec![
-        MountOption::FSName(format!("tde:{}", spec.backing.display())),
+        // Absolute: `tde rekey` and `tde status` find the backing directory
+        // (and its control socket) from /proc/self/mounts.
+        MountOption::FSName(format!("tde:{}", fs.backing().display())),
         MountOption::Subtype("tde".into()),
         MountOption::DefaultPermissions,
         MountOption::NoDev,
