@@ -291,10 +291,10 @@ fn tour(dir: &Path, stack: &Mutex<Stack>) -> anyhow::Result<()> {
         }),
         ErrorCode::KeyDisabled,
     )?;
-    drop(admin);
     drop(data);
 
-    postgres_part(dir, &exe, &data_sock, stack, &mut n)?;
+    postgres_part(dir, &exe, &data_sock, &mut admin, stack, &mut n)?;
+    drop(admin);
 
     step(
         &mut n,
@@ -321,6 +321,7 @@ fn postgres_part(
     dir: &Path,
     exe: &Path,
     data_sock: &Path,
+    admin: &mut Client,
     stack: &Mutex<Stack>,
     n: &mut u32,
 ) -> anyhow::Result<()> {
@@ -534,6 +535,86 @@ fn postgres_part(
     if found(&cipher) != 0 || found(&plain) == 0 {
         bail!("the backing file is not ciphertext");
     }
+
+    step(
+        n,
+        "Rotate demo-mek while PostgreSQL runs: the mount hears of it and rewraps its key file (no data touched)",
+    );
+    let t0 = Instant::now();
+    let Response::Key(k) = admin.call(&Request::KeyRotate {
+        key: "demo-mek".into(),
+    })?
+    else {
+        bail!("unexpected response")
+    };
+    let mek_version = || {
+        tde_plugin::keyfile::KeyFile::load(&backing)
+            .map(|kf| kf.deks.iter().map(|d| d.mek_version).min().unwrap_or(0))
+            .unwrap_or(0)
+    };
+    while mek_version() != k.primary_version {
+        if t0.elapsed() > Duration::from_secs(40) {
+            bail!("the mount did not rewrap its key file");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!(
+        "    demo-mek v{}: the key file was rewrapped {} ms after the rotation",
+        k.primary_version,
+        t0.elapsed().as_millis()
+    );
+    if let Response::Key(k) = admin.call(&Request::KeyDescribe {
+        key: "demo-mek".into(),
+    })? {
+        for r in &k.references {
+            println!(
+                "    registry: tablespace {} data key v{} is wrapped under demo-mek v{}",
+                r.context.get("tablespace").map_or("?", String::as_str),
+                r.dek_version,
+                r.key_version
+            );
+        }
+    }
+
+    step(
+        n,
+        "Re-key the tablespace online: every block moves to a new data key while pgbench runs",
+    );
+    use tde_plugin::control::{Control, call};
+    let t0 = Instant::now();
+    call(&backing, &Control::Start { rate: 0 })?;
+    let run = pgbench(&["-n", "-c", "4", "-j", "2", "-T", "3"])?;
+    let st = loop {
+        let st = call(&backing, &Control::Status)?;
+        match st.state.as_str() {
+            "done" => break st,
+            "failed" => bail!("the re-key failed: {:?}", st.error),
+            _ if t0.elapsed() > Duration::from_secs(120) => bail!("the re-key did not finish"),
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    let failed = run
+        .lines()
+        .find(|l| l.starts_with("number of failed"))
+        .unwrap_or("");
+    println!(
+        "    data key v{} replaced v{:?}: {} blocks re-encrypted; pgbench meanwhile: {failed}",
+        st.target_version.unwrap_or(0),
+        st.old_versions,
+        st.blocks_rewritten
+    );
+    let i = tde_plugin::rekey::inspect(&backing)?;
+    println!(
+        "    block trailers in the backing directory, per data key version: {:?}",
+        i.versions
+    );
+    if i.versions.len() != 1 {
+        bail!("blocks are left under an old data key version");
+    }
+    println!(
+        "    SELECT count(*) FROM secrets  ->  {}",
+        psql("SELECT count(*) FROM secrets")?
+    );
     Ok(())
 }
 

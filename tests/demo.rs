@@ -53,6 +53,9 @@ fn demo_runs_and_leaves_nothing_behind() {
         "KEY_DISABLED",
         "number of failed transactions: 0",
         "the marker appears 0 times",
+        "the key file was rewrapped",
+        "blocks re-encrypted; pgbench meanwhile: number of failed transactions: 0",
+        "per data key version: {2: ",
         "SHA-256 chain intact",
         "Nothing is left running",
     ] {
