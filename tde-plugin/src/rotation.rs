@@ -190,6 +190,11 @@ fn keep(
             match Client::connect(sidecar) {
                 Ok(c) => {
                     *stream.lock().unwrap_or_else(|p| p.into_inner()) = c.stream_clone().ok();
+                    // `stop` sets its flag before it shuts the stored stream
+                    // down: either it sees this stream or we see the flag.
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
                     conn = Some(c);
                     registered_at = None;
                     if lost {
@@ -253,9 +258,7 @@ fn keep(
         };
         match step {
             Ok(()) => refusal = None,
-            Err(e) if stop.load(Ordering::SeqCst) => {
-                let _ = e;
-            }
+            Err(_) if stop.load(Ordering::SeqCst) => {}
             Err(e) => {
                 let refused = e.downcast_ref::<crate::client::Refused>().is_some();
                 if refused {
