@@ -1167,3 +1167,33 @@ fn datakey(cli: &Cli, cfg: &Config, d: &DatakeyCmd) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{parse_period, parse_rate};
+
+    #[test]
+    fn rates() {
+        assert_eq!(parse_rate("50MB/s").expect("r"), 50_000_000);
+        assert_eq!(parse_rate("200M").expect("r"), 200_000_000);
+        assert_eq!(parse_rate("1GiB/s").expect("r"), 1 << 30);
+        assert_eq!(parse_rate("1.5G").expect("r"), 1_500_000_000);
+        assert_eq!(parse_rate("unlimited").expect("r"), 0);
+        assert_eq!(parse_rate("0").expect("r"), 0);
+        for bad in ["fast", "50XB/s", "10K", "", "MB/s"] {
+            assert!(parse_rate(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn periods() {
+        assert_eq!(parse_period("90d").expect("p"), 90 * 86400);
+        assert_eq!(parse_period("12h").expect("p"), 12 * 3600);
+        assert_eq!(parse_period("30m").expect("p"), 1800);
+        assert_eq!(parse_period("3s").expect("p"), 3);
+        assert_eq!(parse_period("45").expect("p"), 45);
+        for bad in ["0s", "d", "5w", "-1d", "99999999999999999999d"] {
+            assert!(parse_period(bad).is_err(), "{bad}");
+        }
+    }
+}
