@@ -787,11 +787,14 @@ fn serve(cli: &Cli, mut cfg: Config, a: &ServeArgs) -> anyhow::Result<()> {
 // ---------------------------------------------------------------- admin
 
 fn status(cli: &Cli, cfg: &Config) -> anyhow::Result<()> {
-    let mut c = Client::connect(&admin_path(cli, cfg))
-        .or_else(|_| Client::connect(&data_path(cli, cfg)))?;
-    let Response::Status(s) = c.call(&Request::Status)? else {
-        bail!("unexpected response")
-    };
+    // The sidecar's state, and every mount's (listed even when the sidecar
+    // is down: mounts keep serving then, and say so).
+    let sidecar = Client::connect(&admin_path(cli, cfg))
+        .or_else(|_| Client::connect(&data_path(cli, cfg)))
+        .and_then(|mut c| match c.call(&Request::Status)? {
+            Response::Status(s) => Ok(s),
+            _ => bail!("unexpected response"),
+        });
     let mounts: Vec<_> = tde_plugin::control::mounts()
         .into_iter()
         .map(|(m, b)| {
@@ -799,7 +802,10 @@ fn status(cli: &Cli, cfg: &Config) -> anyhow::Result<()> {
             (m, b, r)
         })
         .collect();
-    let mut v = status_json(&s);
+    let mut v = match &sidecar {
+        Ok(s) => status_json(s),
+        Err(e) => json!({"sidecar_error": format!("{e:#}")}),
+    };
     v["mounts"] = json!(
         mounts
             .iter()
@@ -811,23 +817,29 @@ fn status(cli: &Cli, cfg: &Config) -> anyhow::Result<()> {
             }))
             .collect::<Vec<_>>()
     );
-    emit(cli, v, || {
-        let mut out = status_human(&s);
-        for (m, b, r) in &mounts {
-            out.push_str(&format!(
-                "\nmount:      {} (backing {}): {}",
-                m.display(),
-                b.display(),
-                match r {
-                    Ok(st) if st.state == "idle" => "no re-key running".to_string(),
-                    Ok(st) => rekey_line(st),
-                    Err(e) => format!("{e:#}"),
-                }
-            ));
-        }
-        out
-    });
-    Ok(())
+    if sidecar.is_ok() || !mounts.is_empty() {
+        emit(cli, v, || {
+            let mut out = match &sidecar {
+                Ok(s) => status_human(s),
+                Err(e) => format!("sidecar:    unreachable: {e:#}"),
+            };
+            for (m, b, r) in &mounts {
+                out.push_str(&format!(
+                    "\nmount:      {} (backing {}): {}",
+                    m.display(),
+                    b.display(),
+                    match r {
+                        Ok(st) if st.state == "idle" => "no re-key running".to_string(),
+                        Ok(st) => rekey_line(st),
+                        Err(e) => format!("{e:#}"),
+                    }
+                ));
+            }
+            out
+        });
+    }
+    // A sidecar that cannot be reached is still a failure for scripts.
+    sidecar.map(|_| ())
 }
 
 fn unseal(cli: &Cli, cfg: &Config, share: Option<&str>, file: Option<&Path>) -> anyhow::Result<()> {
