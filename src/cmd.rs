@@ -269,6 +269,11 @@ fn rewrap(cli: &Cli, cfg: &Config, backing: &Path, sidecar: Option<&Path>) -> an
         .map(Path::to_path_buf)
         .or_else(|| cli.data_socket.clone())
         .unwrap_or_else(|| cfg.data_socket_path());
+    let _lock = tde_plugin::keyfile::BackingLock::acquire(backing).map_err(|e| {
+        anyhow::anyhow!(
+            "{e:#}: a mounted tablespace rewraps its key file by itself after a rotation (see `tde key show`)"
+        )
+    })?;
     let mut c = Client::connect(&socket)?;
     let o = tde_plugin::rotation::sync(&mut c, backing, &Default::default())?;
     emit(

@@ -294,6 +294,23 @@ fn destroy_in_use_is_refused() {
     assert_eq!(used(0)[0]["context"]["tablespace"], "cold");
     assert_eq!(used(1)[0]["context"]["tablespace"], "hot");
 
+    // A mounted one is not rewrapped from outside (the mount does it), and
+    // is not mounted twice.
+    let out = env
+        .cmd(&["rewrap", &hot_b.to_string_lossy()])
+        .output()
+        .expect("tde rewrap");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("in use by a running `tde mount`"), "{err}");
+    let elsewhere = env.pg_dir("m-hot-2");
+    let err = env.mount_refused(
+        &["--tablespace", "hot", "--cluster", "c1"],
+        &hot_b,
+        &elsewhere,
+    );
+    assert!(err.contains("in use by a running `tde mount`"), "{err}");
+
     // Rewrap the cold one offline: now version 1 can go.
     let out = env.ok(&["rewrap", &cold_b.to_string_lossy()]);
     assert_eq!(out["rewrapped"][0]["to"], 2, "{out}");

@@ -129,6 +129,32 @@ impl KeyFile {
     }
 }
 
+/// An exclusive lock on a backing directory (`flock` on the directory),
+/// held by a mount for as long as it runs and by `tde rewrap` while it
+/// works: a backing directory is served by one mount at a time, and its
+/// key file has one writer. The kernel drops it when the process ends,
+/// even by kill -9.
+#[derive(Debug)]
+pub struct BackingLock {
+    _dir: std::fs::File,
+}
+
+impl BackingLock {
+    /// Takes the lock, or says who holds it.
+    pub fn acquire(backing: &Path) -> anyhow::Result<BackingLock> {
+        let dir = std::fs::File::open(backing)
+            .with_context(|| format!("opening {}", backing.display()))?;
+        match rustix::fs::flock(&dir, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(BackingLock { _dir: dir }),
+            Err(e) if e == rustix::io::Errno::WOULDBLOCK => bail!(
+                "{} is in use by a running `tde mount` (or `tde rewrap`)",
+                backing.display()
+            ),
+            Err(e) => Err(e).with_context(|| format!("locking {}", backing.display())),
+        }
+    }
+}
+
 /// Replaces `path` with `bytes` atomically and durably: a temporary file
 /// (mode 0600) in the same directory is written and fsynced, renamed over
 /// `path`, and the directory is fsynced. A crash leaves the old or the new

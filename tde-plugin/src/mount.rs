@@ -202,6 +202,8 @@ pub fn load_keys(spec: &MountSpec) -> anyhow::Result<PageCipher> {
 /// A mounted tablespace; unmounted when dropped.
 pub struct Mounted {
     session: Option<fuser::BackgroundSession>,
+    /// Held until the process ends (the kernel releases it then).
+    _backing_lock: crate::keyfile::BackingLock,
     keeper: Option<Keeper>,
     control: Option<crate::control::Server>,
     rekey: Option<Arc<Rekey>>,
@@ -274,6 +276,7 @@ impl Drop for Mounted {
 /// Checks, loads keys, mounts, and starts the sidecar watcher.
 pub fn mount(spec: &MountSpec) -> anyhow::Result<Mounted> {
     check_dirs(spec)?;
+    let backing_lock = crate::keyfile::BackingLock::acquire(&spec.backing)?;
     let cipher = Arc::new(RwLock::new(load_keys(spec)?));
     let fs = TdeFs::new(&spec.backing, cipher.clone()).context("opening the backing directory")?;
     let mut config = Config::default();
@@ -322,6 +325,7 @@ pub fn mount(spec: &MountSpec) -> anyhow::Result<Mounted> {
     );
     Ok(Mounted {
         session: Some(session),
+        _backing_lock: backing_lock,
         keeper: Some(keeper),
         control: Some(control),
         rekey: Some(rekey),

@@ -78,6 +78,7 @@ pub fn register(c: &mut Client, backing: &Path, kf: &KeyFile) -> anyhow::Result<
 /// Brings `backing`'s key file up to the master key's primary version:
 /// registers, rewraps every data key wrapped under an older version through
 /// the sidecar, replaces the key file atomically, and registers again.
+/// Callers outside the mount hold the [`crate::keyfile::BackingLock`].
 pub fn sync(c: &mut Client, backing: &Path, lock: &Mutex<()>) -> anyhow::Result<SyncOutcome> {
     let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
     let mut kf = KeyFile::load(backing)?;
