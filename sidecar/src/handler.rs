@@ -562,6 +562,7 @@ impl Service {
                 let info = hsm(self.hsm.key_describe(key))?;
                 let ctx = context_text(context);
                 let now = tde_hsm::hsm::now();
+                let location: String = location.chars().take(4096).collect();
                 let rows: Vec<Registration> = deks
                     .iter()
                     .map(|d| Registration {
@@ -569,7 +570,7 @@ impl Service {
                         context: ctx.clone(),
                         dek_version: d.dek_version,
                         key_version: d.key_version,
-                        location: location.chars().take(4096).collect(),
+                        location: location.clone(),
                         last_seen: now,
                     })
                     .collect();
@@ -577,6 +578,7 @@ impl Service {
                 rec.registration = Some(RegistryWrite {
                     key: key.clone(),
                     context: ctx,
+                    location,
                     rows,
                 });
                 Ok(Response::KeyPrimary {

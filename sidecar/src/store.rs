@@ -17,13 +17,16 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../sql/sqlite/002_registry.sql"),
 ];
 
-/// A registry change: the registration of `(key, context)` becomes `rows`.
+/// A registry change: the registration of `(key, context, location)`
+/// becomes `rows`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RegistryWrite {
     /// Master key name.
     pub key: String,
     /// Encryption context (JSON).
     pub context: String,
+    /// Where the data keys live.
+    pub location: String,
     /// The new rows (all of this key and context).
     pub rows: Vec<Registration>,
 }
@@ -35,8 +38,8 @@ pub fn write_registration(
     w: &RegistryWrite,
 ) -> rusqlite::Result<()> {
     tx.execute(
-        "DELETE FROM registry WHERE key = ?1 AND context = ?2",
-        rusqlite::params![w.key, w.context],
+        "DELETE FROM registry WHERE key = ?1 AND context = ?2 AND location = ?3",
+        rusqlite::params![w.key, w.context, w.location],
     )?;
     let mut insert = tx.prepare_cached(
         "INSERT INTO registry (key, context, dek_version, key_version, location, last_seen)
@@ -48,7 +51,7 @@ pub fn write_registration(
             w.context,
             r.dek_version,
             r.key_version,
-            r.location,
+            w.location,
             r.last_seen as i64
         ])?;
     }

@@ -1,7 +1,8 @@
 -- tde key store, schema version 2: the registry of wrapped data keys.
--- One row per data key version of one encryption context (a tablespace):
--- which master key version wraps it, where it lives, when it was last
--- confirmed. No key material; it lets the sidecar tell which master key
+-- One row per data key version of one encryption context (a tablespace) at
+-- one location (its backing directory; a backup rewrapped with `tde rewrap`
+-- is another location): which master key version wraps it, when it was
+-- last confirmed. No key material; it lets the sidecar tell which master key
 -- versions are still in use (`tde key show`) and refuse to destroy them.
 CREATE TABLE registry (
     key         TEXT    NOT NULL,
@@ -10,6 +11,6 @@ CREATE TABLE registry (
     key_version INTEGER NOT NULL,
     location    TEXT    NOT NULL,
     last_seen   INTEGER NOT NULL,
-    PRIMARY KEY (key, context, dek_version)
+    PRIMARY KEY (key, context, location, dek_version)
 );
 CREATE INDEX registry_by_key_version ON registry (key, key_version);
