@@ -326,6 +326,30 @@ fn destroy_in_use_is_refused() {
     )
     .stop();
 
+    // A file-level backup of it, rewrapped, is registered under its own
+    // location: the next rotation's old version is then protected for the
+    // backup as well as for the original.
+    let backup = env.pg_dir("b-cold-backup");
+    let st = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", cold_b.display()))
+        .arg(&backup)
+        .status()
+        .expect("cp");
+    assert!(st.success());
+    env.ok(&["rewrap", &backup.to_string_lossy()]);
+    env.ok(&["key", "rotate", "pg-main"]);
+    wait_rewrapped(&hot_b, 3, Duration::from_secs(10));
+    let msg = env.refused(
+        &["key", "destroy", "pg-main", "--version", "2", "--yes"],
+        "KEY_IN_USE",
+    );
+    assert!(
+        msg.contains(&format!("at {})", cold_b.display()))
+            && msg.contains(&format!("at {})", backup.display())),
+        "{msg}"
+    );
+
     // --force overrides (the tablespace is gone), and the audit says so.
     _other.stop();
     env.ok(&["key", "rotate", "pg-other"]);
