@@ -23,19 +23,7 @@ fn posix_semantics_through_the_mount() {
     let env = Env::new("");
     let _sidecar = env.sidecar_with_keys(&["pg-main"]);
     let (backing, mnt) = (env.pg_dir("backing"), env.pg_dir("mnt"));
-    let _m = env.mount(
-        &[
-            "--init",
-            "--key",
-            "pg-main",
-            "--tablespace",
-            "fs",
-            "--cluster",
-            "c1",
-        ],
-        &backing,
-        &mnt,
-    );
+    let _m = env.mount_init("pg-main", "fs", &backing, &mnt);
 
     // The key file is invisible and untouchable.
     assert_eq!(std::fs::read_dir(&mnt).expect("readdir").count(), 0);
@@ -204,19 +192,7 @@ fn reused_inode_numbers_never_show_old_contents() {
     let env = Env::new("");
     let _sidecar = env.sidecar_with_keys(&["pg-main"]);
     let (backing, mnt) = (env.pg_dir("backing"), env.pg_dir("mnt"));
-    let _m = env.mount(
-        &[
-            "--init",
-            "--key",
-            "pg-main",
-            "--tablespace",
-            "fs",
-            "--cluster",
-            "c1",
-        ],
-        &backing,
-        &mnt,
-    );
+    let _m = env.mount_init("pg-main", "fs", &backing, &mnt);
     let mut seen = std::collections::HashSet::new();
     let mut reused = 0;
     for i in 0..300u32 {
@@ -253,19 +229,7 @@ fn io_continues_while_the_sidecar_is_away() {
     env.unseal(&shares[..3]);
     env.ok(&["key", "create", "pg-main"]);
     let (backing, mnt) = (env.pg_dir("backing"), env.pg_dir("mnt"));
-    let m = env.mount(
-        &[
-            "--init",
-            "--key",
-            "pg-main",
-            "--tablespace",
-            "fs",
-            "--cluster",
-            "c1",
-        ],
-        &backing,
-        &mnt,
-    );
+    let m = env.mount_init("pg-main", "fs", &backing, &mnt);
     std::fs::write(mnt.join("x"), vec![1u8; 50_000]).expect("write");
     sidecar.stop();
     std::thread::sleep(std::time::Duration::from_secs(3));

@@ -22,19 +22,7 @@ fn whole_cluster_on_the_mount() {
     let _sidecar = env.sidecar_with_keys(&["pg-main"]);
     let backing = env.pg_dir("backing");
     let mnt = env.pg_dir("mnt");
-    let _mount = env.mount(
-        &[
-            "--init",
-            "--key",
-            "pg-main",
-            "--tablespace",
-            "cluster",
-            "--cluster",
-            "c1",
-        ],
-        &backing,
-        &mnt,
-    );
+    let _mount = env.mount_init("pg-main", "cluster", &backing, &mnt);
     let mut pg = Pg::initdb(&mnt.join("data"), env.dir.path());
     pg.start();
     let init = pg.pgbench(&["-i", "-s", "5", "-q"]);
@@ -91,19 +79,7 @@ fn crashes_under_load_recover() {
     let _sidecar = env.sidecar_with_keys(&["pg-main"]);
     let args = ["--tablespace", "ts", "--cluster", "c1"];
     let (backing, mnt, mount, mut pg) = tablespace(&env, "pg-main", "ts");
-    let init = pg.pgbench(&[
-        "-i",
-        "-s",
-        "4",
-        "-q",
-        "--tablespace=ts",
-        "--index-tablespace=ts",
-    ]);
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    pg.pgbench_init(4, "ts");
 
     // `-n`: pgbench would otherwise truncate pgbench_history at the start of
     // each run; with it, history accumulates and sum(delta) = sum(abalance).
@@ -154,19 +130,7 @@ fn pgbench_a_minute_eight_clients() {
     let env = Env::new("");
     let _sidecar = env.sidecar_with_keys(&["pg-main"]);
     let (_backing, _mnt, _mount, pg) = tablespace(&env, "pg-main", "ts");
-    let init = pg.pgbench(&[
-        "-i",
-        "-s",
-        "10",
-        "-q",
-        "--tablespace=ts",
-        "--index-tablespace=ts",
-    ]);
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    pg.pgbench_init(10, "ts");
     let run = pg.pgbench(&["-c", "8", "-j", "2", "-T", "60"]);
     assert!(
         run.status.success(),

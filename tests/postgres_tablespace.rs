@@ -6,8 +6,6 @@ use common::Env;
 use common::pg::*;
 
 const MARKER: &str = "MARKER-7f3a-secret-";
-const CHECKSUM: &str =
-    "SELECT count(*) || ':' || md5(string_agg(id || '=' || v, ',' ORDER BY id)) FROM t";
 
 /// 200,000 rows with a marker in a tablespace on the mount, updated,
 /// deleted, VACUUM FULL, CHECKPOINT: the marker is nowhere in the backing
@@ -31,7 +29,7 @@ fn tablespace_on_the_mount_round_trips() {
         "VACUUM FULL t",
         "CHECKPOINT",
     ]);
-    let before = pg.sql(&[CHECKSUM]);
+    let before = pg.sql(&[T_CHECKSUM]);
     assert!(before.starts_with("171429:"), "{before}");
     assert_eq!(pg.sql(&["SELECT spcname FROM pg_class c JOIN pg_tablespace s ON s.oid = c.reltablespace WHERE relname = 't'"]), "secure");
 
@@ -59,7 +57,7 @@ fn tablespace_on_the_mount_round_trips() {
     );
     pg.start();
     assert_eq!(
-        pg.sql(&[CHECKSUM]),
+        pg.sql(&[T_CHECKSUM]),
         before,
         "identical after unmount and remount"
     );
@@ -85,32 +83,8 @@ fn two_tablespaces_two_master_keys() {
         env.pg_dir("b-hr"),
         env.pg_dir("m-hr"),
     );
-    let _a = env.mount(
-        &[
-            "--init",
-            "--key",
-            "pg-sales",
-            "--tablespace",
-            "sales",
-            "--cluster",
-            "c1",
-        ],
-        &b1,
-        &m1,
-    );
-    let _b = env.mount(
-        &[
-            "--init",
-            "--key",
-            "pg-hr",
-            "--tablespace",
-            "hr",
-            "--cluster",
-            "c1",
-        ],
-        &b2,
-        &m2,
-    );
+    let _a = env.mount_init("pg-sales", "sales", &b1, &m1);
+    let _b = env.mount_init("pg-hr", "hr", &b2, &m2);
     let k1 = std::fs::read_to_string(b1.join("tde.key")).expect("key file");
     let k2 = std::fs::read_to_string(b2.join("tde.key")).expect("key file");
     assert!(k1.contains("\"pg-sales\"") && k2.contains("\"pg-hr\""));

@@ -55,19 +55,7 @@ fn tampered_blocks_are_io_errors_and_copied_key_files_do_not_mount() {
     let backing = env.pg_dir("backing");
     let mnt = env.pg_dir("mnt");
     let args = ["--tablespace", "secure", "--cluster", "c1"];
-    let mount = env.mount(
-        &[
-            "--init",
-            "--key",
-            "pg-main",
-            "--tablespace",
-            "secure",
-            "--cluster",
-            "c1",
-        ],
-        &backing,
-        &mnt,
-    );
+    let mount = env.mount_init("pg-main", "secure", &backing, &mnt);
     let mut pg = Pg::initdb(&env.pg_dir("cluster").join("data"), env.dir.path());
     pg.start();
     pg.sql(&[

@@ -12,8 +12,6 @@ use std::time::{Duration, Instant, SystemTime};
 use common::Env;
 use common::pg::*;
 
-const CHECKSUM: &str = "SELECT (SELECT count(*) || ':' || md5(string_agg(id || '=' || v, ',' ORDER BY id)) FROM t) || '/' || (SELECT md5(string_agg(aid || '=' || abalance, ',' ORDER BY aid)) FROM pgbench_accounts)";
-
 /// `tde inspect --json`: blocks per data key version.
 fn versions(env: &Env, backing: &Path) -> serde_json::Map<String, serde_json::Value> {
     env.ok(&["inspect", &backing.to_string_lossy()])["versions"]
@@ -23,14 +21,7 @@ fn versions(env: &Env, backing: &Path) -> serde_json::Map<String, serde_json::Va
 }
 
 fn keyfile_dek_versions(backing: &Path) -> Vec<u64> {
-    let text = std::fs::read_to_string(backing.join("tde.key")).expect("key file");
-    let v: serde_json::Value = serde_json::from_str(&text).expect("json");
-    v["deks"]
-        .as_array()
-        .expect("deks")
-        .iter()
-        .map(|d| d["version"].as_u64().expect("version"))
-        .collect()
+    keyfile_deks(backing).into_iter().map(|(v, _)| v).collect()
 }
 
 fn rekey_status(env: &Env, mnt: &Path) -> serde_json::Value {
@@ -48,19 +39,7 @@ fn full_rekey_of_a_gigabyte_under_pgbench() {
     let _sidecar = env.sidecar_with_keys(&["pg-main"]);
     let (backing, mnt, _mount, pg) = tablespace(&env, "pg-main", "ts");
     // Scale 68: about 1 GB of tables and indexes in the tablespace.
-    let init = pg.pgbench(&[
-        "-i",
-        "-s",
-        "68",
-        "-q",
-        "--tablespace=ts",
-        "--index-tablespace=ts",
-    ]);
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    pg.pgbench_init(68, "ts");
     pg.sql(&["CHECKPOINT"]);
     let before = versions(&env, &backing);
     let blocks: u64 = before.values().map(|n| n.as_u64().expect("n")).sum();
@@ -135,25 +114,13 @@ fn rekey_survives_five_mount_kills() {
     let _sidecar = env.sidecar_with_keys(&["pg-main"]);
     let args = ["--tablespace", "ts", "--cluster", "c1"];
     let (backing, mnt, mount, mut pg) = tablespace(&env, "pg-main", "ts");
-    let init = pg.pgbench(&[
-        "-i",
-        "-s",
-        "10",
-        "-q",
-        "--tablespace=ts",
-        "--index-tablespace=ts",
-    ]);
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    pg.pgbench_init(10, "ts");
     pg.sql(&[
         "CREATE TABLE t (id int primary key, v text) TABLESPACE ts",
         "INSERT INTO t SELECT g, 'row-' || g FROM generate_series(1, 100000) g",
         "CHECKPOINT",
     ]);
-    let before = pg.sql(&[CHECKSUM]);
+    let before = pg.sql(&[T_AND_ACCOUNTS_CHECKSUM]);
     let started = env.ok(&[
         "rekey",
         &mnt.to_string_lossy(),
@@ -201,7 +168,7 @@ fn rekey_survives_five_mount_kills() {
             "resumed by itself: {st}"
         );
         assert_eq!(
-            pg.sql(&[CHECKSUM]),
+            pg.sql(&[T_AND_ACCOUNTS_CHECKSUM]),
             before,
             "data intact after kill {kills}"
         );
@@ -236,12 +203,12 @@ fn rekey_survives_five_mount_kills() {
     }
     assert_eq!(versions(&env, &backing).keys().collect::<Vec<_>>(), ["2"]);
     assert_eq!(keyfile_dek_versions(&backing), [2]);
-    assert_eq!(pg.sql(&[CHECKSUM]), before);
+    assert_eq!(pg.sql(&[T_AND_ACCOUNTS_CHECKSUM]), before);
     pg.amcheck();
     // And once more from cold: stop, unmount, mount, start.
     pg.stop();
     mount.stop();
     let _mount = env.mount(&args, &backing, &mnt);
     pg.start();
-    assert_eq!(pg.sql(&[CHECKSUM]), before);
+    assert_eq!(pg.sql(&[T_AND_ACCOUNTS_CHECKSUM]), before);
 }

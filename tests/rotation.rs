@@ -12,19 +12,11 @@ use std::time::{Duration, Instant};
 use common::pg::*;
 use common::{Env, audit, count};
 
-const T_CHECKSUM: &str =
-    "SELECT count(*) || ':' || md5(string_agg(id || '=' || v, ',' ORDER BY id)) FROM t";
-const CHECKSUM: &str = "SELECT (SELECT count(*) || ':' || md5(string_agg(id || '=' || v, ',' ORDER BY id)) FROM t) || '/' || (SELECT md5(string_agg(aid || '=' || abalance, ',' ORDER BY aid)) FROM pgbench_accounts)";
-
 /// The master key versions wrapping each data key in `backing`'s key file.
 fn keyfile_mek_versions(backing: &Path) -> Vec<u64> {
-    let text = std::fs::read_to_string(backing.join("tde.key")).expect("key file");
-    let v: serde_json::Value = serde_json::from_str(&text).expect("json");
-    v["deks"]
-        .as_array()
-        .expect("deks")
-        .iter()
-        .map(|d| d["mek_version"].as_u64().expect("mek_version"))
+    keyfile_deks(backing)
+        .into_iter()
+        .map(|(_, mek)| mek)
         .collect()
 }
 
@@ -63,19 +55,7 @@ fn three_rotations_under_pgbench() {
     let env = Env::new("");
     let _sidecar = env.sidecar_with_keys(&["pg-main"]);
     let (backing, mnt, mount, mut pg) = tablespace(&env, "pg-main", "ts");
-    let init = pg.pgbench(&[
-        "-i",
-        "-s",
-        "5",
-        "-q",
-        "--tablespace=ts",
-        "--index-tablespace=ts",
-    ]);
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    pg.pgbench_init(5, "ts");
     pg.sql(&[
         "CREATE TABLE t (id int primary key, v text) TABLESPACE ts",
         "INSERT INTO t SELECT g, 'row-' || g FROM generate_series(1, 50000) g",
@@ -99,7 +79,7 @@ fn three_rotations_under_pgbench() {
     );
     assert_eq!(failed_transactions(&out), 0);
     assert!(processed(&out) > 100, "pgbench made progress");
-    let before = pg.sql(&[CHECKSUM]);
+    let before = pg.sql(&[T_AND_ACCOUNTS_CHECKSUM]);
 
     // The registry shows only v4 in use: v1-v3 can be destroyed.
     let show = env.ok(&["key", "show", "pg-main"]);
@@ -130,7 +110,7 @@ fn three_rotations_under_pgbench() {
     mount.stop();
     let _mount = env.mount(&["--tablespace", "ts", "--cluster", "c1"], &backing, &mnt);
     pg.start();
-    assert_eq!(pg.sql(&[CHECKSUM]), before);
+    assert_eq!(pg.sql(&[T_AND_ACCOUNTS_CHECKSUM]), before);
     assert_eq!(pg.sql(&[T_CHECKSUM]), t_before);
     pg.amcheck();
     let records = audit(&env.db());
@@ -156,19 +136,7 @@ fn sidecar_killed_during_rotation() {
     let mut mounts = Vec::new();
     for n in names {
         let (b, m) = (env.pg_dir(&format!("b-{n}")), env.pg_dir(&format!("m-{n}")));
-        let mount = env.mount(
-            &[
-                "--init",
-                "--key",
-                "pg-main",
-                "--tablespace",
-                n,
-                "--cluster",
-                "c1",
-            ],
-            &b,
-            &m,
-        );
+        let mount = env.mount_init("pg-main", n, &b, &m);
         std::fs::write(m.join("data"), format!("contents of {n}").repeat(5000)).expect("write");
         mounts.push((b, m, mount));
     }
@@ -227,26 +195,11 @@ fn destroy_in_use_is_refused() {
     let _sidecar = env.sidecar_with_keys(&["pg-main", "pg-other"]);
     let cold_b = env.pg_dir("b-cold");
     let cold_m = env.pg_dir("m-cold");
-    let init = |key: &str, name: &str, b: &Path, m: &Path| {
-        env.mount(
-            &[
-                "--init",
-                "--key",
-                key,
-                "--tablespace",
-                name,
-                "--cluster",
-                "c1",
-            ],
-            b,
-            m,
-        )
-    };
-    init("pg-main", "cold", &cold_b, &cold_m).stop();
+    env.mount_init("pg-main", "cold", &cold_b, &cold_m).stop();
     let (hot_b, hot_m) = (env.pg_dir("b-hot"), env.pg_dir("m-hot"));
-    let _hot = init("pg-main", "hot", &hot_b, &hot_m);
+    let _hot = env.mount_init("pg-main", "hot", &hot_b, &hot_m);
     let (o_b, o_m) = (env.pg_dir("b-o"), env.pg_dir("m-o"));
-    let _other = init("pg-other", "other", &o_b, &o_m);
+    let _other = env.mount_init("pg-other", "other", &o_b, &o_m);
     assert_eq!(keyfile_mek_versions(&o_b), [1]);
 
     env.ok(&["key", "rotate", "pg-main"]);
@@ -390,19 +343,7 @@ fn automatic_rotation_every_mount_follows() {
     let mut backings = Vec::new();
     for n in ["a1", "a2"] {
         let (b, m) = (env.pg_dir(&format!("b-{n}")), env.pg_dir(&format!("m-{n}")));
-        mounts.push(env.mount(
-            &[
-                "--init",
-                "--key",
-                "pg-auto",
-                "--tablespace",
-                n,
-                "--cluster",
-                "c1",
-            ],
-            &b,
-            &m,
-        ));
+        mounts.push(env.mount_init("pg-auto", n, &b, &m));
         backings.push(b);
     }
     let start = Instant::now();

@@ -205,13 +205,19 @@ impl Daemon {
     }
 }
 
-fn term(c: &Child) {
+/// Sends signal `s` to the child.
+pub fn signal(c: &Child, s: rustix::process::Signal) {
     if let Some(pid) = rustix::process::Pid::from_raw(c.id() as i32) {
-        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        let _ = rustix::process::kill_process(pid, s);
     }
 }
 
-fn wait(c: &mut Child, d: Duration) -> Option<std::process::ExitStatus> {
+fn term(c: &Child) {
+    signal(c, rustix::process::Signal::TERM);
+}
+
+/// Waits up to `d` for the child to exit.
+pub fn wait(c: &mut Child, d: Duration) -> Option<std::process::ExitStatus> {
     let deadline = Instant::now() + d;
     while Instant::now() < deadline {
         if let Ok(Some(st)) = c.try_wait() {

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
-use super::{BIN, Env};
+use super::{BIN, Env, signal, wait};
 
 pub const PGBIN: &str = "/usr/lib/postgresql/15/bin";
 
@@ -219,6 +219,24 @@ impl Pg {
         self.pgbench_cmd(args).output().expect("pgbench")
     }
 
+    /// `pgbench -i -s SCALE` with its tables and indexes in tablespace `ts`;
+    /// asserts it worked.
+    pub fn pgbench_init(&self, scale: u32, ts: &str) {
+        let out = self.pgbench(&[
+            "-i",
+            "-s",
+            &scale.to_string(),
+            "-q",
+            &format!("--tablespace={ts}"),
+            &format!("--index-tablespace={ts}"),
+        ]);
+        assert!(
+            out.status.success(),
+            "pgbench -i failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Starts pgbench in the background.
     pub fn pgbench_spawn(&self, args: &[&str]) -> Child {
         self.pgbench_cmd(args)
@@ -288,6 +306,30 @@ impl Drop for Pg {
 
 pub use tde_plugin::mount::is_mountpoint;
 
+/// A checksum of table `t (id, v)`.
+pub const T_CHECKSUM: &str =
+    "SELECT count(*) || ':' || md5(string_agg(id || '=' || v, ',' ORDER BY id)) FROM t";
+
+/// A checksum of table `t` and of pgbench's accounts.
+pub const T_AND_ACCOUNTS_CHECKSUM: &str = "SELECT (SELECT count(*) || ':' || md5(string_agg(id || '=' || v, ',' ORDER BY id)) FROM t) || '/' || (SELECT md5(string_agg(aid || '=' || abalance, ',' ORDER BY aid)) FROM pgbench_accounts)";
+
+/// The data key versions in `backing`'s key file: `(version, mek_version)`.
+pub fn keyfile_deks(backing: &Path) -> Vec<(u64, u64)> {
+    let text = std::fs::read_to_string(backing.join("tde.key")).expect("key file");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+    v["deks"]
+        .as_array()
+        .expect("deks")
+        .iter()
+        .map(|d| {
+            (
+                d["version"].as_u64().expect("version"),
+                d["mek_version"].as_u64().expect("mek_version"),
+            )
+        })
+        .collect()
+}
+
 /// A `tde mount` child.
 pub struct Mount {
     child: Option<Child>,
@@ -321,23 +363,6 @@ impl Mount {
         }
         detach(&self.mountpoint);
     }
-}
-
-fn signal(c: &Child, s: rustix::process::Signal) {
-    if let Some(pid) = rustix::process::Pid::from_raw(c.id() as i32) {
-        let _ = rustix::process::kill_process(pid, s);
-    }
-}
-
-fn wait(c: &mut Child, d: Duration) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + d;
-    while Instant::now() < deadline {
-        if let Ok(Some(st)) = c.try_wait() {
-            return Some(st);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    None
 }
 
 pub fn detach(mountpoint: &Path) {
@@ -415,6 +440,24 @@ impl Env {
         m
     }
 
+    /// `tde mount --init` of `backing` under master key `key` as tablespace
+    /// `name` of cluster `c1`.
+    pub fn mount_init(&self, key: &str, name: &str, backing: &Path, mountpoint: &Path) -> Mount {
+        self.mount(
+            &[
+                "--init",
+                "--key",
+                key,
+                "--tablespace",
+                name,
+                "--cluster",
+                "c1",
+            ],
+            backing,
+            mountpoint,
+        )
+    }
+
     /// `tde mount` expected to fail: returns its stderr.
     pub fn mount_refused(&self, extra: &[&str], backing: &Path, mountpoint: &Path) -> String {
         let out = self
@@ -456,19 +499,7 @@ impl Env {
 pub fn tablespace(env: &Env, key: &str, name: &str) -> (PathBuf, PathBuf, Mount, Pg) {
     let backing = env.pg_dir(&format!("backing-{name}"));
     let mnt = env.pg_dir(&format!("mnt-{name}"));
-    let mount = env.mount(
-        &[
-            "--init",
-            "--key",
-            key,
-            "--tablespace",
-            name,
-            "--cluster",
-            "c1",
-        ],
-        &backing,
-        &mnt,
-    );
+    let mount = env.mount_init(key, name, &backing, &mnt);
     let mut pg = Pg::initdb(
         &env.pg_dir(&format!("cluster-{name}")).join("data"),
         env.dir.path(),
