@@ -560,26 +560,13 @@ impl Service {
                 deks,
             } => {
                 let info = hsm(self.hsm.key_describe(key))?;
-                let ctx = context_text(context);
-                let now = tde_hsm::hsm::now();
-                let location: String = location.chars().take(4096).collect();
-                let rows: Vec<Registration> = deks
-                    .iter()
-                    .map(|d| Registration {
-                        key: key.clone(),
-                        context: ctx.clone(),
-                        dek_version: d.dek_version,
-                        key_version: d.key_version,
-                        location: location.clone(),
-                        last_seen: now,
-                    })
-                    .collect();
                 // Written with the audit record, in its transaction.
                 rec.registration = Some(RegistryWrite {
                     key: key.clone(),
-                    context: ctx,
-                    location,
-                    rows,
+                    context: context_text(context),
+                    location: location.chars().take(4096).collect(),
+                    last_seen: tde_hsm::hsm::now(),
+                    deks: deks.clone(),
                 });
                 Ok(Response::KeyPrimary {
                     key: key.clone(),

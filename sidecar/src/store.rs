@@ -27,8 +27,11 @@ pub struct RegistryWrite {
     pub context: String,
     /// Where the data keys live.
     pub location: String,
-    /// The new rows (all of this key and context).
-    pub rows: Vec<Registration>,
+    /// Unix seconds.
+    pub last_seen: u64,
+    /// Every data key version there, with the master key version wrapping
+    /// it.
+    pub deks: Vec<tde_protocol::DekRef>,
 }
 
 /// Applies `w` inside the transaction `tx` (the audit writer's: see
@@ -45,14 +48,14 @@ pub fn write_registration(
         "INSERT INTO registry (key, context, dek_version, key_version, location, last_seen)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?;
-    for r in &w.rows {
+    for d in &w.deks {
         insert.execute(rusqlite::params![
             w.key,
             w.context,
-            r.dek_version,
-            r.key_version,
+            d.dek_version,
+            d.key_version,
             w.location,
-            r.last_seen as i64
+            w.last_seen as i64
         ])?;
     }
     Ok(())

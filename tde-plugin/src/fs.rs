@@ -518,6 +518,14 @@ impl Core {
         })
     }
 
+    /// Answers a lookup, create, mknod, mkdir, symlink or link.
+    fn reply_entry(&self, reply: ReplyEntry, r: Result<FileAttr, Errno>) {
+        match r {
+            Ok(a) => reply.entry(&TTL, &a, self.generation(a.ino.0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
     /// The backing directory.
     pub fn backing(&self) -> &Path {
         &self.backing
@@ -930,7 +938,7 @@ fn repoint(p: &Path, from: &Path, to: &Path) -> PathBuf {
 }
 
 /// Plaintext length of block `b` in a file of `len` bytes.
-fn block_len(len: u64, b: u64) -> usize {
+pub(crate) fn block_len(len: u64, b: u64) -> usize {
     (len - b * PAGE_SIZE as u64).min(PAGE_SIZE as u64) as usize
 }
 
@@ -948,10 +956,10 @@ impl Filesystem for TdeFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.child(parent, name).and_then(|rel| self.stat_rel(&rel)) {
-            Ok(a) => reply.entry(&TTL, &a, self.generation(a.ino.0)),
-            Err(e) => reply.error(e),
-        }
+        self.reply_entry(
+            reply,
+            self.child(parent, name).and_then(|rel| self.stat_rel(&rel)),
+        );
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -1089,10 +1097,7 @@ impl Filesystem for TdeFs {
             Core::chown_to(&path, req);
             self.stat_rel(&rel)
         })();
-        match result {
-            Ok(a) => reply.entry(&TTL, &a, self.generation(a.ino.0)),
-            Err(e) => reply.error(e),
-        }
+        self.reply_entry(reply, result);
     }
 
     fn mkdir(
@@ -1116,10 +1121,7 @@ impl Filesystem for TdeFs {
             Core::chown_to(&path, req);
             self.stat_rel(&rel)
         })();
-        match result {
-            Ok(a) => reply.entry(&TTL, &a, self.generation(a.ino.0)),
-            Err(e) => reply.error(e),
-        }
+        self.reply_entry(reply, result);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -1151,10 +1153,7 @@ impl Filesystem for TdeFs {
             Core::chown_to(&path, req);
             self.stat_rel(&rel)
         })();
-        match result {
-            Ok(a) => reply.entry(&TTL, &a, self.generation(a.ino.0)),
-            Err(e) => reply.error(e),
-        }
+        self.reply_entry(reply, result);
     }
 
     fn rename(
@@ -1219,10 +1218,7 @@ impl Filesystem for TdeFs {
             std::fs::hard_link(self.abs(&from), self.abs(&to)).map_err(|e| errno(&e))?;
             self.stat_rel(&to)
         })();
-        match result {
-            Ok(a) => reply.entry(&TTL, &a, self.generation(a.ino.0)),
-            Err(e) => reply.error(e),
-        }
+        self.reply_entry(reply, result);
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {

@@ -20,7 +20,7 @@ use crate::client::{Client, Refused};
 use crate::fs::TdeFs;
 use crate::keyfile::KeyFile;
 use crate::page::PageCipher;
-use crate::rekey::{KeySource, Rekey};
+use crate::rekey::Rekey;
 use crate::rotation::{Keeper, KeyFileLock};
 
 /// What `tde mount` was asked to do.
@@ -311,9 +311,7 @@ pub fn mount(spec: &MountSpec) -> anyhow::Result<Mounted> {
     let rekey = Arc::new(Rekey::new(
         core,
         cipher,
-        KeySource {
-            sidecar: spec.sidecar.clone(),
-        },
+        spec.sidecar.clone(),
         keyfile_lock,
     )?);
     let control = crate::control::Server::start(&spec.backing, rekey.clone())?;

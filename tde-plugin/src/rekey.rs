@@ -25,7 +25,7 @@
 //!   socket ([`crate::control`]).
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use tde_protocol::{Request, Response};
 
 use crate::client::Client;
-use crate::fs::{TdeFs, is_reserved};
+use crate::fs::{TdeFs, block_len, is_reserved};
 use crate::keyfile::{KeyFile, WrappedDek};
 use crate::page::{self, FileHeader, HEADER_LEN, PAGE_SIZE, PageCipher};
 use crate::rotation::KeyFileLock;
@@ -132,17 +132,11 @@ pub struct Status {
     pub error: Option<String>,
 }
 
-/// Where a re-key gets its new key.
-#[derive(Debug, Clone)]
-pub struct KeySource {
-    /// The sidecar's data socket.
-    pub sidecar: PathBuf,
-}
-
 struct Shared {
     fs: TdeFs,
     cipher: Arc<RwLock<PageCipher>>,
-    keys: KeySource,
+    /// The sidecar's data socket (new data keys, registration).
+    sidecar: PathBuf,
     keyfile_lock: KeyFileLock,
     status: Mutex<Status>,
     paused: AtomicBool,
@@ -161,14 +155,14 @@ impl Rekey {
     pub fn new(
         fs: TdeFs,
         cipher: Arc<RwLock<PageCipher>>,
-        keys: KeySource,
+        sidecar: PathBuf,
         keyfile_lock: KeyFileLock,
     ) -> anyhow::Result<Rekey> {
         let r = Rekey {
             shared: Arc::new(Shared {
                 fs,
                 cipher,
-                keys,
+                sidecar,
                 keyfile_lock,
                 status: Mutex::new(Status {
                     state: "idle".into(),
@@ -244,7 +238,7 @@ impl Rekey {
                 kf.deks.iter().map(|d| d.version).max().unwrap_or(1)
             } else {
                 let next = kf.deks.iter().map(|d| d.version).max().unwrap_or(0) + 1;
-                let mut c = Client::connect(&sh.keys.sidecar)?;
+                let mut c = Client::connect(&sh.sidecar)?;
                 let req = Request::GenerateDataKey {
                     key: kf.mek.clone(),
                     context: KeyFile::context(&kf.tablespace, &kf.cluster),
@@ -516,7 +510,7 @@ fn run(sh: &Shared, mut ck: Checkpoint) -> anyhow::Result<()> {
             let Ok(file) = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
-                .custom_flags_nofollow()
+                .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
                 .open(&path)
             else {
                 continue; // removed meanwhile
@@ -704,7 +698,7 @@ fn finish(sh: &Shared, ck: &Checkpoint, rewritten: u64) -> anyhow::Result<()> {
         }
         kf.deks.retain(|d| d.version == ck.target);
         kf.store(&backing)?;
-        match Client::connect(&sh.keys.sidecar)
+        match Client::connect(&sh.sidecar)
             .and_then(|mut c| crate::rotation::register(&mut c, &backing, &kf))
         {
             Ok(_) => {}
@@ -777,14 +771,13 @@ pub fn inspect(backing: &Path) -> anyhow::Result<Inspection> {
         while b < nblocks {
             let last = (b + per_read).min(nblocks) - 1;
             let start = page::block_offset(b);
-            let last_len = (logical - last * PAGE_SIZE as u64).min(PAGE_SIZE as u64) as usize;
-            let end = page::block_offset(last) + (last_len + page::TRAILER_LEN) as u64;
+            let end =
+                page::block_offset(last) + (block_len(logical, last) + page::TRAILER_LEN) as u64;
             let chunk = &mut buf[..(end - start) as usize];
             file.read_exact_at(chunk, start)?;
             let mut at = 0usize;
             for x in b..=last {
-                let n = (logical - x * PAGE_SIZE as u64).min(PAGE_SIZE as u64) as usize
-                    + page::TRAILER_LEN;
+                let n = block_len(logical, x) + page::TRAILER_LEN;
                 if let Some(v) = PageCipher::block_version(&chunk[at..at + n]) {
                     *out.versions.entry(v).or_default() += 1;
                 }
@@ -794,17 +787,6 @@ pub fn inspect(backing: &Path) -> anyhow::Result<Inspection> {
         }
     }
     Ok(out)
-}
-
-trait NoFollow {
-    fn custom_flags_nofollow(&mut self) -> &mut Self;
-}
-
-impl NoFollow for std::fs::OpenOptions {
-    fn custom_flags_nofollow(&mut self) -> &mut Self {
-        use std::os::unix::fs::OpenOptionsExt;
-        self.custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-    }
 }
 
 #[cfg(test)]

@@ -38,6 +38,8 @@ pub const REGISTER_EVERY: Duration = Duration::from_secs(600);
 /// What [`sync`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SyncOutcome {
+    /// The master key's name.
+    pub key: String,
     /// The master key's primary version.
     pub primary: u32,
     /// Data key versions rewrapped: `(dek_version, from, to)`.
@@ -115,7 +117,11 @@ pub fn sync(c: &mut Client, backing: &Path, lock: &Mutex<()>) -> anyhow::Result<
         kf.store(backing)?;
         register(c, backing, &kf)?;
     }
-    Ok(SyncOutcome { primary, rewrapped })
+    Ok(SyncOutcome {
+        key: kf.mek,
+        primary,
+        rewrapped,
+    })
 }
 
 /// The thread that keeps a mounted tablespace's key file on the newest
@@ -184,6 +190,8 @@ fn keep(
     let mut lost = false;
     let mut conn: Option<Client> = None;
     let mut registered_at: Option<Instant> = None;
+    // The master key and its primary version, as of the last sync.
+    let mut key = String::new();
     let mut primary = 0u32;
     let mut refusal: Option<String> = None;
     while !stop.load(Ordering::SeqCst) {
@@ -229,18 +237,11 @@ fn keep(
                 }
                 registered_at = Some(Instant::now());
                 primary = o.primary;
+                key = o.key;
             })
         } else {
-            let key = match KeyFile::load(backing) {
-                Ok(kf) => kf.mek,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot read the key file");
-                    sleep_unless_stopped(stop, Duration::from_secs(5));
-                    continue;
-                }
-            };
             let req = Request::WatchKey {
-                key,
+                key: key.clone(),
                 version: primary,
                 timeout_ms: WATCH_TIMEOUT.as_millis() as u32,
             };
