@@ -2,11 +2,23 @@
 //! `cargo bench --bench mount` (as root, with /dev/fuse). Sequential writes
 //! of 8 KiB and 1 MiB (fsync included) and cold sequential reads (page cache
 //! dropped). Prints a table with the ratio mount / plain.
+//!
+//! Beside them, the FUSE ceiling: a file system in this file that is mounted
+//! like `tde mount` (same kernel options, threads and request sizes) but
+//! does no work (writes are dropped, reads return zeros). It shows how much
+//! of the gap is FUSE itself and how much is ours.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyWrite, Request, TimeOrNow, WriteFlags,
+};
 
 const SIZE: usize = 256 << 20;
 
@@ -48,6 +60,199 @@ fn read_file(path: &Path, chunk: usize) -> f64 {
     SIZE as f64 / start.elapsed().as_secs_f64() / 1e6
 }
 
+/// The FUSE ceiling: one directory holding at most one file, `data`, whose
+/// writes only move its size and whose reads return zeros. Negotiates what
+/// `tde mount` negotiates (tde_plugin::fs::MAX_WRITE requests and
+/// readahead, the writeback cache) and runs with the same thread count.
+#[derive(Default)]
+struct NullFs {
+    /// The size of `data`, `None` while it does not exist.
+    size: Mutex<Option<u64>>,
+}
+
+const DATA: INodeNo = INodeNo(2);
+const TTL: Duration = Duration::from_secs(1);
+
+impl NullFs {
+    fn size(&self) -> std::sync::MutexGuard<'_, Option<u64>> {
+        self.size.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn attr(&self, ino: INodeNo) -> Option<FileAttr> {
+        let (kind, perm, size) = if ino == INodeNo::ROOT {
+            (FileType::Directory, 0o755, 0)
+        } else {
+            (FileType::RegularFile, 0o644, (*self.size())?)
+        };
+        Some(FileAttr {
+            ino,
+            size,
+            blocks: size.div_ceil(512),
+            atime: UNIX_EPOCH,
+            mtime: UNIX_EPOCH,
+            ctime: UNIX_EPOCH,
+            crtime: UNIX_EPOCH,
+            kind,
+            perm,
+            nlink: 1,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: 8192,
+            flags: 0,
+        })
+    }
+}
+
+impl Filesystem for NullFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(tde_plugin::fs::MAX_WRITE);
+        let _ = config.set_max_readahead(tde_plugin::fs::MAX_WRITE);
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_WRITEBACK_CACHE);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &std::ffi::OsStr, reply: ReplyEntry) {
+        match self.attr(DATA) {
+            Some(a) if parent == INodeNo::ROOT && name == "data" => {
+                reply.entry(&TTL, &a, Generation(0))
+            }
+            _ => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.attr(ino) {
+            Some(a) => reply.attr(&TTL, &a),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        if let (Some(n), true) = (size, ino == DATA) {
+            *self.size() = Some(n);
+        }
+        self.getattr(_req, ino, None, reply)
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &std::ffi::OsStr,
+        _mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        *self.size() = Some(0);
+        let a = self.attr(DATA).expect("just created");
+        reply.created(
+            &TTL,
+            &a,
+            Generation(0),
+            FileHandle(0),
+            FopenFlags::FOPEN_KEEP_CACHE,
+        );
+    }
+
+    fn open(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        thread_local!(static ZEROS: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) });
+        let len = self.size().unwrap_or(0);
+        let n = len.saturating_sub(offset).min(size as u64) as usize;
+        ZEROS.with_borrow_mut(|z| {
+            if z.len() < n {
+                z.resize(n, 0);
+            }
+            reply.data(&z[..n])
+        });
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let mut size = self.size();
+        *size = Some(size.unwrap_or(0).max(offset + data.len() as u64));
+        reply.written(data.len() as u32);
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lo: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _ds: bool, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &std::ffi::OsStr, reply: ReplyEmpty) {
+        *self.size() = None;
+        reply.ok();
+    }
+}
+
+/// Mounts `NullFs` on `at` like `tde mount` mounts (see `tde_plugin::mount`).
+fn mount_null(at: &Path) -> fuser::BackgroundSession {
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        fuser::MountOption::FSName("null".into()),
+        fuser::MountOption::DefaultPermissions,
+    ];
+    config.acl = fuser::SessionACL::All;
+    config.n_threads = Some(tde_plugin::mount::DEFAULT_THREADS);
+    config.clone_fd = true;
+    let s = fuser::spawn_mount(NullFs::default(), at, &config).expect("mount the null file system");
+    let dev = std::os::unix::fs::MetadataExt::dev(&std::fs::metadata(at).expect("stat"));
+    tde_plugin::mount::raise_readahead(dev);
+    s
+}
+
 struct Kill(Child);
 impl Drop for Kill {
     fn drop(&mut self) {
@@ -77,13 +282,9 @@ fn main() {
         .prefix("tde-bench-")
         .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
         .expect("tmp");
-    let (sc, backing, mnt, plain): (PathBuf, PathBuf, PathBuf, PathBuf) = (
-        dir.path().join("sc"),
-        dir.path().join("backing"),
-        dir.path().join("mnt"),
-        dir.path().join("plain"),
-    );
-    for d in [&backing, &mnt, &plain] {
+    let [sc, backing, mnt, plain, null]: [PathBuf; 5] =
+        ["sc", "backing", "mnt", "plain", "null"].map(|d| dir.path().join(d));
+    for d in [&backing, &mnt, &plain, &null] {
         std::fs::create_dir_all(d).expect("mkdir");
     }
     let quiet = |c: &mut Command| {
@@ -121,11 +322,15 @@ fn main() {
             .is_ok_and(|m| m.contains(&*mnt.to_string_lossy()))
     });
 
+    let null_session = mount_null(&null);
+
     println!(
-        "| {} MiB sequential               | plain MB/s | tde mount MB/s | mount / plain |",
+        "| {} MiB sequential  | plain MB/s | FUSE ceiling MB/s | tde mount MB/s | ceiling / plain | mount / plain |",
         SIZE >> 20
     );
-    println!("|-----------------------------------|-----------:|---------------:|--------------:|");
+    println!(
+        "|----------------------|-----------:|------------------:|---------------:|----------------:|--------------:|"
+    );
     for (name, chunk, write) in [
         ("write 8 KiB + fsync", 8 << 10, true),
         ("write 1 MiB + fsync", 1 << 20, true),
@@ -141,12 +346,19 @@ fn main() {
             }
         };
         // Best of three, alternating, to damp disk noise.
-        let (mut p, mut m) = (0f64, 0f64);
+        let mut best = [0f64; 3];
         for _ in 0..3 {
-            p = p.max(run(&plain));
-            m = m.max(run(&mnt));
+            for (b, d) in best.iter_mut().zip([&plain, &null, &mnt]) {
+                *b = b.max(run(d));
+            }
         }
-        println!("| {name:<33} | {p:>10.0} | {m:>14.0} | {:>12.2}x |", m / p);
+        let [p, c, m] = best;
+        println!(
+            "| {name:<20} | {p:>10.0} | {c:>17.0} | {m:>14.0} | {:>14.2}x | {:>12.2}x |",
+            c / p,
+            m / p
+        );
     }
     let _ = std::fs::remove_file(mnt.join("data"));
+    let _ = null_session.umount_and_join();
 }

@@ -150,7 +150,7 @@ pub struct MountArgs {
     #[arg(long, default_value_t = 60)]
     pub wait: u64,
     /// FUSE worker threads.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = tde_plugin::mount::DEFAULT_THREADS)]
     pub threads: usize,
     /// Run in the background once mounted.
     #[arg(long)]

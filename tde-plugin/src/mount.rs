@@ -23,6 +23,9 @@ use crate::page::PageCipher;
 use crate::rekey::Rekey;
 use crate::rotation::{Keeper, KeyFileLock};
 
+/// FUSE worker threads of a mount unless `--threads` says otherwise.
+pub const DEFAULT_THREADS: usize = 4;
+
 /// What `tde mount` was asked to do.
 #[derive(Debug, Clone)]
 pub struct MountSpec {
@@ -42,7 +45,7 @@ pub struct MountSpec {
     pub init: bool,
     /// How long to wait for an unreachable or sealed sidecar.
     pub wait: Duration,
-    /// FUSE worker threads.
+    /// FUSE worker threads (`DEFAULT_THREADS` unless told).
     pub threads: usize,
 }
 
@@ -333,7 +336,7 @@ pub fn mount(spec: &MountSpec) -> anyhow::Result<Mounted> {
 
 /// FUSE mounts start with the kernel's default readahead (128 KiB): raise
 /// it to the largest request we accept, for sequential scans. Best effort.
-fn raise_readahead(dev: u64) {
+pub fn raise_readahead(dev: u64) {
     let path = format!(
         "/sys/class/bdi/{}:{}/read_ahead_kb",
         rustix::fs::major(dev),
