@@ -742,51 +742,100 @@ pub struct Inspection {
     pub versions: std::collections::BTreeMap<u32, u64>,
 }
 
-/// Reads every block trailer under `backing`.
+/// Reads every block trailer under `backing`. On a live mount a file can
+/// change while it is read (a block being appended is visible half written
+/// for a moment, its trailer not yet there): a file whose size or
+/// modification time moved during its read, that could not be read to its
+/// end, or that shows a data key version the key file never had, is read
+/// again a moment later, up to `INSPECT_TRIES` times. What is still odd
+/// then is reported as found (a version that never existed is a damaged
+/// block).
 pub fn inspect(backing: &Path) -> anyhow::Result<Inspection> {
+    let newest = crate::keyfile::KeyFile::load(backing)
+        .ok()
+        .and_then(|k| k.deks.iter().map(|d| d.version).max())
+        .unwrap_or(u32::MAX);
     let mut out = Inspection::default();
     let mut buf = vec![0u8; (STEP_BLOCKS * 8 * page::BLOCK_STRIDE) as usize];
     for rel in walk(backing)? {
-        let path = backing.join(&rel);
-        let Ok(file) = File::open(&path) else {
+        let Ok(file) = File::open(backing.join(&rel)) else {
             continue;
         };
-        let len = file.metadata()?.len();
-        let mut head = [0u8; HEADER_LEN as usize];
-        if len == 0 {
-            continue;
-        }
-        if file.read_exact_at(&mut head, 0).is_err() || FileHeader::decode(&head).is_err() {
-            out.foreign_files += 1;
-            continue;
-        }
-        out.files += 1;
-        let Ok(logical) = page::logical_len(len) else {
-            out.foreign_files += 1;
-            continue;
-        };
-        let nblocks = logical.div_ceil(PAGE_SIZE as u64);
-        let per_read = buf.len() as u64 / page::BLOCK_STRIDE;
-        let mut b = 0;
-        while b < nblocks {
-            let last = (b + per_read).min(nblocks) - 1;
-            let start = page::block_offset(b);
-            let end =
-                page::block_offset(last) + (block_len(logical, last) + page::TRAILER_LEN) as u64;
-            let chunk = &mut buf[..(end - start) as usize];
-            file.read_exact_at(chunk, start)?;
-            let mut at = 0usize;
-            for x in b..=last {
-                let n = block_len(logical, x) + page::TRAILER_LEN;
-                if let Some(v) = PageCipher::block_version(&chunk[at..at + n]) {
-                    *out.versions.entry(v).or_default() += 1;
-                }
-                at += n;
+        let stamp = |f: &File| f.metadata().map(|m| (m.len(), m.modified().ok()));
+        let mut attempt = 1;
+        let counted = loop {
+            let before = stamp(&file)?;
+            let counted = inspect_file(&file, before.0, &mut buf);
+            let settled = match &counted {
+                Ok(FileBlocks::Versions(v)) => v.keys().all(|&v| (1..=newest).contains(&v)),
+                Ok(_) => true,
+                Err(_) => false,
+            };
+            if attempt == INSPECT_TRIES || (settled && stamp(&file)? == before) {
+                break counted?;
             }
-            b = last + 1;
+            attempt += 1;
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        match counted {
+            FileBlocks::Empty => {}
+            FileBlocks::Foreign => out.foreign_files += 1,
+            FileBlocks::Versions(versions) => {
+                out.files += 1;
+                for (v, n) in versions {
+                    *out.versions.entry(v).or_default() += n;
+                }
+            }
         }
     }
     Ok(out)
+}
+
+/// Reads of one file by `inspect` before it takes the file as it is.
+const INSPECT_TRIES: u32 = 5;
+
+/// What `inspect_file` found in one file.
+enum FileBlocks {
+    Empty,
+    /// Not in the page format.
+    Foreign,
+    /// Blocks per data key version.
+    Versions(std::collections::BTreeMap<u32, u64>),
+}
+
+/// The blocks per version of one file of `len` bytes.
+fn inspect_file(file: &File, len: u64, buf: &mut [u8]) -> std::io::Result<FileBlocks> {
+    if len == 0 {
+        return Ok(FileBlocks::Empty);
+    }
+    let mut head = [0u8; HEADER_LEN as usize];
+    if file.read_exact_at(&mut head, 0).is_err() || FileHeader::decode(&head).is_err() {
+        return Ok(FileBlocks::Foreign);
+    }
+    let Ok(logical) = page::logical_len(len) else {
+        return Ok(FileBlocks::Foreign);
+    };
+    let mut versions = std::collections::BTreeMap::new();
+    let nblocks = logical.div_ceil(PAGE_SIZE as u64);
+    let per_read = buf.len() as u64 / page::BLOCK_STRIDE;
+    let mut b = 0;
+    while b < nblocks {
+        let last = (b + per_read).min(nblocks) - 1;
+        let start = page::block_offset(b);
+        let end = page::block_offset(last) + (block_len(logical, last) + page::TRAILER_LEN) as u64;
+        let chunk = &mut buf[..(end - start) as usize];
+        file.read_exact_at(chunk, start)?;
+        let mut at = 0usize;
+        for x in b..=last {
+            let n = block_len(logical, x) + page::TRAILER_LEN;
+            if let Some(v) = PageCipher::block_version(&chunk[at..at + n]) {
+                *versions.entry(v).or_default() += 1;
+            }
+            at += n;
+        }
+        b = last + 1;
+    }
+    Ok(FileBlocks::Versions(versions))
 }
 
 #[cfg(test)]
@@ -806,6 +855,58 @@ mod tests {
             .map(|p| p.to_string_lossy().into_owned())
             .collect();
         assert_eq!(got, ["b/a", "b/c/x", "b/tde.key", "z"]);
+    }
+
+    /// A page-format file of `blocks` whole blocks, block i under version
+    /// `versions[i]`.
+    fn page_file(path: &Path, versions: &[u32]) -> Vec<u8> {
+        let header = FileHeader::generate().expect("header");
+        let mut bytes = header.encode().to_vec();
+        for (b, &v) in versions.iter().enumerate() {
+            let mut one = PageCipher::new("ts").expect("cipher");
+            one.add_key(v, &[v as u8; 32]).expect("key");
+            let mut stored = vec![0u8; PAGE_SIZE + page::TRAILER_LEN];
+            one.encrypt_block(&header.file_id, b as u64, &[1; PAGE_SIZE], &mut stored)
+                .expect("encrypt");
+            bytes.extend_from_slice(&stored);
+        }
+        std::fs::write(path, &bytes).expect("write");
+        bytes
+    }
+
+    #[test]
+    fn inspect_waits_for_a_block_being_appended_and_reports_damage() {
+        let d = tempfile::tempdir().expect("tmp");
+        crate::keyfile::KeyFile::new("m", "ts", "c", 1, b"wrapped")
+            .store(d.path())
+            .expect("key file");
+        std::fs::create_dir_all(d.path().join("PG_15")).expect("mkdir");
+        let full = page_file(&d.path().join("PG_15/a"), &[1, 1, 1]);
+        let i = inspect(d.path()).expect("inspect");
+        assert_eq!((i.files, i.versions.clone()), (1, [(1, 3)].into()));
+
+        // The third block half appended: its "trailer" is data. Completed
+        // 30 ms later, while inspect retries.
+        let half = full.len() - PAGE_SIZE / 2;
+        std::fs::write(d.path().join("PG_15/a"), &full[..half]).expect("cut");
+        let path = d.path().join("PG_15/a");
+        let rest = full[half..].to_vec();
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(path)
+                .expect("open");
+            std::io::Write::write_all(&mut f, &rest).expect("append");
+        });
+        let i = inspect(d.path()).expect("inspect");
+        writer.join().expect("writer");
+        assert_eq!(i.versions, [(1, 3)].into());
+
+        // A block under a version the key file never had stays reported.
+        page_file(&d.path().join("PG_15/b"), &[1, 7]);
+        let i = inspect(d.path()).expect("inspect");
+        assert_eq!((i.files, i.versions), (2, [(1, 4), (7, 1)].into()));
     }
 
     #[test]
