@@ -757,11 +757,11 @@ pub fn inspect(backing: &Path) -> anyhow::Result<Inspection> {
         .unwrap_or(u32::MAX);
     let mut out = Inspection::default();
     let mut buf = vec![0u8; (STEP_BLOCKS * 8 * page::BLOCK_STRIDE) as usize];
+    let stamp = |f: &File| f.metadata().map(|m| (m.len(), m.modified().ok()));
     for rel in walk(backing)? {
         let Ok(file) = File::open(backing.join(&rel)) else {
             continue;
         };
-        let stamp = |f: &File| f.metadata().map(|m| (m.len(), m.modified().ok()));
         let mut attempt = 1;
         let counted = loop {
             let before = stamp(&file)?;
@@ -857,8 +857,8 @@ mod tests {
         assert_eq!(got, ["b/a", "b/c/x", "b/tde.key", "z"]);
     }
 
-    /// A page-format file of `blocks` whole blocks, block i under version
-    /// `versions[i]`.
+    /// Writes a page-format file of whole blocks, block i under data key
+    /// version `versions[i]`; returns its bytes.
     fn page_file(path: &Path, versions: &[u32]) -> Vec<u8> {
         let header = FileHeader::generate().expect("header");
         let mut bytes = header.encode().to_vec();
