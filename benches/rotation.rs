@@ -117,15 +117,6 @@ fn register(s: &mut UnixStream, id: u64, i: usize, version: u32) {
     assert!(matches!(r, Response::KeyPrimary { .. }), "{r:?}");
 }
 
-fn tps(out: &std::process::Output) -> f64 {
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .find_map(|l| l.strip_prefix("tps = "))
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no tps line:\n{text}"))
-}
-
 fn wait_done(env: &Env, mnt: &std::path::Path) {
     loop {
         let st = env.ok(&["rekey", &mnt.to_string_lossy(), "--status"]);

@@ -568,3 +568,18 @@ pub fn processed(out: &std::process::Output) -> u64 {
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or(0)
 }
+
+/// pgbench's transactions per second.
+pub fn tps(out: &std::process::Output) -> f64 {
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("tps = "))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "no tps line in pgbench output:\n{text}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+}
