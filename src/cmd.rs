@@ -587,10 +587,9 @@ fn key_human(k: &KeyInfo) -> String {
         }
         s.push('\n');
         for r in k.references.iter().filter(|r| r.key_version == v.version) {
-            let ctx: Vec<String> = r.context.iter().map(|(a, b)| format!("{a}={b}")).collect();
             s.push_str(&format!(
                 "        used by {} data key v{} at {} (seen {})\n",
-                ctx.join(","),
+                tde_protocol::context_display(&r.context),
                 r.dek_version,
                 r.location,
                 fmt_time(r.last_seen)

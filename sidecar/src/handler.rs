@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use tde_hsm::{Hsm, HsmError, HsmEvent, Role, Versions};
 use tde_protocol::{
-    Context, ErrorCode, KeyInfo, KeyReference, KeyVersionInfo, OperatorInfo, Request, Response,
-    SecretBytes, StatusInfo,
+    ErrorCode, KeyInfo, KeyReference, KeyVersionInfo, OperatorInfo, Request, Response, SecretBytes,
+    StatusInfo, context_display,
 };
 
 use crate::audit::{Actor, AuditLog, AuditRecord};
@@ -122,24 +122,6 @@ impl KeyChanges {
     }
 }
 
-/// The registry's text form of an encryption context (JSON, sorted keys).
-pub fn context_text(context: &Context) -> String {
-    serde_json::to_string(context).unwrap_or_default()
-}
-
-fn context_from_text(text: &str) -> Context {
-    serde_json::from_str(text).unwrap_or_default()
-}
-
-/// `cluster=c1,tablespace=ts`: a context for people.
-pub fn context_display(context: &Context) -> String {
-    context
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
 type Outcome = Result<Response, (ErrorCode, String)>;
 
 /// Maps an HSM error to its wire code and message.
@@ -188,7 +170,7 @@ pub fn key_info(k: tde_hsm::KeyInfo, refs: Vec<Registration>) -> KeyInfo {
         references: refs
             .into_iter()
             .map(|r| KeyReference {
-                context: context_from_text(&r.context),
+                context: r.context,
                 dek_version: r.dek_version,
                 key_version: r.key_version,
                 location: r.location,
@@ -258,11 +240,16 @@ fn audit_context(context: &tde_protocol::Context, rec: &mut AuditRecord) {
     }
 }
 
+/// A key name as recorded: at most 256 characters, whatever a peer sent.
+fn audit_key(key: &str) -> Option<String> {
+    Some(key.chars().take(256).collect())
+}
+
 /// Fills the audit fields a request names (never secrets).
 fn describe(req: &Request, rec: &mut AuditRecord) {
     match req {
         Request::GenerateDataKey { key, context } => {
-            rec.key = Some(key.chars().take(256).collect());
+            rec.key = audit_key(key);
             audit_context(context, rec);
         }
         Request::Decrypt {
@@ -282,9 +269,9 @@ fn describe(req: &Request, rec: &mut AuditRecord) {
         Request::KeyCreate { key, .. }
         | Request::KeyDescribe { key }
         | Request::KeyRotate { key }
-        | Request::WatchKey { key, .. } => rec.key = Some(key.chars().take(256).collect()),
+        | Request::WatchKey { key, .. } => rec.key = audit_key(key),
         Request::KeySetRotation { key, rotate_after } => {
-            rec.key = Some(key.clone());
+            rec.key = audit_key(key);
             rec.detail = Some(format!("rotate_after {rotate_after} s"));
         }
         Request::RegisterDeks {
@@ -293,7 +280,7 @@ fn describe(req: &Request, rec: &mut AuditRecord) {
             location,
             deks,
         } => {
-            rec.key = Some(key.chars().take(256).collect());
+            rec.key = audit_key(key);
             audit_context(context, rec);
             rec.detail = Some(format!(
                 "{} at {}",
@@ -309,7 +296,7 @@ fn describe(req: &Request, rec: &mut AuditRecord) {
         | Request::KeyScheduleDestroy { key, version, .. }
         | Request::KeyCancelDestroy { key, version }
         | Request::KeyDestroy { key, version, .. } => {
-            rec.key = Some(key.clone());
+            rec.key = audit_key(key);
             rec.key_version = *version;
         }
         Request::OperatorAdd { operator, role, .. } => {
@@ -563,7 +550,7 @@ impl Service {
                 // Written with the audit record, in its transaction.
                 rec.registration = Some(RegistryWrite {
                     key: key.clone(),
-                    context: context_text(context),
+                    context: context.clone(),
                     location: location.chars().take(4096).collect(),
                     last_seen: tde_hsm::hsm::now(),
                     deks: deks.clone(),
@@ -626,7 +613,7 @@ impl Service {
             .map(|r| {
                 format!(
                     "{} (data key v{} under v{}, at {})",
-                    context_display(&context_from_text(&r.context)),
+                    context_display(&r.context),
                     r.dek_version,
                     r.key_version,
                     r.location

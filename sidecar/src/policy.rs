@@ -66,10 +66,17 @@ impl ClientPolicy {
     /// Whether `op` on `key` is allowed, whatever the context (for requests
     /// that carry none); `Err` says why not.
     pub fn allows_key(&self, op: &str, key: &str) -> Result<(), String> {
+        self.allows_op_key(op, Some(key))
+    }
+
+    /// The operation and key checks of [`ClientPolicy::allows`].
+    fn allows_op_key(&self, op: &str, key: Option<&str>) -> Result<(), String> {
         if !self.operations.iter().any(|o| o == op) {
             return Err(format!("client {:?} may not call {op}", self.name));
         }
-        if !self.keys.iter().any(|p| glob(p, key)) {
+        if let Some(key) = key
+            && !self.keys.iter().any(|p| glob(p, key))
+        {
             return Err(format!(
                 "client {:?} may not use master key {key:?}",
                 self.name
@@ -85,17 +92,7 @@ impl ClientPolicy {
         key: Option<&str>,
         context: &BTreeMap<String, String>,
     ) -> Result<(), String> {
-        if !self.operations.iter().any(|o| o == op) {
-            return Err(format!("client {:?} may not call {op}", self.name));
-        }
-        if let Some(key) = key
-            && !self.keys.iter().any(|p| glob(p, key))
-        {
-            return Err(format!(
-                "client {:?} may not use master key {key:?}",
-                self.name
-            ));
-        }
+        self.allows_op_key(op, key)?;
         for (k, pattern) in &self.context {
             match context.get(k) {
                 Some(v) if glob(pattern, v) => {}

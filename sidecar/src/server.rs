@@ -400,12 +400,13 @@ async fn key_scheduler(svc: Arc<Service>, destroy_every: u64, mut stop: watch::R
             _ = tick.tick() => {}
         }
         let s = svc.clone();
-        let destroy = tde_hsm::hsm::now() >= last_destroy + destroy_every.max(1);
+        let now = tde_hsm::hsm::now();
+        let destroy = now >= last_destroy + destroy_every.max(1);
         if destroy {
-            last_destroy = tde_hsm::hsm::now();
+            last_destroy = now;
         }
         let _ = tokio::task::spawn_blocking(move || {
-            match s.hsm.rotate_due(tde_hsm::hsm::now()) {
+            match s.hsm.rotate_due(now) {
                 Ok(done) => {
                     for (key, version) in done {
                         tracing::info!(key, version, "rotated by policy");
@@ -413,7 +414,7 @@ async fn key_scheduler(svc: Arc<Service>, destroy_every: u64, mut stop: watch::R
                 }
                 Err(e) => tracing::error!(error = %e, "automatic rotation failed"),
             }
-            if destroy && let Err(e) = s.hsm.destroy_due(tde_hsm::hsm::now()) {
+            if destroy && let Err(e) = s.hsm.destroy_due(now) {
                 tracing::error!(error = %e, "scheduled key destruction failed");
             }
             s.drain_events();

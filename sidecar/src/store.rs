@@ -10,6 +10,7 @@ use std::sync::Mutex;
 use rusqlite::{Connection, OptionalExtension, params};
 use tde_hsm::seal::STORE_ID_LEN;
 use tde_hsm::store::{ObjectStore, StoreError, StoreMeta, StoreOp, StoredObject};
+use tde_protocol::Context;
 
 /// Migrations, in order. Index + 1 is the schema version.
 const MIGRATIONS: &[&str] = &[
@@ -18,13 +19,13 @@ const MIGRATIONS: &[&str] = &[
 ];
 
 /// A registry change: the registration of `(key, context, location)`
-/// becomes `rows`.
+/// becomes `deks`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RegistryWrite {
     /// Master key name.
     pub key: String,
-    /// Encryption context (JSON).
-    pub context: String,
+    /// Encryption context.
+    pub context: Context,
     /// Where the data keys live.
     pub location: String,
     /// Unix seconds.
@@ -40,9 +41,10 @@ pub fn write_registration(
     tx: &rusqlite::Transaction<'_>,
     w: &RegistryWrite,
 ) -> rusqlite::Result<()> {
+    let context = context_text(&w.context);
     tx.execute(
         "DELETE FROM registry WHERE key = ?1 AND context = ?2 AND location = ?3",
-        rusqlite::params![w.key, w.context, w.location],
+        rusqlite::params![w.key, context, w.location],
     )?;
     let mut insert = tx.prepare_cached(
         "INSERT INTO registry (key, context, dek_version, key_version, location, last_seen)
@@ -51,7 +53,7 @@ pub fn write_registration(
     for d in &w.deks {
         insert.execute(rusqlite::params![
             w.key,
-            w.context,
+            context,
             d.dek_version,
             d.key_version,
             w.location,
@@ -61,13 +63,17 @@ pub fn write_registration(
     Ok(())
 }
 
-/// One row of the data key registry.
+/// The registry's text form of an encryption context: JSON, keys sorted
+/// (a `BTreeMap`), so one context always has one text.
+fn context_text(context: &Context) -> String {
+    serde_json::to_string(context).unwrap_or_default()
+}
+
+/// One registered data key of a master key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Registration {
-    /// Master key name.
-    pub key: String,
-    /// Encryption context (JSON, sorted keys).
-    pub context: String,
+    /// Encryption context.
+    pub context: Context,
     /// Data key version.
     pub dek_version: u32,
     /// Master key version wrapping it.
@@ -171,18 +177,17 @@ impl SqliteStore {
         let conn = self.conn();
         let mut st = conn
             .prepare(
-                "SELECT key, context, dek_version, key_version, location, last_seen
+                "SELECT context, dek_version, key_version, location, last_seen
                  FROM registry WHERE key = ?1 ORDER BY context, dek_version",
             )
             .map_err(io)?;
         st.query_map([key], |r| {
             Ok(Registration {
-                key: r.get(0)?,
-                context: r.get(1)?,
-                dek_version: r.get(2)?,
-                key_version: r.get(3)?,
-                location: r.get(4)?,
-                last_seen: r.get::<_, i64>(5)?.max(0) as u64,
+                context: serde_json::from_str(&r.get::<_, String>(0)?).unwrap_or_default(),
+                dek_version: r.get(1)?,
+                key_version: r.get(2)?,
+                location: r.get(3)?,
+                last_seen: r.get::<_, i64>(4)?.max(0) as u64,
             })
         })
         .map_err(io)?

@@ -194,41 +194,30 @@ fn answer(s: UnixStream, rekey: &Rekey) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The backing directory of the `tde mount` on `mountpoint`, from
-/// `/proc/self/mounts` (a FUSE mount whose source is `tde:BACKING_DIR`).
+/// The backing directory of the `tde mount` on `mountpoint`.
 pub fn backing_of(mountpoint: &Path) -> anyhow::Result<PathBuf> {
     let want = mountpoint
         .canonicalize()
         .with_context(|| format!("{} does not exist", mountpoint.display()))?;
-    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
-    for line in mounts.lines() {
-        let f: Vec<&str> = line.split(' ').collect();
-        if f.len() < 3 || !is_fuse(f[2]) {
-            continue;
-        }
-        if Path::new(&unescape(f[1])) == want
-            && let Some(b) = unescape(f[0]).strip_prefix("tde:")
-        {
-            return Ok(PathBuf::from(b));
-        }
-    }
-    bail!("{} is not a tde mount", mountpoint.display())
+    mounts()
+        .into_iter()
+        .find_map(|(m, b)| (m == want).then_some(b))
+        .with_context(|| format!("{} is not a tde mount", mountpoint.display()))
 }
 
-/// Every `tde mount` on this machine: (mountpoint, backing directory).
+/// Every `tde mount` on this machine, (mountpoint, backing directory), from
+/// `/proc/self/mounts`: FUSE mounts whose source is `tde:BACKING_DIR`.
 pub fn mounts() -> Vec<(PathBuf, PathBuf)> {
     std::fs::read_to_string("/proc/self/mounts")
         .unwrap_or_default()
         .lines()
         .filter_map(|line| {
             let f: Vec<&str> = line.split(' ').collect();
-            (f.len() >= 3 && is_fuse(f[2])).then(|| {
-                let src = unescape(f[0]);
-                Some((
-                    PathBuf::from(unescape(f[1])),
-                    PathBuf::from(src.strip_prefix("tde:")?),
-                ))
-            })?
+            if f.len() < 3 || !is_fuse(f[2]) {
+                return None;
+            }
+            let backing = unescape(f[0]).strip_prefix("tde:")?.to_owned();
+            Some((PathBuf::from(unescape(f[1])), PathBuf::from(backing)))
         })
         .collect()
 }

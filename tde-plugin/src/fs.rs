@@ -579,7 +579,6 @@ impl Core {
         let cipher = self.cipher.read().unwrap_or_else(|p| p.into_inner());
         let target = cipher.current_version();
         let mut plain = [0u8; PAGE_SIZE];
-        let mut sealed = [0u8; PAGE_SIZE + TRAILER_LEN];
         let (mut at, mut rewritten) = (0usize, 0u64);
         for b in first..=last {
             let n = block_len(len, b) + TRAILER_LEN;
@@ -591,10 +590,10 @@ impl Core {
                         tracing::error!(file = %path.display(), block = b, error = %e, "re-key cannot read a damaged block; leaving it");
                         Errno::EIO
                     })?;
+                // The old ciphertext is read: the new one takes its place.
                 cipher
-                    .encrypt_block(file_id, b, &plain[..n - TRAILER_LEN], &mut sealed[..n])
+                    .encrypt_block(file_id, b, &plain[..n - TRAILER_LEN], block)
                     .map_err(|_| Errno::EIO)?;
-                block.copy_from_slice(&sealed[..n]);
                 rewritten += 1;
             }
             at += n;
@@ -670,15 +669,14 @@ impl Core {
             return WHOLE_BUF.with(|cell| {
                 let out = &mut *cell.borrow_mut();
                 let out = scratch(out, data.len() / PAGE_SIZE * (PAGE_SIZE + TRAILER_LEN));
+                let at = page::block_offset(offset / PAGE_SIZE as u64);
                 let version = self.encrypt_whole(h, offset, data, out)?;
                 // Inside the current size: no size change, so shared.
                 {
                     let _shared = inode.lock.read().unwrap_or_else(|p| p.into_inner());
                     self.still_current(h, version, offset, data, out)?;
                     if end <= Self::logical_size(h)? {
-                        h.file
-                            .write_all_at(out, page::block_offset(offset / PAGE_SIZE as u64))
-                            .map_err(|e| errno(&e))?;
+                        h.file.write_all_at(out, at).map_err(|e| errno(&e))?;
                         drop(_shared);
                         start_writeback(h, offset, out.len());
                         return Ok(());
@@ -693,9 +691,7 @@ impl Core {
                     if offset > old_len {
                         self.grow(h, old_len, offset)?;
                     }
-                    h.file
-                        .write_all_at(out, page::block_offset(offset / PAGE_SIZE as u64))
-                        .map_err(|e| errno(&e))?;
+                    h.file.write_all_at(out, at).map_err(|e| errno(&e))?;
                 }
                 start_writeback(h, offset, out.len());
                 Ok(())

@@ -276,7 +276,9 @@ impl Drop for Mounted {
     }
 }
 
-/// Checks, loads keys, mounts, and starts the sidecar watcher.
+/// Checks, locks the backing directory, loads keys, mounts, and starts the
+/// keeper (sidecar connection, key file rewraps), the re-key engine
+/// (resuming a checkpointed re-key) and the control socket.
 pub fn mount(spec: &MountSpec) -> anyhow::Result<Mounted> {
     check_dirs(spec)?;
     let backing_lock = crate::keyfile::BackingLock::acquire(&spec.backing)?;

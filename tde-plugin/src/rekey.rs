@@ -41,7 +41,7 @@ use crate::client::Client;
 use crate::fs::{TdeFs, block_len, is_reserved};
 use crate::keyfile::{KeyFile, WrappedDek};
 use crate::page::{self, FileHeader, HEADER_LEN, PAGE_SIZE, PageCipher};
-use crate::rotation::KeyFileLock;
+use crate::rotation::{KeyFileLock, sleep_unless_stopped};
 
 /// Blocks per step (one lock hold, one read, at most one write).
 pub const STEP_BLOCKS: u64 = 32;
@@ -403,18 +403,6 @@ fn blocks_of(len: u64) -> u64 {
         .unwrap_or(0)
 }
 
-/// Sleeps up to `d` in small slices, returning early when stopping.
-fn nap(sh: &Shared, d: Duration) {
-    let until = Instant::now() + d;
-    while !sh.stop.load(Ordering::SeqCst) && Instant::now() < until {
-        std::thread::sleep(
-            until
-                .saturating_duration_since(Instant::now())
-                .min(Duration::from_millis(50)),
-        );
-    }
-}
-
 /// Speed, throttle and progress bookkeeping of one run.
 struct Meter {
     since: Instant,
@@ -463,7 +451,7 @@ impl Meter {
             let due = Duration::from_secs_f64(self.bytes as f64 / rate as f64);
             let spent = self.since.elapsed();
             if due > spent {
-                nap(sh, due - spent);
+                sleep_unless_stopped(&sh.stop, due - spent);
             }
         }
     }
@@ -612,7 +600,7 @@ fn rekey_file(
                 sh.status.lock().unwrap_or_else(|p| p.into_inner()).state = "paused".into();
                 tracing::info!("re-key paused");
             }
-            nap(sh, Duration::from_millis(200));
+            sleep_unless_stopped(&sh.stop, Duration::from_millis(200));
             continue;
         }
         if ck.paused {

@@ -173,10 +173,16 @@ impl Drop for Keeper {
     }
 }
 
-fn sleep_unless_stopped(stop: &AtomicBool, d: Duration) {
+/// Sleeps up to `d` in slices of at most 50 ms, returning early once `stop`
+/// is set.
+pub(crate) fn sleep_unless_stopped(stop: &AtomicBool, d: Duration) {
     let until = Instant::now() + d;
     while !stop.load(Ordering::SeqCst) && Instant::now() < until {
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(
+            until
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(50)),
+        );
     }
 }
 
@@ -194,6 +200,15 @@ fn keep(
     let mut key = String::new();
     let mut primary = 0u32;
     let mut refusal: Option<String> = None;
+    // Says once that the sidecar is gone (I/O goes on regardless).
+    let note_lost = |lost: &mut bool, error: Option<String>| {
+        if !std::mem::replace(lost, true) {
+            tracing::warn!(
+                error = error.as_deref().unwrap_or("cannot connect"),
+                "lost the sidecar connection; I/O continues with the data keys in memory"
+            );
+        }
+    };
     while !stop.load(Ordering::SeqCst) {
         if conn.is_none() {
             match Client::connect(sidecar) {
@@ -211,13 +226,8 @@ fn keep(
                         lost = false;
                     }
                 }
-                Err(_) => {
-                    if !lost {
-                        tracing::warn!(
-                            "lost the sidecar connection; I/O continues with the data keys in memory"
-                        );
-                        lost = true;
-                    }
+                Err(e) => {
+                    note_lost(&mut lost, Some(format!("{e:#}")));
                     sleep_unless_stopped(stop, Duration::from_secs(2));
                     continue;
                 }
@@ -274,13 +284,7 @@ fn keep(
                     registered_at = None;
                     sleep_unless_stopped(stop, Duration::from_secs(2));
                 } else {
-                    if !lost {
-                        tracing::warn!(
-                            error = %format!("{e:#}"),
-                            "lost the sidecar connection; I/O continues with the data keys in memory"
-                        );
-                        lost = true;
-                    }
+                    note_lost(&mut lost, Some(format!("{e:#}")));
                     conn = None;
                     *stream.lock().unwrap_or_else(|p| p.into_inner()) = None;
                     sleep_unless_stopped(stop, Duration::from_secs(1));

@@ -30,6 +30,6 @@ pub use error::{DecodeError, ErrorCode};
 pub use frame::{Frame, FrameKind, Header, MAX_FRAME_LEN, PROTOCOL_VERSION};
 pub use message::{
     Context, DekRef, KeyInfo, KeyReference, KeyVersionInfo, Op, OperatorInfo, Request, Response,
-    StatusInfo,
+    StatusInfo, context_display,
 };
 pub use secret::SecretBytes;

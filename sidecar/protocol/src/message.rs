@@ -241,6 +241,15 @@ impl Op {
 /// key as additional authenticated data.
 pub type Context = BTreeMap<String, String>;
 
+/// `cluster=c1,tablespace=ts`: a context for people (logs, errors, CLI).
+pub fn context_display(context: &Context) -> String {
+    context
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// A request.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Request {
@@ -793,24 +802,14 @@ impl Request {
             }
             Request::KeyDisable { key, version }
             | Request::KeyEnable { key, version }
-            | Request::KeyCancelDestroy { key, version } => {
-                w.str(KEY_NAME, key);
-                if let Some(v) = version {
-                    w.u32(KEY_VERSION, *v);
-                }
-            }
+            | Request::KeyCancelDestroy { key, version } => put_key_version(&mut w, key, *version),
             Request::KeyDestroy {
                 key,
                 version,
                 force,
             } => {
-                w.str(KEY_NAME, key);
-                if let Some(v) = version {
-                    w.u32(KEY_VERSION, *v);
-                }
-                if *force {
-                    w.bool(FORCE, true);
-                }
+                put_key_version(&mut w, key, *version);
+                put_force(&mut w, *force);
             }
             Request::KeyScheduleDestroy {
                 key,
@@ -818,14 +817,9 @@ impl Request {
                 days,
                 force,
             } => {
-                w.str(KEY_NAME, key);
-                if let Some(v) = version {
-                    w.u32(KEY_VERSION, *v);
-                }
+                put_key_version(&mut w, key, *version);
                 w.u32(DAYS, *days);
-                if *force {
-                    w.bool(FORCE, true);
-                }
+                put_force(&mut w, *force);
             }
             Request::KeySetRotation { key, rotate_after } => {
                 w.str(KEY_NAME, key).u64(ROTATE_AFTER, *rotate_after);
@@ -1027,6 +1021,21 @@ impl Request {
                 }
             }
         })
+    }
+}
+
+/// A key name and, if given, one version of it.
+fn put_key_version(w: &mut Writer, key: &str, version: Option<u32>) {
+    w.str(KEY_NAME, key);
+    if let Some(v) = version {
+        w.u32(KEY_VERSION, v);
+    }
+}
+
+/// The force flag, sent only when set.
+fn put_force(w: &mut Writer, force: bool) {
+    if force {
+        w.bool(FORCE, true);
     }
 }
 
