@@ -587,7 +587,7 @@ impl Core {
                 cipher
                     .decrypt_block(file_id, b, block, &mut plain)
                     .map_err(|e| {
-                        tracing::error!(file = %path.display(), block = b, error = %e, "re-key cannot read a damaged block; leaving it");
+                        tracing::error!(file = %path.display(), block = b, error = %e, "re-key stops at a damaged block (restore the file, then run tde rekey again)");
                         Errno::EIO
                     })?;
                 // The old ciphertext is read: the new one takes its place.
