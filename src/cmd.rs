@@ -104,6 +104,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 for (v, n) in &i.versions {
                     out.push_str(&format!("\ndata key v{v}: {n} blocks"));
                 }
+                for (v, n) in &i.headers {
+                    match v {
+                        0 => out.push_str(&format!("\nformat-1 headers: {n} files")),
+                        v => out.push_str(&format!("\nheaders under data key v{v}: {n} files")),
+                    }
+                }
                 out
             });
             Ok(())
@@ -275,7 +281,7 @@ fn rewrap(cli: &Cli, cfg: &Config, backing: &Path, sidecar: Option<&Path>) -> an
         )
     })?;
     let mut c = Client::connect(&socket)?;
-    let o = tde_plugin::rotation::sync(&mut c, backing, &Default::default())?;
+    let o = tde_plugin::keys::Keys::offline(backing, &socket)?.sync_master(&mut c)?;
     emit(
         cli,
         json!({
@@ -380,7 +386,7 @@ fn mount(cli: &Cli, cfg: &Config, a: &MountArgs) -> anyhow::Result<()> {
             let why = tokio::select! {
                 _ = term.recv() => "SIGTERM",
                 _ = int.recv() => "SIGINT",
-                _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {
+                _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {
                     if !mounted.finished() {
                         continue;
                     }
@@ -735,18 +741,66 @@ fn data_dir_configured(cli: &Cli) -> bool {
 }
 
 fn init_logging(cfg: &Config) {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     // fuser warns when it retries an unmount that `tde umount` already did.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(format!("{},fuser::mnt=error", cfg.log.level))
     });
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(IgnoredInterruptReplies);
     if cfg.log.format == "json" {
-        b.json().init();
+        registry.with(fmt.json()).init();
     } else {
-        b.init();
+        registry.with(fmt).init();
+    }
+}
+
+/// Drops one message of fuser's that is not an error. fuser answers every
+/// `FUSE_INTERRUPT` with `ENOSYS` (which tells the kernel to stop sending
+/// interrupts); when the interrupted request was already answered, the
+/// kernel has no request to match that answer with and the write returns
+/// `ENOENT`, which fuser logs as "Failed to send FUSE reply". The kernel's
+/// protocol expects exactly this and ignores such a reply
+/// (Documentation/filesystems/fuse.rst, "Interrupting filesystem
+/// operations"), as libfuse does. Every other reply failure is still logged.
+struct IgnoredInterruptReplies;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for IgnoredInterruptReplies {
+    fn event_enabled(
+        &self,
+        event: &tracing::Event<'_>,
+        _: tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        #[derive(Default)]
+        struct Seen {
+            target: bool,
+            message: bool,
+        }
+        impl tracing::field::Visit for Seen {
+            fn record_str(&mut self, f: &tracing::field::Field, v: &str) {
+                if f.name() == "log.target" {
+                    self.target = v == "fuser::reply";
+                }
+            }
+            fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                if f.name() == "message" {
+                    let text = format!("{v:?}");
+                    self.message = text.starts_with("Failed to send FUSE reply")
+                        && text.ends_with("(os error 2)");
+                }
+            }
+        }
+        if *event.metadata().level() > tracing::Level::WARN {
+            return true;
+        }
+        let mut seen = Seen::default();
+        event.record(&mut seen);
+        !(seen.target && seen.message)
     }
 }
 

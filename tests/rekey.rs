@@ -90,6 +90,16 @@ fn full_rekey_of_a_gigabyte_under_pgbench() {
     // holds version 2 only; the checkpoint is gone.
     let after = versions(&env, &backing);
     assert_eq!(after.keys().collect::<Vec<_>>(), ["2"], "{after:?}");
+    // Every file header was re-sealed too (a header under v1 could not be
+    // checked once v1 is gone).
+    let headers = env.ok(&["inspect", &backing.to_string_lossy()])["headers"].clone();
+    assert_eq!(
+        headers
+            .as_object()
+            .map(|h| h.keys().cloned().collect::<Vec<_>>()),
+        Some(vec!["2".to_string()]),
+        "{headers}"
+    );
     assert_eq!(keyfile_dek_versions(&backing), [2]);
     assert!(!backing.join("tde.rekey").exists());
     let st = rekey_status(&env, &mnt);

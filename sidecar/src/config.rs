@@ -10,7 +10,13 @@ use serde::{Deserialize, Serialize};
 use crate::policy::ClientPolicy;
 
 /// Environment variables read by the CLI, not configuration keys.
-const CLI_ENV: &[&str] = &["config", "password", "new_password", "operator"];
+const CLI_ENV: &[&str] = &[
+    "config",
+    "password",
+    "new_password",
+    "operator",
+    "failpoint",
+];
 
 /// The daemon's configuration.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -32,6 +38,8 @@ pub struct Config {
     pub memory: MemoryConfig,
     /// Connection limits.
     pub limits: LimitsConfig,
+    /// What seal does to running mounts.
+    pub mounts: MountsConfig,
     /// Data-socket client policies.
     pub clients: Vec<ClientPolicy>,
 }
@@ -95,6 +103,17 @@ pub struct LimitsConfig {
     pub destroy_check_seconds: u64,
 }
 
+/// `[mounts]`: the sidecar's word to the `tde mount`s attached to it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MountsConfig {
+    /// What `tde seal` does to running mounts: `keep` (availability: they
+    /// go on with the data keys they hold, as when the sidecar is
+    /// unreachable) or `wipe` (containment: they wipe their data keys and
+    /// fail all I/O, as after zeroization). Zeroization always wipes.
+    pub on_seal: String,
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -121,6 +140,9 @@ impl Default for Config {
             limits: LimitsConfig {
                 max_connections: 1024,
                 destroy_check_seconds: 60,
+            },
+            mounts: MountsConfig {
+                on_seal: "keep".into(),
             },
             clients: Vec::new(),
         }
@@ -164,6 +186,12 @@ impl Config {
             return Err(format!(
                 "memory.lock must be auto, required or off, not {:?}",
                 self.memory.lock
+            ));
+        }
+        if !matches!(self.mounts.on_seal.as_str(), "keep" | "wipe") {
+            return Err(format!(
+                "mounts.on_seal must be keep or wipe, not {:?}",
+                self.mounts.on_seal
             ));
         }
         for c in &self.clients {

@@ -69,9 +69,16 @@ pub struct Service {
     pub clients: Vec<ClientPolicy>,
     /// The registry of wrapped data keys.
     pub registry: Arc<SqliteStore>,
-    /// Bumped whenever a key's primary version changes; `watch_key` waits
-    /// on it.
+    /// Bumped whenever a key's primary version changes, and at seal and
+    /// zeroization; `watch_key` waits on it.
     pub key_changes: KeyChanges,
+    /// `mounts.on_seal = "wipe"`: after `tde seal`, the mounts' own
+    /// requests (`watch_key`, `register_deks`) are answered `KEYS_REVOKED`
+    /// until the next unseal, so they wipe their data keys.
+    pub revoke_on_seal: bool,
+    /// Sealed by an operator with `revoke_on_seal` (a daemon that merely
+    /// restarted is sealed too, but revokes nothing).
+    pub revoking: std::sync::atomic::AtomicBool,
 }
 
 /// A counter of primary-version changes that waiters can sleep on.
@@ -420,6 +427,8 @@ impl Service {
                 HsmEvent::TamperZeroized(why) => {
                     rec.op = "tamper_zeroize".into();
                     rec.detail = Some(why.to_string());
+                    // Mounts waiting on a key hear it at once.
+                    self.key_changes.bump();
                 }
                 HsmEvent::VersionDestroyed { key, version } => {
                     rec.op = "scheduled_destroy".into();
@@ -546,7 +555,7 @@ impl Service {
                 location,
                 deks,
             } => {
-                let info = hsm(self.hsm.key_describe(key))?;
+                let info = self.mount_view(self.hsm.key_describe(key))?;
                 // Written with the audit record, in its transaction.
                 rec.registration = Some(RegistryWrite {
                     key: key.clone(),
@@ -569,7 +578,7 @@ impl Service {
                     Instant::now() + Duration::from_millis(u64::from(*timeout_ms)).min(MAX_WATCH);
                 loop {
                     let seen = self.key_changes.now();
-                    let primary = hsm(self.hsm.key_describe(key))?.primary;
+                    let primary = self.mount_view(self.hsm.key_describe(key))?.primary;
                     if primary != *version || Instant::now() >= until || self.key_changes.stopping()
                     {
                         return Ok(Response::KeyPrimary {
@@ -581,6 +590,21 @@ impl Service {
                 }
             }
             _ => Err((ErrorCode::Internal, "not a data operation".into())),
+        }
+    }
+
+    /// An HSM answer to a mount's own request: after `tde seal` with
+    /// `mounts.on_seal = "wipe"`, `KEYS_REVOKED` instead of `SEALED`.
+    fn mount_view<T>(&self, r: Result<T, HsmError>) -> Result<T, (ErrorCode, String)> {
+        match r {
+            Err(HsmError::Sealed) if self.revoking.load(std::sync::atomic::Ordering::SeqCst) => {
+                Err((
+                    ErrorCode::KeysRevoked,
+                    "the sidecar is sealed and mounts.on_seal = \"wipe\": wipe the data keys"
+                        .into(),
+                ))
+            }
+            r => hsm(r),
         }
     }
 
@@ -663,6 +687,10 @@ impl Service {
             Request::Status => Ok(Response::Status(status_info(h))),
             Request::Unseal { share } => {
                 let s = hsm(h.unseal(share.expose()))?;
+                if !s.sealed {
+                    self.revoking
+                        .store(false, std::sync::atomic::Ordering::SeqCst);
+                }
                 rec.detail = Some(format!(
                     "progress {}/{}, sealed {}",
                     s.progress, s.threshold, s.sealed
@@ -681,6 +709,13 @@ impl Service {
             Request::Seal => {
                 need(CO)?;
                 hsm(h.seal())?;
+                // Mounts waiting on a key hear it at once (and wipe their
+                // keys if `mounts.on_seal = "wipe"`).
+                if self.revoke_on_seal {
+                    self.revoking
+                        .store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                self.key_changes.bump();
                 Ok(Response::Status(status_info(h)))
             }
             Request::Zeroize => {
@@ -691,6 +726,9 @@ impl Service {
                     need(CO)?;
                 }
                 hsm(h.zeroize())?;
+                // Every mount waiting on a key hears it at once and wipes
+                // its data keys.
+                self.key_changes.bump();
                 Ok(Response::Done)
             }
             Request::OperatorAdd {

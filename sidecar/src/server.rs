@@ -280,6 +280,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         clients: cfg.clients.clone(),
         registry: store.clone(),
         key_changes: Default::default(),
+        revoke_on_seal: cfg.mounts.on_seal == "wipe",
+        revoking: Default::default(),
     });
     let mut start = AuditRecord::new("internal", "daemon_start");
     start.detail = Some(format!(

@@ -159,8 +159,8 @@ fn answer(s: UnixStream, rekey: &Rekey) -> anyhow::Result<()> {
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut line = String::new();
     BufReader::new((&s).take(MAX_LINE)).read_line(&mut line)?;
-    let result = match serde_json::from_str::<Control>(&line) {
-        Err(e) => Err(anyhow::anyhow!("malformed control request: {e}")),
+    let result = match parse_request(&line) {
+        Err(e) => Err(e),
         Ok(req) => {
             if req == Control::Status {
                 tracing::debug!(request = ?req, "control request");
@@ -192,6 +192,14 @@ fn answer(s: UnixStream, rekey: &Rekey) -> anyhow::Result<()> {
     out.push('\n');
     (&s).write_all(out.as_bytes())?;
     Ok(())
+}
+
+/// Parses one request line (JSON, at most [`MAX_LINE`] bytes).
+pub fn parse_request(line: &str) -> anyhow::Result<Control> {
+    if line.len() as u64 > MAX_LINE {
+        bail!("malformed control request: longer than {MAX_LINE} bytes");
+    }
+    serde_json::from_str(line).map_err(|e| anyhow::anyhow!("malformed control request: {e}"))
 }
 
 /// The backing directory of the `tde mount` on `mountpoint`.

@@ -3,7 +3,7 @@
 //! and MySQL keep in a tablespace's header.
 //!
 //! ```json
-//! {"format":"tde-keyfile-1","mek":"pg-main","tablespace":"secure","cluster":"prod-1",
+//! {"format":"tde-keyfile-2","mek":"pg-main","tablespace":"secure","cluster":"prod-1",
 //!  "deks":[{"version":1,"mek_version":1,"wrapped":"VERFVwEH..."}]}
 //! ```
 //!
@@ -25,8 +25,16 @@ use serde::{Deserialize, Serialize};
 
 /// File name of the key file in the backing directory's root.
 pub const KEY_FILE: &str = "tde.key";
-/// Format tag.
-pub const FORMAT: &str = "tde-keyfile-1";
+/// Format tag of new key files: the tablespace's files have format-2
+/// headers (bound to their paths, with a durable length).
+pub const FORMAT: &str = "tde-keyfile-2";
+/// Format tag of older key files, whose tablespace's files may still have
+/// format-1 headers; a mount upgrades them and then the key file.
+pub const FORMAT_1: &str = "tde-keyfile-1";
+
+/// Largest key file read (a key file with every version it could hold is a
+/// few KiB).
+pub const MAX_KEY_FILE: u64 = 1 << 20;
 
 /// One wrapped DEK version.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -52,7 +60,7 @@ impl WrappedDek {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct KeyFile {
-    /// [`FORMAT`].
+    /// [`FORMAT`] (or [`FORMAT_1`] before the upgrade).
     pub format: String,
     /// Master key name in the sidecar.
     pub mek: String,
@@ -86,6 +94,12 @@ impl KeyFile {
         }
     }
 
+    /// The header format of the tablespace's files: 1 until the upgrade of
+    /// an older tablespace is done, else 2.
+    pub fn page_format(&self) -> u8 {
+        if self.format == FORMAT_1 { 1 } else { 2 }
+    }
+
     /// The encryption context its DEKs are bound to.
     pub fn context(tablespace: &str, cluster: &str) -> BTreeMap<String, String> {
         [
@@ -103,20 +117,41 @@ impl KeyFile {
     /// Reads the key file of `backing`.
     pub fn load(backing: &Path) -> anyhow::Result<KeyFile> {
         let path = Self::path(backing);
-        let text = std::fs::read_to_string(&path).with_context(|| {
+        let missing = || {
             format!(
                 "{} has no key file ({}): it is not a tde backing directory; use --init to create one",
                 backing.display(),
                 path.display()
             )
-        })?;
-        let kf: KeyFile = serde_json::from_str(&text)
-            .with_context(|| format!("{} is damaged", path.display()))?;
-        if kf.format != FORMAT {
-            bail!("{} has unsupported format {:?}", path.display(), kf.format);
+        };
+        let len = std::fs::metadata(&path).with_context(missing)?.len();
+        if len > MAX_KEY_FILE {
+            bail!(
+                "{} is damaged: {len} bytes, more than a key file can hold",
+                path.display()
+            );
+        }
+        let text = std::fs::read_to_string(&path).with_context(missing)?;
+        Self::parse(&text).with_context(|| format!("{} is damaged", path.display()))
+    }
+
+    /// Parses and checks a key file's text.
+    pub fn parse(text: &str) -> anyhow::Result<KeyFile> {
+        let kf: KeyFile = serde_json::from_str(text)?;
+        if kf.format != FORMAT && kf.format != FORMAT_1 {
+            bail!("unsupported format {:?}", kf.format);
         }
         if kf.deks.is_empty() {
-            bail!("{} holds no data key", path.display());
+            bail!("it holds no data key");
+        }
+        let mut versions: Vec<u32> = kf.deks.iter().map(|d| d.version).collect();
+        versions.sort_unstable();
+        versions.dedup();
+        if versions.len() != kf.deks.len() || versions[0] == 0 {
+            bail!("its data key versions are not distinct versions from 1");
+        }
+        for d in &kf.deks {
+            d.blob()?;
         }
         Ok(kf)
     }

@@ -9,9 +9,14 @@
 //!   (AES-256-GCM-SIV per 8 KiB block). Pure: no I/O.
 //! - [`keyfile`]: the wrapped data keys of a tablespace, in its backing
 //!   directory.
+//! - [`keys`]: the one owner of a tablespace's keys (key file, page cipher,
+//!   the order in which key-file changes become durable).
 //! - [`client`]: a blocking client for the sidecar's sockets.
 //! - [`control`]: the mount's control socket (`tde rekey`, `tde status`).
-//! - [`fs`]: the FUSE file system that encrypts a backing directory.
+//! - [`fs`]: the FUSE file system that encrypts a backing directory (inode
+//!   table, block engine, FUSE glue).
+//! - [`failpoint`]: failure injection for tests (debug builds only).
+//! - [`fuzz`]: fuzzing harnesses of the parsers of untrusted bytes.
 //! - [`mount`]: `tde mount`: unwrap the DEK, mount, serve, unmount.
 //! - [`rekey`]: online re-encryption of every block under a new data key
 //!   version, throttled, checkpointed, resumable.
@@ -21,8 +26,11 @@
 
 pub mod client;
 pub mod control;
+pub mod failpoint;
 pub mod fs;
+pub mod fuzz;
 pub mod keyfile;
+pub mod keys;
 pub mod mount;
 pub mod page;
 pub mod rekey;

@@ -9,19 +9,16 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use fuser::{Config, MountOption, SessionACL};
-use tde_protocol::{ErrorCode, Request, Response};
+use fuser::{Config, INodeNo, MountOption, SessionACL};
 
-use crate::client::{Client, Refused};
 use crate::fs::TdeFs;
-use crate::keyfile::KeyFile;
-use crate::page::PageCipher;
+use crate::keys::Keys;
 use crate::rekey::Rekey;
-use crate::rotation::{Keeper, KeyFileLock};
+use crate::rotation::Keeper;
 
 /// FUSE worker threads of a mount unless `--threads` says otherwise.
 pub const DEFAULT_THREADS: usize = 4;
@@ -47,54 +44,6 @@ pub struct MountSpec {
     pub wait: Duration,
     /// FUSE worker threads (`DEFAULT_THREADS` unless told).
     pub threads: usize,
-}
-
-/// Connects to the sidecar and sends `req`, waiting up to `wait` while it is
-/// unreachable or sealed, with a message each time. Other refusals end at
-/// once.
-pub fn call_waiting(sidecar: &Path, req: &Request, wait: Duration) -> anyhow::Result<Response> {
-    let deadline = Instant::now() + wait;
-    let mut said = None::<String>;
-    loop {
-        let attempt = Client::connect(sidecar).and_then(|mut c| c.call(req));
-        let why = match attempt {
-            Ok(r) => return Ok(r),
-            Err(e) => match e.downcast_ref::<Refused>() {
-                Some(r) if r.code == ErrorCode::Sealed => {
-                    "the sidecar is sealed; waiting for it to be unsealed".to_string()
-                }
-                Some(_) => return Err(e),
-                None => format!(
-                    "the sidecar at {} is unreachable ({e:#}); waiting",
-                    sidecar.display()
-                ),
-            },
-        };
-        if Instant::now() >= deadline {
-            bail!("{why}: gave up after {} s", wait.as_secs());
-        }
-        if said.as_deref() != Some(why.as_str()) {
-            eprintln!("tde mount: {why}");
-            tracing::warn!("{why}");
-            said = Some(why);
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
-fn explain(e: anyhow::Error, spec: &MountSpec) -> anyhow::Error {
-    match e.downcast_ref::<Refused>().map(|r| r.code) {
-        Some(ErrorCode::ContextMismatch) => anyhow::anyhow!(
-            "mount refused: the key file in {} was not made for tablespace {:?} of cluster {:?} (it was copied from another backing directory, or the names are wrong)",
-            spec.backing.display(),
-            spec.tablespace,
-            spec.cluster
-        ),
-        Some(ErrorCode::PermissionDenied) => {
-            e.context("mount refused by the sidecar's client policy")
-        }
-        _ => e,
-    }
 }
 
 fn check_dirs(spec: &MountSpec) -> anyhow::Result<()> {
@@ -130,78 +79,6 @@ fn check_dirs(spec: &MountSpec) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Creates or reads the key file and builds the page cipher with every DEK
-/// version it holds.
-pub fn load_keys(spec: &MountSpec) -> anyhow::Result<PageCipher> {
-    let context = KeyFile::context(&spec.tablespace, &spec.cluster);
-    let mut cipher = PageCipher::new(&spec.tablespace).map_err(|e| anyhow::anyhow!("{e}"))?;
-    if spec.init {
-        if KeyFile::path(&spec.backing).exists() {
-            bail!(
-                "{} is already a tde backing directory (it has a key file); mount it without --init",
-                spec.backing.display()
-            );
-        }
-        if std::fs::read_dir(&spec.backing)?.next().is_some() {
-            bail!(
-                "{} is not empty: --init needs an empty backing directory",
-                spec.backing.display()
-            );
-        }
-        let key = spec.key.as_deref().context("--init needs --key MEK")?;
-        let req = Request::GenerateDataKey {
-            key: key.to_string(),
-            context,
-        };
-        let Response::DataKey {
-            version,
-            plaintext,
-            ciphertext,
-            ..
-        } = call_waiting(&spec.sidecar, &req, spec.wait).map_err(|e| explain(e, spec))?
-        else {
-            bail!("unexpected response from the sidecar")
-        };
-        cipher
-            .add_key(1, plaintext.expose())
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        KeyFile::new(key, &spec.tablespace, &spec.cluster, version, &ciphertext)
-            .store(&spec.backing)?;
-        return Ok(cipher);
-    }
-    let kf = KeyFile::load(&spec.backing)?;
-    if kf.tablespace != spec.tablespace || kf.cluster != spec.cluster {
-        bail!(
-            "mount refused: the key file in {} belongs to tablespace {:?} of cluster {:?}, not {:?} of {:?}",
-            spec.backing.display(),
-            kf.tablespace,
-            kf.cluster,
-            spec.tablespace,
-            spec.cluster
-        );
-    }
-    if let Some(k) = &spec.key
-        && *k != kf.mek
-    {
-        bail!("the key file is under master key {:?}, not {k:?}", kf.mek);
-    }
-    for dek in &kf.deks {
-        let req = Request::Decrypt {
-            ciphertext: dek.blob()?,
-            context: context.clone(),
-        };
-        let Response::Decrypted { plaintext, .. } =
-            call_waiting(&spec.sidecar, &req, spec.wait).map_err(|e| explain(e, spec))?
-        else {
-            bail!("unexpected response from the sidecar")
-        };
-        cipher
-            .add_key(dek.version, plaintext.expose())
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-    }
-    Ok(cipher)
-}
-
 /// A mounted tablespace; unmounted when dropped.
 pub struct Mounted {
     session: Option<fuser::BackgroundSession>,
@@ -210,6 +87,7 @@ pub struct Mounted {
     keeper: Option<Keeper>,
     control: Option<crate::control::Server>,
     rekey: Option<Arc<Rekey>>,
+    core: TdeFs,
     /// The mountpoint.
     pub mountpoint: PathBuf,
 }
@@ -249,11 +127,19 @@ impl Mounted {
         if let Some(mut k) = self.keeper.take() {
             k.stop();
         }
-        match self.session.take() {
+        let r = match self.session.take() {
             Some(s) if !s.guard.is_finished() => s.umount_and_join().context("unmounting"),
             Some(s) => s.join().context("the file system thread failed"),
-            None => Ok(()),
+            None => return Ok(()),
+        };
+        // Unmounted: no write can come any more.
+        match self.core.record_durable_lengths() {
+            Ok(n) => tracing::debug!(files = n, "recorded durable lengths at unmount"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not record durable lengths at unmount (the next mount checks the files' tails)")
+            }
         }
+        r
     }
 }
 
@@ -282,8 +168,17 @@ impl Drop for Mounted {
 pub fn mount(spec: &MountSpec) -> anyhow::Result<Mounted> {
     check_dirs(spec)?;
     let backing_lock = crate::keyfile::BackingLock::acquire(&spec.backing)?;
-    let cipher = Arc::new(RwLock::new(load_keys(spec)?));
-    let fs = TdeFs::new(&spec.backing, cipher.clone()).context("opening the backing directory")?;
+    let keys = Arc::new(Keys::open(spec)?);
+    let fs = TdeFs::new(&spec.backing, keys.clone()).context("opening the backing directory")?;
+    if keys.page_format() == crate::page::FORMAT_V1 {
+        tracing::info!(
+            "upgrading the tablespace's file headers to format 2 (bound to their paths, with durable lengths)"
+        );
+        let n = fs
+            .upgrade_headers()
+            .context("upgrading the file headers to format 2")?;
+        tracing::info!(files = n, "file headers upgraded");
+    }
     let mut config = Config::default();
     config.mount_options = vec![
         // Absolute: `tde rekey` and `tde status` find the backing directory
@@ -307,18 +202,19 @@ pub fn mount(spec: &MountSpec) -> anyhow::Result<Mounted> {
     let root = std::fs::metadata(&spec.mountpoint)
         .with_context(|| format!("checking the new mount {}", spec.mountpoint.display()))?;
     raise_readahead(root.dev());
-    let keyfile_lock = KeyFileLock::default();
-    let keeper = Keeper::start(
-        spec.sidecar.clone(),
-        spec.backing.clone(),
-        keyfile_lock.clone(),
-    )?;
-    let rekey = Arc::new(Rekey::new(
-        core,
-        cipher,
-        spec.sidecar.clone(),
-        keyfile_lock,
-    )?);
+    let on_revoked = {
+        let (core, notifier) = (core.clone(), session.notifier());
+        Box::new(move |_| {
+            core.wipe_keys();
+            // Pages the kernel caches would still be served: drop them, so
+            // every read comes to the mount and fails.
+            for ino in core.known_inodes() {
+                let _ = notifier.inval_inode(INodeNo(ino), 0, 0);
+            }
+        })
+    };
+    let keeper = Keeper::start(keys, on_revoked)?;
+    let rekey = Arc::new(Rekey::new(core.clone())?);
     let control = crate::control::Server::start(&spec.backing, rekey.clone())?;
     tracing::info!(
         backing = %spec.backing.display(),
@@ -332,6 +228,7 @@ pub fn mount(spec: &MountSpec) -> anyhow::Result<Mounted> {
         keeper: Some(keeper),
         control: Some(control),
         rekey: Some(rekey),
+        core,
         mountpoint: spec.mountpoint.clone(),
     })
 }
@@ -367,18 +264,22 @@ pub fn is_mountpoint(p: &Path) -> bool {
     }
 }
 
-/// Unmounts `mountpoint` (as root, directly; else with `fusermount3 -u`).
+/// Unmounts `mountpoint` (as root, directly; else with `fusermount3 -u`)
+/// and returns once the `tde mount` that served it has finished: its key
+/// file written, its lock on the backing directory released, its process
+/// gone. A `tde mount` of the same backing directory right after succeeds.
 pub fn umount(mountpoint: &Path) -> anyhow::Result<()> {
+    let backing = crate::control::backing_of(mountpoint).ok();
+    let holder = backing.as_deref().and_then(lock_holder);
     match rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::empty()) {
-        Ok(()) => Ok(()),
+        Ok(()) => {}
         Err(e) if e == rustix::io::Errno::PERM => {
             let st = std::process::Command::new("fusermount3")
                 .arg("-u")
                 .arg(mountpoint)
-                .status()?;
-            if st.success() {
-                Ok(())
-            } else {
+                .status()
+                .context("running fusermount3 -u")?;
+            if !st.success() {
                 bail!("fusermount3 -u {} failed", mountpoint.display())
             }
         }
@@ -389,6 +290,76 @@ pub fn umount(mountpoint: &Path) -> anyhow::Result<()> {
             )
         }
         Err(e) if e == rustix::io::Errno::INVAL => bail!("{} is not mounted", mountpoint.display()),
-        Err(e) => Err(e).with_context(|| format!("unmounting {}", mountpoint.display())),
+        Err(e) => return Err(e).with_context(|| format!("unmounting {}", mountpoint.display())),
+    }
+    let deadline = std::time::Instant::now() + UMOUNT_WAIT;
+    if let Some(b) = &backing {
+        // The lock goes when the mount has done its last write (it is held
+        // until `Mounted` is dropped, after the keeper and re-key stop).
+        while crate::keyfile::BackingLock::acquire(b).is_err() {
+            if std::time::Instant::now() >= deadline {
+                bail!(
+                    "{} is unmounted, but its tde mount still holds {} after {} s",
+                    mountpoint.display(),
+                    b.display(),
+                    UMOUNT_WAIT.as_secs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    if let Some(pid) = holder {
+        while process_alive(pid) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    Ok(())
+}
+
+/// How long `tde umount` waits for the mount process to finish.
+const UMOUNT_WAIT: Duration = Duration::from_secs(60);
+
+/// The pid holding the `flock` of directory `dir`, from /proc/locks
+/// (`N: FLOCK ADVISORY WRITE PID MAJ:MIN:INODE 0 EOF`, device in hex).
+fn lock_holder(dir: &Path) -> Option<u32> {
+    let m = std::fs::metadata(dir).ok()?;
+    let want = format!(
+        "{:02x}:{:02x}:{}",
+        rustix::fs::major(m.dev()),
+        rustix::fs::minor(m.dev()),
+        m.ino()
+    );
+    std::fs::read_to_string("/proc/locks")
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 6 && f[1] == "FLOCK" && f[5] == want).then(|| f[4].parse().ok())?
+        })
+}
+
+/// Whether process `pid` exists and is not a zombie.
+fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_holder_of_a_directory_lock() {
+        let d = tempfile::tempdir().expect("tmp");
+        assert_eq!(lock_holder(d.path()), None);
+        let lock = crate::keyfile::BackingLock::acquire(d.path()).expect("lock");
+        assert_eq!(lock_holder(d.path()), Some(std::process::id()));
+        drop(lock);
+        assert_eq!(lock_holder(d.path()), None);
+        assert!(process_alive(std::process::id()));
+        assert!(!process_alive(u32::MAX - 1));
     }
 }

@@ -22,6 +22,7 @@
 //! blocks, so an all-zero stored block is always tampering, never data.
 
 use aws_lc_rs::aead::{AES_256_GCM_SIV, Aad, LessSafeKey, Nonce, UnboundKey};
+use aws_lc_rs::{constant_time, hkdf, hmac};
 use thiserror::Error;
 use zeroize::Zeroize;
 
@@ -39,8 +40,8 @@ pub const BLOCK_STRIDE: u64 = (PAGE_SIZE + TRAILER_LEN) as u64;
 pub const HEADER_LEN: u64 = 64;
 /// Magic bytes of a backing file.
 pub const MAGIC: &[u8; 4] = b"TDEF";
-/// Format version.
-pub const FORMAT_VERSION: u8 = 1;
+/// Format version of new files' headers.
+pub const FORMAT_VERSION: u8 = 2;
 /// Length of a file id.
 pub const FILE_ID_LEN: usize = 16;
 /// Longest tablespace id bound into the AAD.
@@ -72,6 +73,12 @@ pub enum PageError {
     /// The file header is not ours or is damaged.
     #[error("not a tde backing file: {0}")]
     BadHeader(&'static str),
+    /// The header's tags do not bind it to this path (the file was swapped,
+    /// copied or renamed outside the mount) or the header was changed.
+    #[error(
+        "the file header does not authenticate for this path (swapped, copied or renamed outside the mount, or modified)"
+    )]
+    HeaderAuth,
     /// The backing length is impossible for this format.
     #[error("backing file length {0} is not a valid tde length (truncated or damaged)")]
     BadLength(u64),
@@ -80,35 +87,98 @@ pub enum PageError {
     Invalid(&'static str),
 }
 
-/// The 64-byte file header: magic, format version, page size, trailer size,
-/// file id, zero padding.
+/// The 64-byte file header.
+///
+/// Format 1 (older tablespaces, upgraded at mount):
+///
+/// ```text
+/// "TDEF" | 1 | 3 zero | u32 page size | u32 trailer size | file id (16) | 32 zero
+/// ```
+///
+/// Format 2 binds the file to its path and records its durable length:
+///
+/// ```text
+/// 0   4   "TDEF"
+/// 4   1   2
+/// 5   1   flags: bit 0 = a rename is in progress (tag 2 is valid too)
+/// 6   2   zero
+/// 8   16  file id
+/// 24  8   durable length: plaintext bytes known to be on disk (u64)
+/// 32  4   DEK version whose header key made the tags (u32)
+/// 36  14  tag 1: binds the file to its path
+/// 50  14  tag 2: binds it to the path it is being renamed to (else zero)
+/// ```
+///
+/// `tag = HMAC-SHA256(K_hdr, "tde header v2" | bytes 0..36 | u8 n | tablespace
+/// id (n) | u32 m | path (m))[0..14]`, where `K_hdr` is derived from the DEK
+/// of the header's version with HKDF-SHA256 (RFC 5869) and `path` is the
+/// file's path relative to the backing directory. See [`PageCipher::seal_header`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileHeader {
+    /// [`FORMAT_V1`] or [`FORMAT_VERSION`].
+    pub version: u8,
     /// Random id bound into every block's AAD.
     pub file_id: FileId,
+    /// Plaintext length known to be on disk (format 2; 0 in format 1).
+    pub durable_len: u64,
+    /// DEK version of the header key (format 2).
+    pub key_version: u32,
+    /// A rename is in progress: the file is valid at the path of tag 1 and
+    /// at that of tag 2.
+    pub renaming: bool,
+    /// Tag 1 and tag 2 (format 2).
+    pub tags: [[u8; HEADER_TAG_LEN]; 2],
 }
 
+/// Length of a header tag (HMAC-SHA256 truncated to 112 bits, NIST SP
+/// 800-107 section 5.3.3).
+pub const HEADER_TAG_LEN: usize = 14;
+/// The older header format, still read (and upgraded) in tablespaces whose
+/// key file says so.
+pub const FORMAT_V1: u8 = 1;
+/// Bytes of a format-2 header covered by its tags.
+const HEADER_SIGNED: usize = 36;
+const FLAG_RENAMING: u8 = 1;
+
 impl FileHeader {
-    /// A header with a fresh random file id.
+    /// A format-2 header with a fresh random file id, durable length 0 and
+    /// no tags yet (see [`PageCipher::seal_header`]).
     pub fn generate() -> Result<Self, PageError> {
         let mut file_id = [0u8; FILE_ID_LEN];
         aws_lc_rs::rand::fill(&mut file_id)
             .map_err(|_| PageError::Invalid("random source failed"))?;
-        Ok(Self { file_id })
+        Ok(Self {
+            version: FORMAT_VERSION,
+            file_id,
+            durable_len: 0,
+            key_version: 0,
+            renaming: false,
+            tags: [[0; HEADER_TAG_LEN]; 2],
+        })
     }
 
     /// The header bytes.
     pub fn encode(&self) -> [u8; HEADER_LEN as usize] {
         let mut h = [0u8; HEADER_LEN as usize];
         h[0..4].copy_from_slice(MAGIC);
-        h[4] = FORMAT_VERSION;
-        h[8..12].copy_from_slice(&(PAGE_SIZE as u32).to_be_bytes());
-        h[12..16].copy_from_slice(&(TRAILER_LEN as u32).to_be_bytes());
-        h[16..32].copy_from_slice(&self.file_id);
+        h[4] = self.version;
+        if self.version == FORMAT_V1 {
+            h[8..12].copy_from_slice(&(PAGE_SIZE as u32).to_be_bytes());
+            h[12..16].copy_from_slice(&(TRAILER_LEN as u32).to_be_bytes());
+            h[16..32].copy_from_slice(&self.file_id);
+            return h;
+        }
+        h[5] = if self.renaming { FLAG_RENAMING } else { 0 };
+        h[8..24].copy_from_slice(&self.file_id);
+        h[24..32].copy_from_slice(&self.durable_len.to_be_bytes());
+        h[32..36].copy_from_slice(&self.key_version.to_be_bytes());
+        h[36..50].copy_from_slice(&self.tags[0]);
+        h[50..64].copy_from_slice(&self.tags[1]);
         h
     }
 
-    /// Parses and checks a header.
+    /// Parses and checks a header of either format (the tags are checked by
+    /// [`PageCipher::verify_header`]).
     pub fn decode(b: &[u8]) -> Result<Self, PageError> {
         let b: &[u8; HEADER_LEN as usize] = b
             .get(..HEADER_LEN as usize)
@@ -117,20 +187,50 @@ impl FileHeader {
         if &b[0..4] != MAGIC {
             return Err(PageError::BadHeader("bad magic"));
         }
-        if b[4] != FORMAT_VERSION {
-            return Err(PageError::BadHeader("unsupported format version"));
-        }
-        if b[8..12] != (PAGE_SIZE as u32).to_be_bytes()
-            || b[12..16] != (TRAILER_LEN as u32).to_be_bytes()
-        {
-            return Err(PageError::BadHeader("unsupported page or trailer size"));
-        }
-        if b[5..8] != [0; 3] || b[32..] != [0; 32] {
-            return Err(PageError::BadHeader("reserved bytes are not zero"));
-        }
         let mut file_id = [0u8; FILE_ID_LEN];
-        file_id.copy_from_slice(&b[16..32]);
-        Ok(Self { file_id })
+        match b[4] {
+            FORMAT_V1 => {
+                if b[8..12] != (PAGE_SIZE as u32).to_be_bytes()
+                    || b[12..16] != (TRAILER_LEN as u32).to_be_bytes()
+                {
+                    return Err(PageError::BadHeader("unsupported page or trailer size"));
+                }
+                if b[5..8] != [0; 3] || b[32..] != [0; 32] {
+                    return Err(PageError::BadHeader("reserved bytes are not zero"));
+                }
+                file_id.copy_from_slice(&b[16..32]);
+                Ok(Self {
+                    version: FORMAT_V1,
+                    file_id,
+                    durable_len: 0,
+                    key_version: 0,
+                    renaming: false,
+                    tags: [[0; HEADER_TAG_LEN]; 2],
+                })
+            }
+            FORMAT_VERSION => {
+                if b[5] & !FLAG_RENAMING != 0 || b[6..8] != [0; 2] {
+                    return Err(PageError::BadHeader("reserved bytes are not zero"));
+                }
+                file_id.copy_from_slice(&b[8..24]);
+                let mut tags = [[0u8; HEADER_TAG_LEN]; 2];
+                tags[0].copy_from_slice(&b[36..50]);
+                tags[1].copy_from_slice(&b[50..64]);
+                let renaming = b[5] & FLAG_RENAMING != 0;
+                if !renaming && tags[1] != [0; HEADER_TAG_LEN] {
+                    return Err(PageError::BadHeader("tag 2 is set outside a rename"));
+                }
+                Ok(Self {
+                    version: FORMAT_VERSION,
+                    file_id,
+                    durable_len: u64::from_be_bytes(b[24..32].try_into().unwrap_or_default()),
+                    key_version: u32::from_be_bytes(b[32..36].try_into().unwrap_or_default()),
+                    renaming,
+                    tags,
+                })
+            }
+            _ => Err(PageError::BadHeader("unsupported format version")),
+        }
     }
 }
 
@@ -193,10 +293,26 @@ fn fresh_nonce() -> Result<[u8; NONCE_LEN], PageError> {
     })
 }
 
-/// One DEK version's AEAD key. The key schedule lives inside AWS-LC.
+/// One DEK version's keys: the page AEAD key and the header MAC key
+/// derived from it. Both live inside AWS-LC (cleansed when freed).
 struct VersionKey {
     version: u32,
     key: LessSafeKey,
+    header: hmac::Key,
+}
+
+/// HKDF-SHA256 (RFC 5869) salt and info of the header MAC key
+/// `K_hdr = HKDF(IKM = DEK, salt, info)`: one derived key per purpose, so
+/// the DEK itself is used only by AES-GCM-SIV.
+const HEADER_KEY_SALT: &[u8] = b"tde/v2/file-header";
+const HEADER_KEY_INFO: &[u8] = b"header mac";
+
+fn header_key(dek: &[u8]) -> Result<hmac::Key, PageError> {
+    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, HEADER_KEY_SALT).extract(dek);
+    let okm = prk
+        .expand(&[HEADER_KEY_INFO], hmac::HMAC_SHA256)
+        .map_err(|_| PageError::Invalid("HKDF expand failed"))?;
+    Ok(hmac::Key::from(okm))
 }
 
 /// The page cipher of one mount: the DEK versions it holds, the version new
@@ -273,10 +389,12 @@ impl PageCipher {
         }
         let unbound = UnboundKey::new(&AES_256_GCM_SIV, dek)
             .map_err(|_| PageError::Invalid("a DEK is 32 bytes"))?;
+        let header = header_key(dek)?;
         self.keys.retain(|k| k.version != version);
         self.keys.push(VersionKey {
             version,
             key: LessSafeKey::new(unbound),
+            header,
         });
         self.current = self.current.max(version);
         Ok(())
@@ -288,6 +406,12 @@ impl PageCipher {
         if self.current == version {
             self.current = self.keys.iter().map(|k| k.version).max().unwrap_or(0);
         }
+    }
+
+    /// Drops every key (zeroization): nothing encrypts or decrypts any more.
+    pub fn wipe(&mut self) {
+        self.keys.clear();
+        self.current = 0;
     }
 
     /// The versions it holds.
@@ -355,6 +479,69 @@ impl PageCipher {
         trailer[NONCE_LEN..NONCE_LEN + TAG_LEN].copy_from_slice(&tag);
         trailer[NONCE_LEN + TAG_LEN..].copy_from_slice(&version.to_be_bytes());
         Ok(())
+    }
+
+    /// Makes `h` a format-2 header under the current DEK version, bound to
+    /// `path` (relative to the backing directory) and, while a rename is in
+    /// progress, also to `renaming_to`.
+    pub fn seal_header(
+        &self,
+        h: &mut FileHeader,
+        path: &[u8],
+        renaming_to: Option<&[u8]>,
+    ) -> Result<(), PageError> {
+        h.version = FORMAT_VERSION;
+        h.key_version = self.current;
+        h.renaming = renaming_to.is_some();
+        h.tags = [[0; HEADER_TAG_LEN]; 2];
+        h.tags[0] = self.header_tag(h, path)?;
+        if let Some(to) = renaming_to {
+            h.tags[1] = self.header_tag(h, to)?;
+        }
+        Ok(())
+    }
+
+    /// Checks that format-2 header `h` is authentic and bound to `path`
+    /// (by tag 1, or by tag 2 while a rename is in progress). Constant time
+    /// in the tags.
+    pub fn verify_header(&self, h: &FileHeader, path: &[u8]) -> Result<(), PageError> {
+        if h.version != FORMAT_VERSION {
+            return Err(PageError::BadHeader("not a format-2 header"));
+        }
+        let want = self.header_tag(h, path)?;
+        let one = constant_time::verify_slices_are_equal(&want, &h.tags[0]).is_ok();
+        let two = h.renaming && constant_time::verify_slices_are_equal(&want, &h.tags[1]).is_ok();
+        if one | two {
+            Ok(())
+        } else {
+            Err(PageError::HeaderAuth)
+        }
+    }
+
+    /// `HMAC-SHA256(K_hdr, "tde header v2" | header bytes 0..36 | u8 n |
+    /// tablespace id | u32 m | path)[0..14]` under the header's DEK version.
+    fn header_tag(&self, h: &FileHeader, path: &[u8]) -> Result<[u8; HEADER_TAG_LEN], PageError> {
+        let v = self
+            .keys
+            .iter()
+            .find(|k| k.version == h.key_version)
+            .ok_or(PageError::UnknownVersion {
+                block: 0,
+                version: h.key_version,
+            })?;
+        let path_len =
+            u32::try_from(path.len()).map_err(|_| PageError::Invalid("path too long"))?;
+        let bytes = h.encode();
+        let mut ctx = hmac::Context::with_key(&v.header);
+        ctx.update(b"tde header v2");
+        ctx.update(&bytes[..HEADER_SIGNED]);
+        ctx.update(&[self.tablespace.len() as u8]);
+        ctx.update(&self.tablespace);
+        ctx.update(&path_len.to_be_bytes());
+        ctx.update(path);
+        let mut out = [0u8; HEADER_TAG_LEN];
+        out.copy_from_slice(&ctx.sign().as_ref()[..HEADER_TAG_LEN]);
+        Ok(out)
     }
 
     /// The DEK version a stored block is under (from its trailer).
@@ -429,12 +616,84 @@ mod tests {
         let h = FileHeader::generate().expect("rng");
         let b = h.encode();
         assert_eq!(FileHeader::decode(&b), Ok(h));
-        for i in [0usize, 4, 6, 9, 13, 40] {
+        for i in [0usize, 4, 5, 6, 7] {
             let mut x = b;
-            x[i] ^= 1;
+            x[i] ^= 2;
             assert!(FileHeader::decode(&x).is_err(), "byte {i}");
         }
         assert!(FileHeader::decode(&b[..63]).is_err());
+        let v1 = FileHeader {
+            version: FORMAT_V1,
+            ..h
+        };
+        let b1 = v1.encode();
+        assert_eq!(&b1[8..12], &8192u32.to_be_bytes());
+        assert_eq!(FileHeader::decode(&b1), Ok(v1));
+        for i in [0usize, 4, 6, 9, 13, 40] {
+            let mut x = b1;
+            x[i] ^= 1;
+            assert!(FileHeader::decode(&x).is_err(), "format 1, byte {i}");
+        }
+    }
+
+    #[test]
+    fn sealed_headers_bind_path_length_and_key() {
+        let mut c = PageCipher::new("ts").expect("cipher");
+        c.add_key(1, &[7u8; 32]).expect("key");
+        let mut h = FileHeader::generate().expect("rng");
+        h.durable_len = 123_456;
+        c.seal_header(&mut h, b"base/5/1259", None).expect("seal");
+        let h = FileHeader::decode(&h.encode()).expect("decode");
+        assert_eq!(c.verify_header(&h, b"base/5/1259"), Ok(()));
+        assert_eq!(
+            c.verify_header(&h, b"base/5/1260"),
+            Err(PageError::HeaderAuth),
+            "another path"
+        );
+        // Every byte from the file id on is covered by the tag.
+        for i in 8..HEADER_LEN as usize {
+            let mut b = h.encode();
+            b[i] ^= 0x10;
+            if let Ok(x) = FileHeader::decode(&b) {
+                assert!(c.verify_header(&x, b"base/5/1259").is_err(), "byte {i}");
+            }
+        }
+        // The same header under another tablespace's key does not verify.
+        let mut other = PageCipher::new("ts2").expect("cipher");
+        other.add_key(1, &[7u8; 32]).expect("key");
+        assert!(other.verify_header(&h, b"base/5/1259").is_err());
+        // While renaming, both names are valid; afterwards only the new.
+        let mut r = h;
+        c.seal_header(&mut r, b"a/tmp", Some(b"a/final"))
+            .expect("seal");
+        assert!(r.renaming);
+        assert_eq!(c.verify_header(&r, b"a/tmp"), Ok(()));
+        assert_eq!(c.verify_header(&r, b"a/final"), Ok(()));
+        assert!(c.verify_header(&r, b"a/other").is_err());
+        let mut clear = r;
+        clear.renaming = false;
+        assert!(
+            c.verify_header(&clear, b"a/final").is_err(),
+            "the flag is covered"
+        );
+        // A header under a retired version cannot be checked.
+        c.add_key(2, &[8u8; 32]).expect("key");
+        c.remove_key(1);
+        assert_eq!(
+            c.verify_header(&h, b"base/5/1259"),
+            Err(PageError::UnknownVersion {
+                block: 0,
+                version: 1
+            })
+        );
+        let mut again = h;
+        c.seal_header(&mut again, b"base/5/1259", None)
+            .expect("seal");
+        assert_eq!(again.key_version, 2);
+        assert_eq!(c.verify_header(&again, b"base/5/1259"), Ok(()));
+        c.wipe();
+        assert!(c.verify_header(&again, b"base/5/1259").is_err());
+        assert!(c.versions().is_empty());
     }
 
     #[test]

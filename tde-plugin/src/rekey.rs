@@ -25,23 +25,19 @@
 //!   socket ([`crate::control`]).
 
 use std::fs::File;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
-use tde_protocol::{Request, Response};
 
-use crate::client::Client;
-use crate::fs::{TdeFs, block_len, is_reserved};
-use crate::keyfile::{KeyFile, WrappedDek};
+use crate::fs::{Handle, TdeFs, block_len, regular_files};
+use crate::keys::Keys;
 use crate::page::{self, FileHeader, HEADER_LEN, PAGE_SIZE, PageCipher};
-use crate::rotation::{KeyFileLock, sleep_unless_stopped};
+use crate::rotation::sleep_unless_stopped;
 
 /// Blocks per step (one lock hold, one read, at most one write).
 pub const STEP_BLOCKS: u64 = 32;
@@ -84,17 +80,21 @@ impl Checkpoint {
     pub fn load(backing: &Path) -> anyhow::Result<Option<Checkpoint>> {
         let p = Self::path(backing);
         match std::fs::read_to_string(&p) {
-            Ok(t) => {
-                let c: Checkpoint = serde_json::from_str(&t)
-                    .with_context(|| format!("{} is damaged", p.display()))?;
-                if c.format != CHECKPOINT_FORMAT {
-                    bail!("{} has unsupported format {:?}", p.display(), c.format);
-                }
-                Ok(Some(c))
-            }
+            Ok(t) => Self::parse(&t)
+                .map(Some)
+                .with_context(|| format!("{} is damaged", p.display())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
         }
+    }
+
+    /// Parses and checks a checkpoint's text.
+    pub fn parse(text: &str) -> anyhow::Result<Checkpoint> {
+        let c: Checkpoint = serde_json::from_str(text)?;
+        if c.format != CHECKPOINT_FORMAT {
+            bail!("unsupported format {:?}", c.format);
+        }
+        Ok(c)
     }
 
     fn store(&self, backing: &Path) -> anyhow::Result<()> {
@@ -134,10 +134,7 @@ pub struct Status {
 
 struct Shared {
     fs: TdeFs,
-    cipher: Arc<RwLock<PageCipher>>,
-    /// The sidecar's data socket (new data keys, registration).
-    sidecar: PathBuf,
-    keyfile_lock: KeyFileLock,
+    keys: Arc<Keys>,
     status: Mutex<Status>,
     paused: AtomicBool,
     stop: AtomicBool,
@@ -152,18 +149,11 @@ pub struct Rekey {
 
 impl Rekey {
     /// An idle engine; resumes a checkpointed re-key if there is one.
-    pub fn new(
-        fs: TdeFs,
-        cipher: Arc<RwLock<PageCipher>>,
-        sidecar: PathBuf,
-        keyfile_lock: KeyFileLock,
-    ) -> anyhow::Result<Rekey> {
+    pub fn new(fs: TdeFs) -> anyhow::Result<Rekey> {
         let r = Rekey {
             shared: Arc::new(Shared {
+                keys: fs.keys().clone(),
                 fs,
-                cipher,
-                sidecar,
-                keyfile_lock,
                 status: Mutex::new(Status {
                     state: "idle".into(),
                     ..Status::default()
@@ -176,12 +166,7 @@ impl Rekey {
         };
         let backing = r.shared.fs.backing().to_path_buf();
         if let Some(ck) = Checkpoint::load(&backing)? {
-            let versions = r
-                .shared
-                .cipher
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .versions();
+            let versions = r.shared.keys.cipher().versions();
             if versions.iter().max() == Some(&ck.target) {
                 tracing::info!(
                     target_version = ck.target,
@@ -231,48 +216,7 @@ impl Rekey {
         }
         let sh = &self.shared;
         let backing = sh.fs.backing().to_path_buf();
-        let target = {
-            let _held = sh.keyfile_lock.lock().unwrap_or_else(|p| p.into_inner());
-            let mut kf = KeyFile::load(&backing)?;
-            if kf.deks.len() > 1 {
-                kf.deks.iter().map(|d| d.version).max().unwrap_or(1)
-            } else {
-                let next = kf.deks.iter().map(|d| d.version).max().unwrap_or(0) + 1;
-                let mut c = Client::connect(&sh.sidecar)?;
-                let req = Request::GenerateDataKey {
-                    key: kf.mek.clone(),
-                    context: KeyFile::context(&kf.tablespace, &kf.cluster),
-                };
-                let Response::DataKey {
-                    version,
-                    plaintext,
-                    ciphertext,
-                    ..
-                } = c
-                    .call(&req)
-                    .context("asking the sidecar for a new data key")?
-                else {
-                    bail!("unexpected response from the sidecar");
-                };
-                kf.deks.push(WrappedDek {
-                    version: next,
-                    mek_version: version,
-                    wrapped: B64.encode(&ciphertext),
-                });
-                // The key file first: once a block is written under the new
-                // version, its wrapped key must be on disk.
-                kf.store(&backing)?;
-                sh.cipher
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .add_key(next, plaintext.expose())
-                    .map_err(|e| anyhow::anyhow!("{e}"))?;
-                if let Err(e) = crate::rotation::register(&mut c, &backing, &kf) {
-                    tracing::warn!(error = %format!("{e:#}"), "could not register the new data key version (the keeper retries)");
-                }
-                next
-            }
-        };
+        let target = sh.keys.add_version()?;
         let ck = Checkpoint {
             format: CHECKPOINT_FORMAT.into(),
             target,
@@ -300,7 +244,7 @@ impl Rekey {
             *s = Status {
                 state: if ck.paused { "paused" } else { "running" }.into(),
                 target_version: Some(ck.target),
-                old_versions: old_versions(&sh.cipher, ck.target),
+                old_versions: old_versions(&sh.keys.cipher(), ck.target),
                 pass: ck.pass,
                 blocks_done: ck.blocks_done,
                 ..Status::default()
@@ -357,10 +301,8 @@ impl Drop for Rekey {
     }
 }
 
-fn old_versions(cipher: &RwLock<PageCipher>, target: u32) -> Vec<u32> {
+fn old_versions(cipher: &PageCipher, target: u32) -> Vec<u32> {
     cipher
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
         .versions()
         .into_iter()
         .filter(|v| *v != target)
@@ -370,31 +312,7 @@ fn old_versions(cipher: &RwLock<PageCipher>, target: u32) -> Vec<u32> {
 /// Every regular file under `backing` (relative paths, sorted), leaving out
 /// tde's own files in the root.
 pub fn walk(backing: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    let mut stack = vec![PathBuf::new()];
-    while let Some(rel) = stack.pop() {
-        let entries = match std::fs::read_dir(backing.join(&rel)) {
-            Ok(e) => e,
-            // A directory removed meanwhile.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e),
-        };
-        for e in entries {
-            let e = e?;
-            if rel.as_os_str().is_empty() && is_reserved(&e.file_name()) {
-                continue;
-            }
-            let ft = e.file_type()?;
-            let r = rel.join(e.file_name());
-            if ft.is_dir() {
-                stack.push(r);
-            } else if ft.is_file() {
-                out.push(r);
-            }
-        }
-    }
-    out.sort();
-    Ok(out)
+    regular_files(backing, true)
 }
 
 fn blocks_of(len: u64) -> u64 {
@@ -494,21 +412,15 @@ fn run(sh: &Shared, mut ck: Checkpoint) -> anyhow::Result<()> {
                     std::cmp::Ordering::Greater => {}
                 }
             }
-            let path = backing.join(rel);
-            let Ok(file) = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-                .open(&path)
-            else {
-                continue; // removed meanwhile
+            let Some(h) = open_for_rekey(sh, rel)? else {
+                continue; // removed meanwhile, or not ours
             };
             ck.file = Some(rel.to_string_lossy().into_owned());
             ck.block = first;
             let done = rekey_file(
                 sh,
-                &file,
-                &path,
+                &h,
+                rel,
                 first,
                 &mut ck,
                 &mut meter,
@@ -520,14 +432,15 @@ fn run(sh: &Shared, mut ck: Checkpoint) -> anyhow::Result<()> {
                 return Ok(());
             }
         }
-        // Files unlinked while open: only the open handles reach them.
-        for (ino, file_id, file, path) in sh.fs.unlinked_open_files() {
+        // Files unlinked while open: only the open handles reach them. (Their
+        // headers need no new key: nobody opens them by name again.)
+        for h in sh.fs.unlinked_open_files() {
             let mut b = 0;
             loop {
                 let step = sh
                     .fs
-                    .rekey_step(&file, &path, ino, &file_id, b, STEP_BLOCKS, &mut buf)
-                    .map_err(|e| anyhow::anyhow!("re-keying {}: {e:?}", path.display()))?;
+                    .rekey_step(&h, b, STEP_BLOCKS, &mut buf)
+                    .map_err(|e| anyhow::anyhow!("re-keying {}: {e:?}", h.path.display()))?;
                 if step.blocks == 0 {
                     break;
                 }
@@ -535,7 +448,7 @@ fn run(sh: &Shared, mut ck: Checkpoint) -> anyhow::Result<()> {
                 rewritten_total += step.rewritten;
                 b += step.blocks;
             }
-            let _ = file.sync_data();
+            let _ = h.file().sync_data();
         }
         sh.status
             .lock()
@@ -559,12 +472,38 @@ fn run(sh: &Shared, mut ck: Checkpoint) -> anyhow::Result<()> {
     finish(sh, &ck, rewritten_total)
 }
 
-/// Re-keys one file from block `first`; returns the blocks re-encrypted.
+/// Opens the backing file `rel` for re-keying: `None` if it is gone or not
+/// in the page format (skipped, as before); an error if it is ours but does
+/// not load (damaged: the re-key stops rather than retire a key it needs).
+fn open_for_rekey(sh: &Shared, rel: &Path) -> anyhow::Result<Option<Handle>> {
+    let path = sh.fs.backing().join(rel);
+    let Ok(file) = File::open(&path) else {
+        return Ok(None);
+    };
+    let mut head = [0u8; HEADER_LEN as usize];
+    if file.read_exact_at(&mut head, 0).is_err() || FileHeader::decode(&head).is_err() {
+        if file.metadata().is_ok_and(|m| m.len() > 0) {
+            tracing::warn!(file = %path.display(), "re-key skips a file that is not in the page format");
+        }
+        return Ok(None);
+    }
+    match sh.fs.open_for_rekey(rel) {
+        Ok(h) => Ok(Some(h)),
+        Err(e) if e == fuser::Errno::ENOENT => Ok(None),
+        Err(e) => bail!(
+            "re-key stops at {}, which does not load ({e:?}; see the log): restore or remove it, then run tde rekey again",
+            path.display()
+        ),
+    }
+}
+
+/// Re-keys one file (at `rel`) from block `first`, and its header; returns
+/// the blocks (and header) re-encrypted.
 #[allow(clippy::too_many_arguments)]
 fn rekey_file(
     sh: &Shared,
-    file: &File,
-    path: &Path,
+    h: &Handle,
+    rel: &Path,
     first: u64,
     ck: &mut Checkpoint,
     meter: &mut Meter,
@@ -572,22 +511,15 @@ fn rekey_file(
     buf: &mut Vec<u8>,
 ) -> anyhow::Result<u64> {
     let backing = sh.fs.backing().to_path_buf();
-    let meta = file.metadata()?;
-    if meta.len() == 0 {
-        return Ok(0);
-    }
-    let mut head = [0u8; HEADER_LEN as usize];
-    if file.read_exact_at(&mut head, 0).is_err() {
-        return Ok(0);
-    }
-    let Ok(header) = FileHeader::decode(&head) else {
-        tracing::warn!(file = %path.display(), "re-key skips a file that is not in the page format");
-        return Ok(0);
-    };
-    let ino = sh.fs.inode_of(&meta);
+    let file = h.file();
+    let header = sh
+        .fs
+        .rekey_header(h, rel)
+        .map_err(|e| anyhow::anyhow!("re-keying the header of {}: {e:?}", rel.display()))?;
+    ck.pass_rewritten += u64::from(header);
     let mut b = first;
     let mut rewritten = 0u64;
-    let mut dirty = false;
+    let mut dirty = header;
     loop {
         if sh.stop.load(Ordering::SeqCst) {
             break;
@@ -611,8 +543,8 @@ fn rekey_file(
         }
         let step = sh
             .fs
-            .rekey_step(file, path, ino, &header.file_id, b, STEP_BLOCKS, buf)
-            .map_err(|e| anyhow::anyhow!("re-keying {} at block {b}: {e:?}", path.display()))?;
+            .rekey_step(h, b, STEP_BLOCKS, buf)
+            .map_err(|e| anyhow::anyhow!("re-keying {} at block {b}: {e:?}", rel.display()))?;
         if step.blocks == 0 {
             break;
         }
@@ -669,39 +601,7 @@ fn finish(sh: &Shared, ck: &Checkpoint, rewritten: u64) -> anyhow::Result<()> {
     // Everything re-encrypted is on disk before a key it replaced goes.
     let dir = File::open(&backing)?;
     rustix::fs::syncfs(&dir).context("syncing the backing file system")?;
-    let old = {
-        let _held = sh.keyfile_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let mut kf = KeyFile::load(&backing)?;
-        let old: Vec<u32> = kf
-            .deks
-            .iter()
-            .map(|d| d.version)
-            .filter(|v| *v != ck.target)
-            .collect();
-        if !kf.deks.iter().any(|d| d.version == ck.target) {
-            bail!(
-                "the key file lost data key v{}: not retiring anything",
-                ck.target
-            );
-        }
-        kf.deks.retain(|d| d.version == ck.target);
-        kf.store(&backing)?;
-        match Client::connect(&sh.sidecar)
-            .and_then(|mut c| crate::rotation::register(&mut c, &backing, &kf))
-        {
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "could not update the registry (the keeper retries)")
-            }
-        }
-        old
-    };
-    {
-        let mut c = sh.cipher.write().unwrap_or_else(|p| p.into_inner());
-        for v in &old {
-            c.remove_key(*v);
-        }
-    }
+    let old = sh.keys.retire_all_but(ck.target)?;
     std::fs::remove_file(Checkpoint::path(&backing))?;
     dir.sync_all()?;
     tracing::info!(
@@ -728,6 +628,9 @@ pub struct Inspection {
     pub foreign_files: u64,
     /// Blocks per data key version.
     pub versions: std::collections::BTreeMap<u32, u64>,
+    /// File headers per data key version of their tags (0: format-1
+    /// headers, which have none).
+    pub headers: std::collections::BTreeMap<u32, u64>,
 }
 
 /// Reads every block trailer under `backing`. On a live mount a file can
@@ -755,7 +658,7 @@ pub fn inspect(backing: &Path) -> anyhow::Result<Inspection> {
             let before = stamp(&file)?;
             let counted = inspect_file(&file, before.0, &mut buf);
             let settled = match &counted {
-                Ok(FileBlocks::Versions(v)) => v.keys().all(|&v| (1..=newest).contains(&v)),
+                Ok(FileBlocks::Versions(_, v)) => v.keys().all(|&v| (1..=newest).contains(&v)),
                 Ok(_) => true,
                 Err(_) => false,
             };
@@ -768,8 +671,9 @@ pub fn inspect(backing: &Path) -> anyhow::Result<Inspection> {
         match counted {
             FileBlocks::Empty => {}
             FileBlocks::Foreign => out.foreign_files += 1,
-            FileBlocks::Versions(versions) => {
+            FileBlocks::Versions(header, versions) => {
                 out.files += 1;
+                *out.headers.entry(header).or_default() += 1;
                 for (v, n) in versions {
                     *out.versions.entry(v).or_default() += n;
                 }
@@ -787,8 +691,9 @@ enum FileBlocks {
     Empty,
     /// Not in the page format.
     Foreign,
-    /// Blocks per data key version.
-    Versions(std::collections::BTreeMap<u32, u64>),
+    /// The header's data key version (0 in format 1) and the blocks per
+    /// data key version.
+    Versions(u32, std::collections::BTreeMap<u32, u64>),
 }
 
 /// The blocks per version of one file of `len` bytes.
@@ -797,9 +702,13 @@ fn inspect_file(file: &File, len: u64, buf: &mut [u8]) -> std::io::Result<FileBl
         return Ok(FileBlocks::Empty);
     }
     let mut head = [0u8; HEADER_LEN as usize];
-    if file.read_exact_at(&mut head, 0).is_err() || FileHeader::decode(&head).is_err() {
+    let header = match file.read_exact_at(&mut head, 0) {
+        Ok(()) => FileHeader::decode(&head).ok(),
+        Err(_) => None,
+    };
+    let Some(header) = header else {
         return Ok(FileBlocks::Foreign);
-    }
+    };
     let Ok(logical) = page::logical_len(len) else {
         return Ok(FileBlocks::Foreign);
     };
@@ -823,27 +732,12 @@ fn inspect_file(file: &File, len: u64, buf: &mut [u8]) -> std::io::Result<FileBl
         }
         b = last + 1;
     }
-    Ok(FileBlocks::Versions(versions))
+    Ok(FileBlocks::Versions(header.key_version, versions))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn walk_skips_tde_files_and_sorts() {
-        let d = tempfile::tempdir().expect("tmp");
-        std::fs::create_dir_all(d.path().join("b/c")).expect("mkdir");
-        for f in ["tde.key", "tde.rekey", "z", "b/c/x", "b/a", "b/tde.key"] {
-            std::fs::write(d.path().join(f), b"x").expect("write");
-        }
-        let got: Vec<String> = walk(d.path())
-            .expect("walk")
-            .iter()
-            .map(|p| p.to_string_lossy().into_owned())
-            .collect();
-        assert_eq!(got, ["b/a", "b/c/x", "b/tde.key", "z"]);
-    }
 
     /// Writes a page-format file of whole blocks, block i under data key
     /// version `versions[i]`; returns its bytes.

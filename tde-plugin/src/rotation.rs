@@ -13,116 +13,31 @@
 //! waits on the sidecar for a new primary version (`watch_key`, a long poll
 //! that returns at once on rotation and otherwise every
 //! [`WATCH_TIMEOUT`] as a periodic check), and rewraps when the key file is
-//! behind. `tde rewrap BACKING_DIR` runs the same [`sync`] once for a
-//! tablespace that is not mounted.
+//! behind. `tde rewrap BACKING_DIR` runs the same
+//! [`Keys::sync_master`] once for a tablespace that is not mounted.
+//!
+//! When the sidecar answers `ZEROIZED` or `KEYS_REVOKED` (zeroization, or a
+//! seal with `mounts.on_seal = "wipe"`), the keeper hands it to the mount's
+//! [`OnRevoked`], which wipes the data keys, and stops.
 
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as B64;
-use tde_protocol::{DekRef, Request, Response};
+use tde_protocol::{ErrorCode, Request, Response};
 
-use crate::client::Client;
-use crate::keyfile::KeyFile;
+use crate::client::{Client, Refused};
+use crate::keys::Keys;
 
 /// How long one `watch_key` waits before the keeper checks anyway.
 pub const WATCH_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often a mount confirms its registration when nothing changes.
 pub const REGISTER_EVERY: Duration = Duration::from_secs(600);
 
-/// What [`sync`] did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SyncOutcome {
-    /// The master key's name.
-    pub key: String,
-    /// The master key's primary version.
-    pub primary: u32,
-    /// Data key versions rewrapped: `(dek_version, from, to)`.
-    pub rewrapped: Vec<(u32, u32, u32)>,
-}
-
-/// Serializes changes to one backing directory's key file within this
-/// process (the keeper and the re-key engine both change it).
-pub type KeyFileLock = Arc<Mutex<()>>;
-
-/// Registers the key file's data keys with the sidecar and returns the
-/// master key's primary version.
-pub fn register(c: &mut Client, backing: &Path, kf: &KeyFile) -> anyhow::Result<u32> {
-    let location = backing
-        .canonicalize()
-        .unwrap_or_else(|_| backing.to_path_buf())
-        .display()
-        .to_string();
-    let req = Request::RegisterDeks {
-        key: kf.mek.clone(),
-        context: KeyFile::context(&kf.tablespace, &kf.cluster),
-        location,
-        deks: kf
-            .deks
-            .iter()
-            .map(|d| DekRef {
-                dek_version: d.version,
-                key_version: d.mek_version,
-            })
-            .collect(),
-    };
-    match c.call(&req)? {
-        Response::KeyPrimary { version, .. } => Ok(version),
-        _ => bail!("unexpected response to register_deks"),
-    }
-}
-
-/// Brings `backing`'s key file up to the master key's primary version:
-/// registers, rewraps every data key wrapped under an older version through
-/// the sidecar, replaces the key file atomically, and registers again.
-/// Callers outside the mount hold the [`crate::keyfile::BackingLock`].
-pub fn sync(c: &mut Client, backing: &Path, lock: &Mutex<()>) -> anyhow::Result<SyncOutcome> {
-    let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
-    let mut kf = KeyFile::load(backing)?;
-    let primary = register(c, backing, &kf)?;
-    let context = KeyFile::context(&kf.tablespace, &kf.cluster);
-    let mut rewrapped = Vec::new();
-    for dek in &mut kf.deks {
-        if dek.mek_version >= primary {
-            continue;
-        }
-        let req = Request::ReEncrypt {
-            ciphertext: dek.blob()?,
-            context: context.clone(),
-        };
-        let Response::ReEncrypted {
-            version,
-            source_version,
-            ciphertext,
-            ..
-        } = c.call(&req).with_context(|| {
-            format!(
-                "rewrapping data key v{} (under master key {} v{})",
-                dek.version, kf.mek, dek.mek_version
-            )
-        })?
-        else {
-            bail!("unexpected response to re_encrypt");
-        };
-        rewrapped.push((dek.version, source_version, version));
-        dek.mek_version = version;
-        dek.wrapped = B64.encode(&ciphertext);
-    }
-    if !rewrapped.is_empty() {
-        kf.store(backing)?;
-        register(c, backing, &kf)?;
-    }
-    Ok(SyncOutcome {
-        key: kf.mek,
-        primary,
-        rewrapped,
-    })
-}
+/// What the keeper does when the sidecar says this mount's keys are gone
+/// (zeroized, or revoked by a seal): wipe them and stop serving data.
+pub type OnRevoked = Box<dyn Fn(ErrorCode) + Send>;
 
 /// The thread that keeps a mounted tablespace's key file on the newest
 /// master key version and tells when the sidecar is lost and back.
@@ -133,15 +48,15 @@ pub struct Keeper {
 }
 
 impl Keeper {
-    /// Starts the keeper for `backing`, talking to `sidecar`.
-    pub fn start(sidecar: PathBuf, backing: PathBuf, lock: KeyFileLock) -> anyhow::Result<Keeper> {
+    /// Starts the keeper of `keys`.
+    pub fn start(keys: Arc<Keys>, on_revoked: OnRevoked) -> anyhow::Result<Keeper> {
         let stop = Arc::new(AtomicBool::new(false));
         let stream = Arc::new(Mutex::new(None));
         let thread = {
             let (stop, stream) = (stop.clone(), stream.clone());
             std::thread::Builder::new()
                 .name("tde-keeper".into())
-                .spawn(move || keep(&sidecar, &backing, &lock, &stop, &stream))?
+                .spawn(move || keep(&keys, &on_revoked, &stop, &stream))?
         };
         Ok(Keeper {
             stop,
@@ -186,13 +101,18 @@ pub(crate) fn sleep_unless_stopped(stop: &AtomicBool, d: Duration) {
     }
 }
 
+/// Whether a refusal means this mount's keys must go.
+pub fn revokes(code: ErrorCode) -> bool {
+    matches!(code, ErrorCode::Zeroized | ErrorCode::KeysRevoked)
+}
+
 fn keep(
-    sidecar: &Path,
-    backing: &Path,
-    lock: &Mutex<()>,
+    keys: &Keys,
+    on_revoked: &OnRevoked,
     stop: &AtomicBool,
     stream: &Mutex<Option<UnixStream>>,
 ) {
+    let sidecar = keys.sidecar();
     let mut lost = false;
     let mut conn: Option<Client> = None;
     let mut registered_at: Option<Instant> = None;
@@ -236,7 +156,7 @@ fn keep(
         let Some(c) = conn.as_mut() else { continue };
         let due = registered_at.is_none_or(|t| t.elapsed() >= REGISTER_EVERY);
         let step = if due {
-            sync(c, backing, lock).map(|o| {
+            keys.sync_master(c).map(|o| {
                 for (dek, from, to) in &o.rewrapped {
                     tracing::info!(
                         dek_version = dek,
@@ -272,8 +192,13 @@ fn keep(
             Ok(()) => refusal = None,
             Err(_) if stop.load(Ordering::SeqCst) => {}
             Err(e) => {
-                let refused = e.downcast_ref::<crate::client::Refused>().is_some();
-                if refused {
+                let refused = e.downcast_ref::<Refused>().map(|r| r.code);
+                if let Some(code) = refused.filter(|c| revokes(*c)) {
+                    tracing::error!(error = %format!("{e:#}"), "the sidecar revoked this mount's keys");
+                    on_revoked(code);
+                    return;
+                }
+                if refused.is_some() {
                     // Sealed, or a refusal: keep the connection, retry later,
                     // and say so once.
                     let why = format!("{e:#}");

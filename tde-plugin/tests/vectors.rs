@@ -237,3 +237,49 @@ proptest! {
         prop_assert_eq!(&out[..len], &plain[..]);
     }
 }
+
+/// The format-2 header's tag, computed from FORMAT.md alone with RustCrypto's
+/// HKDF and HMAC, must be what the page cipher seals (and its bytes are
+/// frozen).
+#[test]
+fn header_tag_follows_the_document() {
+    use hmac::{KeyInit as _, Mac as _};
+    let dek = [0x5Au8; 32];
+    let mut c = PageCipher::new("16384").expect("cipher");
+    c.add_key(3, &dek).expect("key");
+    let mut h = FileHeader {
+        version: FORMAT_VERSION,
+        file_id: [0xC3; 16],
+        durable_len: 1_234_567,
+        key_version: 0,
+        renaming: false,
+        tags: [[0; HEADER_TAG_LEN]; 2],
+    };
+    let path = b"PG_15_202209061/5/16397";
+    c.seal_header(&mut h, path, None).expect("seal");
+    let bytes = h.encode();
+
+    // K_hdr = HKDF-SHA256(IKM = DEK, salt "tde/v2/file-header", info "header mac").
+    let mut k_hdr = [0u8; 32];
+    hkdf::Hkdf::<Sha256>::new(Some(b"tde/v2/file-header"), &dek)
+        .expand(b"header mac", &mut k_hdr)
+        .expect("hkdf");
+    let mut mac = <hmac::Hmac<Sha256>>::new_from_slice(&k_hdr).expect("hmac");
+    mac.update(b"tde header v2");
+    mac.update(&bytes[..36]);
+    mac.update(&[5]);
+    mac.update(b"16384");
+    mac.update(&(path.len() as u32).to_be_bytes());
+    mac.update(path);
+    let tag = mac.finalize().into_bytes();
+    assert_eq!(&bytes[36..50], &tag[..14], "tag 1 as documented");
+    assert_eq!(&bytes[50..64], &[0u8; 14], "tag 2 zero outside a rename");
+    assert_eq!(&bytes[0..8], b"TDEF\x02\x00\x00\x00");
+    assert_eq!(&bytes[24..32], &1_234_567u64.to_be_bytes());
+    assert_eq!(&bytes[32..36], &3u32.to_be_bytes());
+    assert_eq!(
+        hex(&Sha256::digest(bytes)),
+        "86798461d5a4b1095edb9537a55318de9e3380925c668e67b463586b580986ca",
+        "the header's bytes are frozen"
+    );
+}

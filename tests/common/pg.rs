@@ -57,6 +57,8 @@ pub struct Pg {
     pub port: u16,
     pub log: PathBuf,
     running: bool,
+    /// The postmaster's pid when it last started.
+    pid: Option<i32>,
 }
 
 impl Pg {
@@ -85,6 +87,7 @@ impl Pg {
             sock,
             port,
             running: false,
+            pid: None,
         }
     }
 
@@ -108,6 +111,8 @@ impl Pg {
             std::fs::read_to_string(&self.log).unwrap_or_default()
         );
         self.running = true;
+        self.pid = None;
+        self.pid = self.postmaster();
     }
 
     pub fn stop(&mut self) {
@@ -124,15 +129,15 @@ impl Pg {
         self.running = false;
     }
 
-    /// The postmaster's pid, from postmaster.pid.
+    /// The postmaster's pid, from postmaster.pid (or as read at start, when
+    /// the data directory is on a mount that died).
     fn postmaster(&self) -> Option<i32> {
         std::fs::read_to_string(self.data.join("postmaster.pid"))
-            .ok()?
-            .lines()
-            .next()?
-            .trim()
-            .parse()
             .ok()
+            .and_then(|t| t.lines().next()?.trim().parse().ok())
+            .or(self
+                .pid
+                .filter(|p| Path::new(&format!("/proc/{p}")).exists()))
     }
 
     /// SIGKILL to the postmaster and all its children at once, as a crash.
@@ -155,6 +160,7 @@ impl Pg {
             }
         }
         self.running = false;
+        self.pid = None;
     }
 
     fn psql_cmd(&self) -> Command {
@@ -398,6 +404,17 @@ impl Drop for Mount {
 impl Env {
     /// `tde mount` in the foreground as a child; waits until mounted.
     pub fn mount(&self, extra: &[&str], backing: &Path, mountpoint: &Path) -> Mount {
+        self.mount_env(&[], extra, backing, mountpoint)
+    }
+
+    /// [`Env::mount`] with extra environment variables for the child.
+    pub fn mount_env(
+        &self,
+        vars: &[(&str, &str)],
+        extra: &[&str],
+        backing: &Path,
+        mountpoint: &Path,
+    ) -> Mount {
         let log = self.dir.path().join(format!(
             "mount-{}.log",
             mountpoint
@@ -410,6 +427,7 @@ impl Env {
             .args(extra)
             .arg(backing)
             .arg(mountpoint)
+            .envs(vars.iter().copied())
             .stdout(Stdio::null())
             .stderr(
                 std::fs::OpenOptions::new()

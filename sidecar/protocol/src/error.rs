@@ -88,6 +88,9 @@ error_codes! {
     Tampered = 28, "TAMPERED";
     /// The HSM has been zeroized; its root material is destroyed.
     Zeroized = 29, "ZEROIZED";
+    /// The sidecar was sealed with `mounts.on_seal = "wipe"`: a mount that
+    /// gets this answer wipes its data keys and fails all I/O.
+    KeysRevoked = 33, "KEYS_REVOKED";
     /// An argument is out of range or malformed.
     InvalidArgument = 30, "INVALID_ARGUMENT";
     /// The key store is not initialized (`tde init`).
