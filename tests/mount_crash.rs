@@ -18,6 +18,14 @@ use common::pg::*;
 const MIB: usize = 1 << 20;
 const BLOCK: usize = 8192;
 
+/// A size of the test, from the environment (to try it shorter by hand).
+fn knob<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
 /// The test pattern: byte `i` of a file.
 fn pattern_at(i: u64) -> u8 {
     ((i / 4096) as u8) ^ ((i % 251) as u8)
@@ -43,10 +51,7 @@ fn reads_never_fail_while_a_file_grows() {
         return;
     }
     let _serial = serial();
-    let secs: u64 = std::env::var("E2E_RACE_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(60);
+    let secs: u64 = knob("E2E_RACE_SECS", 60);
     let env = Env::new("");
     let _sidecar = env.sidecar_with_keys(&["pg-main"]);
     let (backing, mnt) = (env.pg_dir("backing"), env.pg_dir("mnt"));
@@ -152,10 +157,7 @@ fn two_hundred_kills_during_appends() {
         return;
     }
     let _serial = serial();
-    let rounds: u32 = std::env::var("E2E_KILL_ROUNDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(200);
+    let rounds: u32 = knob("E2E_KILL_ROUNDS", 200);
     let env = Env::new("");
     let _sidecar = env.sidecar_with_keys(&["pg-main"]);
     let (backing, mnt) = (env.pg_dir("backing"), env.pg_dir("mnt"));
@@ -311,10 +313,7 @@ fn whole_cluster_through_twenty_mount_kills() {
         return;
     }
     let _serial = serial();
-    let rounds: u32 = std::env::var("E2E_PG_KILL_ROUNDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20);
+    let rounds: u32 = knob("E2E_PG_KILL_ROUNDS", 20);
     let env = Env::new("");
     let _sidecar = env.sidecar_with_keys(&["pg-main"]);
     let (backing, mnt) = (env.pg_dir("backing"), env.pg_dir("mnt"));
