@@ -22,7 +22,7 @@
 //!   caller has made every block and header under the target version
 //!   durable (`syncfs`) first; the key file drops the old versions, and only
 //!   then does the cipher forget them.
-//! - **The header format** ([`Keys::set_page_format`]): the key file says
+//! - **The header format** ([`Keys::set_page_format_2`]): the key file says
 //!   format 2 only after every file's header was upgraded and synced.
 //!
 //! After each change the sidecar's registry is told (best effort: the

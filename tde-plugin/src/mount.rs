@@ -5,7 +5,10 @@
 //! which cleanse their memory when freed at unmount). If the sidecar goes
 //! away after mounting, I/O goes on with the keys in memory; the keeper thread
 //! ([`crate::rotation`]) notices, reconnects when it is back, and rewraps the
-//! key file when the master key rotates.
+//! key file when the master key rotates. If the sidecar says the keys are
+//! gone (zeroized, or revoked by a seal), the mount wipes them, drops the
+//! kernel's cached pages and fails every read and write. A tablespace with
+//! format-1 file headers is upgraded before the mount serves it.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};

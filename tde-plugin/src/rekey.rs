@@ -51,7 +51,7 @@ const CHECKPOINT_FORMAT: &str = "tde-rekey-1";
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Checkpoint {
-    /// [`CHECKPOINT_FORMAT`].
+    /// `tde-rekey-1`.
     pub format: String,
     /// The data key version every block ends under.
     pub target: u32,

@@ -4,7 +4,7 @@
 //!
 //! Rewrapping never touches data and never sees a plaintext key: the sidecar's
 //! `re_encrypt` unwraps and wraps again inside the HSM. The key file is then
-//! replaced atomically (see [`KeyFile::store`]), so a crash at any moment
+//! replaced atomically (see [`crate::keyfile::KeyFile::store`]), so a crash at any moment
 //! leaves either the old key file (still valid: the old master key version
 //! exists until it is destroyed, and destruction is refused while the
 //! registry says it is in use) or the new one.

@@ -3,7 +3,7 @@
 //!
 //! # A file's state belongs to the mount
 //! The first time a file is touched (lookup, getattr, open, re-key), it is
-//! *loaded* under its inode's exclusive lock ([`Core::load`]):
+//! *loaded* under its inode's exclusive lock (`Core::load`):
 //!
 //! 1. its header must be ours and, in format 2, authenticate for the path
 //!    the file is at (a file swapped with another, or copied over another,

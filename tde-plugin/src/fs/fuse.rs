@@ -1,7 +1,7 @@
 //! The FUSE glue: `fuser::Filesystem` for [`TdeFs`], translating requests
 //! into the inode table and the block engine.
 //!
-//! Every handler runs inside a panic boundary ([`guarded`]): a panic is
+//! Every handler runs inside a panic boundary (`guarded`): a panic is
 //! logged, the request is answered with `EIO` (fuser's reply sends it when
 //! dropped unanswered), and the mount keeps serving, instead of losing the
 //! worker thread and, with it, the mount.
