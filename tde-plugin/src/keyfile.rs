@@ -36,6 +36,24 @@ pub const FORMAT_1: &str = "tde-keyfile-1";
 /// few KiB).
 pub const MAX_KEY_FILE: u64 = 1 << 20;
 
+/// Reads the text file `path`, refusing one longer than `max` bytes (tde's
+/// own small files in a backing directory, which whoever can write the
+/// directory can also make huge).
+pub fn read_capped(path: &Path, max: u64) -> std::io::Result<String> {
+    use std::io::Read as _;
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(max + 1)
+        .read_to_string(&mut text)?;
+    if text.len() as u64 > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("longer than {max} bytes"),
+        ));
+    }
+    Ok(text)
+}
+
 /// One wrapped DEK version.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -124,14 +142,12 @@ impl KeyFile {
                 path.display()
             )
         };
-        let len = std::fs::metadata(&path).with_context(missing)?.len();
-        if len > MAX_KEY_FILE {
-            bail!(
-                "{} is damaged: {len} bytes, more than a key file can hold",
-                path.display()
-            );
-        }
-        let text = std::fs::read_to_string(&path).with_context(missing)?;
+        let text = match read_capped(&path, MAX_KEY_FILE) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(missing);
+            }
+            r => r.with_context(|| format!("reading {}", path.display()))?,
+        };
         Self::parse(&text).with_context(|| format!("{} is damaged", path.display()))
     }
 

@@ -83,14 +83,6 @@ impl Keys {
     pub fn open(spec: &MountSpec) -> anyhow::Result<Keys> {
         let context = KeyFile::context(&spec.tablespace, &spec.cluster);
         let mut cipher = PageCipher::new(&spec.tablespace).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let keys = |cipher, page_format| Keys {
-            backing: spec.backing.clone(),
-            sidecar: spec.sidecar.clone(),
-            cipher: RwLock::new(cipher),
-            file: Mutex::new(()),
-            wiped: AtomicBool::new(false),
-            page_format: AtomicU8::new(page_format),
-        };
         if spec.init {
             if KeyFile::path(&spec.backing).exists() {
                 bail!(
@@ -123,7 +115,7 @@ impl Keys {
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             KeyFile::new(key, &spec.tablespace, &spec.cluster, version, &ciphertext)
                 .store(&spec.backing)?;
-            return Ok(keys(cipher, 2));
+            return Ok(Keys::new(&spec.backing, &spec.sidecar, cipher, 2));
         }
         let kf = KeyFile::load(&spec.backing)?;
         if kf.tablespace != spec.tablespace || kf.cluster != spec.cluster {
@@ -155,32 +147,18 @@ impl Keys {
                 .add_key(dek.version, plaintext.expose())
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
         }
-        Ok(keys(cipher, kf.page_format()))
+        Ok(Keys::new(
+            &spec.backing,
+            &spec.sidecar,
+            cipher,
+            kf.page_format(),
+        ))
     }
 
-    /// Keys with no data key in memory, for work on the key file alone
-    /// (`tde rewrap`: the sidecar rewraps, no plaintext key is needed).
-    pub fn offline(backing: &Path, sidecar: &Path) -> anyhow::Result<Keys> {
-        let kf = KeyFile::load(backing)?;
-        Ok(Keys {
-            backing: backing.to_path_buf(),
-            sidecar: sidecar.to_path_buf(),
-            cipher: RwLock::new(
-                PageCipher::new(&kf.tablespace).map_err(|e| anyhow::anyhow!("{e}"))?,
-            ),
-            file: Mutex::new(()),
-            wiped: AtomicBool::new(false),
-            page_format: AtomicU8::new(kf.page_format()),
-        })
-    }
-
-    /// Keys around a cipher the caller made, for files of header format
-    /// `page_format` (tests of the block engine; no sidecar, and a key file
-    /// only if the test writes one).
-    pub fn in_memory(backing: &Path, cipher: PageCipher, page_format: u8) -> Keys {
+    fn new(backing: &Path, sidecar: &Path, cipher: PageCipher, page_format: u8) -> Keys {
         Keys {
             backing: backing.to_path_buf(),
-            sidecar: PathBuf::new(),
+            sidecar: sidecar.to_path_buf(),
             cipher: RwLock::new(cipher),
             file: Mutex::new(()),
             wiped: AtomicBool::new(false),
@@ -188,9 +166,19 @@ impl Keys {
         }
     }
 
-    /// The backing directory.
-    pub fn backing(&self) -> &Path {
-        &self.backing
+    /// Keys with no data key in memory, for work on the key file alone
+    /// (`tde rewrap`: the sidecar rewraps, no plaintext key is needed).
+    pub fn offline(backing: &Path, sidecar: &Path) -> anyhow::Result<Keys> {
+        let kf = KeyFile::load(backing)?;
+        let cipher = PageCipher::new(&kf.tablespace).map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(Keys::new(backing, sidecar, cipher, kf.page_format()))
+    }
+
+    /// Keys around a cipher the caller made, for files of header format
+    /// `page_format` (tests of the block engine; no sidecar, and a key file
+    /// only if the test writes one).
+    pub fn in_memory(backing: &Path, cipher: PageCipher, page_format: u8) -> Keys {
+        Keys::new(backing, Path::new(""), cipher, page_format)
     }
 
     /// The sidecar's data socket.
@@ -222,11 +210,6 @@ impl Keys {
     /// Whether [`Keys::wipe`] ran.
     pub fn wiped(&self) -> bool {
         self.wiped.load(Ordering::SeqCst)
-    }
-
-    /// The key file as it is now.
-    pub fn key_file(&self) -> anyhow::Result<KeyFile> {
-        KeyFile::load(&self.backing)
     }
 
     /// The one read-modify-write of the key file: `f` changes it and says

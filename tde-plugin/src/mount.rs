@@ -207,7 +207,7 @@ pub fn mount(spec: &MountSpec) -> anyhow::Result<Mounted> {
     raise_readahead(root.dev());
     let on_revoked = {
         let (core, notifier) = (core.clone(), session.notifier());
-        Box::new(move |_| {
+        Box::new(move || {
             core.wipe_keys();
             // Pages the kernel caches would still be served: drop them, so
             // every read comes to the mount and fails.

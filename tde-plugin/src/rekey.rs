@@ -79,7 +79,7 @@ impl Checkpoint {
     /// The checkpoint of `backing`, if a re-key is in progress.
     pub fn load(backing: &Path) -> anyhow::Result<Option<Checkpoint>> {
         let p = Self::path(backing);
-        match std::fs::read_to_string(&p) {
+        match crate::keyfile::read_capped(&p, crate::keyfile::MAX_KEY_FILE) {
             Ok(t) => Self::parse(&t)
                 .map(Some)
                 .with_context(|| format!("{} is damaged", p.display())),
@@ -309,12 +309,6 @@ fn old_versions(cipher: &PageCipher, target: u32) -> Vec<u32> {
         .collect()
 }
 
-/// Every regular file under `backing` (relative paths, sorted), leaving out
-/// tde's own files in the root.
-pub fn walk(backing: &Path) -> std::io::Result<Vec<PathBuf>> {
-    regular_files(backing, true)
-}
-
 fn blocks_of(len: u64) -> u64 {
     page::logical_len(len)
         .map(|l| l.div_ceil(PAGE_SIZE as u64))
@@ -390,7 +384,7 @@ fn run(sh: &Shared, mut ck: Checkpoint) -> anyhow::Result<()> {
     let mut rewritten_total = 0u64;
     let mut buf = Vec::new();
     loop {
-        let files = walk(&backing).context("listing the backing directory")?;
+        let files = regular_files(&backing, true).context("listing the backing directory")?;
         let total: u64 = files
             .iter()
             .filter_map(|r| std::fs::symlink_metadata(backing.join(r)).ok())
@@ -649,7 +643,7 @@ pub fn inspect(backing: &Path) -> anyhow::Result<Inspection> {
     let mut out = Inspection::default();
     let mut buf = vec![0u8; (STEP_BLOCKS * 8 * page::BLOCK_STRIDE) as usize];
     let stamp = |f: &File| f.metadata().map(|m| (m.len(), m.modified().ok()));
-    for rel in walk(backing)? {
+    for rel in regular_files(backing, true)? {
         let Ok(file) = File::open(backing.join(&rel)) else {
             continue;
         };

@@ -37,7 +37,7 @@ pub const REGISTER_EVERY: Duration = Duration::from_secs(600);
 
 /// What the keeper does when the sidecar says this mount's keys are gone
 /// (zeroized, or revoked by a seal): wipe them and stop serving data.
-pub type OnRevoked = Box<dyn Fn(ErrorCode) + Send>;
+pub type OnRevoked = Box<dyn Fn() + Send>;
 
 /// The thread that keeps a mounted tablespace's key file on the newest
 /// master key version and tells when the sidecar is lost and back.
@@ -193,9 +193,9 @@ fn keep(
             Err(_) if stop.load(Ordering::SeqCst) => {}
             Err(e) => {
                 let refused = e.downcast_ref::<Refused>().map(|r| r.code);
-                if let Some(code) = refused.filter(|c| revokes(*c)) {
+                if refused.is_some_and(revokes) {
                     tracing::error!(error = %format!("{e:#}"), "the sidecar revoked this mount's keys");
-                    on_revoked(code);
+                    on_revoked();
                     return;
                 }
                 if refused.is_some() {

@@ -207,11 +207,6 @@ impl Handle {
     pub fn file(&self) -> &File {
         &self.file
     }
-
-    /// The file's state.
-    pub fn state(&self) -> &Arc<InodeState> {
-        &self.state
-    }
 }
 
 /// What one [`Core::rekey_step`] did.
@@ -328,8 +323,20 @@ impl Core {
 
     /// Opens the backing file `rel` (inode `ino`) and loads its state.
     pub(crate) fn open_file(&self, rel: &Path, ino: u64, write: bool) -> Result<Handle, Errno> {
+        let file = open_nofollow(&self.abs(rel), write).map_err(|e| errno(&e))?;
+        self.adopt(file, rel, ino, write)
+    }
+
+    /// A handle on `file`, the backing file at `rel` (inode `ino`, opened
+    /// for writing if `write`), its state loaded.
+    pub(crate) fn adopt(
+        &self,
+        file: File,
+        rel: &Path,
+        ino: u64,
+        write: bool,
+    ) -> Result<Handle, Errno> {
         let path = self.abs(rel);
-        let file = open_nofollow(&path, write).map_err(|e| errno(&e))?;
         self.inodes.remember(ino, rel);
         let mut st = self.inodes.state(ino);
         if st.loaded() {
@@ -474,7 +481,8 @@ impl Core {
             }
             let blocks = full + u64::from(last_len.is_some());
             let mut b = header.durable_len / PAGE_SIZE as u64;
-            let mut stored = vec![0u8; TAIL_CHUNK as usize * BLOCK_STRIDE as usize];
+            let chunk = blocks.saturating_sub(b).min(TAIL_CHUNK);
+            let mut stored = vec![0u8; chunk as usize * BLOCK_STRIDE as usize];
             let mut plain = [0u8; PAGE_SIZE];
             'scan: while b < blocks {
                 let n = (blocks - b).min(TAIL_CHUNK);
@@ -593,13 +601,14 @@ impl Core {
     /// Creates the backing file `rel` with a header bound to it, owned by
     /// `uid:gid`. The file appears with its header or not at all (an
     /// `O_TMPFILE` linked into place), so an empty backing file is never
-    /// ours. `EEXIST` if the name is taken.
+    /// ours. `EEXIST` if the name is taken. Returns the new file, open for
+    /// reading and writing.
     pub(crate) fn create_file(
         &self,
         rel: &Path,
         mode: u32,
         owner: (u32, u32),
-    ) -> Result<(), Errno> {
+    ) -> Result<File, Errno> {
         let path = self.abs(rel);
         let mut h = FileHeader::generate().map_err(|_| Errno::EIO)?;
         self.cipher()?
@@ -627,11 +636,13 @@ impl Core {
                     &path,
                     rustix::fs::AtFlags::SYMLINK_FOLLOW,
                 )
-                .map_err(sys_errno)
+                .map_err(sys_errno)?;
+                Ok(f)
             }
             // A backing file system without O_TMPFILE: created, then written.
             Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::ISDIR => {
                 let f = OpenOptions::new()
+                    .read(true)
                     .write(true)
                     .create_new(true)
                     .mode(mode.bits())
@@ -639,7 +650,7 @@ impl Core {
                     .map_err(|e| errno(&e))?;
                 put_header(&f, &h)?;
                 let _ = rustix::fs::fchown(&f, uid, gid);
-                Ok(())
+                Ok(f)
             }
             Err(e) => Err(sys_errno(e)),
         }
@@ -831,8 +842,8 @@ impl Core {
     /// Decrypts block `b` of a file of `len` bytes into `out`; a failure is
     /// logged as `what` and is `EIO`.
     fn read_block(
-        &self,
         h: &Handle,
+        cipher: &PageCipher,
         b: u64,
         len: u64,
         out: &mut [u8; PAGE_SIZE],
@@ -843,7 +854,7 @@ impl Core {
         h.file
             .read_exact_at(&mut stored[..n + TRAILER_LEN], page::block_offset(b))
             .map_err(|e| errno(&e))?;
-        self.cipher()?
+        cipher
             .decrypt_block(&h.file_id, b, &stored[..n + TRAILER_LEN], out)
             .map_err(|e| {
                 tracing::error!(file = %h.path.display(), block = b, error = %e, "{what}");
@@ -873,6 +884,7 @@ impl Core {
                 .map(|b| block_len(new_len, b) + TRAILER_LEN)
                 .sum();
             let out = scratch(out, total);
+            let cipher = self.cipher()?;
             let mut merged = [0u8; PAGE_SIZE];
             let mut at = 0usize;
             for b in first..=last {
@@ -882,7 +894,7 @@ impl Core {
                 at += n + TRAILER_LEN;
                 if offset <= bs && end >= bs + n as u64 {
                     let from = (bs - offset) as usize;
-                    self.cipher()?
+                    cipher
                         .encrypt_block(&h.file_id, b, &data[from..from + n], dst)
                         .map_err(|_| Errno::EIO)?;
                     continue;
@@ -891,8 +903,14 @@ impl Core {
                 merged[..n].fill(0);
                 if bs < old_len {
                     let mut old = [0u8; PAGE_SIZE];
-                    let on =
-                        self.read_block(h, b, old_len, &mut old, "cannot update a damaged block")?;
+                    let on = Self::read_block(
+                        h,
+                        &cipher,
+                        b,
+                        old_len,
+                        &mut old,
+                        "cannot update a damaged block",
+                    )?;
                     merged[..on.min(n)].copy_from_slice(&old[..on.min(n)]);
                     old.fill(0);
                 }
@@ -902,11 +920,12 @@ impl Core {
                     merged[(ws - bs) as usize..(we - bs) as usize]
                         .copy_from_slice(&data[(ws - offset) as usize..(we - offset) as usize]);
                 }
-                self.cipher()?
+                cipher
                     .encrypt_block(&h.file_id, b, &merged[..n], dst)
                     .map_err(|_| Errno::EIO)?;
             }
             merged.fill(0);
+            drop(cipher);
             // The stored length is now `stored_len(new_len)`: a grown last
             // block was rewritten at its new length, other blocks kept theirs.
             h.file
@@ -953,8 +972,10 @@ impl Core {
             // Re-encrypt the new last block at its new length.
             let b = len / PAGE_SIZE as u64;
             let mut keep = [0u8; PAGE_SIZE];
-            self.read_block(
+            let cipher = self.cipher()?;
+            Self::read_block(
                 h,
+                &cipher,
                 b,
                 old_len,
                 &mut keep,
@@ -962,7 +983,7 @@ impl Core {
             )?;
             let n = (len - b * PAGE_SIZE as u64) as usize;
             let mut stored = vec![0u8; n + TRAILER_LEN];
-            self.cipher()?
+            cipher
                 .encrypt_block(&h.file_id, b, &keep[..n], &mut stored)
                 .map_err(|_| Errno::EIO)?;
             keep.fill(0);
@@ -1064,11 +1085,11 @@ impl Core {
         for (_, f, _) in &files {
             f.sync_data().map_err(|e| errno(&e))?;
         }
-        // A target that is replaced loses a link.
-        let replaced = std::fs::symlink_metadata(&ato).ok().and_then(|t| {
-            let same = t.ino() == m.ino() && t.dev() == m.dev();
-            (!same && (t.nlink() <= 1 || t.is_dir())).then(|| self.fuse_ino(t.ino()))
-        });
+        // A target that is replaced loses a link (unless it is the same file).
+        let replaced = self
+            .last_link(to)
+            .filter(|(_, t)| (t.dev(), t.ino()) != (m.dev(), m.ino()))
+            .map(|(ino, _)| ino);
         let renamed =
             rustix::fs::renameat_with(rustix::fs::CWD, &afrom, rustix::fs::CWD, &ato, flags)
                 .map_err(sys_errno);

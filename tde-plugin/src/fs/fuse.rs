@@ -170,11 +170,9 @@ impl Core {
         op: fn(std::path::PathBuf) -> io::Result<()>,
     ) -> Result<(), Errno> {
         let rel = self.child(parent.0, name)?;
-        let last = std::fs::symlink_metadata(self.abs(&rel))
-            .ok()
-            .and_then(|m| (m.nlink() <= 1 || m.is_dir()).then(|| self.fuse_ino(m.ino())));
+        let last = self.last_link(&rel);
         op(self.abs(&rel)).map_err(|e| errno(&e))?;
-        if let Some(ino) = last {
+        if let Some((ino, _)) = last {
             self.inodes.retire(ino);
         }
         Ok(())
@@ -251,16 +249,31 @@ impl Core {
         let rel = self.child(parent.0, name)?;
         let excl = flags & rustix::fs::OFlags::EXCL.bits() as i32 != 0;
         let exists = std::fs::symlink_metadata(self.abs(&rel)).is_ok();
-        if excl || !exists {
+        let created = if excl || !exists {
             match self.create_file(&rel, mode, (req.uid(), req.gid())) {
-                Ok(()) => {}
-                Err(e) if e == Errno::EEXIST && !excl => {}
+                Ok(f) => Some(f),
+                Err(e) if e == Errno::EEXIST && !excl => None,
                 Err(e) => return Err(e),
             }
-        }
-        let attr = self.stat_rel(&rel)?;
-        let h = self.open_file(&rel, attr.ino.0, true)?;
+        } else {
+            None
+        };
+        let h = match created {
+            Some(f) => self.adopt_created(f, &rel)?,
+            None => {
+                let m = std::fs::symlink_metadata(self.abs(&rel)).map_err(|e| errno(&e))?;
+                self.open_file(&rel, self.fuse_ino(m.ino()), true)?
+            }
+        };
+        let attr = self.fstat(&h)?;
         Ok((attr, self.inodes.register(h)))
+    }
+
+    /// A handle on a file [`Core::create_file`] just made at `rel`, without
+    /// opening it again.
+    fn adopt_created(&self, f: File, rel: &Path) -> Result<Handle, Errno> {
+        let ino = self.fuse_ino(f.metadata().map_err(|e| errno(&e))?.ino());
+        self.adopt(f, rel, ino, true)
     }
 }
 
@@ -370,8 +383,8 @@ impl Filesystem for TdeFs {
                 return;
             }
             let r = self.child(parent.0, name).and_then(|rel| {
-                self.create_file(&rel, mode & !umask, (req.uid(), req.gid()))?;
-                self.stat_rel(&rel)
+                let f = self.create_file(&rel, mode & !umask, (req.uid(), req.gid()))?;
+                self.fstat(&self.adopt_created(f, &rel)?)
             });
             self.reply_entry(reply, r);
         });

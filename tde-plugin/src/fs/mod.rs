@@ -139,6 +139,13 @@ impl Core {
         Ok(p.join(name))
     }
 
+    /// The FUSE inode of the entry at `rel` (and its metadata) if removing
+    /// that name removes its last link: its number is then retired.
+    fn last_link(&self, rel: &Path) -> Option<(u64, Metadata)> {
+        let m = std::fs::symlink_metadata(self.abs(rel)).ok()?;
+        (m.nlink() <= 1 || m.is_dir()).then(|| (self.fuse_ino(m.ino()), m))
+    }
+
     /// Every inode number the mount has handed out (for cache invalidation).
     pub fn known_inodes(&self) -> Vec<u64> {
         self.inodes.known()

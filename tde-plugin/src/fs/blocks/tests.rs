@@ -34,8 +34,9 @@ fn create(fs: &TdeFs, rel: &str) -> Handle {
         rustix::process::getuid().as_raw(),
         rustix::process::getgid().as_raw(),
     );
-    fs.create_file(Path::new(rel), 0o600, me).expect("create");
-    open(fs, rel).expect("open")
+    let f = fs.create_file(Path::new(rel), 0o600, me).expect("create");
+    let ino = fs.inode_of(&f.metadata().expect("meta"));
+    fs.adopt(f, Path::new(rel), ino, true).expect("adopt")
 }
 
 fn open(fs: &TdeFs, rel: &str) -> Result<Handle, Errno> {
@@ -79,8 +80,8 @@ fn new_files_have_a_bound_header_and_never_exist_empty() {
     assert_eq!(backing_len(&fs, "a"), page::HEADER_LEN);
     assert_eq!(h.state.size(), 0);
     assert_eq!(
-        fs.create_file(Path::new("a"), 0o600, (0, 0)),
-        Err(Errno::EEXIST)
+        fs.create_file(Path::new("a"), 0o600, (0, 0)).err(),
+        Some(Errno::EEXIST)
     );
     // An empty backing file is damage in a format-2 tablespace.
     std::fs::write(d.path().join("empty"), b"").expect("write");
