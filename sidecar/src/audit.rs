@@ -223,11 +223,10 @@ fn writer(mut conn: Connection, rx: Receiver<Job>, ready: SyncSender<Result<(), 
                 Err(_) => break,
             }
         }
-        let result = commit(&mut conn, &batch, seq, prev);
-        match result {
-            Ok((new_seq, new_prev)) => {
-                for (i, (_, done)) in batch.iter().enumerate() {
-                    let _ = done.send(Ok(seq + 1 + i as u64));
+        match commit(&mut conn, &batch, seq, prev) {
+            Ok((results, new_seq, new_prev)) => {
+                for ((_, done), r) in batch.iter().zip(results) {
+                    let _ = done.send(r);
                 }
                 seq = new_seq;
                 prev = new_prev;
@@ -245,39 +244,65 @@ fn writer(mut conn: Connection, rx: Receiver<Job>, ready: SyncSender<Result<(), 
     }
 }
 
+/// One record's outcome inside a batch.
+type Written = Result<u64, AuditError>;
+
+/// Commits `batch` in one transaction. Each record runs inside its own
+/// savepoint: a record whose insert or registration fails is rolled back
+/// alone and refused alone (its sequence number goes to the next record),
+/// so one peer's bad request cannot fail the others' records. The
+/// transaction as a whole failing (disk full, I/O error) fails them all.
 fn commit(
     conn: &mut Connection,
     batch: &[Job],
     mut seq: u64,
     mut prev: [u8; 32],
-) -> rusqlite::Result<(u64, [u8; 32])> {
+) -> rusqlite::Result<(Vec<Written>, u64, [u8; 32])> {
     let tx = conn.transaction()?;
-    {
-        let mut insert = tx.prepare_cached(
-            "INSERT INTO audit (seq, record, prev_hash, hash) VALUES (?1, ?2, ?3, ?4)",
-        )?;
-        for (record, _) in batch {
-            seq += 1;
-            let time = humantime::format_rfc3339_millis(
-                UNIX_EPOCH + Duration::from_millis(record.time_ms),
-            )
-            .to_string();
-            let json = serde_json::to_string(&Sequenced { seq, time, record })
-                .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-            let hash = chain_hash(&prev, json.as_bytes());
-            insert.execute(params![seq as i64, json, &prev[..], &hash[..]])?;
-            prev = hash;
-            if let Some(r) = record
-                .registration
-                .as_ref()
-                .filter(|_| record.result == "ok")
-            {
-                store::write_registration(&tx, r)?;
+    let mut results = Vec::with_capacity(batch.len());
+    for (record, _) in batch {
+        tx.execute_batch("SAVEPOINT record")?;
+        match insert(&tx, record, seq + 1, &prev) {
+            Ok(hash) => {
+                tx.execute_batch("RELEASE record")?;
+                seq += 1;
+                prev = hash;
+                results.push(Ok(seq));
+            }
+            Err(e) => {
+                tx.execute_batch("ROLLBACK TO record; RELEASE record")?;
+                tracing::error!(error = %e, op = %record.op, "audit record refused");
+                results.push(Err(AuditError::WriteFailed(e.to_string())));
             }
         }
     }
     tx.commit()?;
-    Ok((seq, prev))
+    Ok((results, seq, prev))
+}
+
+/// Inserts one record as number `seq` after `prev`, with its registration
+/// if the operation succeeded; returns the record's chain hash.
+fn insert(
+    tx: &rusqlite::Transaction<'_>,
+    record: &AuditRecord,
+    seq: u64,
+    prev: &[u8; 32],
+) -> rusqlite::Result<[u8; 32]> {
+    let time = humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(record.time_ms))
+        .to_string();
+    let json = serde_json::to_string(&Sequenced { seq, time, record })
+        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+    let hash = chain_hash(prev, json.as_bytes());
+    tx.prepare_cached("INSERT INTO audit (seq, record, prev_hash, hash) VALUES (?1, ?2, ?3, ?4)")?
+        .execute(params![seq as i64, json, &prev[..], &hash[..]])?;
+    if let Some(r) = record
+        .registration
+        .as_ref()
+        .filter(|_| record.result == "ok")
+    {
+        store::write_registration(tx, r)?;
+    }
+    Ok(hash)
 }
 
 /// The result of walking the chain.
@@ -374,5 +399,44 @@ mod tests {
         conn.execute("DELETE FROM audit WHERE seq >= 17 AND seq <= 18", [])
             .expect("delete");
         assert_eq!(verify_chain(&conn), Err(ChainError::Removed(19)));
+    }
+
+    /// One record whose registration the store refuses (a data key listed
+    /// twice) is refused alone; the records around it in the same
+    /// transaction are committed, numbered without a gap.
+    #[test]
+    fn a_failing_record_fails_alone() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("tde.db");
+        drop(crate::store::SqliteStore::open(&path).expect("open"));
+        let mut conn = crate::store::connect(&path).expect("conn");
+        let (tx, _rx) = mpsc::sync_channel(8);
+        let mut bad = AuditRecord::new("data", "register_deks");
+        let dek = tde_protocol::DekRef {
+            dek_version: 1,
+            key_version: 1,
+        };
+        bad.registration = Some(store::RegistryWrite {
+            key: "k".into(),
+            context: Default::default(),
+            location: "/x".into(),
+            last_seen: 0,
+            deks: vec![dek, dek],
+        });
+        let batch: Vec<Job> = vec![
+            (AuditRecord::new("data", "decrypt"), tx.clone()),
+            (bad, tx.clone()),
+            (AuditRecord::new("admin", "key_rotate"), tx),
+        ];
+        let (results, seq, _) = commit(&mut conn, &batch, 0, [0; 32]).expect("commit");
+        assert_eq!(results[0].as_ref().ok(), Some(&1));
+        assert!(matches!(results[1], Err(AuditError::WriteFailed(_))));
+        assert_eq!(results[2].as_ref().ok(), Some(&2));
+        assert_eq!(seq, 2);
+        assert_eq!(verify_chain(&conn).expect("valid").records, 2);
+        let rows: i64 = conn
+            .query_row("SELECT count(*) FROM registry", [], |r| r.get(0))
+            .expect("count");
+        assert_eq!(rows, 0, "the refused registration left nothing");
     }
 }

@@ -353,9 +353,11 @@ impl Service {
                 return Response::error(ErrorCode::AuditFailed, e.to_string());
             }
         }
+        // A login changes the session only once its record is durable.
+        let mut next = session.clone();
         let outcome = match socket {
             SocketKind::Data => self.data(peer, &req, &mut rec),
-            SocketKind::Admin => self.admin(session, &req, &mut rec),
+            SocketKind::Admin => self.admin(&mut next, &req, &mut rec),
         };
         if let Response::Decrypted { version, .. }
         | Response::ReEncrypted { version, .. }
@@ -375,7 +377,10 @@ impl Service {
         let logged = self.audit.append(rec);
         self.drain_events();
         match logged {
-            Ok(_) => response,
+            Ok(_) => {
+                *session = next;
+                response
+            }
             Err(e) => Response::error(ErrorCode::AuditFailed, e.to_string()),
         }
     }
@@ -556,6 +561,15 @@ impl Service {
                 deks,
             } => {
                 let info = self.mount_view(self.hsm.key_describe(key))?;
+                // What the registry's primary key would refuse is refused
+                // here, before the record joins a shared commit.
+                let mut seen = std::collections::BTreeSet::new();
+                if let Some(d) = deks.iter().find(|d| !seen.insert(d.dek_version)) {
+                    return Err((
+                        ErrorCode::InvalidArgument,
+                        format!("data key v{} is listed twice", d.dek_version),
+                    ));
+                }
                 // Written with the audit record, in its transaction.
                 rec.registration = Some(RegistryWrite {
                     key: key.clone(),
