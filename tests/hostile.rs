@@ -202,3 +202,91 @@ fn refused_login_leaves_the_session_logged_out() {
     let r = c.call(&Request::Status);
     assert!(matches!(r, Response::Status(_)), "{r:?}");
 }
+
+/// Defect 5: forty parallel wrong guesses get at most five password
+/// checks; the operator ends locked with five failures counted, and the
+/// right password is refused afterwards.
+#[test]
+fn parallel_guesses_cannot_pass_the_lockout() {
+    let env = Env::new("");
+    let shares = env.init();
+    let _daemon = env.serve();
+    env.unseal(&shares[..3]);
+    let out = env
+        .cmd(&["operator", "add", "carol", "--role", "auditor", "--json"])
+        .env("TDE_NEW_PASSWORD", "carol-password")
+        .output()
+        .expect("run");
+    assert_eq!(parse(&out, &[]).0, 0);
+
+    let barrier = Arc::new(std::sync::Barrier::new(40));
+    let guesses: Vec<_> = (0..40)
+        .map(|i| {
+            let path = env.admin_socket();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let mut c = Raw::connect(&path);
+                barrier.wait();
+                match c.call(&Request::Login {
+                    operator: "admin".into(),
+                    password: tde_protocol::SecretBytes::from_slice(
+                        format!("wrong-guess-{i}").as_bytes(),
+                    ),
+                }) {
+                    Response::Error { code, .. } => code,
+                    r => panic!("a wrong guess logged in: {r:?}"),
+                }
+            })
+        })
+        .collect();
+    let codes: Vec<ErrorCode> = guesses
+        .into_iter()
+        .map(|g| g.join().expect("guess"))
+        .collect();
+    let failed = codes
+        .iter()
+        .filter(|c| **c == ErrorCode::LoginFailed)
+        .count();
+    assert!(
+        failed <= 4,
+        "{failed} guesses answered LOGIN_FAILED: {codes:?}"
+    );
+    assert!(
+        codes
+            .iter()
+            .all(|c| matches!(c, ErrorCode::LoginFailed | ErrorCode::OperatorLocked)),
+        "{codes:?}"
+    );
+    let mut c = Raw::connect(&env.admin_socket());
+    let r = c.call(&Request::Login {
+        operator: "admin".into(),
+        password: tde_protocol::SecretBytes::from_slice(PASSWORD.as_bytes()),
+    });
+    assert!(
+        matches!(
+            r,
+            Response::Error {
+                code: ErrorCode::OperatorLocked,
+                ..
+            }
+        ),
+        "the right password after the lockout: {r:?}"
+    );
+    let out = env
+        .cmd(&["operator", "list", "--json"])
+        .env("TDE_OPERATOR", "carol")
+        .env("TDE_PASSWORD", "carol-password")
+        .output()
+        .expect("run");
+    let (rc, v) = parse(&out, &[]);
+    assert_eq!(rc, 0, "{v}");
+    let admin = v
+        .as_array()
+        .and_then(|a| a.iter().find(|o| o["name"] == "admin"))
+        .unwrap_or_else(|| panic!("no admin in {v}"));
+    assert_eq!(admin["locked"], true, "{admin}");
+    assert_eq!(
+        admin["failed_logins"], 5,
+        "only five guesses were checked: {admin}"
+    );
+}

@@ -582,17 +582,30 @@ impl Hsm {
     }
 
     /// Verifies an operator's password. Five consecutive failures lock the
-    /// operator. The Argon2 work runs outside the state lock.
+    /// operator. The Argon2 work runs outside the state lock, so each
+    /// attempt is counted as a failure before it is verified (and the count
+    /// is durable): parallel guesses cannot get more than five checks, and
+    /// a crash in the middle of one costs the guesser its attempt. A correct
+    /// password resets the count, unless the operator was locked while it
+    /// was being checked.
     pub fn login(&self, name: &str, password: &[u8]) -> Result<Role, HsmError> {
-        let (hash, locked) = {
-            let st = self.read();
-            let u = Self::unsealed(&st)?;
+        let hash = {
+            let mut st = self.write();
+            let u = Self::unsealed_mut(&mut st)?;
             if u.tampered_operators.contains(name) {
                 return Err(HsmError::Tampered(format!("operator {name}")));
             }
-            match u.operators.get(name) {
-                Some((r, _)) => (Some(r.password_hash.clone()), r.locked),
-                None => (None, false),
+            match u.operators.get(name).cloned() {
+                None => None,
+                Some((rec, _)) if rec.locked || rec.failed_logins >= MAX_FAILED_LOGINS => {
+                    return Err(HsmError::OperatorLocked(name.to_string()));
+                }
+                Some((mut rec, rev)) => {
+                    rec.failed_logins += 1;
+                    let hash = rec.password_hash.clone();
+                    self.persist_operator(u, rec, rev + 1)?;
+                    Some(hash)
+                }
             }
         };
         let Some(hash) = hash else {
@@ -600,38 +613,35 @@ impl Hsm {
             let _ = operator::verify_password(password, DUMMY_HASH);
             return Err(HsmError::LoginFailed);
         };
-        if locked {
-            return Err(HsmError::OperatorLocked(name.to_string()));
-        }
         let ok = operator::verify_password(password, &hash);
         let mut st = self.write();
         let u = Self::unsealed_mut(&mut st)?;
-        let (rec, rev) = u
+        let (mut rec, rev) = u
             .operators
             .get(name)
             .cloned()
             .ok_or(HsmError::LoginFailed)?;
-        let mut rec = rec;
-        if ok {
-            if rec.failed_logins != 0 {
-                rec.failed_logins = 0;
-                self.persist_operator(u, rec.clone(), rev + 1)?;
-            }
-            return Ok(rec.role);
-        }
-        rec.failed_logins += 1;
-        let now_locked = rec.failed_logins >= MAX_FAILED_LOGINS;
-        rec.locked = now_locked;
-        self.persist_operator(u, rec, rev + 1)?;
-        drop(st);
-        if now_locked {
-            self.event(HsmEvent::OperatorLocked(name.to_string()));
-            if self.policy.zeroize_on_lockout {
-                self.zeroize_for("an operator was locked out by failed logins")?;
-            }
+        if rec.locked {
             return Err(HsmError::OperatorLocked(name.to_string()));
         }
-        Err(HsmError::LoginFailed)
+        if ok && rec.password_hash == hash {
+            rec.failed_logins = 0;
+            let role = rec.role;
+            self.persist_operator(u, rec, rev + 1)?;
+            return Ok(role);
+        }
+        // This attempt is already counted.
+        if rec.failed_logins < MAX_FAILED_LOGINS {
+            return Err(HsmError::LoginFailed);
+        }
+        rec.locked = true;
+        self.persist_operator(u, rec, rev + 1)?;
+        drop(st);
+        self.event(HsmEvent::OperatorLocked(name.to_string()));
+        if self.policy.zeroize_on_lockout {
+            self.zeroize_for("an operator was locked out by failed logins")?;
+        }
+        Err(HsmError::OperatorLocked(name.to_string()))
     }
 
     /// Adds an operator.
