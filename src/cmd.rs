@@ -653,7 +653,7 @@ fn init_store(
     officer: &str,
     pw: &str,
 ) -> anyhow::Result<tde_hsm::InitOutput> {
-    server::create_private_dir(&cfg.data_dir)?;
+    server::create_private_dir(&cfg.data_dir, "data directory")?;
     let store = SqliteStore::open(&cfg.store_path())?;
     if store.meta()?.is_some() {
         bail!(
@@ -708,7 +708,7 @@ fn init(cli: &Cli, cfg: &Config, a: &InitArgs) -> anyhow::Result<()> {
         .map(|s| String::from_utf8_lossy(s.expose()).into_owned())
         .collect();
     if let Some(dir) = &a.share_dir {
-        std::fs::create_dir_all(dir)?;
+        server::create_private_dir(dir, "share directory")?;
         for (i, t) in texts.iter().enumerate() {
             write_private(&dir.join(format!("share-{}", i + 1)), t.as_bytes())?;
         }
@@ -823,7 +823,7 @@ fn serve(cli: &Cli, mut cfg: Config, a: &ServeArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     if a.dev {
-        server::create_private_dir(&cfg.data_dir)?;
+        server::create_private_dir(&cfg.data_dir, "data directory")?;
         let fresh = SqliteStore::open(&cfg.store_path())?.meta()?.is_none();
         if fresh {
             init_dev(cli, &cfg)?;

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::os::unix::process::CommandExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -39,6 +40,15 @@ where
             })
         })
         .collect()
+}
+
+/// Refusals counted in `refusals_not_recorded` records (over the per-uid
+/// audit budget of refused requests).
+fn not_recorded(recs: &[serde_json::Value]) -> u64 {
+    recs.iter()
+        .filter(|r| r["op"] == "refusals_not_recorded")
+        .filter_map(|r| r["detail"].as_str()?.split(' ').next()?.parse::<u64>().ok())
+        .sum()
 }
 
 /// Defect 1: a `REGISTER_DEKS` naming one data key twice is refused on its
@@ -141,15 +151,21 @@ fn one_bad_registration_does_not_fail_the_batch() {
         .collect();
     assert_eq!(refs.len(), 1, "only the valid registration: {v}");
     assert_eq!(refs[0]["location"], "/good");
+    drop(_daemon);
     let recs = audit(&env.db());
-    assert_eq!(refusals(&recs, "register_deks", "AUDIT_FAILED"), 0);
     assert_eq!(
         recs.iter()
             .filter(|r| r["error_code"] == "AUDIT_FAILED")
             .count(),
         0
     );
-    assert!(refusals(&recs, "register_deks", "INVALID_ARGUMENT") as u64 >= bad_done);
+    let recorded = refusals(&recs, "register_deks", "INVALID_ARGUMENT") as u64;
+    assert!(recorded > 0);
+    assert_eq!(
+        recorded + not_recorded(&recs),
+        bad_done,
+        "every refusal is accounted for"
+    );
 }
 
 /// Adds a trigger to the store that refuses audit records matching `like`
@@ -288,5 +304,228 @@ fn parallel_guesses_cannot_pass_the_lockout() {
     assert_eq!(
         admin["failed_logins"], 5,
         "only five guesses were checked: {admin}"
+    );
+}
+
+fn mode(p: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).expect("stat").permissions().mode() & 0o7777
+}
+
+fn chmod(p: &std::path::Path, m: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).expect("chmod");
+}
+
+/// Defect 7: the store is created 0600 in a 0700 directory, even when the
+/// directory already exists; a directory or store that others may read is
+/// refused with a message that says so, and nothing is written into it.
+#[test]
+fn store_and_directory_readable_by_others_are_refused() {
+    let env = Env::new("");
+    std::fs::create_dir(env.data_dir()).expect("mkdir");
+    chmod(&env.data_dir(), 0o755);
+    let (rc, v) = env.json(&["init", "--shares", "5", "--threshold", "3"]);
+    assert_ne!(rc, 0, "{v}");
+    assert!(v.to_string().contains("0755"), "{v}");
+    assert!(
+        !env.db().exists(),
+        "nothing written into the open directory"
+    );
+
+    chmod(&env.data_dir(), 0o700);
+    let shares = env.init();
+    assert_eq!(mode(&env.data_dir()), 0o700);
+    assert_eq!(mode(&env.db()), 0o600);
+    let daemon = env.serve();
+    env.unseal(&shares[..3]);
+    for side in ["tde.db-wal", "tde.db-shm"] {
+        let p = env.data_dir().join(side);
+        if p.exists() {
+            assert_eq!(mode(&p), 0o600, "{side}");
+        }
+    }
+    daemon.stop();
+
+    for (path, m, what) in [
+        (env.db(), 0o644, "key store"),
+        (env.data_dir(), 0o750, "data directory"),
+    ] {
+        let restore = mode(&path);
+        chmod(&path, m);
+        let out = env.cmd(&["serve"]).output().expect("serve");
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(what) && err.contains(&format!("{m:04o}")),
+            "{what}: {err}"
+        );
+        chmod(&path, restore);
+    }
+    env.serve().stop();
+}
+
+/// Defect 7, the mount's side: a key file that others may read is refused,
+/// and the control socket answers only the mount's owner and root, even
+/// when its mode is opened.
+#[test]
+fn mount_key_file_and_control_socket_are_private() {
+    use common::pg::*;
+    if !can_run() {
+        return;
+    }
+    let _serial = serial();
+    let env = Env::new("");
+    let _sidecar = env.sidecar_with_keys(&["pg-main"]);
+    let (backing, mnt) = (env.pg_dir("backing"), env.pg_dir("mnt"));
+    chmod(&backing, 0o755);
+    let mount = env.mount_init("pg-main", "ts", &backing, &mnt);
+    let ctl = backing.join(tde_plugin::control::CONTROL_SOCKET);
+    assert_eq!(mode(&ctl), 0o600);
+    chmod(&ctl, 0o666);
+    let out = env
+        .cmd(&["rekey", "--status"])
+        .arg(&mnt)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("rekey as nobody");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("permission denied: uid 65534"), "{err}");
+    let out = env
+        .cmd(&["rekey", "--status"])
+        .arg(&mnt)
+        .output()
+        .expect("rekey");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    mount.stop();
+
+    let key_file = backing.join(tde_plugin::keyfile::KEY_FILE);
+    assert_eq!(mode(&key_file), 0o600);
+    chmod(&key_file, 0o644);
+    let err = env.mount_refused(&["--tablespace", "ts", "--cluster", "c1"], &backing, &mnt);
+    assert!(err.contains("key file") && err.contains("0644"), "{err}");
+    chmod(&key_file, 0o600);
+    env.mount(&["--tablespace", "ts", "--cluster", "c1"], &backing, &mnt)
+        .stop();
+}
+
+/// Bytes of the store on disk (database and write-ahead log), and of the
+/// audit records in it.
+fn store_bytes(env: &Env) -> (u64, u64) {
+    let files = ["tde.db", "tde.db-wal"]
+        .iter()
+        .filter_map(|f| std::fs::metadata(env.data_dir().join(f)).ok())
+        .map(|m| m.len())
+        .sum();
+    let conn = tde_sidecar::store::connect(&env.db()).expect("open db");
+    let records: i64 = conn
+        .query_row(
+            "SELECT coalesce(sum(length(record)), 0) FROM audit",
+            [],
+            |r| r.get(0),
+        )
+        .expect("sum");
+    (files, records as u64)
+}
+
+/// Defect 3: megabyte names (a key name on the data socket, an operator
+/// name in an unauthenticated login) are refused at decode, no record
+/// carries more than a few KiB, and the refusals' audit cost is limited
+/// per uid: five seconds of flooding add little to the store, while a good
+/// client is served and audited.
+#[test]
+fn peer_chosen_sizes_do_not_fill_the_disk() {
+    let env = Env::new("");
+    let shares = env.init();
+    let _daemon = env.serve();
+    env.unseal(&shares[..3]);
+    env.ok(&["key", "create", "app-size"]);
+    let before = store_bytes(&env);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let path = env.data_socket();
+    let huge_key = load(2, &stop, move |_| {
+        let mut c = Raw::connect(&path);
+        let key = format!("app-{}", "x".repeat((1 << 20) - 64));
+        Box::new(move || {
+            match c.call(&Request::GenerateDataKey {
+                key: key.clone(),
+                context: ctx(&[("tablespace", "t")]),
+            }) {
+                Response::Error {
+                    code: ErrorCode::Malformed,
+                    message,
+                } if message.contains("longer than 128") => Ok(()),
+                r => Err(format!("{r:?}").chars().take(200).collect()),
+            }
+        })
+    });
+    let path = env.admin_socket();
+    let huge_login = load(2, &stop, move |_| {
+        let mut c = Raw::connect(&path);
+        let operator = "o".repeat((1 << 20) - 64);
+        Box::new(move || {
+            match c.call(&Request::Login {
+                operator: operator.clone(),
+                password: tde_protocol::SecretBytes::from_slice(b"guess-guess-guess"),
+            }) {
+                Response::Error {
+                    code: ErrorCode::Malformed,
+                    ..
+                } => Ok(()),
+                r => Err(format!("{r:?}").chars().take(200).collect()),
+            }
+        })
+    });
+    let mut good = Raw::connect(&env.data_socket());
+    let mut served = 0;
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(5) {
+        let r = good.call(&Request::GenerateDataKey {
+            key: "app-size".into(),
+            context: ctx(&[("tablespace", "good")]),
+        });
+        assert!(matches!(r, Response::DataKey { .. }), "{r:?}");
+        served += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut floods = 0;
+    for h in huge_key.into_iter().chain(huge_login) {
+        let (n, failed) = h.join().expect("flood");
+        assert!(failed.is_empty(), "{:?}", failed.first());
+        floods += n;
+    }
+    // Let the last second's summary land.
+    std::thread::sleep(Duration::from_millis(1500));
+    let after = store_bytes(&env);
+    let (files, records) = (after.0.saturating_sub(before.0), after.1 - before.1);
+    eprintln!(
+        "{floods} megabyte requests in 5 s; audit records grew {records} bytes, the store's files {files}"
+    );
+    assert!(floods > 1000, "the flood ran: {floods}");
+    assert!(records < 1 << 20, "audit records grew {records} bytes");
+    // The write-ahead log is reused after each checkpoint (1,000 pages).
+    assert!(files < 16 << 20, "the store's files grew {files} bytes");
+
+    let recs = audit(&env.db());
+    assert_eq!(count(&recs, "generate_data_key", "ok"), served);
+    let longest = recs.iter().map(|r| r.to_string().len()).max().unwrap_or(0);
+    assert!(longest < 4096, "a record of {longest} bytes");
+    let malformed = refusals(&recs, "malformed_request", "MALFORMED") as u64;
+    assert!(
+        malformed > 0 && malformed < floods / 2,
+        "{malformed} of {floods} recorded one by one"
+    );
+    assert_eq!(
+        malformed + not_recorded(&recs),
+        floods,
+        "every refusal is accounted for"
     );
 }

@@ -269,6 +269,9 @@ pub struct Hsm {
     state: RwLock<State>,
     pending: Mutex<Vec<Share>>,
     events: Mutex<Vec<HsmEvent>>,
+    /// One lock per operator name, held across a login's password check,
+    /// so an operator's attempts are checked and counted one at a time.
+    logins: Mutex<HashMap<String, Arc<Mutex<()>>>>,
 }
 
 impl std::fmt::Debug for Hsm {
@@ -349,6 +352,7 @@ impl Hsm {
             state: RwLock::new(state),
             pending: Mutex::new(Vec::new()),
             events: Mutex::new(Vec::new()),
+            logins: Mutex::default(),
         })
     }
 
@@ -582,36 +586,39 @@ impl Hsm {
     }
 
     /// Verifies an operator's password. Five consecutive failures lock the
-    /// operator. The Argon2 work runs outside the state lock, so each
-    /// attempt is counted as a failure before it is verified (and the count
-    /// is durable): parallel guesses cannot get more than five checks, and
-    /// a crash in the middle of one costs the guesser its attempt. A correct
-    /// password resets the count, unless the operator was locked while it
-    /// was being checked.
+    /// operator. The Argon2 work runs outside the state lock but under the
+    /// operator's own login lock: attempts for one operator are checked one
+    /// after another, each sees the failures before it, so parallel guesses
+    /// get five checks, not one each, and a locked operator cannot log in.
     pub fn login(&self, name: &str, password: &[u8]) -> Result<Role, HsmError> {
-        let hash = {
-            let mut st = self.write();
-            let u = Self::unsealed_mut(&mut st)?;
+        let known = {
+            let st = self.read();
+            let u = Self::unsealed(&st)?;
             if u.tampered_operators.contains(name) {
                 return Err(HsmError::Tampered(format!("operator {name}")));
             }
-            match u.operators.get(name).cloned() {
-                None => None,
-                Some((rec, _)) if rec.locked || rec.failed_logins >= MAX_FAILED_LOGINS => {
-                    return Err(HsmError::OperatorLocked(name.to_string()));
-                }
-                Some((mut rec, rev)) => {
-                    rec.failed_logins += 1;
-                    let hash = rec.password_hash.clone();
-                    self.persist_operator(u, rec, rev + 1)?;
-                    Some(hash)
-                }
-            }
+            u.operators.contains_key(name)
         };
-        let Some(hash) = hash else {
+        if !known {
             // Spend the same work for unknown names as for known ones.
             let _ = operator::verify_password(password, DUMMY_HASH);
             return Err(HsmError::LoginFailed);
+        }
+        let one = lock(&self.logins)
+            .entry(name.to_string())
+            .or_default()
+            .clone();
+        let _turn = lock(&one);
+        let hash = {
+            let st = self.read();
+            let u = Self::unsealed(&st)?;
+            match u.operators.get(name) {
+                None => return Err(HsmError::LoginFailed),
+                Some((r, _)) if r.locked => {
+                    return Err(HsmError::OperatorLocked(name.to_string()));
+                }
+                Some((r, _)) => r.password_hash.clone(),
+            }
         };
         let ok = operator::verify_password(password, &hash);
         let mut st = self.write();
@@ -622,26 +629,29 @@ impl Hsm {
             .cloned()
             .ok_or(HsmError::LoginFailed)?;
         if rec.locked {
+            // Unlocking and locking do not take the login lock.
             return Err(HsmError::OperatorLocked(name.to_string()));
         }
         if ok && rec.password_hash == hash {
-            rec.failed_logins = 0;
-            let role = rec.role;
-            self.persist_operator(u, rec, rev + 1)?;
-            return Ok(role);
+            if rec.failed_logins != 0 {
+                rec.failed_logins = 0;
+                self.persist_operator(u, rec.clone(), rev + 1)?;
+            }
+            return Ok(rec.role);
         }
-        // This attempt is already counted.
-        if rec.failed_logins < MAX_FAILED_LOGINS {
-            return Err(HsmError::LoginFailed);
-        }
-        rec.locked = true;
+        rec.failed_logins += 1;
+        let now_locked = rec.failed_logins >= MAX_FAILED_LOGINS;
+        rec.locked = now_locked;
         self.persist_operator(u, rec, rev + 1)?;
         drop(st);
-        self.event(HsmEvent::OperatorLocked(name.to_string()));
-        if self.policy.zeroize_on_lockout {
-            self.zeroize_for("an operator was locked out by failed logins")?;
+        if now_locked {
+            self.event(HsmEvent::OperatorLocked(name.to_string()));
+            if self.policy.zeroize_on_lockout {
+                self.zeroize_for("an operator was locked out by failed logins")?;
+            }
+            return Err(HsmError::OperatorLocked(name.to_string()));
         }
-        Err(HsmError::OperatorLocked(name.to_string()))
+        Err(HsmError::LoginFailed)
     }
 
     /// Adds an operator.

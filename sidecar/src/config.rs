@@ -97,8 +97,19 @@ pub struct MemoryConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
-    /// Concurrent connections per socket.
+    /// Concurrent connections per socket, all peers together.
     pub max_connections: usize,
+    /// Concurrent connections per socket from one uid.
+    pub max_connections_per_uid: usize,
+    /// Seconds a connection may stay open without sending a request before
+    /// it is closed (a `watch_key` in progress is not idle).
+    pub idle_timeout_seconds: u64,
+    /// Concurrent `watch_key` requests from one uid.
+    pub max_watches_per_uid: usize,
+    /// Audit records per second, per uid, for refused requests; refusals
+    /// beyond it are still refused, and counted in one
+    /// `refusals_not_recorded` record per uid per second. 0: no limit.
+    pub refused_records_per_second: u32,
     /// Seconds between checks for scheduled key destruction.
     pub destroy_check_seconds: u64,
 }
@@ -138,7 +149,11 @@ impl Default for Config {
                 lock: "auto".into(),
             },
             limits: LimitsConfig {
-                max_connections: 1024,
+                max_connections: 4096,
+                max_connections_per_uid: 1024,
+                idle_timeout_seconds: 120,
+                max_watches_per_uid: 512,
+                refused_records_per_second: 100,
                 destroy_check_seconds: 60,
             },
             mounts: MountsConfig {

@@ -7,6 +7,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use tde_hsm::{Hsm, HsmError, HsmEvent, Role, Versions};
+use tde_protocol::message::{MAX_TEXT, truncate};
 use tde_protocol::{
     ErrorCode, KeyInfo, KeyReference, KeyVersionInfo, OperatorInfo, Request, Response, SecretBytes,
     StatusInfo, context_display,
@@ -79,6 +80,75 @@ pub struct Service {
     /// Sealed by an operator with `revoke_on_seal` (a daemon that merely
     /// restarted is sealed too, but revokes nothing).
     pub revoking: std::sync::atomic::AtomicBool,
+    /// How many refused requests per uid get their own audit record.
+    pub refusals: RefusalBudget,
+}
+
+/// The audit budget of refused requests: a token bucket per uid, so that a
+/// peer whose requests are all refused cannot fill the disk with their
+/// records (and so, through fail-closed audit, refuse everyone).
+#[derive(Debug, Default)]
+pub struct RefusalBudget {
+    /// Records per second per uid; 0 means no limit.
+    per_second: u32,
+    peers: Mutex<std::collections::HashMap<u32, Bucket>>,
+}
+
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+    not_recorded: u64,
+}
+
+impl RefusalBudget {
+    /// A budget of `per_second` records per uid (0: unlimited).
+    pub fn new(per_second: u32) -> Self {
+        Self {
+            per_second,
+            peers: Mutex::default(),
+        }
+    }
+
+    /// Whether a refusal of `uid` gets its own record now; if not, it is
+    /// counted for the next [`RefusalBudget::take_not_recorded`].
+    pub fn admit(&self, uid: u32) -> bool {
+        if self.per_second == 0 {
+            return true;
+        }
+        let rate = f64::from(self.per_second);
+        let now = Instant::now();
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let b = peers.entry(uid).or_insert(Bucket {
+            tokens: rate,
+            last: now,
+            not_recorded: 0,
+        });
+        b.tokens = (b.tokens + now.duration_since(b.last).as_secs_f64() * rate).min(rate);
+        b.last = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            b.not_recorded += 1;
+            false
+        }
+    }
+
+    /// Refusals not recorded since the last call, per uid; forgets peers
+    /// whose bucket has refilled.
+    pub fn take_not_recorded(&self) -> Vec<(u32, u64)> {
+        let rate = f64::from(self.per_second);
+        let now = Instant::now();
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let out = peers
+            .iter_mut()
+            .filter(|(_, b)| b.not_recorded > 0)
+            .map(|(uid, b)| (*uid, std::mem::take(&mut b.not_recorded)))
+            .collect();
+        peers.retain(|_, b| b.tokens + now.duration_since(b.last).as_secs_f64() * rate < rate);
+        out
+    }
 }
 
 /// A counter of primary-version changes that waiters can sleep on.
@@ -367,10 +437,16 @@ impl Service {
         }
         let response = match outcome {
             Ok(r) => r,
-            Err((code, message)) => {
+            Err((code, mut message)) => {
+                message.truncate(truncate(&message, MAX_TEXT).len());
                 rec.result = "error";
                 rec.error_code = Some(code.name());
                 rec.detail = Some(message.clone());
+                if !self.refusals.admit(peer.uid) {
+                    // Counted, and recorded once a second per uid.
+                    self.drain_events();
+                    return Response::Error { code, message };
+                }
                 Response::Error { code, message }
             }
         };
@@ -394,6 +470,9 @@ impl Service {
         code: ErrorCode,
         why: &str,
     ) -> Result<(), ErrorCode> {
+        if !self.refusals.admit(peer.uid) {
+            return Ok(());
+        }
         let mut rec = AuditRecord::new(socket.name(), "malformed_request");
         rec.request_id = Some(request_id);
         rec.actor = Actor {
@@ -404,11 +483,27 @@ impl Service {
         };
         rec.result = "error";
         rec.error_code = Some(code.name());
-        rec.detail = Some(why.to_string());
+        rec.detail = Some(truncate(why, MAX_TEXT).into());
         self.audit
             .append(rec)
             .map(|_| ())
             .map_err(|_| ErrorCode::AuditFailed)
+    }
+
+    /// Writes one `refusals_not_recorded` record per uid whose refused
+    /// requests went over [`RefusalBudget`] since the last call.
+    pub fn record_not_recorded(&self) {
+        for (uid, n) in self.refusals.take_not_recorded() {
+            let mut rec = AuditRecord::new("internal", "refusals_not_recorded");
+            rec.actor.uid = Some(uid);
+            rec.result = "error";
+            rec.detail = Some(format!(
+                "{n} refused requests of uid {uid} over limits.refused_records_per_second were refused without records of their own"
+            ));
+            if let Err(err) = self.audit.append(rec) {
+                tracing::error!(error = %err, "could not audit unrecorded refusals");
+            }
+        }
     }
 
     /// Writes audit records for what the HSM did on its own.

@@ -24,7 +24,7 @@ use zeroize::Zeroize;
 
 use crate::audit::{AuditLog, AuditRecord};
 use crate::config::{Config, parse_mode};
-use crate::handler::{Peer, Service, Session, SocketKind};
+use crate::handler::{Peer, RefusalBudget, Service, Session, SocketKind};
 use crate::store::SqliteStore;
 use crate::sys;
 
@@ -256,7 +256,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         note = hardening.lock_note.as_deref().unwrap_or(""),
         "process hardening"
     );
-    create_private_dir(&cfg.data_dir)?;
+    create_private_dir(&cfg.data_dir, "data directory")?;
     let store_path = cfg.store_path();
     let store = Arc::new(
         SqliteStore::open(&store_path)
@@ -282,6 +282,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         key_changes: Default::default(),
         revoke_on_seal: cfg.mounts.on_seal == "wipe",
         revoking: Default::default(),
+        refusals: RefusalBudget::new(cfg.limits.refused_records_per_second),
     });
     let mut start = AuditRecord::new("internal", "daemon_start");
     start.detail = Some(format!(
@@ -377,6 +378,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     {
         tracing::warn!("connections did not finish within the grace period");
     }
+    svc.record_not_recorded();
     let mut stop = AuditRecord::new("internal", "daemon_stop");
     stop.detail = Some(signal.to_string());
     let _ = audit.append(stop);
@@ -420,16 +422,23 @@ async fn key_scheduler(svc: Arc<Service>, destroy_every: u64, mut stop: watch::R
                 tracing::error!(error = %e, "scheduled key destruction failed");
             }
             s.drain_events();
+            s.record_not_recorded();
         })
         .await;
     }
 }
 
-/// Creates `dir` (and parents) with mode 0700 if missing.
-pub fn create_private_dir(dir: &Path) -> anyhow::Result<PathBuf> {
+/// Creates `dir` (a `what`, for messages) and missing parents with mode
+/// 0700, or checks that an existing one grants nothing to group or others (refusing it if so).
+pub fn create_private_dir(dir: &Path, what: &str) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
     if !dir.exists() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
     }
+    tde_protocol::private::check(dir, what).map_err(anyhow::Error::msg)?;
     Ok(dir.to_path_buf())
 }

@@ -154,10 +154,38 @@ impl std::fmt::Debug for SqliteStore {
 
 impl SqliteStore {
     /// Opens (creating if needed) and migrates the store at `path`.
+    ///
+    /// A new store file is created with mode 0600 (SQLite gives its `-wal`
+    /// and `-shm` files the same mode); an existing one, or its `-wal` or
+    /// `-shm`, that group or others may read or write is refused.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
                 .map_err(|e| StoreError::Io(format!("{}: {e}", dir.display())))?;
+        }
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(StoreError::Io(format!("{}: {e}", path.display())));
+            }
+            _ => {}
+        }
+        tde_protocol::private::check(path, "key store").map_err(StoreError::Io)?;
+        for suffix in ["-wal", "-shm"] {
+            let mut side = path.as_os_str().to_owned();
+            side.push(suffix);
+            let side = PathBuf::from(side);
+            if side.exists() {
+                tde_protocol::private::check(&side, "key store file").map_err(StoreError::Io)?;
+            }
         }
         let mut conn = connect(path)?;
         migrate(&mut conn)?;

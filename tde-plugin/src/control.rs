@@ -154,12 +154,29 @@ fn serve(listener: &UnixListener, rekey: &Rekey, stop: &AtomicBool) {
     }
 }
 
+/// Whether the peer may use the control socket: the mount's own user or
+/// root (the socket is mode 0600 too; this holds even if its mode is
+/// changed, or was wider for a moment after bind).
+fn peer_allowed(s: &UnixStream) -> anyhow::Result<()> {
+    let cred = rustix::net::sockopt::socket_peercred(s)?;
+    let own = rustix::process::geteuid();
+    if cred.uid != own && !cred.uid.is_root() {
+        bail!(
+            "permission denied: uid {} is not the mount's owner (uid {})",
+            cred.uid.as_raw(),
+            own.as_raw()
+        );
+    }
+    Ok(())
+}
+
 fn answer(s: UnixStream, rekey: &Rekey) -> anyhow::Result<()> {
     s.set_nonblocking(false)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let allowed = peer_allowed(&s);
     let mut line = String::new();
     BufReader::new((&s).take(MAX_LINE)).read_line(&mut line)?;
-    let result = match parse_request(&line) {
+    let result = match allowed.and_then(|()| parse_request(&line)) {
         Err(e) => Err(e),
         Ok(req) => {
             if req == Control::Status {

@@ -148,6 +148,9 @@ impl KeyFile {
             }
             r => r.with_context(|| format!("reading {}", path.display()))?,
         };
+        // Whoever may read it may take the wrapped keys elsewhere; whoever
+        // may write it may swap them.
+        tde_protocol::private::check(&path, "key file").map_err(anyhow::Error::msg)?;
         Self::parse(&text).with_context(|| format!("{} is damaged", path.display()))
     }
 

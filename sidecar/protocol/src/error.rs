@@ -47,6 +47,9 @@ error_codes! {
     FrameTooLarge = 4, "FRAME_TOO_LARGE";
     /// The operation is not offered on this socket.
     WrongSocket = 5, "WRONG_SOCKET";
+    /// A per-peer limit was reached (connections, concurrent watches):
+    /// retry later, with fewer at once.
+    LimitExceeded = 6, "LIMIT_EXCEEDED";
     /// The HSM is sealed: unseal it first.
     Sealed = 10, "SEALED";
     /// The admin operation needs a logged-in operator.
@@ -149,6 +152,14 @@ pub enum DecodeError {
     /// A field's value has the wrong size or is not valid UTF-8.
     #[error("invalid value for field {0}")]
     InvalidValue(&'static str),
+    /// A field longer than its cap.
+    #[error("field {field} is longer than {max} bytes")]
+    TooLong {
+        /// The field.
+        field: &'static str,
+        /// Its cap.
+        max: usize,
+    },
     /// Bytes left over after the last field.
     #[error("trailing bytes")]
     Trailing,

@@ -15,6 +15,7 @@
 //! - [`message`]: typed requests and responses and their body encodings.
 //! - [`error`]: wire error codes and the decoding error type.
 //! - [`fuzz`]: the harness the cargo-fuzz target calls.
+//! - [`private`]: the mode rule for tde's private files.
 //! - [`secret`]: [`SecretBytes`], a zeroizing, redacting byte buffer for keys,
 //!   passwords and shares in transit.
 #![forbid(unsafe_code)]
@@ -24,6 +25,7 @@ pub mod error;
 pub mod frame;
 pub mod fuzz;
 pub mod message;
+pub mod private;
 pub mod secret;
 
 pub use error::{DecodeError, ErrorCode};

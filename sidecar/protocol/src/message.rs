@@ -577,12 +577,11 @@ pub enum Response {
 }
 
 impl Response {
-    /// Shorthand for an error response.
+    /// An error response; the message is cut to [`MAX_TEXT`] bytes.
     pub fn error(code: ErrorCode, message: impl Into<String>) -> Response {
-        Response::Error {
-            code,
-            message: message.into(),
-        }
+        let mut message = message.into();
+        message.truncate(truncate(&message, MAX_TEXT).len());
+        Response::Error { code, message }
     }
 }
 
@@ -653,7 +652,11 @@ impl Fields {
                 return Err(unexpected(what, t));
             }
             match t {
-                tag::KEY_NAME => once(&mut f.key, as_str(v, "key")?, "key")?,
+                tag::KEY_NAME => once(
+                    &mut f.key,
+                    as_str(capped(v, "key", MAX_NAME)?, "key")?,
+                    "key",
+                )?,
                 tag::KEY_VERSION => once(&mut f.version, as_u32(v, "version")?, "version")?,
                 tag::SOURCE_VERSION => once(
                     &mut f.source_version,
@@ -661,19 +664,53 @@ impl Fields {
                     "source_version",
                 )?,
                 tag::CONTEXT => take_context(&mut f.context, v)?,
-                tag::PLAINTEXT => once(&mut f.plaintext, SecretBytes::from_slice(v), "plaintext")?,
-                tag::CIPHERTEXT => once(&mut f.ciphertext, v.to_vec(), "ciphertext")?,
+                tag::PLAINTEXT => once(
+                    &mut f.plaintext,
+                    SecretBytes::from_slice(capped(v, "plaintext", MAX_BYTES)?),
+                    "plaintext",
+                )?,
+                tag::CIPHERTEXT => once(
+                    &mut f.ciphertext,
+                    capped(v, "ciphertext", MAX_BYTES)?.to_vec(),
+                    "ciphertext",
+                )?,
                 tag::LENGTH => once(&mut f.length, as_u32(v, "length")?, "length")?,
-                tag::OPERATOR => once(&mut f.operator, as_str(v, "operator")?, "operator")?,
-                tag::PASSWORD => once(&mut f.password, SecretBytes::from_slice(v), "password")?,
-                tag::ROLE => once(&mut f.role, as_str(v, "role")?, "role")?,
-                tag::SHARE => once(&mut f.share, SecretBytes::from_slice(v), "share")?,
-                tag::DESCRIPTION => {
-                    once(&mut f.description, as_str(v, "description")?, "description")?
-                }
+                tag::OPERATOR => once(
+                    &mut f.operator,
+                    as_str(capped(v, "operator", MAX_NAME)?, "operator")?,
+                    "operator",
+                )?,
+                tag::PASSWORD => once(
+                    &mut f.password,
+                    SecretBytes::from_slice(capped(v, "password", MAX_SECRET)?),
+                    "password",
+                )?,
+                tag::ROLE => once(
+                    &mut f.role,
+                    as_str(capped(v, "role", MAX_NAME)?, "role")?,
+                    "role",
+                )?,
+                tag::SHARE => once(
+                    &mut f.share,
+                    SecretBytes::from_slice(capped(v, "share", MAX_SECRET)?),
+                    "share",
+                )?,
+                tag::DESCRIPTION => once(
+                    &mut f.description,
+                    as_str(capped(v, "description", MAX_TEXT)?, "description")?,
+                    "description",
+                )?,
                 tag::DAYS => once(&mut f.days, as_u32(v, "days")?, "days")?,
-                tag::RANDOM => once(&mut f.random, SecretBytes::from_slice(v), "random")?,
-                tag::MESSAGE => once(&mut f.message, as_str(v, "message")?, "message")?,
+                tag::RANDOM => once(
+                    &mut f.random,
+                    SecretBytes::from_slice(capped(v, "random", MAX_BYTES)?),
+                    "random",
+                )?,
+                tag::MESSAGE => once(
+                    &mut f.message,
+                    as_str(capped(v, "message", MAX_TEXT)?, "message")?,
+                    "message",
+                )?,
                 tag::FORCE => once(&mut f.force, as_bool(v, "force")?, "force")?,
                 tag::ROTATE_AFTER => once(
                     &mut f.rotate_after,
@@ -681,7 +718,11 @@ impl Fields {
                     "rotate_after",
                 )?,
                 tag::TIMEOUT_MS => once(&mut f.timeout_ms, as_u32(v, "timeout_ms")?, "timeout_ms")?,
-                tag::LOCATION => once(&mut f.location, as_str(v, "location")?, "location")?,
+                tag::LOCATION => once(
+                    &mut f.location,
+                    as_str(capped(v, "location", MAX_LOCATION)?, "location")?,
+                    "location",
+                )?,
                 tag::DEK => {
                     if f.deks.len() >= MAX_DEKS {
                         return Err(DecodeError::InvalidValue("too many data keys"));
@@ -697,6 +738,38 @@ impl Fields {
 
 /// Most data key versions one registration may carry.
 pub const MAX_DEKS: usize = 1024;
+/// Longest key, operator or role name (the HSM's own name rule).
+pub const MAX_NAME: usize = 128;
+/// Longest password or unseal share.
+pub const MAX_SECRET: usize = 1024;
+/// Longest description or error message.
+pub const MAX_TEXT: usize = 1024;
+/// Longest registration location (a path).
+pub const MAX_LOCATION: usize = 4096;
+/// Longest plaintext, ciphertext or random field (data keys and wrapped
+/// data keys are far smaller; `generate_random` returns at most 4096).
+pub const MAX_BYTES: usize = 4096;
+
+/// `v`, if it is at most `max` bytes: a peer cannot make the daemon keep,
+/// log or audit a megabyte of name.
+fn capped<'a>(v: &'a [u8], field: &'static str, max: usize) -> Result<&'a [u8], DecodeError> {
+    if v.len() > max {
+        return Err(DecodeError::TooLong { field, max });
+    }
+    Ok(v)
+}
+
+/// `text` cut to at most `max` bytes, at a character boundary.
+pub fn truncate(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
 
 fn take_dek(body: &[u8]) -> Result<DekRef, DecodeError> {
     let (mut dek, mut key) = (None, None);
@@ -1270,7 +1343,8 @@ impl Response {
                 w.str(KEY_NAME, key).u32(KEY_VERSION, *version);
             }
             Response::Error { message, .. } => {
-                w.str(MESSAGE, message);
+                // Within what a decoder accepts, whatever built it.
+                w.str(MESSAGE, truncate(message, MAX_TEXT));
             }
         }
         w.finish()
