@@ -529,3 +529,248 @@ fn peer_chosen_sizes_do_not_fill_the_disk() {
         "every refusal is accounted for"
     );
 }
+
+/// Threads of process `pid`.
+fn threads(pid: u32) -> u64 {
+    proc_field(pid, "Threads:")
+}
+
+/// A `kB` or count field of /proc/PID/status.
+fn proc_field(pid: u32, name: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("status")
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(name)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .expect("field")
+}
+
+/// Times `n` generate requests of a fresh client; returns (median, max).
+fn latency(env: &Env, key: &str, n: usize) -> (Duration, Duration) {
+    let mut c = Raw::connect(&env.data_socket());
+    let mut times: Vec<Duration> = (0..n)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            let r = c.call(&Request::GenerateDataKey {
+                key: key.into(),
+                context: ctx(&[("tablespace", "latency")]),
+            });
+            assert!(matches!(r, Response::DataKey { .. }), "{r:?}");
+            t.elapsed()
+        })
+        .collect();
+    times.sort();
+    (times[n / 2], times[n - 1])
+}
+
+/// Defect 2: 600 long polls (`WATCH_KEY`, 60 s) hold no threads: 512 wait
+/// (the per-uid cap), 88 are refused `LIMIT_EXCEEDED`, another client is
+/// answered at once, the daemon's thread count stays small, and a rotation
+/// answers every waiting watch with the new version.
+#[test]
+fn six_hundred_watchers_do_not_starve_others() {
+    let env = Env::new("");
+    let shares = env.init();
+    let daemon = env.serve();
+    env.unseal(&shares[..3]);
+    env.ok(&["key", "create", "app-watch"]);
+    let base_threads = threads(daemon.pid());
+
+    let mut watchers: Vec<std::os::unix::net::UnixStream> = (0..600)
+        .map(|i| {
+            let mut s =
+                std::os::unix::net::UnixStream::connect(env.data_socket()).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(30)))
+                .expect("timeout");
+            let req = Request::WatchKey {
+                key: "app-watch".into(),
+                version: 1,
+                timeout_ms: 60_000,
+            };
+            tde_protocol::frame::write_frame(&mut s, &req.to_frame(i)).expect("send");
+            s
+        })
+        .collect();
+    // Give the daemon time to take them all in.
+    std::thread::sleep(Duration::from_secs(2));
+    let (median, max) = latency(&env, "app-watch", 20);
+    let during = threads(daemon.pid());
+    eprintln!(
+        "600 watchers: generate median {median:?} max {max:?}; threads {base_threads} before, {during} during"
+    );
+    assert!(median < Duration::from_millis(100), "median {median:?}");
+    assert!(max < Duration::from_secs(1), "max {max:?}");
+    assert!(
+        during < base_threads + 32,
+        "{during} threads with 600 watchers"
+    );
+
+    // The over-cap ones were answered at once.
+    // The over-cap ones were answered at once (a whole frame each, so a
+    // non-blocking read sees all of it or nothing).
+    let mut waiting = Vec::new();
+    for mut s in watchers.drain(..) {
+        s.set_nonblocking(true).expect("nonblocking");
+        match tde_protocol::frame::read_frame(&mut s) {
+            Ok(Some(f)) => match Response::from_frame(&f) {
+                Ok(Response::Error {
+                    code: ErrorCode::LimitExceeded,
+                    ..
+                }) => {}
+                r => panic!("a watcher answered early: {r:?}"),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                s.set_nonblocking(false).expect("blocking");
+                waiting.push(s);
+            }
+            r => panic!("{r:?}"),
+        }
+    }
+    assert_eq!(waiting.len(), 512, "600 watchers, 512 allowed per uid");
+
+    let t = std::time::Instant::now();
+    env.ok(&["key", "rotate", "app-watch"]);
+    let mut answered = 0;
+    for s in &mut waiting {
+        let f = tde_protocol::frame::read_frame(s)
+            .expect("read")
+            .expect("an answer");
+        match Response::from_frame(&f) {
+            Ok(Response::KeyPrimary { version: 2, .. }) => answered += 1,
+            r => panic!("{r:?}"),
+        }
+    }
+    eprintln!("512 watchers answered {:?} after the rotation", t.elapsed());
+    assert_eq!(answered, 512);
+    assert!(t.elapsed() < Duration::from_secs(10));
+    drop(waiting);
+    daemon.stop();
+    let recs = audit(&env.db());
+    assert_eq!(count(&recs, "watch_key", "ok"), 512);
+    assert_eq!(refusals(&recs, "watch_key", "LIMIT_EXCEEDED"), 88);
+}
+
+/// Run by `idle_connections_do_not_lock_out_others` as another uid: holds
+/// `HOLD_N` connections to `HOLD_SOCK`, says how many it opened, and keeps
+/// them until its stdin closes.
+#[test]
+#[ignore = "a helper, run by another test as uid 65534"]
+fn hold_connections_helper() {
+    use std::io::{BufRead, Write};
+    let (Ok(sock), Ok(n)) = (std::env::var("HOLD_SOCK"), std::env::var("HOLD_N")) else {
+        panic!("HOLD_SOCK and HOLD_N must be set");
+    };
+    let n: usize = n.parse().expect("HOLD_N");
+    let held: Vec<_> = (0..n)
+        .filter_map(|_| std::os::unix::net::UnixStream::connect(&sock).ok())
+        .collect();
+    println!("held {}", held.len());
+    std::io::stdout().flush().expect("flush");
+    let _ = std::io::stdin().lock().lines().next();
+}
+
+/// Defect 4: 1,040 connections that never send a byte, from a uid with no
+/// policy, do not keep others out: 1,024 are held (the per-uid cap), the
+/// rest are refused `LIMIT_EXCEEDED`, and another client is answered at
+/// once.
+#[test]
+fn idle_connections_do_not_lock_out_others() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("SKIPPED: needs root to connect as uid 65534");
+        return;
+    }
+    let env = Env::new("");
+    let shares = env.init();
+    let daemon = env.serve();
+    env.unseal(&shares[..3]);
+    env.ok(&["key", "create", "app-idle"]);
+    let mut helper = std::process::Command::new(std::env::current_exe().expect("exe"))
+        .args([
+            "--ignored",
+            "--exact",
+            "hold_connections_helper",
+            "--nocapture",
+        ])
+        .env("HOLD_SOCK", env.data_socket())
+        .env("HOLD_N", "1040")
+        .uid(65534)
+        .gid(65534)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("helper");
+    let mut out = std::io::BufReader::new(helper.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    while !line.starts_with("held") {
+        line.clear();
+        assert!(
+            std::io::BufRead::read_line(&mut out, &mut line).expect("read") > 0,
+            "helper ended"
+        );
+    }
+    assert_eq!(line.trim(), "held 1040", "the kernel accepted them all");
+    std::thread::sleep(Duration::from_secs(1));
+    let (median, max) = latency(&env, "app-idle", 20);
+    eprintln!("1,040 idle connections: generate median {median:?} max {max:?}");
+    assert!(median < Duration::from_millis(100), "median {median:?}");
+    assert!(max < Duration::from_secs(1), "max {max:?}");
+    drop(helper.stdin.take());
+    let _ = helper.wait();
+    daemon.stop();
+    let recs = audit(&env.db());
+    let refused: Vec<_> = recs
+        .iter()
+        .filter(|r| r["op"] == "connection" && r["error_code"] == "LIMIT_EXCEEDED")
+        .collect();
+    assert_eq!(refused.len(), 16, "1,040 - 1,024");
+    assert!(refused.iter().all(|r| r["actor"]["uid"] == 65534));
+}
+
+/// Defect 4: a connection that sends nothing is closed after
+/// `limits.idle_timeout_seconds`; one waiting on a `WATCH_KEY` is not idle.
+#[test]
+fn idle_connections_are_closed_but_watches_are_not_idle() {
+    let env = Env::new("");
+    let text = std::fs::read_to_string(&env.config).expect("config");
+    std::fs::write(
+        &env.config,
+        text.replace("[limits]\n", "[limits]\nidle_timeout_seconds = 2\n"),
+    )
+    .expect("config");
+    let shares = env.init();
+    let _daemon = env.serve();
+    env.unseal(&shares[..3]);
+    env.ok(&["key", "create", "app-idle"]);
+    let mut idle = std::os::unix::net::UnixStream::connect(env.data_socket()).expect("connect");
+    idle.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut w = Raw::connect(&env.data_socket());
+    let t = std::time::Instant::now();
+    let r = w.call(&Request::WatchKey {
+        key: "app-idle".into(),
+        version: 1,
+        timeout_ms: 4_000,
+    });
+    let waited = t.elapsed();
+    assert!(
+        matches!(r, Response::KeyPrimary { version: 1, .. }),
+        "{r:?}"
+    );
+    assert!(
+        waited >= Duration::from_millis(3_900),
+        "the watch ran its time: {waited:?}"
+    );
+    let mut buf = [0u8; 1];
+    let t = std::time::Instant::now();
+    let n = std::io::Read::read(&mut idle, &mut buf).expect("a clean close");
+    assert_eq!(n, 0, "the idle connection was closed");
+    assert!(t.elapsed() < Duration::from_secs(1), "closed at about 2 s");
+    // The watcher's connection is still usable.
+    let r = w.call(&Request::Status);
+    assert!(matches!(r, Response::Status(_)), "{r:?}");
+}

@@ -3,7 +3,7 @@
 //!
 //! Handling is synchronous; the server runs it on tokio's blocking pool.
 
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tde_hsm::{Hsm, HsmError, HsmEvent, Role, Versions};
@@ -82,6 +82,8 @@ pub struct Service {
     pub revoking: std::sync::atomic::AtomicBool,
     /// How many refused requests per uid get their own audit record.
     pub refusals: RefusalBudget,
+    /// How many `watch_key`s one uid may have waiting.
+    pub watches: WatchSlots,
 }
 
 /// The audit budget of refused requests: a token bucket per uid, so that a
@@ -151,12 +153,21 @@ impl RefusalBudget {
     }
 }
 
-/// A counter of primary-version changes that waiters can sleep on.
-#[derive(Debug, Default)]
+/// A counter of primary-version changes that waiting `watch_key`s await
+/// on their connections' tasks (no thread is held while they wait).
+#[derive(Debug)]
 pub struct KeyChanges {
-    count: Mutex<u64>,
-    changed: Condvar,
+    count: tokio::sync::watch::Sender<u64>,
     stopping: std::sync::atomic::AtomicBool,
+}
+
+impl Default for KeyChanges {
+    fn default() -> Self {
+        Self {
+            count: tokio::sync::watch::Sender::new(0),
+            stopping: Default::default(),
+        }
+    }
 }
 
 impl KeyChanges {
@@ -173,30 +184,93 @@ impl KeyChanges {
 
     /// Wakes every waiter.
     pub fn bump(&self) {
-        *self.count.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-        self.changed.notify_all();
+        self.count.send_modify(|c| *c += 1);
     }
 
-    /// The current count.
-    fn now(&self) -> u64 {
-        *self.count.lock().unwrap_or_else(|p| p.into_inner())
+    /// A receiver that sees every change after this call.
+    fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.count.subscribe()
     }
+}
 
-    /// Waits until the count differs from `seen` or `until` passes.
-    fn wait(&self, seen: u64, until: Instant) {
-        let mut c = self.count.lock().unwrap_or_else(|p| p.into_inner());
-        while *c == seen {
-            let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return;
-            }
-            c = self
-                .changed
-                .wait_timeout(c, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+/// Concurrent `watch_key`s per uid.
+#[derive(Debug, Default)]
+pub struct WatchSlots {
+    max: usize,
+    taken: Arc<Mutex<std::collections::HashMap<u32, usize>>>,
+}
+
+/// One uid's place among the concurrent `watch_key`s; freed on drop.
+#[derive(Debug)]
+pub struct WatchSlot {
+    uid: u32,
+    taken: Arc<Mutex<std::collections::HashMap<u32, usize>>>,
+}
+
+impl WatchSlots {
+    /// At most `max` concurrent watches per uid.
+    pub fn new(max: usize) -> Self {
+        Self {
+            max,
+            taken: Arc::default(),
         }
     }
+
+    fn take(&self, uid: u32) -> Option<WatchSlot> {
+        let mut taken = self.taken.lock().unwrap_or_else(|p| p.into_inner());
+        let n = taken.entry(uid).or_default();
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(WatchSlot {
+            uid,
+            taken: self.taken.clone(),
+        })
+    }
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        let mut taken = self.taken.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = taken.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                taken.remove(&self.uid);
+            }
+        }
+    }
+}
+
+/// A `watch_key` whose key has not changed yet: the connection awaits
+/// [`Watch::changed`] or [`Watch::until`], then calls
+/// [`Service::finish_watch`]. Its audit record is written once, when it
+/// is answered.
+#[derive(Debug)]
+pub struct Watch {
+    rec: AuditRecord,
+    key: String,
+    version: u32,
+    /// When to answer with the unchanged version.
+    pub until: Instant,
+    changes: tokio::sync::watch::Receiver<u64>,
+    _slot: WatchSlot,
+}
+
+impl Watch {
+    /// Resolves at the next key change anywhere (or when the daemon stops).
+    pub async fn changed(&mut self) {
+        let _ = self.changes.changed().await;
+    }
+}
+
+/// What handling a request produced.
+#[derive(Debug)]
+pub enum Handled {
+    /// The response, audited.
+    Done(Response),
+    /// A `watch_key` to wait for.
+    Wait(Box<Watch>),
 }
 
 type Outcome = Result<Response, (ErrorCode, String)>;
@@ -400,7 +474,7 @@ impl Service {
         session: &mut Session,
         request_id: u64,
         req: Request,
-    ) -> Response {
+    ) -> Handled {
         let mut rec = AuditRecord::new(socket.name(), req.op().name());
         rec.request_id = Some(request_id);
         rec.actor = Actor {
@@ -420,15 +494,89 @@ impl Service {
             intent.result = "pending";
             if let Err(e) = self.audit.append(intent) {
                 self.drain_events();
-                return Response::error(ErrorCode::AuditFailed, e.to_string());
+                return Handled::Done(Response::error(ErrorCode::AuditFailed, e.to_string()));
             }
         }
+        // Subscribed before the key is looked at: no change is missed.
+        let changes = matches!(req, Request::WatchKey { .. }).then(|| self.key_changes.subscribe());
         // A login changes the session only once its record is durable.
         let mut next = session.clone();
-        let outcome = match socket {
+        let mut outcome = match socket {
             SocketKind::Data => self.data(peer, &req, &mut rec),
             SocketKind::Admin => self.admin(&mut next, &req, &mut rec),
         };
+        if let (
+            Request::WatchKey {
+                key,
+                version,
+                timeout_ms,
+            },
+            Ok(Response::KeyPrimary { version: now, .. }),
+            Some(changes),
+        ) = (&req, &outcome, changes)
+            && now == version
+            && *timeout_ms > 0
+            && !self.key_changes.stopping()
+        {
+            match self.watches.take(peer.uid) {
+                Some(slot) => {
+                    return Handled::Wait(Box::new(Watch {
+                        rec,
+                        key: key.clone(),
+                        version: *version,
+                        until: Instant::now()
+                            + Duration::from_millis(u64::from(*timeout_ms)).min(MAX_WATCH),
+                        changes,
+                        _slot: slot,
+                    }));
+                }
+                None => {
+                    outcome = Err((
+                        ErrorCode::LimitExceeded,
+                        format!(
+                            "uid {} already has {} watch_key requests waiting (limits.max_watches_per_uid)",
+                            peer.uid, self.watches.max
+                        ),
+                    ))
+                }
+            }
+        }
+        Handled::Done(self.finish(peer.uid, rec, outcome, session, next))
+    }
+
+    /// Answers a waiting `watch_key` whose key may have changed, whose time
+    /// is up, or whose daemon is stopping (or at once, `now`: its peer
+    /// left); or gives it back to wait on.
+    pub fn finish_watch(&self, w: Box<Watch>, now: bool) -> Handled {
+        let primary = self
+            .mount_view(self.hsm.key_describe(&w.key))
+            .map(|k| k.primary);
+        if !now
+            && matches!(primary, Ok(p) if p == w.version)
+            && Instant::now() < w.until
+            && !self.key_changes.stopping()
+        {
+            return Handled::Wait(w);
+        }
+        let outcome = primary.map(|version| Response::KeyPrimary {
+            key: w.key.clone(),
+            version,
+        });
+        let uid = w.rec.actor.uid.unwrap_or(0);
+        let mut none = Session::default();
+        Handled::Done(self.finish(uid, w.rec, outcome, &mut none, Session::default()))
+    }
+
+    /// Audits `outcome` and returns the response; the session becomes
+    /// `next` once the record is durable.
+    fn finish(
+        &self,
+        uid: u32,
+        mut rec: AuditRecord,
+        outcome: Outcome,
+        session: &mut Session,
+        next: Session,
+    ) -> Response {
         if let Response::Decrypted { version, .. }
         | Response::ReEncrypted { version, .. }
         | Response::DataKey { version, .. } = outcome.as_ref().unwrap_or(&Response::Done)
@@ -442,7 +590,7 @@ impl Service {
                 rec.result = "error";
                 rec.error_code = Some(code.name());
                 rec.detail = Some(message.clone());
-                if !self.refusals.admit(peer.uid) {
+                if !self.refusals.admit(uid) {
                     // Counted, and recorded once a second per uid.
                     self.drain_events();
                     return Response::Error { code, message };
@@ -470,11 +618,42 @@ impl Service {
         code: ErrorCode,
         why: &str,
     ) -> Result<(), ErrorCode> {
+        self.audit_refusal(
+            socket,
+            peer,
+            Some(request_id),
+            "malformed_request",
+            code,
+            why,
+        )
+    }
+
+    /// Audits a connection refused before any request (over a cap).
+    pub fn audit_refused(
+        &self,
+        socket: SocketKind,
+        peer: Peer,
+        op: &str,
+        code: ErrorCode,
+        why: &str,
+    ) -> Result<(), ErrorCode> {
+        self.audit_refusal(socket, peer, None, op, code, why)
+    }
+
+    fn audit_refusal(
+        &self,
+        socket: SocketKind,
+        peer: Peer,
+        request_id: Option<u64>,
+        op: &str,
+        code: ErrorCode,
+        why: &str,
+    ) -> Result<(), ErrorCode> {
         if !self.refusals.admit(peer.uid) {
             return Ok(());
         }
-        let mut rec = AuditRecord::new(socket.name(), "malformed_request");
-        rec.request_id = Some(request_id);
+        let mut rec = AuditRecord::new(socket.name(), op);
+        rec.request_id = request_id;
         rec.actor = Actor {
             uid: Some(peer.uid),
             gid: Some(peer.gid),
@@ -678,26 +857,12 @@ impl Service {
                     version: info.primary,
                 })
             }
-            Request::WatchKey {
-                key,
-                version,
-                timeout_ms,
-            } => {
-                let until =
-                    Instant::now() + Duration::from_millis(u64::from(*timeout_ms)).min(MAX_WATCH);
-                loop {
-                    let seen = self.key_changes.now();
-                    let primary = self.mount_view(self.hsm.key_describe(key))?.primary;
-                    if primary != *version || Instant::now() >= until || self.key_changes.stopping()
-                    {
-                        return Ok(Response::KeyPrimary {
-                            key: key.clone(),
-                            version: primary,
-                        });
-                    }
-                    self.key_changes.wait(seen, until);
-                }
-            }
+            // The current primary; `handle` turns an unchanged one into a
+            // wait on the connection's task.
+            Request::WatchKey { key, .. } => Ok(Response::KeyPrimary {
+                key: key.clone(),
+                version: self.mount_view(self.hsm.key_describe(key))?.primary,
+            }),
             _ => Err((ErrorCode::Internal, "not a data operation".into())),
         }
     }

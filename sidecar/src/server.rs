@@ -24,7 +24,7 @@ use zeroize::Zeroize;
 
 use crate::audit::{AuditLog, AuditRecord};
 use crate::config::{Config, parse_mode};
-use crate::handler::{Peer, RefusalBudget, Service, Session, SocketKind};
+use crate::handler::{Handled, Peer, RefusalBudget, Service, Session, SocketKind, WatchSlots};
 use crate::store::SqliteStore;
 use crate::sys;
 
@@ -38,14 +38,25 @@ enum ReadError {
     Bad(DecodeError),
 }
 
-async fn read_frame(rd: &mut (impl AsyncReadExt + Unpin)) -> Result<Option<Frame>, ReadError> {
-    let mut prefix = [0u8; PREFIX_LEN];
-    match rd.read(&mut prefix[..1]).await {
-        Ok(0) => return Ok(None),
-        Ok(_) => {}
-        Err(_) => return Err(ReadError::Closed),
+/// Waits for the first byte of the next frame: `None` when the peer closed.
+async fn first_byte(rd: &mut (impl AsyncReadExt + Unpin)) -> Result<Option<u8>, ReadError> {
+    let mut b = [0u8; 1];
+    match rd.read(&mut b).await {
+        Ok(0) => Ok(None),
+        Ok(_) => Ok(Some(b[0])),
+        Err(_) => Err(ReadError::Closed),
     }
+}
+
+/// Reads the rest of a frame whose first byte is `first`, within
+/// [`FRAME_TIMEOUT`].
+async fn rest_of_frame(
+    rd: &mut (impl AsyncReadExt + Unpin),
+    first: u8,
+) -> Result<Frame, ReadError> {
     let rest = async {
+        let mut prefix = [0u8; PREFIX_LEN];
+        prefix[0] = first;
         rd.read_exact(&mut prefix[1..])
             .await
             .map_err(|_| ReadError::Closed)?;
@@ -64,7 +75,7 @@ async fn read_frame(rd: &mut (impl AsyncReadExt + Unpin)) -> Result<Option<Frame
         })
     };
     match tokio::time::timeout(FRAME_TIMEOUT, rest).await {
-        Ok(r) => r.map(Some),
+        Ok(r) => r,
         Err(_) => Err(ReadError::Closed),
     }
 }
@@ -88,34 +99,45 @@ async fn write_response(
     r
 }
 
+/// How a connection waits for its next request.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    idle: Duration,
+}
+
 async fn connection(
     stream: UnixStream,
     kind: SocketKind,
+    peer: Peer,
     svc: Arc<Service>,
+    limits: Limits,
     mut shutdown: watch::Receiver<bool>,
-    _done: mpsc::Sender<()>,
 ) {
-    let peer = match stream.peer_cred() {
-        Ok(c) => Peer {
-            uid: c.uid(),
-            gid: c.gid(),
-            pid: c.pid(),
-        },
-        Err(e) => {
-            tracing::warn!(error = %e, "no peer credentials; closing");
-            return;
-        }
-    };
     let (mut rd, mut wr) = stream.into_split();
     let mut session = Session::default();
+    // A byte read while a watch waited: the start of the next frame.
+    let mut pending: Option<u8> = None;
     loop {
-        let frame = tokio::select! {
-            _ = shutdown.changed() => break,
-            f = read_frame(&mut rd) => f,
+        let first = match pending.take() {
+            Some(b) => b,
+            None => {
+                let next = tokio::select! {
+                    _ = shutdown.changed() => break,
+                    _ = tokio::time::sleep(limits.idle) => {
+                        tracing::debug!(uid = peer.uid, "closing an idle connection");
+                        break;
+                    }
+                    b = first_byte(&mut rd) => b,
+                };
+                match next {
+                    Ok(Some(b)) => b,
+                    Ok(None) | Err(_) => break,
+                }
+            }
         };
-        let frame = match frame {
-            Ok(Some(f)) => f,
-            Ok(None) | Err(ReadError::Closed) => break,
+        let frame = match rest_of_frame(&mut rd, first).await {
+            Ok(f) => f,
+            Err(ReadError::Closed) => break,
             Err(ReadError::Bad(e)) => {
                 // The stream cannot be resynchronized after a bad length.
                 let svc2 = svc.clone();
@@ -133,24 +155,60 @@ async fn connection(
         let svc2 = svc.clone();
         let mut sess = std::mem::take(&mut session);
         let joined = tokio::task::spawn_blocking(move || {
-            let resp = match Request::from_frame(&frame) {
+            let handled = match Request::from_frame(&frame) {
                 Ok(req) => svc2.handle(kind, peer, &mut sess, id, req),
-                Err(e) => match svc2.audit_malformed(kind, peer, id, e.code(), &e.to_string()) {
-                    Ok(()) => Response::error(e.code(), e.to_string()),
-                    Err(code) => Response::error(code, "the audit record could not be written"),
-                },
+                Err(e) => Handled::Done(
+                    match svc2.audit_malformed(kind, peer, id, e.code(), &e.to_string()) {
+                        Ok(()) => Response::error(e.code(), e.to_string()),
+                        Err(code) => Response::error(code, "the audit record could not be written"),
+                    },
+                ),
             };
-            (sess, resp)
+            (sess, handled)
         })
         .await;
-        let resp = match joined {
-            Ok((s, r)) => {
+        let mut handled = match joined {
+            Ok((s, h)) => {
                 session = s;
-                r
+                h
             }
-            Err(_) => Response::error(ErrorCode::Internal, "request handler failed"),
+            Err(_) => Handled::Done(Response::error(
+                ErrorCode::Internal,
+                "request handler failed",
+            )),
         };
-        if write_response(&mut wr, &resp, op, id).await.is_err() {
+        // A watch waits here, on this task: no thread is held.
+        let mut gone = false;
+        let resp = loop {
+            let mut w = match handled {
+                Handled::Done(r) => break r,
+                Handled::Wait(w) => w,
+            };
+            let until = tokio::time::Instant::from_std(w.until);
+            loop {
+                tokio::select! {
+                    _ = w.changed() => break,
+                    _ = tokio::time::sleep_until(until) => break,
+                    b = first_byte(&mut rd), if pending.is_none() => match b {
+                        Ok(Some(b)) => pending = Some(b),
+                        Ok(None) | Err(_) => {
+                            gone = true;
+                            break;
+                        }
+                    },
+                }
+            }
+            let svc2 = svc.clone();
+            // A peer that left is not answered, but its request is audited.
+            handled = match tokio::task::spawn_blocking(move || svc2.finish_watch(w, gone)).await {
+                Ok(h) => h,
+                Err(_) => Handled::Done(Response::error(
+                    ErrorCode::Internal,
+                    "request handler failed",
+                )),
+            };
+        };
+        if gone || write_response(&mut wr, &resp, op, id).await.is_err() {
             break;
         }
     }
@@ -193,39 +251,121 @@ async fn bind(path: &Path, mode: &str, group: Option<&str>) -> anyhow::Result<Un
     Ok(l)
 }
 
+/// Connections open per uid on one socket; a slot frees itself on drop.
+#[derive(Debug, Default, Clone)]
+struct PerUid(Arc<std::sync::Mutex<std::collections::HashMap<u32, usize>>>);
+
+struct UidSlot(PerUid, u32);
+
+impl PerUid {
+    fn take(&self, uid: u32, max: usize) -> Option<UidSlot> {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(uid).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(UidSlot(self.clone(), uid))
+    }
+}
+
+impl Drop for UidSlot {
+    fn drop(&mut self) {
+        let mut m = (self.0).0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
+}
+
+/// The connection caps of one socket.
+#[derive(Debug, Clone, Copy)]
+struct Caps {
+    total: usize,
+    per_uid: usize,
+    limits: Limits,
+}
+
 async fn accept_loop(
     listener: UnixListener,
     kind: SocketKind,
     svc: Arc<Service>,
-    max: usize,
+    caps: Caps,
     shutdown: watch::Receiver<bool>,
     done: mpsc::Sender<()>,
 ) {
-    let limit = Arc::new(Semaphore::new(max));
+    let total = Arc::new(Semaphore::new(caps.total));
+    let per_uid = PerUid::default();
     let mut stop = shutdown.clone();
     loop {
-        let permit = tokio::select! {
-            _ = stop.changed() => return,
-            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-        };
         let accepted = tokio::select! {
             _ = stop.changed() => return,
             a = listener.accept() => a,
         };
-        match accepted {
-            Ok((stream, _)) => {
-                let (svc, sd, dn) = (svc.clone(), shutdown.clone(), done.clone());
-                tokio::spawn(async move {
-                    connection(stream, kind, svc, sd, dn).await;
-                    drop(permit);
-                });
-            }
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
             }
-        }
+        };
+        let peer = match stream.peer_cred() {
+            Ok(c) => Peer {
+                uid: c.uid(),
+                gid: c.gid(),
+                pid: c.pid(),
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "no peer credentials; closing");
+                continue;
+            }
+        };
+        // Over a cap, the peer is told why (and audited within the
+        // refusal budget), not left waiting in the backlog.
+        let admitted = match (
+            per_uid.take(peer.uid, caps.per_uid),
+            total.clone().try_acquire_owned(),
+        ) {
+            (Some(slot), Ok(permit)) => Ok((slot, permit)),
+            (None, _) => Err(format!(
+                "uid {} already has {} connections to this socket (limits.max_connections_per_uid)",
+                peer.uid, caps.per_uid
+            )),
+            (_, Err(_)) => Err(format!(
+                "the socket already has {} connections (limits.max_connections)",
+                caps.total
+            )),
+        };
+        let (svc, sd, dn) = (svc.clone(), shutdown.clone(), done.clone());
+        tokio::spawn(async move {
+            let _done = dn;
+            match admitted {
+                Ok((_slot, _permit)) => connection(stream, kind, peer, svc, caps.limits, sd).await,
+                Err(why) => refuse(stream, kind, peer, svc, why).await,
+            }
+        });
     }
+}
+
+/// Answers a connection over a cap with `LIMIT_EXCEEDED` and closes it.
+async fn refuse(
+    mut stream: UnixStream,
+    kind: SocketKind,
+    peer: Peer,
+    svc: Arc<Service>,
+    why: String,
+) {
+    let code = ErrorCode::LimitExceeded;
+    let why2 = why.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        svc.audit_refused(kind, peer, "connection", code, &why2)
+    })
+    .await;
+    let _ = write_response(&mut stream, &Response::error(code, why), 0, 0).await;
 }
 
 /// Reads the dev share and unseals; warns loudly.
@@ -283,6 +423,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         revoke_on_seal: cfg.mounts.on_seal == "wipe",
         revoking: Default::default(),
         refusals: RefusalBudget::new(cfg.limits.refused_records_per_second),
+        watches: WatchSlots::new(cfg.limits.max_watches_per_uid),
     });
     let mut start = AuditRecord::new("internal", "daemon_start");
     start.detail = Some(format!(
@@ -334,13 +475,19 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
-    let max = cfg.limits.max_connections;
+    let caps = Caps {
+        total: cfg.limits.max_connections,
+        per_uid: cfg.limits.max_connections_per_uid,
+        limits: Limits {
+            idle: Duration::from_secs(cfg.limits.idle_timeout_seconds.max(1)),
+        },
+    };
     let tasks = [
         tokio::spawn(accept_loop(
             data,
             SocketKind::Data,
             svc.clone(),
-            max,
+            caps,
             stop_rx.clone(),
             done_tx.clone(),
         )),
@@ -348,7 +495,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             admin,
             SocketKind::Admin,
             svc.clone(),
-            max,
+            caps,
             stop_rx.clone(),
             done_tx.clone(),
         )),
