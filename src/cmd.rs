@@ -836,7 +836,10 @@ fn serve(cli: &Cli, mut cfg: Config, a: &ServeArgs) -> anyhow::Result<()> {
         );
     }
     init_logging(&cfg);
+    // Requests run on a bounded pool: a burst queues instead of growing the
+    // daemon by a (locked) thread stack per request.
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .max_blocking_threads(cfg.limits.worker_threads.max(1))
         .enable_all()
         .build()?;
     rt.block_on(server::run(cfg))

@@ -605,12 +605,13 @@ fn six_hundred_watchers_do_not_starve_others() {
     );
     assert!(median < Duration::from_millis(100), "median {median:?}");
     assert!(max < Duration::from_secs(1), "max {max:?}");
+    // A burst may use the request pool (limits.worker_threads, 64), never
+    // a thread per watcher.
     assert!(
-        during < base_threads + 32,
-        "{during} threads with 600 watchers"
+        during <= base_threads + 64,
+        "{during} threads with 600 watchers ({base_threads} before)"
     );
 
-    // The over-cap ones were answered at once.
     // The over-cap ones were answered at once (a whole frame each, so a
     // non-blocking read sees all of it or nothing).
     let mut waiting = Vec::new();

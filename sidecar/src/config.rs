@@ -106,6 +106,9 @@ pub struct LimitsConfig {
     pub idle_timeout_seconds: u64,
     /// Concurrent `watch_key` requests from one uid.
     pub max_watches_per_uid: usize,
+    /// Threads that run requests (each waits for its audit record to be
+    /// durable); requests beyond them queue. Fixed at start.
+    pub worker_threads: usize,
     /// Audit records per second, per uid, for refused requests; refusals
     /// beyond it are still refused, and counted in one
     /// `refusals_not_recorded` record per uid per second. 0: no limit.
@@ -153,6 +156,7 @@ impl Default for Config {
                 max_connections_per_uid: 1024,
                 idle_timeout_seconds: 120,
                 max_watches_per_uid: 512,
+                worker_threads: 64,
                 refused_records_per_second: 100,
                 destroy_check_seconds: 60,
             },
