@@ -509,7 +509,8 @@ fn peer_chosen_sizes_do_not_fill_the_disk() {
     eprintln!(
         "{floods} megabyte requests in 5 s; audit records grew {records} bytes, the store's files {files}"
     );
-    assert!(floods > 1000, "the flood ran: {floods}");
+    // Unbounded, 200 such requests would add 200 MB of records.
+    assert!(floods > 200, "the flood ran: {floods}");
     assert!(records < 1 << 20, "audit records grew {records} bytes");
     // The write-ahead log is reused after each checkpoint (1,000 pages).
     assert!(files < 16 << 20, "the store's files grew {files} bytes");
@@ -774,4 +775,103 @@ fn idle_connections_are_closed_but_watches_are_not_idle() {
     // The watcher's connection is still usable.
     let r = w.call(&Request::Status);
     assert!(matches!(r, Response::Status(_)), "{r:?}");
+}
+
+/// True when `needle` occurs in `hay`.
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    memchr::memmem::find(hay, needle).is_some()
+}
+
+/// Defect 8: after 100 generate and decrypt requests, none of the data
+/// keys' plaintexts is in the daemon's memory (live or freed), read from a
+/// core taken with `gcore`. The master key's random name, which the daemon
+/// must keep, is found in the same core: the scan sees the heap.
+#[test]
+fn no_data_key_is_left_in_the_daemons_memory() {
+    if std::process::Command::new("gcore")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        panic!("gcore (package gdb) is needed: .ci/run installs it");
+    }
+    let env = Env::new("");
+    let shares = env.init();
+    let daemon = env.serve();
+    env.unseal(&shares[..3]);
+    let mut marker = [0u8; 12];
+    std::io::Read::read_exact(
+        &mut std::fs::File::open("/dev/urandom").expect("urandom"),
+        &mut marker,
+    )
+    .expect("random");
+    let name: String = std::iter::once("app-core-".to_string())
+        .chain(marker.iter().map(|b| format!("{b:02x}")))
+        .collect();
+    env.ok(&["key", "create", &name]);
+
+    let mut c = Raw::connect(&env.data_socket());
+    let mut keys: Vec<Vec<u8>> = Vec::new();
+    for i in 0..50 {
+        let context = ctx(&[("tablespace", &format!("core-{i}"))]);
+        let (plain, wrapped) = match c.call(&Request::GenerateDataKey {
+            key: name.clone(),
+            context: context.clone(),
+        }) {
+            Response::DataKey {
+                plaintext,
+                ciphertext,
+                ..
+            } => (plaintext.expose().to_vec(), ciphertext),
+            r => panic!("{r:?}"),
+        };
+        match c.call(&Request::Decrypt {
+            ciphertext: wrapped,
+            context,
+        }) {
+            Response::Decrypted { plaintext, .. } => assert_eq!(plaintext.expose(), &plain[..]),
+            r => panic!("{r:?}"),
+        }
+        keys.push(plain);
+    }
+    drop(c);
+    // Let the connection's task end and its buffers drop.
+    std::thread::sleep(Duration::from_millis(500));
+
+    let core = env.dir.path().join("daemon.core");
+    let out = std::process::Command::new("gcore")
+        .arg("-o")
+        .arg(&core)
+        .arg(daemon.pid().to_string())
+        .output()
+        .expect("gcore");
+    let file = env.dir.path().join(format!("daemon.core.{}", daemon.pid()));
+    assert!(
+        file.exists(),
+        "gcore made no core: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let image = std::fs::read(&file).expect("read core");
+    std::fs::remove_file(&file).ok();
+    assert!(
+        contains(&image, name.as_bytes()),
+        "the key's name is not in a {}-byte core: the scan does not see the heap",
+        image.len()
+    );
+    let left: Vec<usize> = keys
+        .iter()
+        .enumerate()
+        .filter(|(_, k)| contains(&image, k))
+        .map(|(i, _)| i)
+        .collect();
+    eprintln!(
+        "core of {} bytes: {} of {} data keys found",
+        image.len(),
+        left.len(),
+        keys.len()
+    );
+    assert!(
+        left.is_empty(),
+        "data keys {left:?} are in the daemon's memory"
+    );
 }

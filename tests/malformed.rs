@@ -44,10 +44,11 @@ fn frame(version: u8, op: u16, body: Vec<u8>) -> Vec<u8> {
             flags: 0,
             request_id: 99,
         },
-        body,
+        body: body.into(),
     }
     .encode()
     .expect("encode")
+    .to_vec()
 }
 
 #[test]

@@ -15,12 +15,11 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use tde_hsm::store::ObjectStore;
 use tde_hsm::{Hsm, TamperPolicy};
-use tde_protocol::frame::{HEADER_LEN, PREFIX_LEN, check_length};
+use tde_protocol::frame::{Body, HEADER_LEN, PREFIX_LEN, check_length};
 use tde_protocol::{DecodeError, ErrorCode, Frame, Header, Request, Response};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, mpsc, watch};
-use zeroize::Zeroize;
 
 use crate::audit::{AuditLog, AuditRecord};
 use crate::config::{Config, parse_mode};
@@ -65,8 +64,8 @@ async fn rest_of_frame(
         rd.read_exact(&mut head)
             .await
             .map_err(|_| ReadError::Closed)?;
-        let mut body = vec![0u8; body_len];
-        rd.read_exact(&mut body)
+        let mut body = Body::zeroed(body_len);
+        rd.read_exact(body.expose_mut())
             .await
             .map_err(|_| ReadError::Closed)?;
         Ok(Frame {
@@ -86,17 +85,16 @@ async fn write_response(
     op: u16,
     request_id: u64,
 ) -> std::io::Result<()> {
-    let mut bytes = match resp.to_frame(op, request_id).encode() {
+    // The frame may hold a data key: `encode` gives bytes that are
+    // scrubbed as they drop.
+    let bytes = match resp.to_frame(op, request_id).encode() {
         Ok(b) => b,
         Err(_) => Response::error(ErrorCode::Internal, "response too large for one frame")
             .to_frame(op, request_id)
             .encode()
-            .unwrap_or_default(),
+            .unwrap_or_else(|_| Body::empty()),
     };
-    let r = wr.write_all(&bytes).await;
-    // The frame may hold a data key: scrub it.
-    bytes.zeroize();
-    r
+    wr.write_all(&bytes).await
 }
 
 /// How a connection waits for its next request.

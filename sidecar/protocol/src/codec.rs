@@ -6,14 +6,27 @@
 //! used; nothing is allocated from a length on the wire.
 
 use crate::error::DecodeError;
+use crate::frame::Body;
 
 /// Size of a field header.
 pub const FIELD_HEADER_LEN: usize = 5;
 
-/// Builds a field sequence.
-#[derive(Default, Debug)]
+/// Builds a field sequence. Fields may be secrets: the buffer is a
+/// [`Body`], scrubbed on drop and as it grows.
 pub struct Writer {
-    buf: Vec<u8>,
+    buf: Body,
+}
+
+impl Default for Writer {
+    fn default() -> Self {
+        Self { buf: Body::empty() }
+    }
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Writer([REDACTED; {}])", self.buf.len())
+    }
 }
 
 impl Writer {
@@ -26,9 +39,11 @@ impl Writer {
     /// frame is capped far below that, and `Frame::encode` refuses it.
     pub fn bytes(&mut self, tag: u8, value: &[u8]) -> &mut Self {
         let len = u32::try_from(value.len()).unwrap_or(u32::MAX);
-        self.buf.push(tag);
-        self.buf.extend_from_slice(&len.to_be_bytes());
-        self.buf.extend_from_slice(value);
+        let mut head = [0u8; FIELD_HEADER_LEN];
+        head[0] = tag;
+        head[1..].copy_from_slice(&len.to_be_bytes());
+        self.buf.extend(&head);
+        self.buf.extend(value);
         self
     }
 
@@ -58,7 +73,7 @@ impl Writer {
     }
 
     /// The encoded bytes.
-    pub fn finish(self) -> Vec<u8> {
+    pub fn finish(self) -> Body {
         self.buf
     }
 }

@@ -17,6 +17,9 @@
 
 use std::io::{self, Read, Write};
 
+use subtle::ConstantTimeEq;
+use zeroize::Zeroize;
+
 use crate::error::DecodeError;
 
 /// The protocol version this crate speaks.
@@ -55,13 +58,99 @@ pub struct Header {
     pub request_id: u64,
 }
 
-/// A whole frame: header and body bytes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A frame's body (or a whole encoded frame): its bytes may be a data key,
+/// a password or a share, so they are zeroized on drop, never printed by
+/// `Debug`, not `Clone`, and compared in constant time. It grows by hand
+/// ([`Body::extend`]): a `Vec` growing in place would free its old
+/// allocation, with the bytes in it, unscrubbed.
+pub struct Body(Vec<u8>);
+
+impl Body {
+    /// An empty body.
+    pub fn empty() -> Self {
+        Self(Vec::new())
+    }
+
+    /// `len` zero bytes, to read into.
+    pub fn zeroed(len: usize) -> Self {
+        Self(vec![0; len])
+    }
+
+    /// The bytes. Callers must not log, print or persist them.
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// The bytes, to read into.
+    pub fn expose_mut(&mut self) -> &mut [u8] {
+        &mut self.0
+    }
+
+    /// Number of bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Appends `more`; a new allocation, if needed, takes the bytes and the
+    /// old one is scrubbed before it is freed.
+    pub fn extend(&mut self, more: &[u8]) {
+        let need = self.0.len() + more.len();
+        if need > self.0.capacity() {
+            let mut bigger = Vec::with_capacity(need.max(2 * self.0.capacity()));
+            bigger.extend_from_slice(&self.0);
+            let mut old = std::mem::replace(&mut self.0, bigger);
+            old.zeroize();
+        }
+        self.0.extend_from_slice(more);
+    }
+}
+
+impl Drop for Body {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl std::ops::Deref for Body {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl From<Vec<u8>> for Body {
+    fn from(v: Vec<u8>) -> Self {
+        Self(v)
+    }
+}
+
+impl PartialEq for Body {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.ct_eq(&other.0).into()
+    }
+}
+
+impl Eq for Body {}
+
+impl std::fmt::Debug for Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Body([REDACTED; {}])", self.0.len())
+    }
+}
+
+/// A whole frame: header and body bytes. Not `Clone`: a body may hold a
+/// secret, and each copy would be one more to scrub.
+#[derive(Debug, PartialEq, Eq)]
 pub struct Frame {
     /// The header.
     pub header: Header,
     /// The body (a field sequence).
-    pub body: Vec<u8>,
+    pub body: Body,
 }
 
 /// Checks a length prefix; returns the body length it implies.
@@ -96,18 +185,20 @@ impl Header {
 }
 
 impl Frame {
-    /// Encodes the frame with its length prefix. Fails if the body is too
-    /// large for one frame.
-    pub fn encode(&self) -> Result<Vec<u8>, DecodeError> {
+    /// Encodes the frame with its length prefix (zeroized on drop, like the
+    /// body). Fails if the body is too large for one frame.
+    pub fn encode(&self) -> Result<Body, DecodeError> {
         let len = HEADER_LEN
             .checked_add(self.body.len())
             .and_then(|l| u32::try_from(l).ok())
             .ok_or(DecodeError::BadLength(u32::MAX))?;
         check_length(len)?;
-        let mut out = Vec::with_capacity(PREFIX_LEN + len as usize);
-        out.extend_from_slice(&len.to_be_bytes());
-        self.header.write_to(&mut out);
-        out.extend_from_slice(&self.body);
+        let mut head = Vec::with_capacity(PREFIX_LEN + HEADER_LEN);
+        head.extend_from_slice(&len.to_be_bytes());
+        self.header.write_to(&mut head);
+        let mut out = Body(Vec::with_capacity(PREFIX_LEN + len as usize));
+        out.extend(&head);
+        out.extend(self.body.expose());
         Ok(out)
     }
 
@@ -134,7 +225,7 @@ impl Frame {
         Ok(Some((
             Frame {
                 header: Header::parse(head),
-                body: body.to_vec(),
+                body: body.to_vec().into(),
             },
             total,
         )))
@@ -159,8 +250,8 @@ pub fn read_frame<R: Read>(r: &mut R) -> io::Result<Option<Frame>> {
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     let mut head = [0u8; HEADER_LEN];
     r.read_exact(&mut head)?;
-    let mut body = vec![0u8; body_len];
-    r.read_exact(&mut body)?;
+    let mut body = Body::zeroed(body_len);
+    r.read_exact(body.expose_mut())?;
     Ok(Some(Frame {
         header: Header::parse(&head),
         body,
@@ -190,15 +281,30 @@ mod tests {
                 flags: 0,
                 request_id: 0x0102030405060708,
             },
-            body: b"hello".to_vec(),
+            body: b"hello".to_vec().into(),
         }
+    }
+
+    #[test]
+    fn a_body_is_redacted_and_compared_whole() {
+        let f = Frame {
+            body: vec![0xAB; 32].into(),
+            ..sample()
+        };
+        let shown = format!("{f:?}");
+        assert!(!shown.to_lowercase().contains("ab, "), "{shown}");
+        assert!(!shown.contains("171"), "{shown}");
+        assert!(shown.contains("REDACTED; 32"), "{shown}");
+        assert_ne!(f.body, Body::from(vec![0xAB; 31]));
+        assert_ne!(f.body, Body::from(vec![0xAA; 32]));
+        assert_eq!(f.body, Body::from(vec![0xAB; 32]));
     }
 
     #[test]
     fn encodes_the_documented_layout() {
         let bytes = sample().encode().expect("encode");
         assert_eq!(
-            bytes,
+            bytes[..],
             [
                 0, 0, 0, 21, 1, 1, 0x01, 0x01, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, b'h', b'e',
                 b'l', b'l', b'o'

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use crate::codec::{Reader, Writer, as_bool, as_str, as_u32, as_u64, once, required};
 use crate::error::{DecodeError, ErrorCode};
-use crate::frame::{Frame, FrameKind, Header, PROTOCOL_VERSION};
+use crate::frame::{Body, Frame, FrameKind, Header, PROTOCOL_VERSION};
 use crate::secret::SecretBytes;
 
 /// Field tags. The numbers are part of the protocol.
@@ -822,7 +822,7 @@ impl Request {
     }
 
     /// Encodes the body.
-    pub fn encode_body(&self) -> Vec<u8> {
+    pub fn encode_body(&self) -> Body {
         let mut w = Writer::new();
         match self {
             Request::Status
@@ -1281,7 +1281,7 @@ fn take_operator_info(body: &[u8]) -> Result<OperatorInfo, DecodeError> {
 
 impl Response {
     /// Encodes the body.
-    pub fn encode_body(&self) -> Vec<u8> {
+    pub fn encode_body(&self) -> Body {
         let mut w = Writer::new();
         match self {
             Response::Status(s) => put_status(&mut w, s),

@@ -1,5 +1,6 @@
 //! A byte buffer for secrets in transit: data keys, passwords, unseal shares.
 
+use subtle::ConstantTimeEq;
 use zeroize::Zeroize;
 
 /// Secret bytes: zeroized on drop, never printed by `Debug`, not `Clone`.
@@ -38,13 +39,7 @@ impl SecretBytes {
 /// Equality in time that depends only on the lengths, never on the bytes.
 impl PartialEq for SecretBytes {
     fn eq(&self, other: &Self) -> bool {
-        self.0.len() == other.0.len()
-            && self
-                .0
-                .iter()
-                .zip(&other.0)
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
+        self.0.ct_eq(&other.0).into()
     }
 }
 

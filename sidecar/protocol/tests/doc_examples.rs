@@ -19,14 +19,14 @@ fn generate_data_key_example() {
         b"ts1",
     ]
     .concat();
-    assert_eq!(bytes, expected);
+    assert_eq!(bytes[..], expected[..]);
 }
 
 #[test]
 fn status_example() {
     let bytes = Request::Status.to_frame(1).encode().expect("encode");
     assert_eq!(
-        bytes,
+        bytes[..],
         [0, 0, 0, 16, 1, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]
     );
 }

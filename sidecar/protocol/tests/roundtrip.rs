@@ -265,7 +265,7 @@ proptest! {
     fn mutated_valid_frames_never_panic(req in request(), pos in any::<usize>(), byte in any::<u8>()) {
         let mut bytes = req.to_frame(7).encode().expect("encodes");
         let i = pos % bytes.len();
-        bytes[i] = byte;
+        bytes.expose_mut()[i] = byte;
         tde_protocol::fuzz::decode_frames(&bytes);
     }
 }
