@@ -875,3 +875,153 @@ fn no_data_key_is_left_in_the_daemons_memory() {
         "data keys {left:?} are in the daemon's memory"
     );
 }
+
+/// One row of the store's objects table: (revision, sealed).
+fn store_row(env: &Env, kind: u8, id: &str) -> (i64, Vec<u8>) {
+    let db = rusqlite::Connection::open(env.db()).expect("open store");
+    db.query_row(
+        "SELECT revision, sealed FROM objects WHERE kind = ?1 AND id = ?2",
+        rusqlite::params![kind, id],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .expect("row")
+}
+
+/// Claims: someone who can write the store but holds no key puts one key
+/// row back to its revision from before a version was destroyed, puts an
+/// operator's row back to its old password, and deletes another key's row.
+/// Each row alone authenticates; at the next unseal each is `TAMPERED`
+/// (not usable, not `KEY_NOT_FOUND`), each is audited, the rest works.
+#[test]
+fn rolled_back_and_deleted_store_rows_are_tampering() {
+    use tde_hsm::store::{KIND_MASTER_KEY, KIND_OPERATOR};
+    let env = Env::new("");
+    let shares = env.init();
+    let daemon = env.serve();
+    env.unseal(&shares[..3]);
+    env.ok(&["key", "create", "app-roll"]);
+    env.ok(&["key", "create", "app-gone"]);
+    env.ok(&["key", "create", "app-fine"]);
+    let out = env
+        .cmd(&["operator", "add", "carol", "--role", "auditor", "--json"])
+        .env("TDE_NEW_PASSWORD", "carol-old-password")
+        .output()
+        .expect("run");
+    assert_eq!(parse(&out, &[]).0, 0);
+    let mut c = Raw::connect(&env.data_socket());
+    let context = ctx(&[("tablespace", "roll")]);
+    let wrapped = match c.call(&Request::GenerateDataKey {
+        key: "app-roll".into(),
+        context: context.clone(),
+    }) {
+        Response::DataKey { ciphertext, .. } => ciphertext,
+        r => panic!("{r:?}"),
+    };
+    let old_key = store_row(&env, KIND_MASTER_KEY, "app-roll");
+    let old_carol = store_row(&env, KIND_OPERATOR, "carol");
+    env.ok(&["key", "rotate", "app-roll"]);
+    env.ok(&["key", "destroy", "app-roll", "--version", "1", "--yes"]);
+    let out = env
+        .cmd(&["operator", "passwd", "carol", "--json"])
+        .env("TDE_NEW_PASSWORD", "carol-new-password")
+        .output()
+        .expect("run");
+    assert_eq!(parse(&out, &[]).0, 0);
+    let decrypt = |c: &mut Raw| {
+        c.call(&Request::Decrypt {
+            ciphertext: wrapped.clone(),
+            context: context.clone(),
+        })
+    };
+    assert!(
+        matches!(
+            decrypt(&mut c),
+            Response::Error {
+                code: ErrorCode::KeyDestroyed,
+                ..
+            }
+        ),
+        "version 1 is destroyed"
+    );
+    drop(c);
+    daemon.stop();
+
+    {
+        let db = rusqlite::Connection::open(env.db()).expect("open store");
+        for (kind, id, (rev, sealed)) in [
+            (KIND_MASTER_KEY, "app-roll", &old_key),
+            (KIND_OPERATOR, "carol", &old_carol),
+        ] {
+            let n = db
+                .execute(
+                    "UPDATE objects SET revision = ?1, sealed = ?2 WHERE kind = ?3 AND id = ?4",
+                    rusqlite::params![rev, sealed, kind, id],
+                )
+                .expect("roll back");
+            assert_eq!(n, 1);
+        }
+        let n = db
+            .execute(
+                "DELETE FROM objects WHERE kind = ?1 AND id = 'app-gone'",
+                rusqlite::params![KIND_MASTER_KEY],
+            )
+            .expect("delete");
+        assert_eq!(n, 1);
+    }
+
+    let _daemon = env.serve();
+    env.unseal(&shares[..3]);
+    let mut c = Raw::connect(&env.data_socket());
+    match decrypt(&mut c) {
+        Response::Error {
+            code: ErrorCode::Tampered,
+            ..
+        } => {}
+        r => panic!("a destroyed version came back: {r:?}"),
+    }
+    match c.call(&Request::GenerateDataKey {
+        key: "app-gone".into(),
+        context: context.clone(),
+    }) {
+        Response::Error {
+            code: ErrorCode::Tampered,
+            ..
+        } => {}
+        r => panic!("a deleted key is not tampering: {r:?}"),
+    }
+    assert!(matches!(
+        c.call(&Request::GenerateDataKey {
+            key: "app-fine".into(),
+            context: context.clone(),
+        }),
+        Response::DataKey { .. }
+    ));
+    let mut admin = Raw::connect(&env.admin_socket());
+    match admin.call(&Request::Login {
+        operator: "carol".into(),
+        password: tde_protocol::SecretBytes::from_slice(b"carol-old-password"),
+    }) {
+        Response::Error {
+            code: ErrorCode::Tampered,
+            ..
+        } => {}
+        r => panic!("an old password works again: {r:?}"),
+    }
+    let recs = audit(&env.db());
+    let tamper: Vec<&str> = recs
+        .iter()
+        .filter(|r| r["op"] == "tamper_detected")
+        .filter_map(|r| r["detail"].as_str())
+        .collect();
+    for expect in [
+        "master_key app-roll rolled back",
+        "master_key app-gone deleted",
+        "operator carol rolled back",
+    ] {
+        assert!(
+            tamper.iter().any(|d| d.starts_with(expect)),
+            "no record {expect:?} in {tamper:?}"
+        );
+    }
+    assert_eq!(tamper.len(), 3, "{tamper:?}");
+}

@@ -146,7 +146,7 @@ fn no_key_material_on_disk(env: &Env, shares: &[String], deks: &[Vec<u8>]) {
         .map(|s| Share::parse(s.as_bytes()).expect("share"))
         .collect();
     let unseal = seal::combine(&parsed).expect("combine");
-    let root = seal::open_root(
+    let (root, _) = seal::open_root(
         &unseal,
         &store.sealed_root().expect("root").expect("some"),
         &meta.store_id,

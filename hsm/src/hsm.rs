@@ -11,12 +11,15 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuar
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::error::HsmError;
+use crate::manifest::{self, Manifest};
 use crate::mek::{MekRecord, MekVersion, VersionState, validate_name};
 use crate::operator::{self, MAX_FAILED_LOGINS, OperatorRecord, Role};
 use crate::random;
-use crate::seal::{self, STORE_ID_LEN, Sealer, Share};
+use crate::seal::{self, RootFormat, STORE_ID_LEN, Sealer, Share};
 use crate::secret::{DataKey, MasterKeyMaterial, RootKey, SecretBuf, UnsealKey};
-use crate::store::{KIND_MASTER_KEY, KIND_OPERATOR, ObjectStore, StoreMeta, StoreOp, StoredObject};
+use crate::store::{
+    KIND_MANIFEST, KIND_MASTER_KEY, KIND_OPERATOR, ObjectStore, StoreMeta, StoreOp, StoredObject,
+};
 use crate::wrap::{self, Context, VersionKeys};
 
 /// Seconds since the Unix epoch.
@@ -41,10 +44,12 @@ pub struct TamperPolicy {
 pub enum HsmEvent {
     /// A store object failed authentication.
     TamperDetected {
-        /// `master_key` or `operator`.
+        /// `master_key`, `operator`, `manifest` or `unknown`.
         kind: &'static str,
         /// Object id.
         id: String,
+        /// What is wrong with it (no contents).
+        why: String,
     },
     /// An operator was locked by failed logins.
     OperatorLocked(String),
@@ -240,6 +245,8 @@ impl KeyEntry {
 
 struct Unsealed {
     sealer: Sealer,
+    /// The current revision of every object, as last written.
+    manifest: Manifest,
     keys: BTreeMap<String, KeyEntry>,
     operators: BTreeMap<String, (OperatorRecord, u64)>,
     tampered_keys: BTreeSet<String>,
@@ -315,6 +322,8 @@ impl Hsm {
             locked: false,
         };
         let blob = sealer.seal(KIND_OPERATOR, officer, 1, op.encode().expose())?;
+        let list = Manifest::default().with(KIND_OPERATOR, officer, 1);
+        let list_blob = sealer.seal(KIND_MANIFEST, manifest::ID, list.revision, &list.encode())?;
         let meta = StoreMeta {
             store_id,
             threshold,
@@ -326,12 +335,20 @@ impl Hsm {
         store.initialize(
             &meta,
             &sealed_root,
-            &[StoredObject {
-                kind: KIND_OPERATOR,
-                id: officer.to_string(),
-                revision: 1,
-                blob,
-            }],
+            &[
+                StoredObject {
+                    kind: KIND_OPERATOR,
+                    id: officer.to_string(),
+                    revision: 1,
+                    blob,
+                },
+                StoredObject {
+                    kind: KIND_MANIFEST,
+                    id: manifest::ID.to_string(),
+                    revision: list.revision,
+                    blob: list_blob,
+                },
+            ],
         )?;
         Ok(InitOutput {
             shares: shares.iter().map(Share::to_text).collect(),
@@ -461,17 +478,84 @@ impl Hsm {
         let shares = std::mem::take(&mut *lock(&self.pending));
         let unseal = seal::combine(&shares)?;
         let sealed_root = self.store.sealed_root()?.ok_or(HsmError::Zeroized)?;
-        let root = seal::open_root(&unseal, &sealed_root, &meta.store_id)?;
+        let (root, format) = seal::open_root(&unseal, &sealed_root, &meta.store_id)?;
         let sealer = Sealer::new(&root, &meta.store_id)?;
+        let (lists, objects): (Vec<_>, Vec<_>) = self
+            .store
+            .objects()?
+            .into_iter()
+            .partition(|o| o.kind == KIND_MANIFEST && o.id == manifest::ID);
+        let list = lists.first().and_then(|o| {
+            let pt = sealer.open(o.kind, &o.id, o.revision, &o.blob)?;
+            Manifest::decode(pt.expose())
+                .ok()
+                .filter(|m| m.revision == o.revision)
+        });
         let mut u = Unsealed {
             sealer,
+            manifest: list.clone().unwrap_or_default(),
             keys: BTreeMap::new(),
             operators: BTreeMap::new(),
             tampered_keys: BTreeSet::new(),
             tampered_operators: BTreeSet::new(),
         };
-        for obj in self.store.objects()? {
-            self.load_object(&mut u, obj);
+        match (list, format) {
+            (Some(list), _) => {
+                // Each object must be the revision the manifest names, and
+                // each name in it must have its object.
+                let bad = list.check(objects.iter().map(|o| (o.kind, o.id.as_str(), o.revision)));
+                for ((kind, id), why) in &bad {
+                    self.mark_tampered(&mut u, *kind, id, why.describe());
+                }
+                for obj in objects {
+                    if !bad
+                        .iter()
+                        .any(|((k, id), _)| *k == obj.kind && *id == obj.id)
+                    {
+                        self.load_object(&mut u, obj);
+                    }
+                }
+            }
+            (None, RootFormat::V2) => {
+                // The root says this store has a manifest: without it (or
+                // with a forged one) no object's revision can be trusted.
+                let why = if lists.is_empty() {
+                    "the store manifest is missing"
+                } else {
+                    "the store manifest failed authentication"
+                };
+                self.mark_tampered(&mut u, KIND_MANIFEST, manifest::ID, why.into());
+                for obj in objects {
+                    self.mark_tampered(&mut u, obj.kind, &obj.id, why.into());
+                }
+            }
+            (None, RootFormat::V1) => {
+                // A store made before manifests: its objects as they are
+                // now become the first manifest, and the root is resealed
+                // as V2 in the same transaction, so from now on a missing
+                // manifest is tampering.
+                for obj in objects {
+                    self.load_object(&mut u, obj);
+                }
+                let mut list = Manifest::default();
+                for (name, e) in &u.keys {
+                    list.entries
+                        .insert((KIND_MASTER_KEY, name.clone()), e.revision);
+                }
+                for (name, (_, rev)) in &u.operators {
+                    list.entries.insert((KIND_OPERATOR, name.clone()), *rev);
+                }
+                list.revision = 1;
+                let blob =
+                    u.sealer
+                        .seal(KIND_MANIFEST, manifest::ID, list.revision, &list.encode())?;
+                let root_v2 = seal::seal_root(&unseal, &root, &meta.store_id)?;
+                self.store.apply(&[
+                    Self::put_op(KIND_MANIFEST, manifest::ID, list.revision, blob),
+                    StoreOp::Root(root_v2),
+                ])?;
+                u.manifest = list;
+            }
         }
         let tampered = !u.tampered_keys.is_empty() || !u.tampered_operators.is_empty();
         *st = State::Unsealed(meta, Box::new(u));
@@ -495,11 +579,7 @@ impl Hsm {
                         u.keys.insert(obj.id, e);
                     }
                     None => {
-                        self.event(HsmEvent::TamperDetected {
-                            kind: "master_key",
-                            id: obj.id.clone(),
-                        });
-                        u.tampered_keys.insert(obj.id);
+                        self.mark_tampered(u, obj.kind, &obj.id, "failed authentication".into())
                     }
                 }
             }
@@ -512,14 +592,28 @@ impl Hsm {
                         u.operators.insert(obj.id, (r, obj.revision));
                     }
                     None => {
-                        self.event(HsmEvent::TamperDetected {
-                            kind: "operator",
-                            id: obj.id.clone(),
-                        });
-                        u.tampered_operators.insert(obj.id);
+                        self.mark_tampered(u, obj.kind, &obj.id, "failed authentication".into())
                     }
                 }
             }
+        }
+    }
+
+    /// Marks one object tampered (once) and records the event. A key or
+    /// operator marked so answers `TAMPERED` until the store is repaired.
+    fn mark_tampered(&self, u: &mut Unsealed, kind: u8, id: &str, why: String) {
+        let (name, fresh) = match kind {
+            KIND_MASTER_KEY => ("master_key", u.tampered_keys.insert(id.to_string())),
+            KIND_OPERATOR => ("operator", u.tampered_operators.insert(id.to_string())),
+            KIND_MANIFEST => ("manifest", true),
+            _ => ("unknown", true),
+        };
+        if fresh {
+            self.event(HsmEvent::TamperDetected {
+                kind: name,
+                id: id.to_string(),
+                why,
+            });
         }
     }
 
@@ -570,17 +664,36 @@ impl Hsm {
         })
     }
 
+    /// Seals and writes one object and the manifest that names its new
+    /// revision, in one store transaction.
+    fn write_object(
+        &self,
+        u: &mut Unsealed,
+        kind: u8,
+        id: &str,
+        revision: u64,
+        record: &[u8],
+    ) -> Result<(), HsmError> {
+        let blob = u.sealer.seal(kind, id, revision, record)?;
+        let list = u.manifest.with(kind, id, revision);
+        let list_blob =
+            u.sealer
+                .seal(KIND_MANIFEST, manifest::ID, list.revision, &list.encode())?;
+        self.store.apply(&[
+            Self::put_op(kind, id, revision, blob),
+            Self::put_op(KIND_MANIFEST, manifest::ID, list.revision, list_blob),
+        ])?;
+        u.manifest = list;
+        Ok(())
+    }
+
     fn persist_operator(
         &self,
         u: &mut Unsealed,
         rec: OperatorRecord,
         revision: u64,
     ) -> Result<(), HsmError> {
-        let blob = u
-            .sealer
-            .seal(KIND_OPERATOR, &rec.name, revision, rec.encode().expose())?;
-        self.store
-            .apply(&[Self::put_op(KIND_OPERATOR, &rec.name, revision, blob)])?;
+        self.write_object(u, KIND_OPERATOR, &rec.name, revision, rec.encode().expose())?;
         u.operators.insert(rec.name.clone(), (rec, revision));
         Ok(())
     }
@@ -741,11 +854,13 @@ impl Hsm {
         revision: u64,
     ) -> Result<KeyInfo, HsmError> {
         let name = record.name.clone();
-        let blob = u
-            .sealer
-            .seal(KIND_MASTER_KEY, &name, revision, record.encode().expose())?;
-        self.store
-            .apply(&[Self::put_op(KIND_MASTER_KEY, &name, revision, blob)])?;
+        self.write_object(
+            u,
+            KIND_MASTER_KEY,
+            &name,
+            revision,
+            record.encode().expose(),
+        )?;
         // Persisted: now install it, reusing the derived keys of versions
         // whose material did not change (a version's material never does).
         let reuse = u.keys.remove(&name).map(|e| e.derived).unwrap_or_default();

@@ -12,6 +12,7 @@
 //! - [`mek`]: master key records and version states.
 //! - [`wrap`]: the wrapped data-key format and the wrap/unwrap mechanism.
 //! - [`seal`]: unseal shares, the sealed root, sealed objects.
+//! - [`manifest`]: the sealed list of every object's current revision.
 //! - [`operator`]: roles and Argon2id password hashing.
 //! - [`crypto`]: AES-256-GCM-SIV and HKDF/HMAC-SHA256, nothing else.
 //! - [`secret`]: key types (zeroizing, redacting, not `Clone`).
@@ -23,6 +24,7 @@ pub mod codec;
 pub mod crypto;
 pub mod error;
 pub mod hsm;
+pub mod manifest;
 pub mod mek;
 pub mod operator;
 pub mod random;

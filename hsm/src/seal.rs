@@ -206,14 +206,56 @@ pub fn combine(shares: &[Share]) -> Result<UnsealKey, HsmError> {
     out
 }
 
-/// Seals the root key under the unseal key.
+/// The sealed root's format, told apart by its AAD (which only the holder
+/// of the unseal key can change).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RootFormat {
+    /// Before store manifests: the store may have none.
+    V1,
+    /// The store has a manifest (see [`crate::manifest`]); without one,
+    /// its objects cannot be trusted.
+    V2,
+}
+
+impl RootFormat {
+    fn aad(self, store_id: &StoreId) -> Vec<u8> {
+        let mut aad = match self {
+            RootFormat::V1 => b"tde root v1".to_vec(),
+            RootFormat::V2 => b"tde root v2 manifest".to_vec(),
+        };
+        aad.extend_from_slice(store_id);
+        aad
+    }
+}
+
+/// Seals the root key under the unseal key, in the current format (V2).
 pub fn seal_root(
     unseal: &UnsealKey,
     root: &RootKey,
     store_id: &StoreId,
 ) -> Result<Vec<u8>, HsmError> {
+    seal_root_as(RootFormat::V2, unseal, root, store_id)
+}
+
+fn seal_root_as(
+    format: RootFormat,
+    unseal: &UnsealKey,
+    root: &RootKey,
+    store_id: &StoreId,
+) -> Result<Vec<u8>, HsmError> {
     let k = crypto::derive(unseal.expose(), b"tde/v1/root", &[store_id])?;
-    Aead::new(&k).seal(&root_aad(store_id), root.expose())
+    Aead::new(&k).seal(&format.aad(store_id), root.expose())
+}
+
+/// A V1 sealed root, as stores made before manifests have (for tests of
+/// the upgrade).
+#[cfg(test)]
+pub fn seal_root_v1(
+    unseal: &UnsealKey,
+    root: &RootKey,
+    store_id: &StoreId,
+) -> Result<Vec<u8>, HsmError> {
+    seal_root_as(RootFormat::V1, unseal, root, store_id)
 }
 
 /// Opens the sealed root; `UnsealFailed` when the unseal key is wrong.
@@ -221,18 +263,15 @@ pub fn open_root(
     unseal: &UnsealKey,
     sealed: &[u8],
     store_id: &StoreId,
-) -> Result<RootKey, HsmError> {
+) -> Result<(RootKey, RootFormat), HsmError> {
     let k = crypto::derive(unseal.expose(), b"tde/v1/root", &[store_id])?;
-    let pt = Aead::new(&k)
-        .open(&root_aad(store_id), sealed)
-        .ok_or(HsmError::UnsealFailed)?;
-    RootKey::from_slice(pt.expose())
-}
-
-fn root_aad(store_id: &StoreId) -> Vec<u8> {
-    let mut aad = b"tde root v1".to_vec();
-    aad.extend_from_slice(store_id);
-    aad
+    let aead = Aead::new(&k);
+    for format in [RootFormat::V2, RootFormat::V1] {
+        if let Some(pt) = aead.open(&format.aad(store_id), sealed) {
+            return Ok((RootKey::from_slice(pt.expose())?, format));
+        }
+    }
+    Err(HsmError::UnsealFailed)
 }
 
 /// Seals and opens store objects under the root key.
@@ -302,10 +341,11 @@ mod tests {
         assert!(combine(&[parse(0), parse(1)]).is_err());
         let root = RootKey::generate().expect("rng");
         let sealed = seal_root(&key, &root, &id).expect("seal");
-        assert_eq!(
-            open_root(&key, &sealed, &id).expect("open").expose(),
-            root.expose()
-        );
+        let (opened, format) = open_root(&key, &sealed, &id).expect("open");
+        assert_eq!(opened.expose(), root.expose());
+        assert_eq!(format, RootFormat::V2);
+        let old = seal_root_v1(&key, &root, &id).expect("seal v1");
+        assert_eq!(open_root(&key, &old, &id).expect("open").1, RootFormat::V1);
         let wrong = UnsealKey::generate().expect("rng");
         assert!(matches!(
             open_root(&wrong, &sealed, &id),

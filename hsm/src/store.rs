@@ -11,6 +11,8 @@ use crate::seal::StoreId;
 pub const KIND_MASTER_KEY: u8 = 1;
 /// Object kind: an operator record.
 pub const KIND_OPERATOR: u8 = 2;
+/// Object kind: the store manifest (see [`crate::manifest`]).
+pub const KIND_MANIFEST: u8 = 3;
 
 /// Public facts about a store (not secret, not sealed).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +56,8 @@ pub enum StoreOp {
         /// Id.
         id: String,
     },
+    /// Replace the sealed root (a format upgrade; same root key).
+    Root(Vec<u8>),
 }
 
 /// Store failures. Messages carry no object contents.

@@ -690,11 +690,11 @@ impl Service {
         for e in self.hsm.take_events() {
             let mut rec = AuditRecord::new("internal", "");
             match e {
-                HsmEvent::TamperDetected { kind, id } => {
+                HsmEvent::TamperDetected { kind, id, why } => {
                     rec.op = "tamper_detected".into();
                     rec.result = "error";
                     rec.error_code = Some(ErrorCode::Tampered.name());
-                    rec.detail = Some(format!("{kind} {id} failed authentication"));
+                    rec.detail = Some(format!("{kind} {id} {why}"));
                     if kind == "master_key" {
                         rec.key = Some(id);
                     }

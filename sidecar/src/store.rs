@@ -345,6 +345,10 @@ impl ObjectStore for SqliteStore {
                     )
                     .map_err(io)?;
                 }
+                StoreOp::Root(sealed) => {
+                    tx.execute("UPDATE root SET sealed = ?1 WHERE id = 1", params![sealed])
+                        .map_err(io)?;
+                }
             }
         }
         tx.commit().map_err(io)?;

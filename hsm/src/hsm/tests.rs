@@ -59,6 +59,9 @@ impl ObjectStore for MemStore {
                 StoreOp::Delete { kind, id } => {
                     objs.remove(&(*kind, id.clone()));
                 }
+                StoreOp::Root(sealed) => {
+                    *self.root.lock().expect("lock") = Some(sealed.clone());
+                }
             }
         }
         Ok(())
@@ -332,4 +335,179 @@ fn rotation_policy_rotates_when_due_and_survives_unseal() {
     assert_eq!(h.key_describe("pg").expect("d").rotate_after, 3600);
     h.key_set_rotation("pg", 0).expect("off");
     assert!(h.rotate_due(u64::MAX).expect("check").is_empty());
+}
+
+fn reunseal(h: &Hsm, shares: &[SecretBuf]) {
+    for sh in &shares[..3] {
+        h.unseal(sh.expose()).expect("unseal");
+    }
+    assert!(!h.status().sealed);
+}
+
+fn row(s: &MemStore, kind: u8, id: &str) -> Option<StoredObject> {
+    s.objects
+        .lock()
+        .expect("lock")
+        .get(&(kind, id.to_string()))
+        .cloned()
+}
+
+fn tamper_whys(h: &Hsm) -> Vec<String> {
+    h.take_events()
+        .into_iter()
+        .filter_map(|e| match e {
+            HsmEvent::TamperDetected { kind, id, why } => Some(format!("{kind} {id} {why}")),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn row_rollback_and_deletion_are_tampering() {
+    let (s, h, shares) = unsealed();
+    h.key_create("pg", "").expect("create");
+    let old_pg = row(&s, KIND_MASTER_KEY, "pg").expect("row");
+    let wrapped = h
+        .generate_data_key("pg", &ctx("a"))
+        .expect("dek")
+        .ciphertext;
+    h.key_rotate("pg").expect("rotate");
+    h.key_destroy("pg", Versions::One(1)).expect("destroy v1");
+    h.key_create("gone", "").expect("create");
+    h.key_create("fine", "").expect("create");
+    h.operator_add("bob", Role::CryptoUser, b"old-password-1")
+        .expect("add");
+    let old_bob = row(&s, KIND_OPERATOR, "bob").expect("row");
+    h.operator_passwd("bob", b"new-password-2").expect("passwd");
+    h.seal().expect("seal");
+    {
+        let mut objs = s.objects.lock().expect("lock");
+        // Version 1 of pg back from before its destruction, gone deleted,
+        // bob's old password back: each row alone authenticates.
+        objs.insert((KIND_MASTER_KEY, "pg".into()), old_pg);
+        objs.remove(&(KIND_MASTER_KEY, "gone".into()));
+        objs.insert((KIND_OPERATOR, "bob".into()), old_bob);
+    }
+    reunseal(&h, &shares);
+    assert!(matches!(
+        h.decrypt(&wrapped, &ctx("a")),
+        Err(HsmError::Tampered(_))
+    ));
+    assert!(matches!(
+        h.generate_data_key("gone", &ctx("a")),
+        Err(HsmError::Tampered(_))
+    ));
+    assert!(matches!(
+        h.login("bob", b"old-password-1"),
+        Err(HsmError::Tampered(_))
+    ));
+    assert!(h.generate_data_key("fine", &ctx("a")).is_ok());
+    assert!(h.login("admin", PW).is_ok());
+    let whys = tamper_whys(&h);
+    assert!(
+        whys.iter()
+            .any(|w| w.starts_with("master_key pg rolled back")),
+        "{whys:?}"
+    );
+    assert!(
+        whys.iter()
+            .any(|w| w.starts_with("master_key gone deleted")),
+        "{whys:?}"
+    );
+    assert!(
+        whys.iter()
+            .any(|w| w.starts_with("operator bob rolled back")),
+        "{whys:?}"
+    );
+    assert_eq!(whys.len(), 3, "{whys:?}");
+    // Another write keeps the manifest's word: the next unseal finds the
+    // same three.
+    h.key_rotate("fine").expect("rotate");
+    h.seal().expect("seal");
+    reunseal(&h, &shares);
+    assert_eq!(tamper_whys(&h).len(), 3);
+}
+
+#[test]
+fn a_missing_manifest_makes_every_object_tampered() {
+    let (s, h, shares) = unsealed();
+    h.key_create("pg", "").expect("create");
+    h.seal().expect("seal");
+    let list = s
+        .objects
+        .lock()
+        .expect("lock")
+        .remove(&(KIND_MANIFEST, manifest::ID.to_string()))
+        .expect("a manifest row");
+    reunseal(&h, &shares);
+    assert!(matches!(
+        h.generate_data_key("pg", &ctx("a")),
+        Err(HsmError::Tampered(_))
+    ));
+    assert!(matches!(h.login("admin", PW), Err(HsmError::Tampered(_))));
+    let whys = tamper_whys(&h);
+    assert!(
+        whys.iter()
+            .any(|w| w == "manifest manifest the store manifest is missing"),
+        "{whys:?}"
+    );
+    // A forged one (an older manifest under a newer revision) is no better.
+    h.seal().expect("seal");
+    let mut forged = list;
+    forged.revision += 1;
+    s.objects
+        .lock()
+        .expect("lock")
+        .insert((KIND_MANIFEST, manifest::ID.to_string()), forged);
+    reunseal(&h, &shares);
+    assert!(matches!(
+        h.generate_data_key("pg", &ctx("a")),
+        Err(HsmError::Tampered(_))
+    ));
+}
+
+#[test]
+fn a_store_without_manifest_gets_one_at_unseal() {
+    let (s, h, shares) = unsealed();
+    h.key_create("pg", "").expect("create");
+    let wrapped = h
+        .generate_data_key("pg", &ctx("a"))
+        .expect("dek")
+        .ciphertext;
+    h.seal().expect("seal");
+    // Make it a store from before manifests: no manifest, a V1 root.
+    let meta = s.meta().expect("meta").expect("some");
+    let parsed: Vec<Share> = shares[..3]
+        .iter()
+        .map(|t| Share::parse(t.expose()).expect("share"))
+        .collect();
+    let unseal = seal::combine(&parsed).expect("combine");
+    let sealed = s.sealed_root().expect("root").expect("some");
+    let (root, format) = seal::open_root(&unseal, &sealed, &meta.store_id).expect("open");
+    assert_eq!(format, RootFormat::V2);
+    *s.root.lock().expect("lock") =
+        Some(seal::seal_root_v1(&unseal, &root, &meta.store_id).expect("v1"));
+    s.objects
+        .lock()
+        .expect("lock")
+        .remove(&(KIND_MANIFEST, manifest::ID.to_string()));
+
+    reunseal(&h, &shares);
+    assert!(tamper_whys(&h).is_empty());
+    assert!(h.decrypt(&wrapped, &ctx("a")).is_ok());
+    assert!(row(&s, KIND_MANIFEST, manifest::ID).is_some());
+    let sealed = s.sealed_root().expect("root").expect("some");
+    let (_, format) = seal::open_root(&unseal, &sealed, &meta.store_id).expect("open");
+    assert_eq!(format, RootFormat::V2, "the root is resealed as V2");
+    // From now on, a deleted manifest is tampering.
+    h.seal().expect("seal");
+    s.objects
+        .lock()
+        .expect("lock")
+        .remove(&(KIND_MANIFEST, manifest::ID.to_string()));
+    reunseal(&h, &shares);
+    assert!(matches!(
+        h.decrypt(&wrapped, &ctx("a")),
+        Err(HsmError::Tampered(_))
+    ));
 }
