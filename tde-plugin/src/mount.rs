@@ -116,11 +116,15 @@ impl Mounted {
                 }
             }
         }
-        self.shutdown()?;
+        // Unmounted (by us or from outside): the session thread ends on its
+        // own; unmounting again would fail with EINVAL.
+        self.shutdown(true)?;
         Ok(true)
     }
 
-    fn shutdown(&mut self) -> anyhow::Result<()> {
+    /// Stops the helpers and the session; `unmounted` when the kernel
+    /// mount is already gone.
+    fn shutdown(&mut self, unmounted: bool) -> anyhow::Result<()> {
         if let Some(mut c) = self.control.take() {
             c.stop();
         }
@@ -131,7 +135,9 @@ impl Mounted {
             k.stop();
         }
         let r = match self.session.take() {
-            Some(s) if !s.guard.is_finished() => s.umount_and_join().context("unmounting"),
+            Some(s) if !unmounted && !s.guard.is_finished() => {
+                s.umount_and_join().context("unmounting")
+            }
             Some(s) => s.join().context("the file system thread failed"),
             None => return Ok(()),
         };
@@ -161,7 +167,7 @@ impl Mounted {
 
 impl Drop for Mounted {
     fn drop(&mut self) {
-        let _ = self.shutdown();
+        let _ = self.shutdown(false);
     }
 }
 
