@@ -440,13 +440,13 @@ fn password(cli: &Cli, cfg: &Config) -> anyhow::Result<Zeroizing<String>> {
         return Ok(Zeroizing::new(p));
     }
     let dev = cfg.dev_password_path();
-    if cli.operator == "admin" && dev.exists() {
+    if cli.operator() == "admin" && dev.exists() {
         return read_secret_file(&dev);
     }
     if std::io::stdin().is_terminal() {
         return Ok(Zeroizing::new(rpassword::prompt_password(format!(
             "password for operator {}: ",
-            cli.operator
+            cli.operator()
         ))?));
     }
     bail!("no operator password: set TDE_PASSWORD, pass --password-file, or run on a terminal")
@@ -474,7 +474,7 @@ fn admin_login(cli: &Cli, cfg: &Config) -> anyhow::Result<Client> {
     let mut c = Client::connect(&admin_path(cli, cfg))?;
     let pw = password(cli, cfg)?;
     c.call(&Request::Login {
-        operator: cli.operator.clone(),
+        operator: cli.operator().to_string(),
         password: SecretBytes::from_slice(pw.as_bytes()),
     })?;
     Ok(c)
@@ -514,6 +514,8 @@ fn key_json(k: &KeyInfo) -> Value {
         "primary_version": k.primary_version,
         "tampered": k.tampered,
         "rotate_after_seconds": k.rotate_after,
+        "owner": k.owner,
+        "shared_with": k.shared_with,
         "versions": k.versions.iter().map(|v| json!({
             "version": v.version,
             "state": v.state,
@@ -570,6 +572,9 @@ fn key_human(k: &KeyInfo) -> String {
         "{}  primary v{}  {}\n",
         k.name, k.primary_version, k.description
     );
+    if !k.shared_with.is_empty() {
+        s.push_str(&format!("  shared with {}\n", k.shared_with.join(", ")));
+    }
     if k.rotate_after > 0 {
         s.push_str(&format!(
             "  rotates automatically every {} s\n",
@@ -675,14 +680,14 @@ fn init_dev(cli: &Cli, cfg: &Config) -> anyhow::Result<()> {
     let mut raw = [0u8; 18];
     tde_hsm::random::fill(&mut raw)?;
     let pw = Zeroizing::new(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw));
-    let out = init_store(cfg, 1, 1, true, &cli.operator, &pw)?;
+    let out = init_store(cfg, 1, 1, true, cli.operator(), &pw)?;
     write_private(&cfg.dev_share_path(), out.shares[0].expose())?;
     write_private(&cfg.dev_password_path(), pw.as_bytes())?;
     eprintln!(
         "WARNING: DEV MODE. The single unseal share is in {} and the password of operator {:?} in {}.\n\
          Anyone who can read them holds every key. NOT FOR PRODUCTION.",
         cfg.dev_share_path().display(),
-        cli.operator,
+        cli.operator(),
         cfg.dev_password_path().display()
     );
     Ok(())
@@ -701,7 +706,7 @@ fn init(cli: &Cli, cfg: &Config, a: &InitArgs) -> anyhow::Result<()> {
         (None, Ok(p)) => Zeroizing::new(p),
         (None, Err(_)) => new_password(None)?,
     };
-    let out = init_store(cfg, a.threshold, a.shares, false, &cli.operator, &pw)?;
+    let out = init_store(cfg, a.threshold, a.shares, false, cli.operator(), &pw)?;
     let texts: Vec<String> = out
         .shares
         .iter()
@@ -715,7 +720,7 @@ fn init(cli: &Cli, cfg: &Config, a: &InitArgs) -> anyhow::Result<()> {
     }
     emit(
         cli,
-        json!({"shares": texts, "threshold": out.threshold, "officer": cli.operator, "store": cfg.store_path()}),
+        json!({"shares": texts, "threshold": out.threshold, "officer": cli.operator(), "store": cfg.store_path()}),
         || {
             let mut s = format!(
                 "Initialized the key store {}.\n\nUnseal shares ({} of {} needed to unseal). They are shown once and stored nowhere:\ngive each to a different custodian.\n\n",
@@ -728,7 +733,7 @@ fn init(cli: &Cli, cfg: &Config, a: &InitArgs) -> anyhow::Result<()> {
             }
             s.push_str(&format!(
                 "\nCrypto officer {:?} created. Start the daemon with `tde serve`, then run `tde unseal` {} times.",
-                cli.operator, out.threshold
+                cli.operator(), out.threshold
             ));
             s
         },
@@ -1041,6 +1046,14 @@ fn key(cli: &Cli, cfg: &Config, k: &KeyCmd) -> anyhow::Result<()> {
                 parse_period(period)?
             },
         },
+        KeyCmd::Share { name, user } => Request::KeyShare {
+            key: name.clone(),
+            operator: user.clone(),
+        },
+        KeyCmd::Unshare { name, user } => Request::KeyUnshare {
+            key: name.clone(),
+            operator: user.clone(),
+        },
         KeyCmd::List => Request::KeyList,
         KeyCmd::Show { name } => Request::KeyDescribe { key: name.clone() },
         KeyCmd::Rotate { name } => Request::KeyRotate { key: name.clone() },
@@ -1143,7 +1156,12 @@ fn plaintext_out(
 }
 
 fn datakey(cli: &Cli, cfg: &Config, d: &DatakeyCmd) -> anyhow::Result<()> {
-    let mut c = Client::connect(&data_path(cli, cfg))?;
+    // As a crypto user over the admin socket, or as this process's uid
+    // under the data socket's client policies.
+    let mut c = match cli.operator {
+        Some(_) => admin_login(cli, cfg)?,
+        None => Client::connect(&data_path(cli, cfg))?,
+    };
     match d {
         DatakeyCmd::Generate {
             key,

@@ -28,9 +28,11 @@ pub struct Cli {
     /// Data socket (default: from the configuration).
     #[arg(long, global = true)]
     pub data_socket: Option<PathBuf>,
-    /// Operator to log in as for admin commands.
-    #[arg(long, global = true, env = "TDE_OPERATOR", default_value = "admin")]
-    pub operator: String,
+    /// Operator to log in as for admin commands (default `admin`). Given
+    /// to `tde datakey`, the request goes over the admin socket as that
+    /// crypto user, for keys shared with it.
+    #[arg(long, global = true, env = "TDE_OPERATOR")]
+    pub operator: Option<String>,
     /// File holding the operator's password (else TDE_PASSWORD, the dev
     /// password file, or a prompt).
     #[arg(long, global = true)]
@@ -40,6 +42,13 @@ pub struct Cli {
     pub json: bool,
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// The operator admin commands log in as.
+    pub fn operator(&self) -> &str {
+        self.operator.as_deref().unwrap_or("admin")
+    }
 }
 
 /// Commands.
@@ -245,6 +254,21 @@ pub enum KeyCmd {
         name: String,
         /// Period (90d, 12h, 30m, 45s) or `off`.
         period: String,
+    },
+    /// Let a crypto user use a key over the admin socket
+    /// (`tde datakey --operator USER`).
+    Share {
+        /// Key name.
+        name: String,
+        /// The crypto user.
+        user: String,
+    },
+    /// Take a crypto user's use of a key away.
+    Unshare {
+        /// Key name.
+        name: String,
+        /// The crypto user.
+        user: String,
     },
     /// List master keys.
     List,

@@ -1025,3 +1025,141 @@ fn rolled_back_and_deleted_store_rows_are_tampering() {
     }
     assert_eq!(tamper.len(), 3, "{tamper:?}");
 }
+
+/// Defect 9: a crypto user on the admin socket uses only the keys shared
+/// with it (by a crypto officer, as with CloudHSM's crypto users), even
+/// keys no client policy names; `tde datakey --operator` acts as that user
+/// over the admin socket, and is audited as that user.
+#[test]
+fn a_crypto_user_uses_only_keys_shared_with_it() {
+    let env = Env::new("");
+    let shares = env.init();
+    let _daemon = env.serve();
+    env.unseal(&shares[..3]);
+    // No client policy names vault-* keys.
+    env.ok(&["key", "create", "vault-shared"]);
+    env.ok(&["key", "create", "vault-other"]);
+    let out = env
+        .cmd(&["operator", "add", "dave", "--role", "crypto_user", "--json"])
+        .env("TDE_NEW_PASSWORD", "dave-password-1")
+        .output()
+        .expect("run");
+    assert_eq!(parse(&out, &[]).0, 0);
+    let as_dave = |args: &[&str]| {
+        let out = env
+            .cmd(args)
+            .args(["--operator", "dave", "--json"])
+            .env("TDE_PASSWORD", "dave-password-1")
+            .output()
+            .expect("run");
+        parse(&out, args)
+    };
+    let generate = [
+        "datakey",
+        "generate",
+        "--key",
+        "vault-shared",
+        "--context",
+        "app=x",
+    ];
+
+    // Not shared yet: refused by the HSM, though dave is a crypto user.
+    let (rc, v) = as_dave(&generate);
+    assert_eq!(
+        (rc, v["error"]["code"].as_str()),
+        (1, Some("PERMISSION_DENIED")),
+        "{v}"
+    );
+    let info = env.ok(&["key", "share", "vault-shared", "dave"]);
+    assert_eq!(info["shared_with"], serde_json::json!(["dave"]));
+    assert_eq!(info["owner"], "admin");
+    let (rc, v) = as_dave(&generate);
+    assert_eq!(rc, 0, "{v}");
+    let ct = v["ciphertext"].as_str().expect("ciphertext").to_string();
+    let (rc, v) = as_dave(&[
+        "datakey",
+        "decrypt",
+        "--ciphertext",
+        &ct,
+        "--context",
+        "app=x",
+    ]);
+    assert_eq!(rc, 0, "{v}");
+    let (rc, v) = as_dave(&[
+        "datakey",
+        "generate",
+        "--key",
+        "vault-other",
+        "--context",
+        "app=x",
+    ]);
+    assert_eq!(
+        (rc, v["error"]["code"].as_str()),
+        (1, Some("PERMISSION_DENIED")),
+        "{v}"
+    );
+    // Without --operator the same command is this uid on the data socket,
+    // where no policy names the key.
+    env.refused(&generate, "PERMISSION_DENIED");
+    // A crypto officer does not use keys; sharing with one is refused.
+    env.refused(
+        &["key", "share", "vault-other", "admin"],
+        "INVALID_ARGUMENT",
+    );
+
+    // The same attack in raw frames: logged in as dave, every key but the
+    // shared one is refused, for each data operation.
+    let mut c = Raw::connect(&env.admin_socket());
+    assert!(matches!(
+        c.call(&Request::Login {
+            operator: "dave".into(),
+            password: tde_protocol::SecretBytes::from_slice(b"dave-password-1"),
+        }),
+        Response::LoggedIn { .. }
+    ));
+    let wrapped =
+        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &ct).expect("base64");
+    for req in [
+        Request::GenerateDataKey {
+            key: "vault-other".into(),
+            context: ctx(&[("app", "x")]),
+        },
+        Request::WatchKey {
+            key: "vault-other".into(),
+            version: 1,
+            timeout_ms: 10,
+        },
+    ] {
+        match c.call(&req) {
+            Response::Error {
+                code: ErrorCode::PermissionDenied,
+                ..
+            } => {}
+            r => panic!("{r:?}"),
+        }
+    }
+    env.ok(&["key", "unshare", "vault-shared", "dave"]);
+    match c.call(&Request::Decrypt {
+        ciphertext: wrapped,
+        context: ctx(&[("app", "x")]),
+    }) {
+        Response::Error {
+            code: ErrorCode::PermissionDenied,
+            ..
+        } => {}
+        r => panic!("unshared, still usable: {r:?}"),
+    }
+
+    let recs = audit(&env.db());
+    let by_dave = |op: &str, result: &str| {
+        recs.iter()
+            .filter(|r| r["op"] == op && r["result"] == result)
+            .filter(|r| r["actor"]["operator"] == "dave")
+            .count()
+    };
+    assert_eq!(by_dave("generate_data_key", "ok"), 1);
+    assert_eq!(by_dave("decrypt", "ok"), 1);
+    assert!(by_dave("generate_data_key", "error") >= 3);
+    assert_eq!(count(&recs, "key_share", "ok"), 1);
+    assert_eq!(count(&recs, "key_unshare", "ok"), 1);
+}

@@ -61,30 +61,35 @@ fn main() {
     let out = Hsm::init(store.as_ref(), 1, 1, true, "admin", b"bench-password").expect("init");
     let hsm = Hsm::open(store, TamperPolicy::default()).expect("open");
     hsm.unseal(out.shares[0].expose()).expect("unseal");
-    hsm.key_create("k", "").expect("create");
+    hsm.key_create("k", "", "admin").expect("create");
     let ctx: Context = [
         ("tablespace".to_string(), "16384".to_string()),
         ("cluster".into(), "c1".into()),
     ]
     .into();
-    let g = hsm.generate_data_key("k", &ctx).expect("gen");
+    let g = hsm
+        .generate_data_key(tde_hsm::Caller::Client, "k", &ctx)
+        .expect("gen");
     hsm.key_rotate("k").expect("rotate");
     println!("| operation (one thread, in process)  | µs / op    | ops / s      |");
     println!("|------------------------------------|-----------:|-------------:|");
     time("generate_data_key", || {
-        hsm.generate_data_key("k", &ctx).expect("gen");
+        hsm.generate_data_key(tde_hsm::Caller::Client, "k", &ctx)
+            .expect("gen");
     });
     time("decrypt (unwrap)", || {
-        hsm.decrypt(&g.ciphertext, &ctx).expect("decrypt");
+        hsm.decrypt(tde_hsm::Caller::Client, &g.ciphertext, &ctx)
+            .expect("decrypt");
     });
     time("re_encrypt (v1 -> v2)", || {
-        hsm.re_encrypt(&g.ciphertext, &ctx).expect("rewrap");
+        hsm.re_encrypt(tde_hsm::Caller::Client, &g.ciphertext, &ctx)
+            .expect("rewrap");
     });
     let mut i = 0u64;
     time("key_create + key_rotate (sealed)", || {
         i += 1;
         let name = format!("r{i}");
-        hsm.key_create(&name, "").expect("create");
+        hsm.key_create(&name, "", "admin").expect("create");
         hsm.key_rotate(&name).expect("rotate");
     });
     let start = Instant::now();

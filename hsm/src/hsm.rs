@@ -122,6 +122,21 @@ pub struct KeyInfo {
     pub versions: Vec<VersionInfo>,
     /// Automatic rotation period in seconds (0: off).
     pub rotate_after: u64,
+    /// The operator that created it (empty for keys made before owners).
+    pub owner: String,
+    /// Crypto users that may use it (see [`Caller::User`]).
+    pub shared_with: Vec<String>,
+}
+
+/// Who asks for a data-key operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller<'a> {
+    /// A data-socket client, already authorized by the sidecar's client
+    /// policy (peer uid and gid, key patterns, context).
+    Client,
+    /// A logged-in crypto user: the key must be shared with it (as keys are
+    /// with CloudHSM crypto users), and it must be an unlocked crypto user.
+    User(&'a str),
 }
 
 /// An operator as shown to officers.
@@ -204,6 +219,8 @@ impl KeyEntry {
             primary: r.primary,
             tampered: false,
             rotate_after: r.rotate_after,
+            owner: r.owner.clone(),
+            shared_with: r.users.clone(),
             versions: r
                 .versions
                 .iter()
@@ -870,8 +887,14 @@ impl Hsm {
         Ok(info)
     }
 
-    /// Creates a master key with version 1.
-    pub fn key_create(&self, name: &str, description: &str) -> Result<KeyInfo, HsmError> {
+    /// Creates a master key with version 1, owned by `owner` (the officer
+    /// who asked) and shared with nobody.
+    pub fn key_create(
+        &self,
+        name: &str,
+        description: &str,
+        owner: &str,
+    ) -> Result<KeyInfo, HsmError> {
         validate_name("key", name)?;
         if description.len() > 1024 {
             return Err(HsmError::InvalidArgument(
@@ -897,6 +920,8 @@ impl Hsm {
                 material: Some(MasterKeyMaterial::generate()?),
             }],
             rotate_after: 0,
+            owner: owner.to_string(),
+            users: Vec::new(),
         };
         self.commit_key(u, record, 1)
     }
@@ -914,6 +939,8 @@ impl Hsm {
             tampered: true,
             versions: Vec::new(),
             rotate_after: 0,
+            owner: String::new(),
+            shared_with: Vec::new(),
         }));
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
@@ -940,6 +967,75 @@ impl Hsm {
         let revision = entry.revision + 1;
         f(&mut record)?;
         self.commit_key(u, record, revision)
+    }
+
+    /// Lets crypto user `user` use the key (idempotent).
+    pub fn key_share(&self, name: &str, user: &str) -> Result<KeyInfo, HsmError> {
+        {
+            let st = self.read();
+            let u = Self::unsealed(&st)?;
+            match u.operators.get(user) {
+                Some((r, _)) if r.role == Role::CryptoUser => {}
+                Some(_) => {
+                    return Err(HsmError::InvalidArgument(format!(
+                        "{user} is not a crypto user: only crypto users use keys"
+                    )));
+                }
+                None if u.tampered_operators.contains(user) => {
+                    return Err(HsmError::Tampered(format!("operator {user}")));
+                }
+                None => return Err(HsmError::OperatorNotFound(user.to_string())),
+            }
+        }
+        self.modify_key(name, |r| {
+            if let Err(at) = r.users.binary_search_by(|x| x.as_str().cmp(user)) {
+                r.users.insert(at, user.to_string());
+            }
+            Ok(())
+        })
+    }
+
+    /// Takes crypto user `user`'s use of the key away (idempotent).
+    pub fn key_unshare(&self, name: &str, user: &str) -> Result<KeyInfo, HsmError> {
+        self.modify_key(name, |r| {
+            r.users.retain(|x| x != user);
+            Ok(())
+        })
+    }
+
+    /// Refuses unless `caller` may use `key` (for requests that name a key
+    /// but use no material: registering data keys, waiting for rotations).
+    pub fn check_use(&self, caller: Caller<'_>, key: &str) -> Result<(), HsmError> {
+        let st = self.read();
+        let u = Self::unsealed(&st)?;
+        Self::check_caller(u, Self::check_key(u, key)?, caller)
+    }
+
+    /// May `caller` use `e`? Clients were authorized by the sidecar; a
+    /// crypto user needs the key shared with it.
+    fn check_caller(u: &Unsealed, e: &KeyEntry, caller: Caller<'_>) -> Result<(), HsmError> {
+        let Caller::User(name) = caller else {
+            return Ok(());
+        };
+        if u.tampered_operators.contains(name) {
+            return Err(HsmError::Tampered(format!("operator {name}")));
+        }
+        match u.operators.get(name) {
+            Some((r, _)) if r.role == Role::CryptoUser && !r.locked => {}
+            _ => {
+                return Err(HsmError::PermissionDenied(format!(
+                    "{name} is not an unlocked crypto user"
+                )));
+            }
+        }
+        if e.record.users.iter().any(|x| x == name) {
+            Ok(())
+        } else {
+            Err(HsmError::PermissionDenied(format!(
+                "master key {} is not shared with {name}",
+                e.record.name
+            )))
+        }
     }
 
     /// Rotates: a new version becomes primary; old versions keep decrypting.
@@ -1185,6 +1281,7 @@ impl Hsm {
     /// version, bound to `context` (like AWS KMS GenerateDataKey).
     pub fn generate_data_key(
         &self,
+        caller: Caller<'_>,
         key: &str,
         context: &Context,
     ) -> Result<GeneratedDataKey, HsmError> {
@@ -1192,6 +1289,7 @@ impl Hsm {
         let st = self.read();
         let u = Self::unsealed(&st)?;
         let e = Self::check_key(u, key)?;
+        Self::check_caller(u, e, caller)?;
         let version = e.record.primary;
         let keys = e.usable(version)?;
         let plaintext = DataKey::generate()?;
@@ -1207,6 +1305,7 @@ impl Hsm {
     /// version that had wrapped it, and the key.
     pub fn decrypt(
         &self,
+        caller: Caller<'_>,
         blob: &[u8],
         context: &Context,
     ) -> Result<(String, u32, DataKey), HsmError> {
@@ -1215,6 +1314,7 @@ impl Hsm {
         let st = self.read();
         let u = Self::unsealed(&st)?;
         let e = Self::check_key(u, &h.key)?;
+        Self::check_caller(u, e, caller)?;
         let keys = e.usable(h.version)?;
         let dek = wrap::unwrap(keys, blob, context)?;
         Ok((h.key, h.version, dek))
@@ -1225,6 +1325,7 @@ impl Hsm {
     /// the new version and the new blob.
     pub fn re_encrypt(
         &self,
+        caller: Caller<'_>,
         blob: &[u8],
         context: &Context,
     ) -> Result<(String, u32, u32, Vec<u8>), HsmError> {
@@ -1233,6 +1334,7 @@ impl Hsm {
         let st = self.read();
         let u = Self::unsealed(&st)?;
         let e = Self::check_key(u, &h.key)?;
+        Self::check_caller(u, e, caller)?;
         let dek = wrap::unwrap(e.usable(h.version)?, blob, context)?;
         let primary = e.record.primary;
         let out = wrap::wrap(e.usable(primary)?, &h.key, primary, &dek, context)?;

@@ -35,8 +35,8 @@ pub mod wrap;
 
 pub use error::HsmError;
 pub use hsm::{
-    GeneratedDataKey, Hsm, HsmEvent, InitOutput, KeyInfo, OperatorInfo, Status, TamperPolicy,
-    VersionInfo, Versions,
+    Caller, GeneratedDataKey, Hsm, HsmEvent, InitOutput, KeyInfo, OperatorInfo, Status,
+    TamperPolicy, VersionInfo, Versions,
 };
 pub use mek::VersionState;
 pub use operator::Role;

@@ -78,10 +78,16 @@ pub struct MekRecord {
     /// Automatic rotation period in seconds (0: off): a new primary version
     /// once the primary is this old.
     pub rotate_after: u64,
+    /// The operator that created it (empty in records made before owners).
+    pub owner: String,
+    /// Crypto users it is shared with, sorted: they may use it over the
+    /// admin socket.
+    pub users: Vec<String>,
 }
 
-/// Format 2 adds `rotate_after`; format 1 records (no field) still load.
-const RECORD_FORMAT: u8 = 2;
+/// Format 2 adds `rotate_after`, format 3 `owner` and `users`; older
+/// records (without them) still load.
+const RECORD_FORMAT: u8 = 3;
 
 impl MekRecord {
     /// The version `v`, if it exists.
@@ -101,8 +107,12 @@ impl MekRecord {
     /// Serializes the record, material included, into a zeroizing buffer
     /// sized up front so it never reallocates.
     pub fn encode(&self) -> SecretBuf {
-        let cap =
-            64 + self.name.len() + self.description.len() + self.versions.len() * (64 + KEY_LEN);
+        let cap = 64
+            + self.name.len()
+            + self.description.len()
+            + self.versions.len() * (64 + KEY_LEN)
+            + self.owner.len()
+            + self.users.iter().map(|u| 2 + u.len()).sum::<usize>();
         let mut e = Enc::with_capacity(cap);
         e.u8(RECORD_FORMAT)
             .var(self.name.as_bytes())
@@ -120,7 +130,12 @@ impl MekRecord {
                 None => e.u8(0),
             };
         }
-        e.u64(self.rotate_after);
+        e.u64(self.rotate_after)
+            .var(self.owner.as_bytes())
+            .u32(u32::try_from(self.users.len()).unwrap_or(u32::MAX));
+        for u in &self.users {
+            e.var(u.as_bytes());
+        }
         SecretBuf::new(e.0)
     }
 
@@ -155,6 +170,13 @@ impl MekRecord {
             });
         }
         let rotate_after = if format >= 2 { d.u64()? } else { 0 };
+        let (mut owner, mut users) = (String::new(), Vec::new());
+        if format >= 3 {
+            owner = d.string()?;
+            for _ in 0..d.u32()? {
+                users.push(d.string()?);
+            }
+        }
         d.finish()?;
         Ok(MekRecord {
             name,
@@ -163,6 +185,8 @@ impl MekRecord {
             primary,
             versions,
             rotate_after,
+            owner,
+            users,
         })
     }
 
@@ -218,13 +242,24 @@ mod tests {
                 },
             ],
             rotate_after: 90 * 86400,
+            owner: "admin".into(),
+            users: vec!["app".into(), "bob".into()],
         };
         let d = r.duplicate().expect("dup");
+        assert_eq!(d.owner, "admin");
+        assert_eq!(d.users, ["app", "bob"]);
         assert_eq!(d.encode().expose(), r.encode().expose());
         assert_eq!(d.version(2).expect("v2").destroy_at, Some(9));
         assert_eq!(d.rotate_after, 90 * 86400);
-        // A format 1 record (before rotate_after) still loads, with it off.
-        let mut v1 = r.encode().expose().to_vec();
+        // Format 2 (before owners) and 1 (before rotate_after) still load.
+        let tail = 2 + 5 + 4 + 2 + 3 + 2 + 3;
+        let mut v2 = r.encode().expose().to_vec();
+        v2[0] = 2;
+        v2.truncate(v2.len() - tail);
+        let old = MekRecord::decode(&v2).expect("format 2");
+        assert_eq!((old.owner.as_str(), old.users.len()), ("", 0));
+        assert_eq!(old.rotate_after, 90 * 86400);
+        let mut v1 = v2.clone();
         v1[0] = 1;
         v1.truncate(v1.len() - 8);
         assert_eq!(MekRecord::decode(&v1).expect("format 1").rotate_after, 0);

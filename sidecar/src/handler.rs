@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tde_hsm::{Hsm, HsmError, HsmEvent, Role, Versions};
+use tde_hsm::{Caller, Hsm, HsmError, HsmEvent, Role, Versions};
 use tde_protocol::message::{MAX_TEXT, truncate};
 use tde_protocol::{
     ErrorCode, KeyInfo, KeyReference, KeyVersionInfo, OperatorInfo, Request, Response, SecretBytes,
@@ -330,6 +330,8 @@ pub fn key_info(k: tde_hsm::KeyInfo, refs: Vec<Registration>) -> KeyInfo {
             .collect(),
         name: k.name,
         description: k.description,
+        owner: k.owner,
+        shared_with: k.shared_with,
         created: k.created,
         primary_version: k.primary,
         tampered: k.tampered,
@@ -760,11 +762,11 @@ impl Service {
         match req {
             Request::RegisterDeks { key, .. } => {
                 p.allows("decrypt", Some(key), context).map_err(denied)?;
-                return self.data_op(req, rec);
+                return self.data_op(req, rec, Caller::Client);
             }
             Request::WatchKey { key, .. } => {
                 p.allows_key("decrypt", key).map_err(denied)?;
-                return self.data_op(req, rec);
+                return self.data_op(req, rec, Caller::Client);
             }
             _ => {}
         }
@@ -778,13 +780,23 @@ impl Service {
         }
         p.allows(req.op().name(), rec.key.as_deref(), context)
             .map_err(denied)?;
-        self.data_op(req, rec)
+        self.data_op(req, rec, Caller::Client)
     }
 
-    fn data_op(&self, req: &Request, rec: &mut AuditRecord) -> Outcome {
+    /// A data-key operation for a client (authorized by policy) or a crypto
+    /// user (the HSM checks that the key is shared with it).
+    fn data_op(&self, req: &Request, rec: &mut AuditRecord, caller: Caller<'_>) -> Outcome {
+        match req {
+            Request::RegisterDeks { key, .. } | Request::WatchKey { key, .. }
+                if matches!(caller, Caller::User(_)) =>
+            {
+                hsm(self.hsm.check_use(caller, key))?;
+            }
+            _ => {}
+        }
         match req {
             Request::GenerateDataKey { key, context } => {
-                let g = hsm(self.hsm.generate_data_key(key, context))?;
+                let g = hsm(self.hsm.generate_data_key(caller, key, context))?;
                 Ok(Response::DataKey {
                     key: key.clone(),
                     version: g.version,
@@ -796,7 +808,7 @@ impl Service {
                 ciphertext,
                 context,
             } => {
-                let (key, version, dek) = hsm(self.hsm.decrypt(ciphertext, context))?;
+                let (key, version, dek) = hsm(self.hsm.decrypt(caller, ciphertext, context))?;
                 Ok(Response::Decrypted {
                     key,
                     version,
@@ -808,7 +820,7 @@ impl Service {
                 context,
             } => {
                 let (key, source_version, version, ciphertext) =
-                    hsm(self.hsm.re_encrypt(ciphertext, context))?;
+                    hsm(self.hsm.re_encrypt(caller, ciphertext, context))?;
                 Ok(Response::ReEncrypted {
                     key,
                     version,
@@ -1050,7 +1062,8 @@ impl Service {
                 description,
             } => {
                 need(CO)?;
-                key(h.key_create(k, description))
+                let owner = session.operator.as_ref().map_or("", |(n, _)| n.as_str());
+                key(h.key_create(k, description, owner))
             }
             Request::KeyList => {
                 need(READ)?;
@@ -1114,7 +1127,19 @@ impl Service {
             }
             r if r.op().is_data_op() => {
                 need(&[Role::CryptoUser])?;
-                self.data_op(r, rec)
+                let name = session.operator.as_ref().map(|(n, _)| n.as_str());
+                let user = name.ok_or((ErrorCode::NotAuthenticated, "no login".to_string()))?;
+                self.data_op(r, rec, Caller::User(user))
+            }
+            Request::KeyShare { key: k, operator } => {
+                need(CO)?;
+                rec.detail = Some(format!("shared with {operator}"));
+                key(h.key_share(k, operator))
+            }
+            Request::KeyUnshare { key: k, operator } => {
+                need(CO)?;
+                rec.detail = Some(format!("no longer shared with {operator}"));
+                key(h.key_unshare(k, operator))
             }
             _ => Err((ErrorCode::UnknownOperation, "unsupported operation".into())),
         }

@@ -127,33 +127,42 @@ fn shares_of_another_store_are_refused() {
 #[test]
 fn data_keys_rotate_rewrap_and_states() {
     let (_s, h, _) = unsealed();
-    h.key_create("pg", "test").expect("create");
-    let g = h.generate_data_key("pg", &ctx("a")).expect("gen");
+    h.key_create("pg", "test", "admin").expect("create");
+    let g = h
+        .generate_data_key(Caller::Client, "pg", &ctx("a"))
+        .expect("gen");
     assert_eq!(g.version, 1);
-    let (_, v, dek) = h.decrypt(&g.ciphertext, &ctx("a")).expect("decrypt");
+    let (_, v, dek) = h
+        .decrypt(Caller::Client, &g.ciphertext, &ctx("a"))
+        .expect("decrypt");
     assert_eq!((v, dek.expose()), (1, g.plaintext.expose()));
     assert!(matches!(
-        h.decrypt(&g.ciphertext, &ctx("b")),
+        h.decrypt(Caller::Client, &g.ciphertext, &ctx("b")),
         Err(HsmError::ContextMismatch)
     ));
     let info = h.key_rotate("pg").expect("rotate");
     assert_eq!(info.primary, 2);
-    let (_, from, to, blob2) = h.re_encrypt(&g.ciphertext, &ctx("a")).expect("rewrap");
+    let (_, from, to, blob2) = h
+        .re_encrypt(Caller::Client, &g.ciphertext, &ctx("a"))
+        .expect("rewrap");
     assert_eq!((from, to), (1, 2));
     assert_eq!(
-        h.decrypt(&blob2, &ctx("a")).expect("d2").2.expose(),
+        h.decrypt(Caller::Client, &blob2, &ctx("a"))
+            .expect("d2")
+            .2
+            .expose(),
         g.plaintext.expose()
     );
     h.key_disable("pg", Versions::One(1)).expect("disable");
     assert!(matches!(
-        h.decrypt(&g.ciphertext, &ctx("a")),
+        h.decrypt(Caller::Client, &g.ciphertext, &ctx("a")),
         Err(HsmError::KeyDisabled { .. })
     ));
     h.key_enable("pg", Versions::One(1)).expect("enable");
     h.key_schedule_destroy("pg", Versions::One(1), 7)
         .expect("schedule");
     assert!(matches!(
-        h.decrypt(&g.ciphertext, &ctx("a")),
+        h.decrypt(Caller::Client, &g.ciphertext, &ctx("a")),
         Err(HsmError::KeyPendingDestruction { .. })
     ));
     assert!(
@@ -171,7 +180,7 @@ fn data_keys_rotate_rewrap_and_states() {
     assert_eq!(h.destroy_due(now()).expect("not yet"), 0);
     assert_eq!(h.destroy_due(now() + 2 * 86_400).expect("due"), 1);
     assert!(matches!(
-        h.decrypt(&g.ciphertext, &ctx("a")),
+        h.decrypt(Caller::Client, &g.ciphertext, &ctx("a")),
         Err(HsmError::KeyDestroyed { .. })
     ));
     assert!(h.take_events().contains(&HsmEvent::VersionDestroyed {
@@ -179,11 +188,11 @@ fn data_keys_rotate_rewrap_and_states() {
         version: 1
     }));
     assert!(matches!(
-        h.key_create("pg", ""),
+        h.key_create("pg", "", "admin"),
         Err(HsmError::KeyExists(_))
     ));
     assert!(matches!(
-        h.generate_data_key("nope", &ctx("a")),
+        h.generate_data_key(Caller::Client, "nope", &ctx("a")),
         Err(HsmError::KeyNotFound(_))
     ));
 }
@@ -191,18 +200,23 @@ fn data_keys_rotate_rewrap_and_states() {
 #[test]
 fn keys_survive_seal_and_unseal() {
     let (_s, h, shares) = unsealed();
-    h.key_create("pg", "").expect("create");
-    let g = h.generate_data_key("pg", &ctx("a")).expect("gen");
+    h.key_create("pg", "", "admin").expect("create");
+    let g = h
+        .generate_data_key(Caller::Client, "pg", &ctx("a"))
+        .expect("gen");
     h.seal().expect("seal");
     assert!(matches!(
-        h.decrypt(&g.ciphertext, &ctx("a")),
+        h.decrypt(Caller::Client, &g.ciphertext, &ctx("a")),
         Err(HsmError::Sealed)
     ));
     for sh in &shares[2..5] {
         h.unseal(sh.expose()).expect("unseal");
     }
     assert_eq!(
-        h.decrypt(&g.ciphertext, &ctx("a")).expect("d").2.expose(),
+        h.decrypt(Caller::Client, &g.ciphertext, &ctx("a"))
+            .expect("d")
+            .2
+            .expose(),
         g.plaintext.expose()
     );
 }
@@ -210,7 +224,7 @@ fn keys_survive_seal_and_unseal() {
 #[test]
 fn failed_store_write_changes_nothing() {
     let (s, h, _) = unsealed();
-    h.key_create("pg", "").expect("create");
+    h.key_create("pg", "", "admin").expect("create");
     *s.fail_writes.lock().expect("lock") = true;
     assert!(matches!(h.key_rotate("pg"), Err(HsmError::Store(_))));
     assert_eq!(h.key_describe("pg").expect("d").primary, 1);
@@ -254,8 +268,8 @@ fn five_bad_logins_lock_and_an_officer_unlocks() {
 #[test]
 fn tampered_object_is_flagged_and_zeroize_is_final() {
     let (s, h, shares) = unsealed();
-    h.key_create("pg", "").expect("create");
-    h.key_create("other", "").expect("create");
+    h.key_create("pg", "", "admin").expect("create");
+    h.key_create("other", "", "admin").expect("create");
     h.seal().expect("seal");
     {
         let mut objs = s.objects.lock().expect("lock");
@@ -269,10 +283,13 @@ fn tampered_object_is_flagged_and_zeroize_is_final() {
         h.unseal(sh.expose()).expect("unseal");
     }
     assert!(matches!(
-        h.generate_data_key("pg", &ctx("a")),
+        h.generate_data_key(Caller::Client, "pg", &ctx("a")),
         Err(HsmError::Tampered(_))
     ));
-    assert!(h.generate_data_key("other", &ctx("a")).is_ok());
+    assert!(
+        h.generate_data_key(Caller::Client, "other", &ctx("a"))
+            .is_ok()
+    );
     assert!(
         h.take_events()
             .iter()
@@ -311,8 +328,8 @@ fn tamper_policy_zeroizes_on_lockout() {
 #[test]
 fn rotation_policy_rotates_when_due_and_survives_unseal() {
     let (_s, h, shares) = unsealed();
-    h.key_create("pg", "").expect("create");
-    h.key_create("manual", "").expect("create");
+    h.key_create("pg", "", "admin").expect("create");
+    h.key_create("manual", "", "admin").expect("create");
     let info = h.key_set_rotation("pg", 3600).expect("policy");
     assert_eq!(info.rotate_after, 3600);
     let created = info.versions[0].created;
@@ -365,16 +382,16 @@ fn tamper_whys(h: &Hsm) -> Vec<String> {
 #[test]
 fn row_rollback_and_deletion_are_tampering() {
     let (s, h, shares) = unsealed();
-    h.key_create("pg", "").expect("create");
+    h.key_create("pg", "", "admin").expect("create");
     let old_pg = row(&s, KIND_MASTER_KEY, "pg").expect("row");
     let wrapped = h
-        .generate_data_key("pg", &ctx("a"))
+        .generate_data_key(Caller::Client, "pg", &ctx("a"))
         .expect("dek")
         .ciphertext;
     h.key_rotate("pg").expect("rotate");
     h.key_destroy("pg", Versions::One(1)).expect("destroy v1");
-    h.key_create("gone", "").expect("create");
-    h.key_create("fine", "").expect("create");
+    h.key_create("gone", "", "admin").expect("create");
+    h.key_create("fine", "", "admin").expect("create");
     h.operator_add("bob", Role::CryptoUser, b"old-password-1")
         .expect("add");
     let old_bob = row(&s, KIND_OPERATOR, "bob").expect("row");
@@ -390,18 +407,21 @@ fn row_rollback_and_deletion_are_tampering() {
     }
     reunseal(&h, &shares);
     assert!(matches!(
-        h.decrypt(&wrapped, &ctx("a")),
+        h.decrypt(Caller::Client, &wrapped, &ctx("a")),
         Err(HsmError::Tampered(_))
     ));
     assert!(matches!(
-        h.generate_data_key("gone", &ctx("a")),
+        h.generate_data_key(Caller::Client, "gone", &ctx("a")),
         Err(HsmError::Tampered(_))
     ));
     assert!(matches!(
         h.login("bob", b"old-password-1"),
         Err(HsmError::Tampered(_))
     ));
-    assert!(h.generate_data_key("fine", &ctx("a")).is_ok());
+    assert!(
+        h.generate_data_key(Caller::Client, "fine", &ctx("a"))
+            .is_ok()
+    );
     assert!(h.login("admin", PW).is_ok());
     let whys = tamper_whys(&h);
     assert!(
@@ -431,7 +451,7 @@ fn row_rollback_and_deletion_are_tampering() {
 #[test]
 fn a_missing_manifest_makes_every_object_tampered() {
     let (s, h, shares) = unsealed();
-    h.key_create("pg", "").expect("create");
+    h.key_create("pg", "", "admin").expect("create");
     h.seal().expect("seal");
     let list = s
         .objects
@@ -441,7 +461,7 @@ fn a_missing_manifest_makes_every_object_tampered() {
         .expect("a manifest row");
     reunseal(&h, &shares);
     assert!(matches!(
-        h.generate_data_key("pg", &ctx("a")),
+        h.generate_data_key(Caller::Client, "pg", &ctx("a")),
         Err(HsmError::Tampered(_))
     ));
     assert!(matches!(h.login("admin", PW), Err(HsmError::Tampered(_))));
@@ -461,7 +481,7 @@ fn a_missing_manifest_makes_every_object_tampered() {
         .insert((KIND_MANIFEST, manifest::ID.to_string()), forged);
     reunseal(&h, &shares);
     assert!(matches!(
-        h.generate_data_key("pg", &ctx("a")),
+        h.generate_data_key(Caller::Client, "pg", &ctx("a")),
         Err(HsmError::Tampered(_))
     ));
 }
@@ -469,9 +489,9 @@ fn a_missing_manifest_makes_every_object_tampered() {
 #[test]
 fn a_store_without_manifest_gets_one_at_unseal() {
     let (s, h, shares) = unsealed();
-    h.key_create("pg", "").expect("create");
+    h.key_create("pg", "", "admin").expect("create");
     let wrapped = h
-        .generate_data_key("pg", &ctx("a"))
+        .generate_data_key(Caller::Client, "pg", &ctx("a"))
         .expect("dek")
         .ciphertext;
     h.seal().expect("seal");
@@ -494,7 +514,7 @@ fn a_store_without_manifest_gets_one_at_unseal() {
 
     reunseal(&h, &shares);
     assert!(tamper_whys(&h).is_empty());
-    assert!(h.decrypt(&wrapped, &ctx("a")).is_ok());
+    assert!(h.decrypt(Caller::Client, &wrapped, &ctx("a")).is_ok());
     assert!(row(&s, KIND_MANIFEST, manifest::ID).is_some());
     let sealed = s.sealed_root().expect("root").expect("some");
     let (_, format) = seal::open_root(&unseal, &sealed, &meta.store_id).expect("open");
@@ -507,7 +527,70 @@ fn a_store_without_manifest_gets_one_at_unseal() {
         .remove(&(KIND_MANIFEST, manifest::ID.to_string()));
     reunseal(&h, &shares);
     assert!(matches!(
-        h.decrypt(&wrapped, &ctx("a")),
+        h.decrypt(Caller::Client, &wrapped, &ctx("a")),
         Err(HsmError::Tampered(_))
     ));
+}
+
+#[test]
+fn a_crypto_user_uses_only_keys_shared_with_it() {
+    let (_s, h, shares) = unsealed();
+    h.key_create("pg", "", "admin").expect("create");
+    h.key_create("other", "", "admin").expect("create");
+    h.operator_add("bob", Role::CryptoUser, b"bob-password-1")
+        .expect("add");
+    h.operator_add("carol", Role::Auditor, b"carol-password-1")
+        .expect("add");
+    let denied = |r: Result<GeneratedDataKey, HsmError>| {
+        assert!(matches!(r, Err(HsmError::PermissionDenied(_))), "{r:?}");
+    };
+    denied(h.generate_data_key(Caller::User("bob"), "pg", &ctx("a")));
+    let info = h.key_share("pg", "bob").expect("share");
+    assert_eq!(info.shared_with, ["bob"]);
+    assert_eq!(info.owner, "admin");
+    assert_eq!(
+        h.key_share("pg", "bob").expect("again").shared_with,
+        ["bob"]
+    );
+    assert!(matches!(
+        h.key_share("pg", "carol"),
+        Err(HsmError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        h.key_share("pg", "nobody"),
+        Err(HsmError::OperatorNotFound(_))
+    ));
+    let g = h
+        .generate_data_key(Caller::User("bob"), "pg", &ctx("a"))
+        .expect("shared");
+    assert!(
+        h.decrypt(Caller::User("bob"), &g.ciphertext, &ctx("a"))
+            .is_ok()
+    );
+    denied(h.generate_data_key(Caller::User("bob"), "other", &ctx("a")));
+    denied(h.generate_data_key(Caller::User("admin"), "pg", &ctx("a")));
+    denied(h.generate_data_key(Caller::User("carol"), "pg", &ctx("a")));
+    // It is stored: it holds after a seal and unseal.
+    h.seal().expect("seal");
+    reunseal(&h, &shares);
+    assert!(
+        h.re_encrypt(Caller::User("bob"), &g.ciphertext, &ctx("a"))
+            .is_ok()
+    );
+    assert!(
+        h.key_unshare("pg", "bob")
+            .expect("unshare")
+            .shared_with
+            .is_empty()
+    );
+    assert!(matches!(
+        h.decrypt(Caller::User("bob"), &g.ciphertext, &ctx("a")),
+        Err(HsmError::PermissionDenied(_))
+    ));
+    // A locked crypto user uses nothing.
+    h.key_share("pg", "bob").expect("share");
+    for _ in 0..MAX_FAILED_LOGINS {
+        let _ = h.login("bob", b"wrong");
+    }
+    denied(h.generate_data_key(Caller::User("bob"), "pg", &ctx("a")));
 }

@@ -98,6 +98,10 @@ pub mod tag {
     pub const TIMEOUT_MS: u8 = 42;
     /// One data key of a registration (record: `DEK_VERSION`, `KEY_VERSION`).
     pub const DEK: u8 = 43;
+    /// The operator that created a key (string).
+    pub const OWNER: u8 = 44;
+    /// A crypto user a key is shared with (string; repeated).
+    pub const SHARED_WITH: u8 = 45;
 }
 
 /// Operation codes.
@@ -150,6 +154,10 @@ pub enum Op {
     KeyDestroy = 0x0409,
     /// Set a key's automatic rotation period.
     KeySetRotation = 0x040A,
+    /// Let a crypto user use a key over the admin socket.
+    KeyShare = 0x040B,
+    /// Take a crypto user's use of a key away.
+    KeyUnshare = 0x040C,
     /// Register the wrapped data keys of one context (a tablespace) and
     /// learn the key's primary version.
     RegisterDeks = 0x0105,
@@ -183,6 +191,8 @@ impl Op {
         Op::KeyCancelDestroy,
         Op::KeyDestroy,
         Op::KeySetRotation,
+        Op::KeyShare,
+        Op::KeyUnshare,
         Op::RegisterDeks,
         Op::WatchKey,
     ];
@@ -218,6 +228,8 @@ impl Op {
             Op::KeyCancelDestroy => "key_cancel_destroy",
             Op::KeyDestroy => "key_destroy",
             Op::KeySetRotation => "key_set_rotation",
+            Op::KeyShare => "key_share",
+            Op::KeyUnshare => "key_unshare",
             Op::RegisterDeks => "register_deks",
             Op::WatchKey => "watch_key",
         }
@@ -387,6 +399,20 @@ pub enum Request {
         /// Seconds; 0 turns automatic rotation off.
         rotate_after: u64,
     },
+    /// See [`Op::KeyShare`].
+    KeyShare {
+        /// Key name.
+        key: String,
+        /// The crypto user.
+        operator: String,
+    },
+    /// See [`Op::KeyUnshare`].
+    KeyUnshare {
+        /// Key name.
+        key: String,
+        /// The crypto user.
+        operator: String,
+    },
     /// See [`Op::RegisterDeks`].
     RegisterDeks {
         /// Master key name.
@@ -489,6 +515,10 @@ pub struct KeyInfo {
     pub rotate_after: u64,
     /// Registered data keys wrapped under this key.
     pub references: Vec<KeyReference>,
+    /// The operator that created it (empty for keys made before owners).
+    pub owner: String,
+    /// Crypto users that may use it over the admin socket.
+    pub shared_with: Vec<String>,
 }
 
 /// An operator's public description.
@@ -816,6 +846,8 @@ impl Request {
             Request::KeyCancelDestroy { .. } => Op::KeyCancelDestroy,
             Request::KeyDestroy { .. } => Op::KeyDestroy,
             Request::KeySetRotation { .. } => Op::KeySetRotation,
+            Request::KeyShare { .. } => Op::KeyShare,
+            Request::KeyUnshare { .. } => Op::KeyUnshare,
             Request::RegisterDeks { .. } => Op::RegisterDeks,
             Request::WatchKey { .. } => Op::WatchKey,
         }
@@ -896,6 +928,9 @@ impl Request {
             }
             Request::KeySetRotation { key, rotate_after } => {
                 w.str(KEY_NAME, key).u64(ROTATE_AFTER, *rotate_after);
+            }
+            Request::KeyShare { key, operator } | Request::KeyUnshare { key, operator } => {
+                w.str(KEY_NAME, key).str(OPERATOR, operator);
             }
             Request::RegisterDeks {
                 key,
@@ -1076,6 +1111,15 @@ impl Request {
                     rotate_after: required(f.rotate_after, "rotate_after")?,
                 }
             }
+            Op::KeyShare | Op::KeyUnshare => {
+                let f = read(&[KEY_NAME, OPERATOR])?;
+                let key = required(f.key, "key")?;
+                let operator = required(f.operator, "operator")?;
+                match op {
+                    Op::KeyShare => Request::KeyShare { key, operator },
+                    _ => Request::KeyUnshare { key, operator },
+                }
+            }
             Op::RegisterDeks => {
                 let f = read(&[KEY_NAME, CONTEXT, LOCATION, DEK])?;
                 Request::RegisterDeks {
@@ -1141,6 +1185,12 @@ fn put_key_info(w: &mut Writer, k: &KeyInfo) {
             .u64(LAST_SEEN, x.last_seen);
         r.record(REFERENCE, &rr);
     }
+    if !k.owner.is_empty() {
+        r.str(OWNER, &k.owner);
+    }
+    for u in &k.shared_with {
+        r.str(SHARED_WITH, u);
+    }
     w.record(KEY_INFO, &r);
 }
 
@@ -1193,6 +1243,7 @@ fn take_key_info(body: &[u8]) -> Result<KeyInfo, DecodeError> {
     let mut rotate_after = None;
     let mut versions = Vec::new();
     let mut references = Vec::new();
+    let (mut owner, mut shared_with) = (None, Vec::new());
     let mut r = Reader::new(body);
     while let Some((t, v)) = r.next_field()? {
         match t {
@@ -1208,6 +1259,14 @@ fn take_key_info(body: &[u8]) -> Result<KeyInfo, DecodeError> {
                 "rotate_after",
             )?,
             REFERENCE => references.push(take_reference(v)?),
+            OWNER => once(
+                &mut owner,
+                as_str(capped(v, "owner", MAX_NAME)?, "owner")?,
+                "owner",
+            )?,
+            SHARED_WITH => {
+                shared_with.push(as_str(capped(v, "shared_with", MAX_NAME)?, "shared_with")?)
+            }
             other => return Err(unexpected("key_info", other)),
         }
     }
@@ -1220,6 +1279,8 @@ fn take_key_info(body: &[u8]) -> Result<KeyInfo, DecodeError> {
         versions,
         rotate_after: rotate_after.unwrap_or(0),
         references,
+        owner: owner.unwrap_or_default(),
+        shared_with,
     })
 }
 
@@ -1469,7 +1530,9 @@ impl Response {
             | Op::KeyScheduleDestroy
             | Op::KeyCancelDestroy
             | Op::KeyDestroy
-            | Op::KeySetRotation => {
+            | Op::KeySetRotation
+            | Op::KeyShare
+            | Op::KeyUnshare => {
                 let mut r = Reader::new(body);
                 let mut info = None;
                 while let Some((t, v)) = r.next_field()? {

@@ -53,6 +53,8 @@ fn request() -> impl Strategy<Value = Request> {
         Just(()).prop_map(|_| Request::KeyList),
         name().prop_map(|key| Request::KeyDescribe { key }),
         name().prop_map(|key| Request::KeyRotate { key }),
+        (name(), name()).prop_map(|(key, operator)| Request::KeyShare { key, operator }),
+        (name(), name()).prop_map(|(key, operator)| Request::KeyUnshare { key, operator }),
         (name(), option::of(any::<u32>()))
             .prop_map(|(key, version)| Request::KeyDisable { key, version }),
         (name(), option::of(any::<u32>()))
@@ -139,6 +141,8 @@ fn key_info() -> impl Strategy<Value = KeyInfo> {
             ),
             0..3,
         ),
+        name(),
+        vec(name(), 0..3),
     )
         .prop_map(
             |(
@@ -150,6 +154,8 @@ fn key_info() -> impl Strategy<Value = KeyInfo> {
                 versions,
                 rotate_after,
                 references,
+                owner,
+                shared_with,
             )| KeyInfo {
                 name,
                 description,
@@ -159,6 +165,8 @@ fn key_info() -> impl Strategy<Value = KeyInfo> {
                 versions,
                 rotate_after,
                 references,
+                owner,
+                shared_with,
             },
         )
 }
