@@ -17,12 +17,14 @@
 //! - [`crypto`]: AES-256-GCM-SIV and HKDF/HMAC-SHA256, nothing else.
 //! - [`secret`]: key types (zeroizing, redacting, not `Clone`).
 //! - [`store`]: the key-store trait the backends implement.
+//! - [`fuzz`]: fuzzing harnesses for every parser of outside input.
 //! - [`random`], [`codec`], [`error`]: helpers.
 #![forbid(unsafe_code)]
 
 pub mod codec;
 pub mod crypto;
 pub mod error;
+pub mod fuzz;
 pub mod hsm;
 pub mod manifest;
 pub mod mek;

@@ -26,6 +26,21 @@ pub fn decode_frames(mut data: &[u8]) {
     }
 }
 
+/// One request body: the first byte picks the operation (an index into
+/// [`Op::ALL`]), the rest is the body. Whatever decodes must re-encode to a
+/// body that decodes to the same request.
+pub fn request_body(data: &[u8]) {
+    let Some((&i, body)) = data.split_first() else {
+        return;
+    };
+    let op = Op::ALL[usize::from(i) % Op::ALL.len()];
+    if let Ok(req) = Request::decode_body(op, body) {
+        assert_eq!(req.op(), op, "decoded as another operation");
+        let again = Request::decode_body(op, &req.encode_body());
+        assert_eq!(again.as_ref(), Ok(&req), "request body round trip");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
