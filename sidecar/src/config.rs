@@ -262,64 +262,7 @@ impl Config {
 }
 
 fn toml_string(cfg: &Config) -> String {
-    // figment's TOML provider does not serialize; render through JSON into a
-    // small TOML writer to avoid another dependency.
-    let v = serde_json::to_value(cfg).unwrap_or_default();
-    let mut out = String::new();
-    write_table(&mut out, "", &v);
-    out
-}
-
-fn toml_value(v: &serde_json::Value) -> String {
-    match v {
-        serde_json::Value::String(s) => format!("{s:?}"),
-        serde_json::Value::Array(a) => {
-            format!(
-                "[{}]",
-                a.iter().map(toml_value).collect::<Vec<_>>().join(", ")
-            )
-        }
-        serde_json::Value::Object(o) => format!(
-            "{{ {} }}",
-            o.iter()
-                .map(|(k, v)| format!("{k:?} = {}", toml_value(v)))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-        other => other.to_string(),
-    }
-}
-
-fn write_table(out: &mut String, prefix: &str, v: &serde_json::Value) {
-    let Some(obj) = v.as_object() else { return };
-    for (k, v) in obj {
-        match v {
-            serde_json::Value::Null => {}
-            serde_json::Value::Object(_) => {}
-            serde_json::Value::Array(a) if a.iter().all(|x| x.is_object()) && !a.is_empty() => {}
-            _ => out.push_str(&format!("{k} = {}\n", toml_value(v))),
-        }
-    }
-    for (k, v) in obj {
-        let name = if prefix.is_empty() {
-            k.clone()
-        } else {
-            format!("{prefix}.{k}")
-        };
-        match v {
-            serde_json::Value::Object(_) => {
-                out.push_str(&format!("\n[{name}]\n"));
-                write_table(out, &name, v);
-            }
-            serde_json::Value::Array(a) if a.iter().all(|x| x.is_object()) && !a.is_empty() => {
-                for item in a {
-                    out.push_str(&format!("\n[[{name}]]\n"));
-                    write_table(out, &name, item);
-                }
-            }
-            _ => {}
-        }
-    }
+    toml::to_string(cfg).unwrap_or_else(|e| format!("# the configuration cannot be shown: {e}\n"))
 }
 
 /// Replaces `user:password@` in URLs with `user:***@`.
@@ -387,6 +330,10 @@ mod tests {
         assert_eq!(c.store_path(), PathBuf::from("/tmp/x/tde.db"));
         let shown = c.to_redacted_toml();
         assert!(shown.contains("[[clients]]"), "{shown}");
+        // What is shown loads back to the same configuration.
+        let again = dir.path().join("shown.toml");
+        std::fs::write(&again, &shown).expect("write");
+        assert_eq!(Config::load(Some(&again)).expect("reload"), c, "{shown}");
         std::fs::write(&f, "data_dir = 5\n").expect("write");
         assert!(Config::load(Some(&f)).is_err());
         std::fs::write(&f, "[data_socket]\nmode = \"999\"\n").expect("write");

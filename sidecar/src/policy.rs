@@ -113,29 +113,10 @@ pub fn find(policies: &[ClientPolicy], uid: u32, gid: u32) -> Option<&ClientPoli
     policies.iter().find(|p| p.matches_peer(uid, gid))
 }
 
-/// Glob match with `*` (any run) and `?` (one character), no escapes.
+/// Glob match with `*` (any run) and `?` (one character), no escapes
+/// (the `wildmatch` crate).
 pub fn glob(pattern: &str, text: &str) -> bool {
-    let p: Vec<char> = pattern.chars().collect();
-    let t: Vec<char> = text.chars().collect();
-    let (mut pi, mut ti) = (0, 0);
-    let (mut star, mut mark) = (None, 0);
-    while ti < t.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
-            pi += 1;
-            ti += 1;
-        } else if pi < p.len() && p[pi] == '*' {
-            star = Some(pi);
-            mark = ti;
-            pi += 1;
-        } else if let Some(s) = star {
-            pi = s + 1;
-            mark += 1;
-            ti = mark;
-        } else {
-            return false;
-        }
-    }
-    p[pi..].iter().all(|c| *c == '*')
+    wildmatch::WildMatch::new(pattern).matches(text)
 }
 
 #[cfg(test)]

@@ -212,18 +212,15 @@ async fn connection(
     }
 }
 
+/// A group name or number to a gid, through NSS (so LDAP or sssd groups
+/// resolve as they do for `ls -l`).
 fn resolve_group(group: &str) -> anyhow::Result<u32> {
     if let Ok(n) = group.parse() {
         return Ok(n);
     }
-    let text = std::fs::read_to_string("/etc/group").context("reading /etc/group")?;
-    text.lines()
-        .filter_map(|l| {
-            let mut f = l.split(':');
-            Some((f.next()?, f.nth(1)?))
-        })
-        .find(|(name, _)| *name == group)
-        .and_then(|(_, gid)| gid.parse().ok())
+    nix::unistd::Group::from_name(group)
+        .with_context(|| format!("looking up group {group:?}"))?
+        .map(|g| g.gid.as_raw())
         .with_context(|| format!("group {group:?} not found"))
 }
 
@@ -586,4 +583,17 @@ pub fn create_private_dir(dir: &Path, what: &str) -> anyhow::Result<PathBuf> {
     }
     tde_protocol::private::check(dir, what).map_err(anyhow::Error::msg)?;
     Ok(dir.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_resolve_through_nss() {
+        assert_eq!(resolve_group("0").expect("number"), 0);
+        assert_eq!(resolve_group("root").expect("root"), 0);
+        let e = resolve_group("no-such-group-tde").expect_err("unknown");
+        assert!(e.to_string().contains("not found"), "{e}");
+    }
 }
