@@ -3,7 +3,10 @@
 //! Starts the real `tde serve` on a temporary dev store and drives it with N
 //! concurrent clients, each doing generate + decrypt pairs for a fixed time.
 //! Every request is audited (group commit, synchronous = FULL). Prints a
-//! table of requests per second and latency percentiles.
+//! table of requests per second and latency percentiles, then a soak: 64
+//! clients for `BENCH_SOAK_SECS` (60; 0 skips it) with the daemon's RSS and
+//! thread count sampled every 5 s. Any failed request is counted and fails
+//! the run.
 
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -18,7 +21,8 @@ fn call(s: &mut UnixStream, id: u64, req: &Request) -> Response {
     Response::from_frame(&read_frame(s).expect("read").expect("frame")).expect("decode")
 }
 
-fn run(sock: &Path, clients: usize, secs: u64) -> (f64, Vec<Duration>) {
+/// Requests per second, sorted latencies, failed requests.
+fn run(sock: &Path, clients: usize, secs: u64) -> (f64, Vec<Duration>, usize) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     let threads: Vec<_> = (0..clients)
         .map(|t| {
@@ -29,6 +33,7 @@ fn run(sock: &Path, clients: usize, secs: u64) -> (f64, Vec<Duration>) {
                     .into_iter()
                     .collect::<std::collections::BTreeMap<_, _>>();
                 let mut lat = Vec::new();
+                let mut failed = 0;
                 let mut id = 0;
                 while Instant::now() < deadline {
                     id += 1;
@@ -41,53 +46,82 @@ fn run(sock: &Path, clients: usize, secs: u64) -> (f64, Vec<Duration>) {
                             context: ctx.clone(),
                         },
                     ) else {
-                        panic!("generate failed")
+                        failed += 1;
+                        continue;
                     };
                     lat.push(t0.elapsed());
                     id += 1;
                     let t1 = Instant::now();
-                    let Response::Decrypted { .. } = call(
-                        &mut s,
-                        id,
-                        &Request::Decrypt {
-                            ciphertext,
-                            context: ctx.clone(),
-                        },
-                    ) else {
-                        panic!("decrypt failed")
-                    };
+                    if !matches!(
+                        call(
+                            &mut s,
+                            id,
+                            &Request::Decrypt {
+                                ciphertext,
+                                context: ctx.clone(),
+                            },
+                        ),
+                        Response::Decrypted { .. }
+                    ) {
+                        failed += 1;
+                        continue;
+                    }
                     lat.push(t1.elapsed());
                 }
-                lat
+                (lat, failed)
             })
         })
         .collect();
-    let mut all: Vec<Duration> = threads
-        .into_iter()
-        .flat_map(|t| t.join().expect("client"))
-        .collect();
+    let (mut all, mut failed) = (Vec::new(), 0);
+    for t in threads {
+        let (lat, f) = t.join().expect("client");
+        all.extend(lat);
+        failed += f;
+    }
     all.sort();
-    (all.len() as f64 / secs as f64, all)
+    (all.len() as f64 / secs as f64, all, failed)
+}
+
+/// The daemon's resident memory (KiB) and thread count, from /proc.
+fn rss_and_threads(pid: u32) -> (u64, u64) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("Threads:"))
 }
 
 fn main() {
-    let dir = tempfile::tempdir().expect("tmp");
+    let tmp = tempfile::tempdir().expect("tmp");
+    // The daemon creates its data directory (0700); it refuses an open one.
+    let dir = tmp.path().join("sc");
     let bin = env!("CARGO_BIN_EXE_tde");
     let mut child = Command::new(bin)
         .args(["serve", "--dev"])
-        .env("TDE_DATA_DIR", dir.path())
+        .env("TDE_DATA_DIR", &dir)
         .env("TDE_LOG__LEVEL", "error")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("serve");
-    let sock = dir.path().join("data.sock");
-    let admin = dir.path().join("admin.sock");
+    let sock = dir.join("data.sock");
+    let admin = dir.join("admin.sock");
     while !(sock.exists() && admin.exists()) {
+        if let Ok(Some(st)) = child.try_wait() {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut err);
+            }
+            panic!("tde serve exited with {st}: {err}");
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
     let mut a = UnixStream::connect(&admin).expect("admin");
-    let pw = std::fs::read(dir.path().join("dev-admin.password")).expect("pw");
+    let pw = std::fs::read(dir.join("dev-admin.password")).expect("pw");
     call(
         &mut a,
         1,
@@ -110,8 +144,10 @@ fn main() {
         .unwrap_or(3);
     println!("| clients | requests / s | p50 µs | p99 µs |");
     println!("|--------:|-------------:|-------:|-------:|");
+    let mut failures = 0;
     for clients in [1, 4, 16, 64] {
-        let (rps, lat) = run(&sock, clients, secs);
+        let (rps, lat, failed) = run(&sock, clients, secs);
+        failures += failed;
         let p = |q: f64| lat[((lat.len() as f64 * q) as usize).min(lat.len() - 1)].as_micros();
         println!(
             "| {clients:>7} | {rps:>12.0} | {:>6} | {:>6} |",
@@ -119,6 +155,41 @@ fn main() {
             p(0.99)
         );
     }
+    let soak: u64 = std::env::var("BENCH_SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    if soak > 0 {
+        let pid = child.id();
+        let sock2 = sock.clone();
+        let load = std::thread::spawn(move || run(&sock2, 64, soak));
+        println!("\n64 clients for {soak} s:\n");
+        println!("| second | daemon RSS MiB | daemon threads |");
+        println!("|-------:|---------------:|---------------:|");
+        let start = Instant::now();
+        while !load.is_finished() {
+            let (rss, threads) = rss_and_threads(pid);
+            println!(
+                "| {:>6} | {:>14.1} | {threads:>14} |",
+                start.elapsed().as_secs(),
+                rss as f64 / 1024.0
+            );
+            let next = Duration::from_secs(5 * (start.elapsed().as_secs() / 5 + 1));
+            while start.elapsed() < next && !load.is_finished() {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        let (rps, lat, failed) = load.join().expect("load");
+        failures += failed;
+        let p = |q: f64| lat[((lat.len() as f64 * q) as usize).min(lat.len() - 1)].as_micros();
+        println!(
+            "\n{} requests ({rps:.0}/s), p50 {} µs, p99 {} µs, {failed} failed",
+            lat.len(),
+            p(0.50),
+            p(0.99)
+        );
+    }
     let _ = Command::new("kill").arg(child.id().to_string()).status();
     let _ = child.wait();
+    assert_eq!(failures, 0, "{failures} requests failed");
 }
