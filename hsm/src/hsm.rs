@@ -520,15 +520,15 @@ impl Hsm {
             (Some(list), _) => {
                 // Each object must be the revision the manifest names, and
                 // each name in it must have its object.
-                let bad = list.check(objects.iter().map(|o| (o.kind, o.id.as_str(), o.revision)));
-                for ((kind, id), why) in &bad {
-                    self.mark_tampered(&mut u, *kind, id, why.describe());
+                let mut bad = BTreeSet::new();
+                for (at, why) in
+                    list.check(objects.iter().map(|o| (o.kind, o.id.as_str(), o.revision)))
+                {
+                    self.mark_tampered(&mut u, at.0, &at.1, why.describe());
+                    bad.insert(at);
                 }
                 for obj in objects {
-                    if !bad
-                        .iter()
-                        .any(|((k, id), _)| *k == obj.kind && *id == obj.id)
-                    {
+                    if !bad.contains(&(obj.kind, obj.id.clone())) {
                         self.load_object(&mut u, obj);
                     }
                 }

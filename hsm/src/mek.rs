@@ -252,7 +252,8 @@ mod tests {
         assert_eq!(d.version(2).expect("v2").destroy_at, Some(9));
         assert_eq!(d.rotate_after, 90 * 86400);
         // Format 2 (before owners) and 1 (before rotate_after) still load.
-        let tail = 2 + 5 + 4 + 2 + 3 + 2 + 3;
+        // var "admin" | u32 2 | var "app" | var "bob"
+        let tail = (2 + 5) + 4 + (2 + 3) + (2 + 3);
         let mut v2 = r.encode().expose().to_vec();
         v2[0] = 2;
         v2.truncate(v2.len() - tail);

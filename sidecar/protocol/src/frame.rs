@@ -193,13 +193,12 @@ impl Frame {
             .and_then(|l| u32::try_from(l).ok())
             .ok_or(DecodeError::BadLength(u32::MAX))?;
         check_length(len)?;
-        let mut head = Vec::with_capacity(PREFIX_LEN + HEADER_LEN);
-        head.extend_from_slice(&len.to_be_bytes());
-        self.header.write_to(&mut head);
-        let mut out = Body(Vec::with_capacity(PREFIX_LEN + len as usize));
-        out.extend(&head);
-        out.extend(self.body.expose());
-        Ok(out)
+        // Sized exactly: it never grows, so nothing is left unscrubbed.
+        let mut out = Vec::with_capacity(PREFIX_LEN + len as usize);
+        out.extend_from_slice(&len.to_be_bytes());
+        self.header.write_to(&mut out);
+        out.extend_from_slice(self.body.expose());
+        Ok(Body(out))
     }
 
     /// Parses one frame from the front of `buf`.
