@@ -62,6 +62,10 @@ pub enum HsmEvent {
         /// Version.
         version: u32,
     },
+    /// A store from before manifests got one (and a v2 root), with this
+    /// many objects. Expected once per store; another one means someone
+    /// put back an old root (see THREAT-MODEL.md).
+    StoreUpgraded(usize),
     /// The rotation policy made a new primary version.
     AutoRotated {
         /// Key.
@@ -571,6 +575,7 @@ impl Hsm {
                     Self::put_op(KIND_MANIFEST, manifest::ID, list.revision, blob),
                     StoreOp::Root(root_v2),
                 ])?;
+                self.event(HsmEvent::StoreUpgraded(list.entries.len()));
                 u.manifest = list;
             }
         }

@@ -716,6 +716,12 @@ impl Service {
                     rec.key = Some(key);
                     rec.key_version = Some(version);
                 }
+                HsmEvent::StoreUpgraded(objects) => {
+                    rec.op = "store_upgraded".into();
+                    rec.detail = Some(format!(
+                        "a manifest of {objects} objects created and the root resealed as v2 (expected once per store: a second one means an old root was put back)"
+                    ));
+                }
                 HsmEvent::AutoRotated { key, version } => {
                     rec.op = "auto_rotate".into();
                     rec.key = Some(key);
