@@ -228,12 +228,10 @@ fn parallel_guesses_cannot_pass_the_lockout() {
     let shares = env.init();
     let _daemon = env.serve();
     env.unseal(&shares[..3]);
-    let out = env
-        .cmd(&["operator", "add", "carol", "--role", "auditor", "--json"])
-        .env("TDE_NEW_PASSWORD", "carol-password")
-        .output()
-        .expect("run");
-    assert_eq!(parse(&out, &[]).0, 0);
+    env.ok_new_password(
+        &["operator", "add", "carol", "--role", "auditor"],
+        "carol-password",
+    );
 
     let barrier = Arc::new(std::sync::Barrier::new(40));
     let guesses: Vec<_> = (0..40)
@@ -902,12 +900,10 @@ fn rolled_back_and_deleted_store_rows_are_tampering() {
     env.ok(&["key", "create", "app-roll"]);
     env.ok(&["key", "create", "app-gone"]);
     env.ok(&["key", "create", "app-fine"]);
-    let out = env
-        .cmd(&["operator", "add", "carol", "--role", "auditor", "--json"])
-        .env("TDE_NEW_PASSWORD", "carol-old-password")
-        .output()
-        .expect("run");
-    assert_eq!(parse(&out, &[]).0, 0);
+    env.ok_new_password(
+        &["operator", "add", "carol", "--role", "auditor"],
+        "carol-old-password",
+    );
     let mut c = Raw::connect(&env.data_socket());
     let context = ctx(&[("tablespace", "roll")]);
     let wrapped = match c.call(&Request::GenerateDataKey {
@@ -921,12 +917,7 @@ fn rolled_back_and_deleted_store_rows_are_tampering() {
     let old_carol = store_row(&env, KIND_OPERATOR, "carol");
     env.ok(&["key", "rotate", "app-roll"]);
     env.ok(&["key", "destroy", "app-roll", "--version", "1", "--yes"]);
-    let out = env
-        .cmd(&["operator", "passwd", "carol", "--json"])
-        .env("TDE_NEW_PASSWORD", "carol-new-password")
-        .output()
-        .expect("run");
-    assert_eq!(parse(&out, &[]).0, 0);
+    env.ok_new_password(&["operator", "passwd", "carol"], "carol-new-password");
     let decrypt = |c: &mut Raw| {
         c.call(&Request::Decrypt {
             ciphertext: wrapped.clone(),
@@ -1039,12 +1030,10 @@ fn a_crypto_user_uses_only_keys_shared_with_it() {
     // No client policy names vault-* keys.
     env.ok(&["key", "create", "vault-shared"]);
     env.ok(&["key", "create", "vault-other"]);
-    let out = env
-        .cmd(&["operator", "add", "dave", "--role", "crypto_user", "--json"])
-        .env("TDE_NEW_PASSWORD", "dave-password-1")
-        .output()
-        .expect("run");
-    assert_eq!(parse(&out, &[]).0, 0);
+    env.ok_new_password(
+        &["operator", "add", "dave", "--role", "crypto_user"],
+        "dave-password-1",
+    );
     let as_dave = |args: &[&str]| {
         let out = env
             .cmd(args)

@@ -370,12 +370,10 @@ fn refusals_have_their_own_codes() {
         }
         r => panic!("{r:?}"),
     }
-    let out = env
-        .cmd(&["operator", "add", "carol", "--role", "auditor", "--json"])
-        .env("TDE_NEW_PASSWORD", "carol-password")
-        .output()
-        .expect("run");
-    assert_eq!(parse(&out, &[]).0, 0);
+    env.ok_new_password(
+        &["operator", "add", "carol", "--role", "auditor"],
+        "carol-password",
+    );
     let out = env
         .cmd(&["key", "rotate", "pg-main", "--json"])
         .env("TDE_OPERATOR", "carol")

@@ -105,6 +105,20 @@ operations = ["generate_data_key", "decrypt", "re_encrypt", "generate_random"]
         v
     }
 
+    /// Like `ok`, with `password` as TDE_NEW_PASSWORD (operator add and
+    /// passwd).
+    pub fn ok_new_password(&self, args: &[&str], password: &str) -> Value {
+        let out = self
+            .cmd(args)
+            .arg("--json")
+            .env("TDE_NEW_PASSWORD", password)
+            .output()
+            .expect("run tde");
+        let (code, v) = parse(&out, args);
+        assert_eq!(code, 0, "tde {args:?} failed: {v}");
+        v
+    }
+
     /// Like `json`, expecting a refusal with `code`; returns the message.
     pub fn refused(&self, args: &[&str], code: &str) -> String {
         let (rc, v) = self.json(args);

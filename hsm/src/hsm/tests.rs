@@ -87,10 +87,7 @@ fn setup(t: u8, n: u8) -> (Arc<MemStore>, Hsm, Vec<SecretBuf>) {
 
 fn unsealed() -> (Arc<MemStore>, Hsm, Vec<SecretBuf>) {
     let (s, h, shares) = setup(3, 5);
-    for sh in &shares[..3] {
-        h.unseal(sh.expose()).expect("unseal");
-    }
-    assert!(!h.status().sealed);
+    reunseal(&h, &shares);
     (s, h, shares)
 }
 
@@ -361,6 +358,15 @@ fn reunseal(h: &Hsm, shares: &[SecretBuf]) {
     assert!(!h.status().sealed);
 }
 
+/// Deletes the store's manifest row, as someone who can write the store
+/// would; returns it.
+fn take_manifest(s: &MemStore) -> Option<StoredObject> {
+    s.objects
+        .lock()
+        .expect("lock")
+        .remove(&(KIND_MANIFEST, manifest::ID.to_string()))
+}
+
 fn row(s: &MemStore, kind: u8, id: &str) -> Option<StoredObject> {
     s.objects
         .lock()
@@ -453,12 +459,7 @@ fn a_missing_manifest_makes_every_object_tampered() {
     let (s, h, shares) = unsealed();
     h.key_create("pg", "", "admin").expect("create");
     h.seal().expect("seal");
-    let list = s
-        .objects
-        .lock()
-        .expect("lock")
-        .remove(&(KIND_MANIFEST, manifest::ID.to_string()))
-        .expect("a manifest row");
+    let list = take_manifest(&s).expect("a manifest row");
     reunseal(&h, &shares);
     assert!(matches!(
         h.generate_data_key(Caller::Client, "pg", &ctx("a")),
@@ -507,10 +508,7 @@ fn a_store_without_manifest_gets_one_at_unseal() {
     assert_eq!(format, RootFormat::V2);
     *s.root.lock().expect("lock") =
         Some(seal::seal_root_v1(&unseal, &root, &meta.store_id).expect("v1"));
-    s.objects
-        .lock()
-        .expect("lock")
-        .remove(&(KIND_MANIFEST, manifest::ID.to_string()));
+    take_manifest(&s);
 
     reunseal(&h, &shares);
     let events = h.take_events();
@@ -522,10 +520,7 @@ fn a_store_without_manifest_gets_one_at_unseal() {
     assert_eq!(format, RootFormat::V2, "the root is resealed as V2");
     // From now on, a deleted manifest is tampering.
     h.seal().expect("seal");
-    s.objects
-        .lock()
-        .expect("lock")
-        .remove(&(KIND_MANIFEST, manifest::ID.to_string()));
+    take_manifest(&s);
     reunseal(&h, &shares);
     assert!(matches!(
         h.decrypt(Caller::Client, &wrapped, &ctx("a")),
