@@ -15,9 +15,10 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use tde_hsm::store::ObjectStore;
 use tde_hsm::{Hsm, TamperPolicy};
-use tde_protocol::frame::{Body, HEADER_LEN, PREFIX_LEN, check_length};
-use tde_protocol::{DecodeError, ErrorCode, Frame, Header, Request, Response};
+use tde_protocol::frame::{Body, FrameReader};
+use tde_protocol::{DecodeError, ErrorCode, Frame, Request, Response};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, mpsc, watch};
 
@@ -31,53 +32,6 @@ use crate::sys;
 pub const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time allowed for connections to finish at shutdown.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
-
-enum ReadError {
-    Closed,
-    Bad(DecodeError),
-}
-
-/// Waits for the first byte of the next frame: `None` when the peer closed.
-async fn first_byte(rd: &mut (impl AsyncReadExt + Unpin)) -> Result<Option<u8>, ReadError> {
-    let mut b = [0u8; 1];
-    match rd.read(&mut b).await {
-        Ok(0) => Ok(None),
-        Ok(_) => Ok(Some(b[0])),
-        Err(_) => Err(ReadError::Closed),
-    }
-}
-
-/// Reads the rest of a frame whose first byte is `first`, within
-/// [`FRAME_TIMEOUT`].
-async fn rest_of_frame(
-    rd: &mut (impl AsyncReadExt + Unpin),
-    first: u8,
-) -> Result<Frame, ReadError> {
-    let rest = async {
-        let mut prefix = [0u8; PREFIX_LEN];
-        prefix[0] = first;
-        rd.read_exact(&mut prefix[1..])
-            .await
-            .map_err(|_| ReadError::Closed)?;
-        let body_len = check_length(u32::from_be_bytes(prefix)).map_err(ReadError::Bad)?;
-        let mut head = [0u8; HEADER_LEN];
-        rd.read_exact(&mut head)
-            .await
-            .map_err(|_| ReadError::Closed)?;
-        let mut body = Body::zeroed(body_len);
-        rd.read_exact(body.expose_mut())
-            .await
-            .map_err(|_| ReadError::Closed)?;
-        Ok(Frame {
-            header: Header::parse(&head),
-            body,
-        })
-    };
-    match tokio::time::timeout(FRAME_TIMEOUT, rest).await {
-        Ok(r) => r,
-        Err(_) => Err(ReadError::Closed),
-    }
-}
 
 async fn write_response(
     wr: &mut (impl AsyncWriteExt + Unpin),
@@ -103,111 +57,172 @@ struct Limits {
     idle: Duration,
 }
 
-async fn connection(
-    stream: UnixStream,
+/// Why a connection stops reading.
+enum Stop {
+    /// The peer left, went idle, was too slow, or the daemon is stopping.
+    Closed,
+    /// A length prefix out of bounds: answered, then closed.
+    Bad(DecodeError),
+}
+
+/// One client connection: its socket halves, the frame being read, the
+/// admin session, and who the kernel says the peer is. Requests are read
+/// in order and answered in order.
+struct Connection {
+    rd: OwnedReadHalf,
+    wr: OwnedWriteHalf,
+    frames: FrameReader,
     kind: SocketKind,
     peer: Peer,
     svc: Arc<Service>,
+    session: Session,
     limits: Limits,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let (mut rd, mut wr) = stream.into_split();
-    let mut session = Session::default();
-    // A byte read while a watch waited: the start of the next frame.
-    let mut pending: Option<u8> = None;
-    loop {
-        let first = match pending.take() {
-            Some(b) => b,
-            None => {
-                let next = tokio::select! {
-                    _ = shutdown.changed() => break,
-                    _ = tokio::time::sleep(limits.idle) => {
-                        tracing::debug!(uid = peer.uid, "closing an idle connection");
-                        break;
+}
+
+impl Connection {
+    /// Reads at most `limit` bytes of the next frame (cancel-safe: the only
+    /// wait is the read itself).
+    async fn read_some(&mut self, limit: usize) -> Result<Option<Frame>, Stop> {
+        let buf = self.frames.buf();
+        let limit = limit.min(buf.len());
+        match self.rd.read(&mut buf[..limit]).await {
+            Ok(0) | Err(_) => Err(Stop::Closed),
+            Ok(n) => self.frames.filled(n).map_err(Stop::Bad),
+        }
+    }
+
+    /// The next request frame: waits up to the idle timeout for its first
+    /// byte, then [`FRAME_TIMEOUT`] for the rest.
+    async fn next_frame(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<Frame, Stop> {
+        if !self.frames.started() {
+            let idle = self.limits.idle;
+            let uid = self.peer.uid;
+            tokio::select! {
+                _ = shutdown.changed() => return Err(Stop::Closed),
+                _ = tokio::time::sleep(idle) => {
+                    tracing::debug!(uid, "closing an idle connection");
+                    return Err(Stop::Closed);
+                }
+                r = self.read_some(usize::MAX) => {
+                    if let Some(f) = r? {
+                        return Ok(f);
                     }
-                    b = first_byte(&mut rd) => b,
-                };
-                match next {
-                    Ok(Some(b)) => b,
-                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+        let rest = async {
+            loop {
+                if let Some(f) = self.read_some(usize::MAX).await? {
+                    return Ok(f);
                 }
             }
         };
-        let frame = match rest_of_frame(&mut rd, first).await {
-            Ok(f) => f,
-            Err(ReadError::Closed) => break,
-            Err(ReadError::Bad(e)) => {
-                // The stream cannot be resynchronized after a bad length.
-                let svc2 = svc.clone();
-                let (code, why) = (e.code(), e.to_string());
-                let why2 = why.clone();
-                let _ = tokio::task::spawn_blocking(move || {
-                    svc2.audit_malformed(kind, peer, 0, code, &why2)
-                })
-                .await;
-                let _ = write_response(&mut wr, &Response::error(code, why), 0, 0).await;
-                break;
-            }
-        };
-        let (op, id) = (frame.header.op, frame.header.request_id);
-        let svc2 = svc.clone();
-        let mut sess = std::mem::take(&mut session);
-        let joined = tokio::task::spawn_blocking(move || {
-            let handled = match Request::from_frame(&frame) {
-                Ok(req) => svc2.handle(kind, peer, &mut sess, id, req),
-                Err(e) => Handled::Done(
-                    match svc2.audit_malformed(kind, peer, id, e.code(), &e.to_string()) {
-                        Ok(()) => Response::error(e.code(), e.to_string()),
-                        Err(code) => Response::error(code, "the audit record could not be written"),
-                    },
-                ),
-            };
-            (sess, handled)
-        })
-        .await;
-        let mut handled = match joined {
-            Ok((s, h)) => {
-                session = s;
-                h
-            }
-            Err(_) => Handled::Done(Response::error(
+        tokio::time::timeout(FRAME_TIMEOUT, rest)
+            .await
+            .unwrap_or(Err(Stop::Closed))
+    }
+
+    /// Runs a blocking step of the service on the worker pool.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Service) -> T + Send + 'static,
+    ) -> Option<T> {
+        let svc = self.svc.clone();
+        tokio::task::spawn_blocking(move || f(&svc)).await.ok()
+    }
+
+    /// Handles one request; `None` when the peer left during a watch (its
+    /// request is audited, not answered).
+    async fn handle(&mut self, frame: Frame) -> Option<Response> {
+        let (kind, peer, id) = (self.kind, self.peer, frame.header.request_id);
+        let mut sess = std::mem::take(&mut self.session);
+        let joined = self
+            .blocking(move |svc| {
+                let handled = match Request::from_frame(&frame) {
+                    Ok(req) => svc.handle(kind, peer, &mut sess, id, req),
+                    Err(e) => Handled::Done(
+                        match svc.audit_malformed(kind, peer, id, e.code(), &e.to_string()) {
+                            Ok(()) => Response::error(e.code(), e.to_string()),
+                            Err(code) => {
+                                Response::error(code, "the audit record could not be written")
+                            }
+                        },
+                    ),
+                };
+                (sess, handled)
+            })
+            .await;
+        let failed = || {
+            Handled::Done(Response::error(
                 ErrorCode::Internal,
                 "request handler failed",
-            )),
+            ))
+        };
+        let mut handled = match joined {
+            Some((s, h)) => {
+                self.session = s;
+                h
+            }
+            None => failed(),
         };
         // A watch waits here, on this task: no thread is held.
-        let mut gone = false;
-        let resp = loop {
+        loop {
             let mut w = match handled {
-                Handled::Done(r) => break r,
+                Handled::Done(r) => return Some(r),
                 Handled::Wait(w) => w,
             };
             let until = tokio::time::Instant::from_std(w.until);
+            let mut gone = false;
             loop {
                 tokio::select! {
                     _ = w.changed() => break,
                     _ = tokio::time::sleep_until(until) => break,
-                    b = first_byte(&mut rd), if pending.is_none() => match b {
-                        Ok(Some(b)) => pending = Some(b),
-                        Ok(None) | Err(_) => {
-                            gone = true;
+                    // One byte at most: enough to see the peer leave or
+                    // begin its next request, which is read after the
+                    // answer.
+                    r = self.read_some(1), if !self.frames.started() => {
+                        gone = r.is_err();
+                        if gone {
                             break;
                         }
-                    },
+                    }
                 }
             }
-            let svc2 = svc.clone();
-            // A peer that left is not answered, but its request is audited.
-            handled = match tokio::task::spawn_blocking(move || svc2.finish_watch(w, gone)).await {
-                Ok(h) => h,
-                Err(_) => Handled::Done(Response::error(
-                    ErrorCode::Internal,
-                    "request handler failed",
-                )),
+            handled = self
+                .blocking(move |svc| svc.finish_watch(w, gone))
+                .await
+                .unwrap_or_else(failed);
+            if gone {
+                return None;
+            }
+        }
+    }
+
+    /// Audits and answers a frame whose length prefix is out of bounds.
+    async fn refuse_malformed(&mut self, e: DecodeError) {
+        let (kind, peer) = (self.kind, self.peer);
+        let (code, why) = (e.code(), e.to_string());
+        let why2 = why.clone();
+        self.blocking(move |svc| svc.audit_malformed(kind, peer, 0, code, &why2))
+            .await;
+        let _ = write_response(&mut self.wr, &Response::error(code, why), 0, 0).await;
+    }
+
+    async fn serve(mut self, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            let frame = match self.next_frame(&mut shutdown).await {
+                Ok(f) => f,
+                Err(Stop::Closed) => return,
+                // The stream cannot be resynchronized after a bad length.
+                Err(Stop::Bad(e)) => return self.refuse_malformed(e).await,
             };
-        };
-        if gone || write_response(&mut wr, &resp, op, id).await.is_err() {
-            break;
+            let (op, id) = (frame.header.op, frame.header.request_id);
+            let Some(resp) = self.handle(frame).await else {
+                return;
+            };
+            if write_response(&mut self.wr, &resp, op, id).await.is_err() {
+                return;
+            }
         }
     }
 }
@@ -339,7 +354,20 @@ async fn accept_loop(
         tokio::spawn(async move {
             let _done = dn;
             match admitted {
-                Ok((_slot, _permit)) => connection(stream, kind, peer, svc, caps.limits, sd).await,
+                Ok((_slot, _permit)) => {
+                    let (rd, wr) = stream.into_split();
+                    let c = Connection {
+                        rd,
+                        wr,
+                        frames: FrameReader::new(),
+                        kind,
+                        peer,
+                        svc,
+                        session: Session::default(),
+                        limits: caps.limits,
+                    };
+                    c.serve(sd).await;
+                }
                 Err(why) => refuse(stream, kind, peer, svc, why).await,
             }
         });

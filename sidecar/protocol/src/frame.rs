@@ -206,55 +206,130 @@ impl Frame {
     /// `Ok(None)` means more bytes are needed (an incomplete frame is a
     /// normal state); `Ok(Some((frame, used)))` gives the frame and how many
     /// bytes of `buf` it took.
-    pub fn parse(buf: &[u8]) -> Result<Option<(Frame, usize)>, DecodeError> {
-        let Some(prefix) = buf.first_chunk::<PREFIX_LEN>() else {
-            return Ok(None);
-        };
-        let len = u32::from_be_bytes(*prefix);
-        let body_len = check_length(len)?;
-        let total = PREFIX_LEN + len as usize;
-        let Some(frame) = buf.get(PREFIX_LEN..total) else {
-            return Ok(None);
-        };
-        let (head, body) = frame.split_at(HEADER_LEN);
-        let head: &[u8; HEADER_LEN] = head
-            .try_into()
-            .map_err(|_| DecodeError::Truncated("header"))?;
-        debug_assert_eq!(body.len(), body_len);
-        Ok(Some((
-            Frame {
-                header: Header::parse(head),
-                body: body.to_vec().into(),
-            },
-            total,
-        )))
+    pub fn parse(mut buf: &[u8]) -> Result<Option<(Frame, usize)>, DecodeError> {
+        let mut reader = FrameReader::new();
+        let mut used = 0;
+        loop {
+            let want = reader.buf();
+            let n = want.len().min(buf.len());
+            if n == 0 {
+                return Ok(None);
+            }
+            want[..n].copy_from_slice(&buf[..n]);
+            buf = &buf[n..];
+            used += n;
+            if let Some(frame) = reader.filled(n)? {
+                return Ok(Some((frame, used)));
+            }
+        }
+    }
+}
+
+/// Where a [`FrameReader`] is in its frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Prefix,
+    Header,
+    Body,
+}
+
+/// The one implementation of reading a frame, for blocking and async
+/// sources alike: it names the bytes it needs next ([`FrameReader::buf`]),
+/// is told how many arrived ([`FrameReader::filled`]), checks the length
+/// prefix before the body is allocated, and gives the frame once complete.
+/// The body is read in place into a [`Body`], so a secret in it is never
+/// copied through a growing buffer.
+#[derive(Debug)]
+pub struct FrameReader {
+    part: Part,
+    got: usize,
+    prefix: [u8; PREFIX_LEN],
+    head: [u8; HEADER_LEN],
+    body: Body,
+}
+
+impl Default for FrameReader {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FrameReader {
+    /// A reader waiting for the first byte of a frame.
+    pub fn new() -> Self {
+        Self {
+            part: Part::Prefix,
+            got: 0,
+            prefix: [0; PREFIX_LEN],
+            head: [0; HEADER_LEN],
+            body: Body::empty(),
+        }
+    }
+
+    /// True once a byte of the next frame has arrived.
+    pub fn started(&self) -> bool {
+        self.part != Part::Prefix || self.got > 0
+    }
+
+    /// Where the next bytes go (never empty).
+    pub fn buf(&mut self) -> &mut [u8] {
+        let got = self.got;
+        match self.part {
+            Part::Prefix => &mut self.prefix[got..],
+            Part::Header => &mut self.head[got..],
+            Part::Body => &mut self.body.expose_mut()[got..],
+        }
+    }
+
+    /// Records that `n` bytes were read into [`FrameReader::buf`]; gives the
+    /// frame when it is complete, and an error for a length prefix out of
+    /// bounds (the stream cannot be resynchronized after it).
+    pub fn filled(&mut self, n: usize) -> Result<Option<Frame>, DecodeError> {
+        self.got += n;
+        loop {
+            match self.part {
+                Part::Prefix if self.got >= PREFIX_LEN => {
+                    let body_len = check_length(u32::from_be_bytes(self.prefix))?;
+                    self.body = Body::zeroed(body_len);
+                    (self.part, self.got) = (Part::Header, 0);
+                }
+                Part::Header if self.got >= HEADER_LEN => {
+                    (self.part, self.got) = (Part::Body, 0);
+                }
+                Part::Body if self.got >= self.body.len() => {
+                    let body = std::mem::replace(&mut self.body, Body::empty());
+                    (self.part, self.got) = (Part::Prefix, 0);
+                    return Ok(Some(Frame {
+                        header: Header::parse(&self.head),
+                        body,
+                    }));
+                }
+                _ => return Ok(None),
+            }
+        }
     }
 }
 
 /// Reads one frame from a blocking reader. `Ok(None)` on a clean end of
 /// stream before the first byte of a frame.
 pub fn read_frame<R: Read>(r: &mut R) -> io::Result<Option<Frame>> {
-    let mut prefix = [0u8; PREFIX_LEN];
-    let mut got = 0;
-    while got < PREFIX_LEN {
-        match r.read(&mut prefix[got..]) {
-            Ok(0) if got == 0 => return Ok(None),
+    let mut reader = FrameReader::new();
+    loop {
+        match r.read(reader.buf()) {
+            Ok(0) if !reader.started() => return Ok(None),
             Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => got += n,
+            Ok(n) => {
+                let frame = reader
+                    .filled(n)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                if frame.is_some() {
+                    return Ok(frame);
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }
-    let body_len = check_length(u32::from_be_bytes(prefix))
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    let mut head = [0u8; HEADER_LEN];
-    r.read_exact(&mut head)?;
-    let mut body = Body::zeroed(body_len);
-    r.read_exact(body.expose_mut())?;
-    Ok(Some(Frame {
-        header: Header::parse(&head),
-        body,
-    }))
 }
 
 /// Writes one frame to a blocking writer.
@@ -320,6 +395,28 @@ mod tests {
         let (f, used) = Frame::parse(&bytes).expect("ok").expect("some");
         assert_eq!(used, bytes.len());
         assert_eq!(f, sample());
+    }
+
+    #[test]
+    fn a_reader_fed_byte_by_byte_gives_each_frame_once() {
+        let mut bytes = sample().encode().expect("encode").to_vec();
+        let empty = Frame {
+            body: Body::empty(),
+            ..sample()
+        };
+        bytes.extend_from_slice(&empty.encode().expect("encode"));
+        let mut r = FrameReader::new();
+        assert!(!r.started());
+        let mut frames = Vec::new();
+        for b in bytes {
+            r.buf()[0] = b;
+            match r.filled(1).expect("valid") {
+                Some(f) => frames.push(f),
+                None => assert!(r.started()),
+            }
+        }
+        assert_eq!(frames, vec![sample(), empty]);
+        assert!(!r.started(), "ready for the next frame");
     }
 
     #[test]
