@@ -13,7 +13,9 @@ use base64::engine::general_purpose::STANDARD as B64;
 use serde_json::{Value, json};
 use tde_hsm::Hsm;
 use tde_hsm::store::ObjectStore;
-use tde_protocol::{KeyInfo, Request, Response, SecretBytes, StatusInfo};
+use tde_plugin::keys::SyncError;
+use tde_protocol::client::{Client, ClientError};
+use tde_protocol::{ErrorCode, KeyInfo, Request, SecretBytes, StatusInfo};
 use tde_sidecar::Config;
 use tde_sidecar::policy::{ClientPolicy, DATA_OPERATIONS};
 use tde_sidecar::server;
@@ -21,7 +23,6 @@ use tde_sidecar::store::SqliteStore;
 use zeroize::Zeroizing;
 
 use crate::{Cli, Command, DatakeyCmd, InitArgs, KeyCmd, MountArgs, OperatorCmd, ServeArgs};
-use tde_plugin::client::{Client, Refused};
 
 /// Runs a parsed command line. A refusal from the sidecar is printed and
 /// exits 1; other failures exit 2.
@@ -29,29 +30,30 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let json = cli.json;
     match dispatch(cli) {
         Ok(()) => Ok(ExitCode::SUCCESS),
-        Err(e) => match e.downcast_ref::<Refused>() {
-            Some(r) => {
+        // The one place a refusal is told from other failures: it exits 1.
+        Err(e) => match e.downcast_ref::<ClientError>() {
+            Some(ClientError::Refused { code, message }) => {
                 if json {
                     println!(
                         "{}",
-                        json!({"error": {"code": r.code.name(), "message": r.message}})
+                        json!({"error": {"code": code.name(), "message": message}})
                     );
                 } else {
-                    eprintln!("error: {r}");
-                    if let Some(hint) = hint(r) {
+                    eprintln!("error: {e:#}");
+                    if let Some(hint) = hint(*code) {
                         eprintln!("hint: {hint}");
                     }
                 }
                 Ok(ExitCode::from(1))
             }
-            None => Err(e),
+            _ => Err(e),
         },
     }
 }
 
-fn hint(r: &Refused) -> Option<&'static str> {
+fn hint(code: ErrorCode) -> Option<&'static str> {
     use tde_protocol::ErrorCode::*;
-    Some(match r.code {
+    Some(match code {
         Sealed => "unseal with `tde unseal` (run it once per share)",
         NotAuthenticated | LoginFailed => {
             "set TDE_OPERATOR and TDE_PASSWORD, or pass --operator/--password-file"
@@ -81,10 +83,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             unseal(&cli, &cfg, share.as_deref(), share_file.as_deref())
         }
         Command::Seal => {
-            let mut c = admin_login(&cli, &cfg)?;
-            let Response::Status(s) = c.call(&Request::Seal)? else {
-                bail!("unexpected response")
-            };
+            let s = admin_login(&cli, &cfg)?.seal()?;
             print_status(&cli, &s);
             Ok(())
         }
@@ -281,7 +280,13 @@ fn rewrap(cli: &Cli, cfg: &Config, backing: &Path, sidecar: Option<&Path>) -> an
         )
     })?;
     let mut c = Client::connect(&socket)?;
-    let o = tde_plugin::keys::Keys::offline(backing, &socket)?.sync_master(&mut c)?;
+    let o = match tde_plugin::keys::Keys::offline(backing, &socket)?.sync_master(&mut c) {
+        Ok(o) => o,
+        Err(SyncError::Sidecar { during, error }) => {
+            return Err(anyhow::Error::new(error).context(during));
+        }
+        Err(SyncError::KeyFile(e)) => return Err(e),
+    };
     emit(
         cli,
         json!({
@@ -473,10 +478,7 @@ fn new_password(file: Option<&Path>) -> anyhow::Result<Zeroizing<String>> {
 fn admin_login(cli: &Cli, cfg: &Config) -> anyhow::Result<Client> {
     let mut c = Client::connect(&admin_path(cli, cfg))?;
     let pw = password(cli, cfg)?;
-    c.call(&Request::Login {
-        operator: cli.operator().to_string(),
-        password: SecretBytes::from_slice(pw.as_bytes()),
-    })?;
+    c.login(cli.operator(), SecretBytes::from_slice(pw.as_bytes()))?;
     Ok(c)
 }
 
@@ -857,10 +859,7 @@ fn status(cli: &Cli, cfg: &Config) -> anyhow::Result<()> {
     // is down: mounts keep serving then, and say so).
     let sidecar = Client::connect(&admin_path(cli, cfg))
         .or_else(|_| Client::connect(&data_path(cli, cfg)))
-        .and_then(|mut c| match c.call(&Request::Status)? {
-            Response::Status(s) => Ok(s),
-            _ => bail!("unexpected response"),
-        });
+        .and_then(|mut c| c.status());
     let mounts: Vec<_> = tde_plugin::control::mounts()
         .into_iter()
         .map(|(m, b)| {
@@ -905,7 +904,7 @@ fn status(cli: &Cli, cfg: &Config) -> anyhow::Result<()> {
         });
     }
     // A sidecar that cannot be reached is still a failure for scripts.
-    sidecar.map(|_| ())
+    sidecar.map(|_| ()).map_err(Into::into)
 }
 
 fn unseal(cli: &Cli, cfg: &Config, share: Option<&str>, file: Option<&Path>) -> anyhow::Result<()> {
@@ -917,13 +916,8 @@ fn unseal(cli: &Cli, cfg: &Config, share: Option<&str>, file: Option<&Path>) -> 
         }
         (None, None) => bail!("give the share as an argument, with --share-file, or on a terminal"),
     };
-    let mut c = Client::connect(&admin_path(cli, cfg))?;
-    let Response::Status(s) = c.call(&Request::Unseal {
-        share: SecretBytes::from_slice(text.trim().as_bytes()),
-    })?
-    else {
-        bail!("unexpected response")
-    };
+    let s = Client::connect(&admin_path(cli, cfg))?
+        .unseal(SecretBytes::from_slice(text.trim().as_bytes()))?;
     print_status(cli, &s);
     Ok(())
 }
@@ -943,13 +937,10 @@ fn zeroize(cli: &Cli, cfg: &Config, yes: bool) -> anyhow::Result<()> {
         }
     }
     let mut c = Client::connect(&admin_path(cli, cfg))?;
-    let Response::Status(s) = c.call(&Request::Status)? else {
-        bail!("unexpected response")
-    };
-    if !s.sealed {
+    if !c.status()?.sealed {
         c = admin_login(cli, cfg)?;
     }
-    c.call(&Request::Zeroize)?;
+    c.zeroize()?;
     emit(cli, json!({"zeroized": true}), || {
         "Zeroized: the root material is destroyed.".into()
     });
@@ -957,57 +948,48 @@ fn zeroize(cli: &Cli, cfg: &Config, yes: bool) -> anyhow::Result<()> {
 }
 
 fn operator(cli: &Cli, cfg: &Config, o: &OperatorCmd) -> anyhow::Result<()> {
-    let (req, what) = match o {
+    let done = match o {
         OperatorCmd::Add {
             name,
             role,
             new_password_file,
         } => {
             let pw = new_password(new_password_file.as_deref())?;
-            (
-                Request::OperatorAdd {
-                    operator: name.clone(),
-                    role: role.clone(),
-                    password: SecretBytes::from_slice(pw.as_bytes()),
-                },
-                format!("Operator {name} added."),
-            )
+            admin_login(cli, cfg)?.operator_add(
+                name,
+                role,
+                SecretBytes::from_slice(pw.as_bytes()),
+            )?;
+            format!("Operator {name} added.")
         }
         OperatorCmd::Passwd {
             name,
             new_password_file,
         } => {
             let pw = new_password(new_password_file.as_deref())?;
-            (
-                Request::OperatorPasswd {
-                    operator: name.clone(),
-                    password: SecretBytes::from_slice(pw.as_bytes()),
-                },
-                format!("Password of {name} changed."),
-            )
+            admin_login(cli, cfg)?.operator_passwd(name, SecretBytes::from_slice(pw.as_bytes()))?;
+            format!("Password of {name} changed.")
         }
-        OperatorCmd::Unlock { name } => (
-            Request::OperatorUnlock {
-                operator: name.clone(),
-            },
-            format!("Operator {name} unlocked."),
-        ),
-        OperatorCmd::List => (Request::OperatorList, String::new()),
+        OperatorCmd::Unlock { name } => {
+            admin_login(cli, cfg)?.operator_unlock(name)?;
+            format!("Operator {name} unlocked.")
+        }
+        OperatorCmd::List => {
+            let ops = admin_login(cli, cfg)?.operator_list()?;
+            emit(
+                cli,
+                json!(ops.iter().map(|o| json!({"name": o.name, "role": o.role, "locked": o.locked, "failed_logins": o.failed_logins})).collect::<Vec<_>>()),
+                || {
+                    ops.iter()
+                        .map(|o| format!("{:<24} {:<16} {}", o.name, o.role, if o.locked { "LOCKED" } else { "" }))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                },
+            );
+            return Ok(());
+        }
     };
-    let mut c = admin_login(cli, cfg)?;
-    match c.call(&req)? {
-        Response::Operators(ops) => emit(
-            cli,
-            json!(ops.iter().map(|o| json!({"name": o.name, "role": o.role, "locked": o.locked, "failed_logins": o.failed_logins})).collect::<Vec<_>>()),
-            || {
-                ops.iter()
-                    .map(|o| format!("{:<24} {:<16} {}", o.name, o.role, if o.locked { "LOCKED" } else { "" }))
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            },
-        ),
-        _ => emit(cli, json!({"ok": true}), || what),
-    }
+    emit(cli, json!({"ok": true}), || done);
     Ok(())
 }
 
@@ -1020,20 +1002,12 @@ fn key(cli: &Cli, cfg: &Config, k: &KeyCmd) -> anyhow::Result<()> {
         } => {
             let period = rotate_after.as_deref().map(parse_period).transpose()?;
             let mut c = admin_login(cli, cfg)?;
-            let mut info = match c.call(&Request::KeyCreate {
-                key: name.clone(),
-                description: description.clone(),
-            })? {
-                Response::Key(info) => info,
-                _ => bail!("unexpected response"),
-            };
-            if let Some(p) = period
-                && let Response::Key(i) = c.call(&Request::KeySetRotation {
+            let mut info = c.key_create(name, description)?;
+            if let Some(p) = period {
+                info = c.key(Request::KeySetRotation {
                     key: name.clone(),
                     rotate_after: p,
-                })?
-            {
-                info = i;
+                })?;
             }
             emit(cli, key_json(&info), || key_human(&info));
             return Ok(());
@@ -1054,7 +1028,21 @@ fn key(cli: &Cli, cfg: &Config, k: &KeyCmd) -> anyhow::Result<()> {
             key: name.clone(),
             operator: user.clone(),
         },
-        KeyCmd::List => Request::KeyList,
+        KeyCmd::List => {
+            let keys = admin_login(cli, cfg)?.key_list()?;
+            emit(
+                cli,
+                json!(keys.iter().map(key_json).collect::<Vec<_>>()),
+                || {
+                    if keys.is_empty() {
+                        "no master keys".into()
+                    } else {
+                        keys.iter().map(key_human).collect::<Vec<_>>().join("\n")
+                    }
+                },
+            );
+            return Ok(());
+        }
         KeyCmd::Show { name } => Request::KeyDescribe { key: name.clone() },
         KeyCmd::Rotate { name } => Request::KeyRotate { key: name.clone() },
         KeyCmd::Disable(v) => Request::KeyDisable {
@@ -1096,22 +1084,8 @@ fn key(cli: &Cli, cfg: &Config, k: &KeyCmd) -> anyhow::Result<()> {
             }
         }
     };
-    let mut c = admin_login(cli, cfg)?;
-    match c.call(&req)? {
-        Response::Key(info) => emit(cli, key_json(&info), || key_human(&info)),
-        Response::Keys(keys) => emit(
-            cli,
-            json!(keys.iter().map(key_json).collect::<Vec<_>>()),
-            || {
-                if keys.is_empty() {
-                    "no master keys".into()
-                } else {
-                    keys.iter().map(key_human).collect::<Vec<_>>().join("\n")
-                }
-            },
-        ),
-        _ => bail!("unexpected response"),
-    }
+    let info = admin_login(cli, cfg)?.key(req)?;
+    emit(cli, key_json(&info), || key_human(&info));
     Ok(())
 }
 
@@ -1170,18 +1144,12 @@ fn datakey(cli: &Cli, cfg: &Config, d: &DatakeyCmd) -> anyhow::Result<()> {
             ciphertext_file,
         } => {
             let context = parse_context(&ctx.context)?;
-            let Response::DataKey {
+            let tde_protocol::client::DataKey {
                 key,
                 version,
                 plaintext,
                 ciphertext,
-            } = c.call(&Request::GenerateDataKey {
-                key: key.clone(),
-                context,
-            })?
-            else {
-                bail!("unexpected response")
-            };
+            } = c.generate_data_key(key, &context)?;
             if let Some(f) = ciphertext_file {
                 write_private(f, &ciphertext)?;
             }
@@ -1204,17 +1172,11 @@ fn datakey(cli: &Cli, cfg: &Config, d: &DatakeyCmd) -> anyhow::Result<()> {
             ctx,
             plaintext_file,
         } => {
-            let Response::Decrypted {
+            let tde_protocol::client::Decrypted {
                 key,
                 version,
                 plaintext,
-            } = c.call(&Request::Decrypt {
-                ciphertext: read_ciphertext(input)?,
-                context: parse_context(&ctx.context)?,
-            })?
-            else {
-                bail!("unexpected response")
-            };
+            } = c.decrypt(&read_ciphertext(input)?, &parse_context(&ctx.context)?)?;
             let pt = plaintext_out(plaintext_file.as_deref(), &plaintext)?;
             emit(
                 cli,
@@ -1233,18 +1195,12 @@ fn datakey(cli: &Cli, cfg: &Config, d: &DatakeyCmd) -> anyhow::Result<()> {
             ctx,
             ciphertext_out,
         } => {
-            let Response::ReEncrypted {
+            let tde_protocol::client::ReEncrypted {
                 key,
                 version,
                 source_version,
                 ciphertext,
-            } = c.call(&Request::ReEncrypt {
-                ciphertext: read_ciphertext(input)?,
-                context: parse_context(&ctx.context)?,
-            })?
-            else {
-                bail!("unexpected response")
-            };
+            } = c.re_encrypt(&read_ciphertext(input)?, &parse_context(&ctx.context)?)?;
             if let Some(f) = ciphertext_out {
                 write_private(f, &ciphertext)?;
             }

@@ -17,9 +17,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use tde_plugin::client::{Client, Refused};
 use tde_plugin::mount::is_mountpoint;
-use tde_protocol::{ErrorCode, Request, Response, SecretBytes};
+use tde_protocol::client::{Client, ClientError};
+use tde_protocol::{ErrorCode, SecretBytes};
 
 const PGBIN: &str = "/usr/lib/postgresql/15/bin";
 const MARKER: &str = "TOP-SECRET-demo-row-";
@@ -165,26 +165,19 @@ fn tour(dir: &Path, stack: &Mutex<Stack>) -> anyhow::Result<()> {
     stack.lock().unwrap_or_else(|p| p.into_inner()).sidecar = Some(child);
     up?;
     let mut admin = Client::connect(&admin_sock)?;
-    if let Response::Status(s) = admin.call(&Request::Status)? {
-        println!(
-            "    status: sealed={} dev_mode={} version={}",
-            s.sealed, s.dev_mode, s.server_version
-        );
-    }
+    let s = admin.status()?;
+    println!(
+        "    status: sealed={} dev_mode={} version={}",
+        s.sealed, s.dev_mode, s.server_version
+    );
 
     step(
         &mut n,
         "Log in as crypto officer `admin` and create master key `demo-mek` (it never leaves the HSM)",
     );
     let pw = std::fs::read(sc_dir.join("dev-admin.password"))?;
-    admin.call(&Request::Login {
-        operator: "admin".into(),
-        password: SecretBytes::new(pw),
-    })?;
-    admin.call(&Request::KeyCreate {
-        key: "demo-mek".into(),
-        description: "demo master key".into(),
-    })?;
+    admin.login("admin", SecretBytes::new(pw))?;
+    admin.key_create("demo-mek", "demo master key")?;
     println!("    created demo-mek v1");
 
     step(
@@ -197,33 +190,19 @@ fn tour(dir: &Path, stack: &Mutex<Stack>) -> anyhow::Result<()> {
     ]
     .into();
     let mut data = Client::connect(&data_sock)?;
-    let Response::DataKey {
+    let tde_protocol::client::DataKey {
         version,
         plaintext,
         ciphertext,
         ..
-    } = data.call(&Request::GenerateDataKey {
-        key: "demo-mek".into(),
-        context: ctx.clone(),
-    })?
-    else {
-        bail!("unexpected response")
-    };
+    } = data.generate_data_key("demo-mek", &ctx)?;
     println!(
         "    wrapped under demo-mek v{version}: {}",
         short(&ciphertext)
     );
 
     step(&mut n, "Unwrap it again, as the mount does at start-up");
-    let Response::Decrypted {
-        plaintext: again, ..
-    } = data.call(&Request::Decrypt {
-        ciphertext: ciphertext.clone(),
-        context: ctx.clone(),
-    })?
-    else {
-        bail!("unexpected response")
-    };
+    let again = data.decrypt(&ciphertext, &ctx)?.plaintext;
     println!("    same key: {}", again == plaintext);
 
     step(
@@ -233,10 +212,7 @@ fn tour(dir: &Path, stack: &Mutex<Stack>) -> anyhow::Result<()> {
     let mut other = ctx.clone();
     other.insert("tablespace".into(), "hr".into());
     expect_refusal(
-        data.call(&Request::Decrypt {
-            ciphertext: ciphertext.clone(),
-            context: other,
-        }),
+        data.decrypt(&ciphertext, &other),
         ErrorCode::ContextMismatch,
     )?;
 
@@ -247,50 +223,27 @@ fn tour(dir: &Path, stack: &Mutex<Stack>) -> anyhow::Result<()> {
     let mut bad = ciphertext.clone();
     let last = bad.len() - 1;
     bad[last] ^= 1;
-    expect_refusal(
-        data.call(&Request::Decrypt {
-            ciphertext: bad,
-            context: ctx.clone(),
-        }),
-        ErrorCode::InvalidCiphertext,
-    )?;
+    expect_refusal(data.decrypt(&bad, &ctx), ErrorCode::InvalidCiphertext)?;
 
     step(
         &mut n,
         "Rotate the master key, then re-encrypt the data key to v2 without its plaintext leaving the HSM",
     );
-    admin.call(&Request::KeyRotate {
-        key: "demo-mek".into(),
-    })?;
-    let Response::ReEncrypted {
-        source_version,
-        version,
-        ciphertext: v2,
-        ..
-    } = data.call(&Request::ReEncrypt {
-        ciphertext: ciphertext.clone(),
-        context: ctx.clone(),
-    })?
-    else {
-        bail!("unexpected response")
-    };
-    println!("    v{source_version} -> v{version}: {}", short(&v2));
+    admin.key_rotate("demo-mek")?;
+    let r = data.re_encrypt(&ciphertext, &ctx)?;
+    println!(
+        "    v{} -> v{}: {}",
+        r.source_version,
+        r.version,
+        short(&r.ciphertext)
+    );
 
     step(
         &mut n,
         "Disable v1: blobs still under v1 are refused until it is enabled again",
     );
-    admin.call(&Request::KeyDisable {
-        key: "demo-mek".into(),
-        version: Some(1),
-    })?;
-    expect_refusal(
-        data.call(&Request::Decrypt {
-            ciphertext,
-            context: ctx,
-        }),
-        ErrorCode::KeyDisabled,
-    )?;
+    admin.key_disable("demo-mek", Some(1))?;
+    expect_refusal(data.decrypt(&ciphertext, &ctx), ErrorCode::KeyDisabled)?;
     drop(data);
 
     postgres_part(dir, &exe, &data_sock, &mut admin, stack, &mut n)?;
@@ -541,12 +494,7 @@ fn postgres_part(
         "Rotate demo-mek while PostgreSQL runs: the mount hears of it and rewraps its key file (no data touched)",
     );
     let t0 = Instant::now();
-    let Response::Key(k) = admin.call(&Request::KeyRotate {
-        key: "demo-mek".into(),
-    })?
-    else {
-        bail!("unexpected response")
-    };
+    let k = admin.key_rotate("demo-mek")?;
     let mek_version = || {
         tde_plugin::keyfile::KeyFile::load(&backing)
             .map(|kf| kf.deks.iter().map(|d| d.mek_version).min().unwrap_or(0))
@@ -563,17 +511,13 @@ fn postgres_part(
         k.primary_version,
         t0.elapsed().as_millis()
     );
-    if let Response::Key(k) = admin.call(&Request::KeyDescribe {
-        key: "demo-mek".into(),
-    })? {
-        for r in &k.references {
-            println!(
-                "    registry: tablespace {} data key v{} is wrapped under demo-mek v{}",
-                r.context.get("tablespace").map_or("?", String::as_str),
-                r.dek_version,
-                r.key_version
-            );
-        }
+    for r in &admin.key_describe("demo-mek")?.references {
+        println!(
+            "    registry: tablespace {} data key v{} is wrapped under demo-mek v{}",
+            r.context.get("tablespace").map_or("?", String::as_str),
+            r.dek_version,
+            r.key_version
+        );
     }
 
     step(
@@ -635,15 +579,13 @@ fn postgres_ids() -> anyhow::Result<(u32, u32)> {
     Ok((f[2].parse()?, f[3].parse()?))
 }
 
-fn expect_refusal(r: anyhow::Result<Response>, code: ErrorCode) -> anyhow::Result<()> {
+fn expect_refusal<T>(r: Result<T, ClientError>, code: ErrorCode) -> anyhow::Result<()> {
     match r {
-        Err(e) => match e.downcast_ref::<Refused>() {
-            Some(r) if r.code == code => {
-                println!("    refused: {} ({})", r.message, r.code);
-                Ok(())
-            }
-            _ => Err(e),
-        },
+        Err(e) if e.refused() == Some(code) => {
+            println!("    refused: {e}");
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
         Ok(_) => bail!("expected {code}, but the request succeeded"),
     }
 }

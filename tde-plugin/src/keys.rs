@@ -33,15 +33,14 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as B64;
-use tde_protocol::{DekRef, ErrorCode, Request, Response};
-
-use crate::client::{Client, Refused};
 use crate::keyfile::{FORMAT, KeyFile, WrappedDek};
 use crate::mount::MountSpec;
 use crate::page::PageCipher;
+use anyhow::{Context as _, bail};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use tde_protocol::client::{Client, ClientError};
+use tde_protocol::{DekRef, ErrorCode};
 
 /// What [`Keys::sync_master`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +52,55 @@ pub struct SyncOutcome {
     /// Data key versions rewrapped: `(dek_version, from, to)`.
     pub rewrapped: Vec<(u32, u32, u32)>,
 }
+
+/// Why [`Keys::sync_master`] failed: the sidecar (refused, or not
+/// reached) or the key file.
+#[derive(Debug)]
+pub enum SyncError {
+    /// A call to the sidecar failed.
+    Sidecar {
+        /// What the call was for.
+        during: String,
+        /// How it failed.
+        error: ClientError,
+    },
+    /// The key file could not be read, changed or stored.
+    KeyFile(anyhow::Error),
+}
+
+impl SyncError {
+    fn sidecar(during: &'static str) -> impl FnOnce(ClientError) -> SyncError {
+        move |error| SyncError::Sidecar {
+            during: during.into(),
+            error,
+        }
+    }
+
+    /// The sidecar's refusal code, if it refused.
+    pub fn refused(&self) -> Option<ErrorCode> {
+        match self {
+            SyncError::Sidecar { error, .. } => error.refused(),
+            SyncError::KeyFile(_) => None,
+        }
+    }
+}
+
+impl From<anyhow::Error> for SyncError {
+    fn from(e: anyhow::Error) -> Self {
+        SyncError::KeyFile(e)
+    }
+}
+
+impl std::fmt::Display for SyncError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SyncError::Sidecar { during, error } => write!(f, "{during}: {error}"),
+            SyncError::KeyFile(e) => write!(f, "the key file: {e:#}"),
+        }
+    }
+}
+
+impl std::error::Error for SyncError {}
 
 /// A tablespace's keys.
 pub struct Keys {
@@ -97,24 +145,21 @@ impl Keys {
                 );
             }
             let key = spec.key.as_deref().context("--init needs --key MEK")?;
-            let req = Request::GenerateDataKey {
-                key: key.to_string(),
-                context,
-            };
-            let Response::DataKey {
-                version,
-                plaintext,
-                ciphertext,
-                ..
-            } = call_waiting(&spec.sidecar, &req, spec.wait).map_err(|e| explain(e, spec))?
-            else {
-                bail!("unexpected response from the sidecar")
-            };
+            let dk = call_waiting(&spec.sidecar, spec.wait, |c| {
+                c.generate_data_key(key, &context)
+            })
+            .map_err(|e| explain(e, spec))?;
             cipher
-                .add_key(1, plaintext.expose())
+                .add_key(1, dk.plaintext.expose())
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
-            KeyFile::new(key, &spec.tablespace, &spec.cluster, version, &ciphertext)
-                .store(&spec.backing)?;
+            KeyFile::new(
+                key,
+                &spec.tablespace,
+                &spec.cluster,
+                dk.version,
+                &dk.ciphertext,
+            )
+            .store(&spec.backing)?;
             return Ok(Keys::new(&spec.backing, &spec.sidecar, cipher, 2));
         }
         let kf = KeyFile::load(&spec.backing)?;
@@ -134,17 +179,11 @@ impl Keys {
             bail!("the key file is under master key {:?}, not {k:?}", kf.mek);
         }
         for dek in &kf.deks {
-            let req = Request::Decrypt {
-                ciphertext: dek.blob()?,
-                context: context.clone(),
-            };
-            let Response::Decrypted { plaintext, .. } =
-                call_waiting(&spec.sidecar, &req, spec.wait).map_err(|e| explain(e, spec))?
-            else {
-                bail!("unexpected response from the sidecar")
-            };
+            let blob = dek.blob()?;
+            let d = call_waiting(&spec.sidecar, spec.wait, |c| c.decrypt(&blob, &context))
+                .map_err(|e| explain(e, spec))?;
             cipher
-                .add_key(dek.version, plaintext.expose())
+                .add_key(dek.version, d.plaintext.expose())
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
         }
         Ok(Keys::new(
@@ -214,13 +253,13 @@ impl Keys {
 
     /// The one read-modify-write of the key file: `f` changes it and says
     /// whether it did; a changed key file is stored atomically.
-    fn update<R>(
+    fn update<R, E: From<anyhow::Error>>(
         &self,
-        f: impl FnOnce(&mut KeyFile) -> anyhow::Result<(bool, R)>,
-    ) -> anyhow::Result<(KeyFile, R)> {
+        f: impl FnOnce(&mut KeyFile) -> Result<(bool, R), E>,
+    ) -> Result<(KeyFile, R), E> {
         let _held = self.file.lock().unwrap_or_else(|p| p.into_inner());
         if self.wiped() {
-            bail!("the keys of this mount were zeroized");
+            return Err(anyhow::anyhow!("the keys of this mount were zeroized").into());
         }
         let mut kf = KeyFile::load(&self.backing)?;
         let (changed, r) = f(&mut kf)?;
@@ -233,30 +272,23 @@ impl Keys {
     /// Tells the sidecar's registry which data keys (under which master key
     /// versions) this backing directory holds; returns the master key's
     /// primary version.
-    pub fn register(&self, c: &mut Client, kf: &KeyFile) -> anyhow::Result<u32> {
+    pub fn register(&self, c: &mut Client, kf: &KeyFile) -> Result<u32, ClientError> {
         let location = self
             .backing
             .canonicalize()
             .unwrap_or_else(|_| self.backing.clone())
             .display()
             .to_string();
-        let req = Request::RegisterDeks {
-            key: kf.mek.clone(),
-            context: KeyFile::context(&kf.tablespace, &kf.cluster),
-            location,
-            deks: kf
-                .deks
-                .iter()
-                .map(|d| DekRef {
-                    dek_version: d.version,
-                    key_version: d.mek_version,
-                })
-                .collect(),
-        };
-        match c.call(&req)? {
-            Response::KeyPrimary { version, .. } => Ok(version),
-            _ => bail!("unexpected response to register_deks"),
-        }
+        let deks = kf
+            .deks
+            .iter()
+            .map(|d| DekRef {
+                dek_version: d.version,
+                key_version: d.mek_version,
+            })
+            .collect();
+        let context = KeyFile::context(&kf.tablespace, &kf.cluster);
+        c.register_deks(&kf.mek, &context, &location, deks)
     }
 
     /// Best-effort registration on a fresh connection (the keeper retries).
@@ -271,42 +303,36 @@ impl Keys {
     /// sidecar (`re_encrypt`: the plaintext key never leaves the HSM),
     /// replaces the key file atomically, and registers again. Callers
     /// outside a mount hold the [`crate::keyfile::BackingLock`].
-    pub fn sync_master(&self, c: &mut Client) -> anyhow::Result<SyncOutcome> {
+    pub fn sync_master(&self, c: &mut Client) -> Result<SyncOutcome, SyncError> {
         let mut primary = 0;
-        let (kf, rewrapped) = self.update(|kf| {
-            primary = self.register(c, kf)?;
+        let (kf, rewrapped) = self.update::<_, SyncError>(|kf| {
+            primary = self
+                .register(c, kf)
+                .map_err(SyncError::sidecar("registering the data keys"))?;
             let context = KeyFile::context(&kf.tablespace, &kf.cluster);
             let mut rewrapped = Vec::new();
             for dek in &mut kf.deks {
                 if dek.mek_version >= primary {
                     continue;
                 }
-                let req = Request::ReEncrypt {
-                    ciphertext: dek.blob()?,
-                    context: context.clone(),
-                };
-                let Response::ReEncrypted {
-                    version,
-                    source_version,
-                    ciphertext,
-                    ..
-                } = c.call(&req).with_context(|| {
-                    format!(
-                        "rewrapping data key v{} (under master key {} v{})",
-                        dek.version, kf.mek, dek.mek_version
-                    )
-                })?
-                else {
-                    bail!("unexpected response to re_encrypt");
-                };
-                rewrapped.push((dek.version, source_version, version));
-                dek.mek_version = version;
-                dek.wrapped = B64.encode(&ciphertext);
+                let r =
+                    c.re_encrypt(&dek.blob()?, &context)
+                        .map_err(|error| SyncError::Sidecar {
+                            during: format!(
+                                "rewrapping data key v{} (under master key {} v{})",
+                                dek.version, kf.mek, dek.mek_version
+                            ),
+                            error,
+                        })?;
+                rewrapped.push((dek.version, r.source_version, r.version));
+                dek.mek_version = r.version;
+                dek.wrapped = B64.encode(&r.ciphertext);
             }
             Ok((!rewrapped.is_empty(), rewrapped))
         })?;
         if !rewrapped.is_empty() {
-            self.register(c, &kf)?;
+            self.register(c, &kf)
+                .map_err(SyncError::sidecar("registering the rewrapped data keys"))?;
         }
         Ok(SyncOutcome {
             key: kf.mek,
@@ -321,34 +347,22 @@ impl Keys {
     /// (an earlier re-key stopped before its first checkpoint), the newest
     /// is the target and nothing changes.
     pub fn add_version(&self) -> anyhow::Result<u32> {
-        let (kf, (target, new_key)) = self.update(|kf| {
+        let (kf, (target, new_key)) = self.update::<_, anyhow::Error>(|kf| {
             let newest = kf.deks.iter().map(|d| d.version).max().unwrap_or(0);
             if kf.deks.len() > 1 {
                 return Ok((false, (newest, None)));
             }
             let next = newest + 1;
-            let mut c = Client::connect(&self.sidecar)?;
-            let req = Request::GenerateDataKey {
-                key: kf.mek.clone(),
-                context: KeyFile::context(&kf.tablespace, &kf.cluster),
-            };
-            let Response::DataKey {
-                version,
-                plaintext,
-                ciphertext,
-                ..
-            } = c
-                .call(&req)
-                .context("asking the sidecar for a new data key")?
-            else {
-                bail!("unexpected response from the sidecar");
-            };
+            let context = KeyFile::context(&kf.tablespace, &kf.cluster);
+            let dk = Client::connect(&self.sidecar)
+                .and_then(|mut c| c.generate_data_key(&kf.mek, &context))
+                .context("asking the sidecar for a new data key")?;
             kf.deks.push(WrappedDek {
                 version: next,
-                mek_version: version,
-                wrapped: B64.encode(&ciphertext),
+                mek_version: dk.version,
+                wrapped: B64.encode(&dk.ciphertext),
             });
-            Ok((true, (next, Some(plaintext))))
+            Ok((true, (next, Some(dk.plaintext))))
         })?;
         // The key file is durable now (`update` stored it): only from here
         // on may a block be written under the new version.
@@ -367,7 +381,7 @@ impl Keys {
     /// memory; returns the dropped versions. Every block and header must be
     /// under `target` and durable before this is called.
     pub fn retire_all_but(&self, target: u32) -> anyhow::Result<Vec<u32>> {
-        let (kf, old) = self.update(|kf| {
+        let (kf, old) = self.update::<_, anyhow::Error>(|kf| {
             if !kf.deks.iter().any(|d| d.version == target) {
                 bail!("the key file lost data key v{target}: not retiring anything");
             }
@@ -392,7 +406,7 @@ impl Keys {
 
     /// Records that every file of the tablespace has a format-2 header.
     pub fn set_page_format_2(&self) -> anyhow::Result<()> {
-        self.update(|kf| {
+        self.update::<_, anyhow::Error>(|kf| {
             let changed = kf.format != FORMAT;
             kf.format = FORMAT.into();
             Ok((changed, ()))
@@ -402,29 +416,34 @@ impl Keys {
     }
 }
 
-/// Connects to the sidecar and sends `req`, waiting up to `wait` while it is
-/// unreachable or sealed, with a message each time. Other refusals end at
-/// once.
-pub fn call_waiting(sidecar: &Path, req: &Request, wait: Duration) -> anyhow::Result<Response> {
+/// Connects to the sidecar and makes the call `f`, waiting up to `wait`
+/// while the sidecar is unreachable or sealed, with a message each time.
+/// Other refusals end at once.
+pub fn call_waiting<T>(
+    sidecar: &Path,
+    wait: Duration,
+    mut f: impl FnMut(&mut Client) -> Result<T, ClientError>,
+) -> Result<T, ClientError> {
     let deadline = Instant::now() + wait;
     let mut said = None::<String>;
     loop {
-        let attempt = Client::connect(sidecar).and_then(|mut c| c.call(req));
-        let why = match attempt {
+        let e = match Client::connect(sidecar).and_then(|mut c| f(&mut c)) {
             Ok(r) => return Ok(r),
-            Err(e) => match e.downcast_ref::<Refused>() {
-                Some(r) if r.code == ErrorCode::Sealed => {
-                    "the sidecar is sealed; waiting for it to be unsealed".to_string()
-                }
-                Some(_) => return Err(e),
-                None => format!(
-                    "the sidecar at {} is unreachable ({e:#}); waiting",
-                    sidecar.display()
-                ),
-            },
+            Err(e) => e,
+        };
+        let why = match e.refused() {
+            Some(ErrorCode::Sealed) => {
+                "the sidecar is sealed; waiting for it to be unsealed".to_string()
+            }
+            Some(_) => return Err(e),
+            None => format!(
+                "the sidecar at {} is unreachable ({e}); waiting",
+                sidecar.display()
+            ),
         };
         if Instant::now() >= deadline {
-            bail!("{why}: gave up after {} s", wait.as_secs());
+            tracing::warn!("{why}: gave up after {} s", wait.as_secs());
+            return Err(e);
         }
         if said.as_deref() != Some(why.as_str()) {
             eprintln!("tde mount: {why}");
@@ -435,8 +454,8 @@ pub fn call_waiting(sidecar: &Path, req: &Request, wait: Duration) -> anyhow::Re
     }
 }
 
-fn explain(e: anyhow::Error, spec: &MountSpec) -> anyhow::Error {
-    match e.downcast_ref::<Refused>().map(|r| r.code) {
+fn explain(e: ClientError, spec: &MountSpec) -> anyhow::Error {
+    match e.refused() {
         Some(ErrorCode::ContextMismatch) => anyhow::anyhow!(
             "mount refused: the key file in {} was not made for tablespace {:?} of cluster {:?} (it was copied from another backing directory, or the names are wrong)",
             spec.backing.display(),
@@ -444,11 +463,20 @@ fn explain(e: anyhow::Error, spec: &MountSpec) -> anyhow::Error {
             spec.cluster
         ),
         Some(ErrorCode::PermissionDenied) => {
-            e.context("mount refused by the sidecar's client policy")
+            anyhow::Error::new(e).context("mount refused by the sidecar's client policy")
         }
-        Some(ErrorCode::Zeroized) => e.context(
+        Some(ErrorCode::Zeroized) => anyhow::Error::new(e).context(
             "mount refused: the sidecar was zeroized; its master keys, and so this tablespace's data keys, are gone for ever",
         ),
-        _ => e,
+        Some(ErrorCode::Sealed) => anyhow::Error::new(e).context(format!(
+            "the sidecar is still sealed: gave up after {} s (--wait)",
+            spec.wait.as_secs()
+        )),
+        Some(_) => e.into(),
+        None => anyhow::Error::new(e).context(format!(
+            "the sidecar at {} is unreachable: gave up after {} s (--wait)",
+            spec.sidecar.display(),
+            spec.wait.as_secs()
+        )),
     }
 }

@@ -11,7 +11,6 @@
 //!   directory.
 //! - [`keys`]: the one owner of a tablespace's keys (key file, page cipher,
 //!   the order in which key-file changes become durable).
-//! - [`client`]: a blocking client for the sidecar's sockets.
 //! - [`control`]: the mount's control socket (`tde rekey`, `tde status`).
 //! - [`fs`]: the FUSE file system that encrypts a backing directory (inode
 //!   table, block engine, FUSE glue).
@@ -24,7 +23,6 @@
 //!   the sidecar's registry, follow new primary versions.
 #![forbid(unsafe_code)]
 
-pub mod client;
 pub mod control;
 pub mod failpoint;
 pub mod fs;

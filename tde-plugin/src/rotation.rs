@@ -25,10 +25,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tde_protocol::{ErrorCode, Request, Response};
+use tde_protocol::ErrorCode;
+use tde_protocol::client::Client;
 
-use crate::client::{Client, Refused};
-use crate::keys::Keys;
+use crate::keys::{Keys, SyncError};
 
 /// How long one `watch_key` waits before the keeper checks anyway.
 pub const WATCH_TIMEOUT: Duration = Duration::from_secs(30);
@@ -147,7 +147,7 @@ fn keep(
                     }
                 }
                 Err(e) => {
-                    note_lost(&mut lost, Some(format!("{e:#}")));
+                    note_lost(&mut lost, Some(e.to_string()));
                     sleep_unless_stopped(stop, Duration::from_secs(2));
                     continue;
                 }
@@ -170,46 +170,47 @@ fn keep(
                 key = o.key;
             })
         } else {
-            let req = Request::WatchKey {
-                key: key.clone(),
-                version: primary,
-                timeout_ms: WATCH_TIMEOUT.as_millis() as u32,
-            };
-            c.call(&req).map(|r| {
-                if let Response::KeyPrimary { version, .. } = r
-                    && version != primary
-                {
-                    tracing::info!(
-                        from = primary,
-                        to = version,
-                        "the master key has a new primary version"
-                    );
-                    registered_at = None;
+            match c.watch_key(&key, primary, WATCH_TIMEOUT) {
+                Ok(version) => {
+                    if version != primary {
+                        tracing::info!(
+                            from = primary,
+                            to = version,
+                            "the master key has a new primary version"
+                        );
+                        registered_at = None;
+                    }
+                    Ok(())
                 }
-            })
+                Err(error) => Err(SyncError::Sidecar {
+                    during: "watching the master key".into(),
+                    error,
+                }),
+            }
         };
         match step {
             Ok(()) => refusal = None,
             Err(_) if stop.load(Ordering::SeqCst) => {}
             Err(e) => {
-                let refused = e.downcast_ref::<Refused>().map(|r| r.code);
+                let refused = e.refused();
                 if refused.is_some_and(revokes) {
-                    tracing::error!(error = %format!("{e:#}"), "the sidecar revoked this mount's keys");
+                    tracing::error!(error = %e, "the sidecar revoked this mount's keys");
                     on_revoked();
                     return;
                 }
-                if refused.is_some() {
-                    // Sealed, or a refusal: keep the connection, retry later,
-                    // and say so once.
-                    let why = format!("{e:#}");
+                if refused.is_some() || matches!(e, SyncError::KeyFile(_)) {
+                    // Sealed, a refusal, or a key file that could not be
+                    // changed: keep the connection, retry later, and say
+                    // so once.
+                    let why = e.to_string();
                     if refusal.as_deref() != Some(why.as_str()) {
-                        tracing::warn!(error = %why, "the sidecar refused the key file sync; retrying every 2 s");
+                        tracing::warn!(error = %why, "the key file sync failed; retrying every 2 s");
                         refusal = Some(why);
                     }
                     registered_at = None;
                     sleep_unless_stopped(stop, Duration::from_secs(2));
                 } else {
-                    note_lost(&mut lost, Some(format!("{e:#}")));
+                    note_lost(&mut lost, Some(e.to_string()));
                     conn = None;
                     *stream.lock().unwrap_or_else(|p| p.into_inner()) = None;
                     sleep_unless_stopped(stop, Duration::from_secs(1));

@@ -4,10 +4,12 @@
 //! carries a request id that the response echoes, and every failure is a
 //! typed [`ErrorCode`]. The byte-level specification is `docs/PROTOCOL.md`;
 //! this crate is its reference implementation, shared by the daemon and the
-//! CLI. It does no socket I/O of its own beyond the small blocking helpers in
-//! [`frame`], and never panics on input.
+//! CLI. Its only socket I/O is blocking: the helpers in [`frame`] and the
+//! [`client`]. It never panics on input.
 //!
 //! # Layout
+//! - [`client`]: the typed blocking client the CLI, the mount and the
+//!   re-key use.
 //! - [`frame`]: the 20-byte frame header, the size cap, frame parsing and
 //!   blocking read/write helpers.
 //! - [`codec`]: the body encoding (tag, length, value fields) with a checked
@@ -20,6 +22,7 @@
 //!   passwords and shares in transit.
 #![forbid(unsafe_code)]
 
+pub mod client;
 pub mod codec;
 pub mod error;
 pub mod frame;

@@ -1,0 +1,366 @@
+//! The typed, blocking client of the sidecar's sockets, used by the CLI, the
+//! mount and the re-key: one method per operation, each returning that
+//! operation's answer, and one error type, [`ClientError`], that tells a
+//! refusal by the sidecar (with its [`ErrorCode`]) from a connection that
+//! failed. Nobody outside this module matches a [`Response`] by hand.
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::frame::{read_frame, write_frame};
+use crate::message::{Context, DekRef, KeyInfo, OperatorInfo, StatusInfo};
+use crate::{ErrorCode, Op, Request, Response, SecretBytes};
+
+/// How long a call waits for its answer (a `watch_key` waits at most 60 s
+/// on the server, and is asked for less).
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Why a call failed.
+#[derive(Debug)]
+pub enum ClientError {
+    /// The socket could not be reached.
+    Connect {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Sending or receiving failed, or the sidecar closed the connection.
+    Transport {
+        /// What was being done.
+        doing: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The answer could not be decoded, or answered another request.
+    BadResponse(String),
+    /// The sidecar refused the request.
+    Refused {
+        /// What kind of refusal.
+        code: ErrorCode,
+        /// The sidecar's reason, for a person.
+        message: String,
+    },
+}
+
+impl ClientError {
+    /// The sidecar's refusal code; `None` when the connection failed.
+    pub fn refused(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Refused { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for ClientError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientError::Connect { path, source } => write!(
+                f,
+                "cannot connect to {}: {source}; is `tde serve` running, and is this the right socket (TDE_DATA_DIR / --config / --sidecar)?",
+                path.display()
+            ),
+            ClientError::Transport { doing, source } => write!(f, "{doing}: {source}"),
+            ClientError::BadResponse(why) => write!(f, "bad response from the sidecar: {why}"),
+            ClientError::Refused { code, message } => write!(f, "{message} ({code})"),
+        }
+    }
+}
+
+impl std::error::Error for ClientError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ClientError::Connect { source, .. } | ClientError::Transport { source, .. } => {
+                Some(source)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A data key from `generate_data_key`.
+#[derive(Debug)]
+pub struct DataKey {
+    /// The master key's name.
+    pub key: String,
+    /// The master key version that wrapped it.
+    pub version: u32,
+    /// The data key.
+    pub plaintext: SecretBytes,
+    /// The wrapped data key.
+    pub ciphertext: Vec<u8>,
+}
+
+/// A data key from `decrypt`.
+#[derive(Debug)]
+pub struct Decrypted {
+    /// The master key's name.
+    pub key: String,
+    /// The master key version that had wrapped it.
+    pub version: u32,
+    /// The data key.
+    pub plaintext: SecretBytes,
+}
+
+/// A data key rewrapped by `re_encrypt`.
+#[derive(Debug)]
+pub struct ReEncrypted {
+    /// The master key's name.
+    pub key: String,
+    /// The version it is wrapped under now.
+    pub version: u32,
+    /// The version it was wrapped under.
+    pub source_version: u32,
+    /// The new wrapped data key.
+    pub ciphertext: Vec<u8>,
+}
+
+/// One connection to a sidecar socket. Requests on it are answered in
+/// order; an admin connection keeps its operator login.
+#[derive(Debug)]
+pub struct Client {
+    stream: UnixStream,
+    next_id: u64,
+}
+
+/// Calls `req` and destructures the answer it must have.
+macro_rules! expect {
+    ($self:ident, $req:expr, $pat:pat => $out:expr) => {{
+        let req = $req;
+        match $self.call(&req)? {
+            $pat => Ok($out),
+            other => Err(unexpected(req.op(), &other)),
+        }
+    }};
+}
+
+fn unexpected(op: Op, got: &Response) -> ClientError {
+    // The variant name only: a response may hold a key.
+    let shown = format!("{got:?}");
+    let variant = shown.split([' ', '(', '{']).next().unwrap_or("?");
+    ClientError::BadResponse(format!("{variant} in answer to {}", op.name()))
+}
+
+impl Client {
+    /// Connects to the socket at `path`.
+    pub fn connect(path: &Path) -> Result<Client, ClientError> {
+        let stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        stream
+            .set_read_timeout(Some(CALL_TIMEOUT))
+            .map_err(|source| ClientError::Transport {
+                doing: "setting the socket's timeout",
+                source,
+            })?;
+        Ok(Client {
+            stream,
+            next_id: u64::from(std::process::id()) << 32,
+        })
+    }
+
+    /// Another handle on the connection's socket (to shut it down from
+    /// another thread, which ends a call waiting on it).
+    pub fn stream_clone(&self) -> std::io::Result<UnixStream> {
+        self.stream.try_clone()
+    }
+
+    /// Sends any request and returns its answer; a refusal is
+    /// [`ClientError::Refused`]. The typed methods below are built on it.
+    pub fn call(&mut self, req: &Request) -> Result<Response, ClientError> {
+        self.next_id += 1;
+        write_frame(&mut self.stream, &req.to_frame(self.next_id)).map_err(|source| {
+            ClientError::Transport {
+                doing: "sending the request",
+                source,
+            }
+        })?;
+        let frame = read_frame(&mut self.stream)
+            .map_err(|source| ClientError::Transport {
+                doing: "reading the response",
+                source,
+            })?
+            .ok_or_else(|| ClientError::Transport {
+                doing: "reading the response",
+                source: std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the sidecar closed the connection",
+                ),
+            })?;
+        if frame.header.request_id != self.next_id {
+            return Err(ClientError::BadResponse(
+                "an answer to another request (id mismatch)".into(),
+            ));
+        }
+        match Response::from_frame(&frame).map_err(|e| ClientError::BadResponse(e.to_string()))? {
+            Response::Error { code, message } => Err(ClientError::Refused { code, message }),
+            r => Ok(r),
+        }
+    }
+
+    /// `status`: seal state and identity.
+    pub fn status(&mut self) -> Result<StatusInfo, ClientError> {
+        expect!(self, Request::Status, Response::Status(s) => s)
+    }
+
+    /// `unseal`: gives one share; the state after it.
+    pub fn unseal(&mut self, share: SecretBytes) -> Result<StatusInfo, ClientError> {
+        expect!(self, Request::Unseal { share }, Response::Status(s) => s)
+    }
+
+    /// `seal`: drops every key from memory.
+    pub fn seal(&mut self) -> Result<StatusInfo, ClientError> {
+        expect!(self, Request::Seal, Response::Status(s) => s)
+    }
+
+    /// `login` on the admin socket; gives the operator's role.
+    pub fn login(&mut self, operator: &str, password: SecretBytes) -> Result<String, ClientError> {
+        expect!(self, Request::Login { operator: operator.into(), password },
+            Response::LoggedIn { role, .. } => role)
+    }
+
+    /// `zeroize`: destroys the root material for ever.
+    pub fn zeroize(&mut self) -> Result<(), ClientError> {
+        expect!(self, Request::Zeroize, Response::Done => ())
+    }
+
+    /// `operator_add`.
+    pub fn operator_add(
+        &mut self,
+        operator: &str,
+        role: &str,
+        password: SecretBytes,
+    ) -> Result<(), ClientError> {
+        expect!(self, Request::OperatorAdd { operator: operator.into(), role: role.into(), password },
+            Response::Done => ())
+    }
+
+    /// `operator_passwd`.
+    pub fn operator_passwd(
+        &mut self,
+        operator: &str,
+        password: SecretBytes,
+    ) -> Result<(), ClientError> {
+        expect!(self, Request::OperatorPasswd { operator: operator.into(), password },
+            Response::Done => ())
+    }
+
+    /// `operator_unlock`.
+    pub fn operator_unlock(&mut self, operator: &str) -> Result<(), ClientError> {
+        expect!(self, Request::OperatorUnlock { operator: operator.into() }, Response::Done => ())
+    }
+
+    /// `operator_list`.
+    pub fn operator_list(&mut self) -> Result<Vec<OperatorInfo>, ClientError> {
+        expect!(self, Request::OperatorList, Response::Operators(o) => o)
+    }
+
+    /// `key_list`.
+    pub fn key_list(&mut self) -> Result<Vec<KeyInfo>, ClientError> {
+        expect!(self, Request::KeyList, Response::Keys(k) => k)
+    }
+
+    /// Any operation on one master key (`key_create`, `key_describe`,
+    /// `key_rotate`, `key_disable`, ...): the key as it is afterwards.
+    pub fn key(&mut self, req: Request) -> Result<KeyInfo, ClientError> {
+        expect!(self, req, Response::Key(k) => k)
+    }
+
+    /// `key_create`.
+    pub fn key_create(&mut self, key: &str, description: &str) -> Result<KeyInfo, ClientError> {
+        self.key(Request::KeyCreate {
+            key: key.into(),
+            description: description.into(),
+        })
+    }
+
+    /// `key_describe`.
+    pub fn key_describe(&mut self, key: &str) -> Result<KeyInfo, ClientError> {
+        self.key(Request::KeyDescribe { key: key.into() })
+    }
+
+    /// `key_rotate`: a new primary version.
+    pub fn key_rotate(&mut self, key: &str) -> Result<KeyInfo, ClientError> {
+        self.key(Request::KeyRotate { key: key.into() })
+    }
+
+    /// `key_disable` of one version, or of all when `None`.
+    pub fn key_disable(&mut self, key: &str, version: Option<u32>) -> Result<KeyInfo, ClientError> {
+        self.key(Request::KeyDisable {
+            key: key.into(),
+            version,
+        })
+    }
+
+    /// `generate_data_key` under the primary version of `key`.
+    pub fn generate_data_key(
+        &mut self,
+        key: &str,
+        context: &Context,
+    ) -> Result<DataKey, ClientError> {
+        expect!(self, Request::GenerateDataKey { key: key.into(), context: context.clone() },
+            Response::DataKey { key, version, plaintext, ciphertext } =>
+                DataKey { key, version, plaintext, ciphertext })
+    }
+
+    /// `decrypt`: the data key inside a wrapped blob.
+    pub fn decrypt(
+        &mut self,
+        ciphertext: &[u8],
+        context: &Context,
+    ) -> Result<Decrypted, ClientError> {
+        expect!(self, Request::Decrypt { ciphertext: ciphertext.to_vec(), context: context.clone() },
+            Response::Decrypted { key, version, plaintext } =>
+                Decrypted { key, version, plaintext })
+    }
+
+    /// `re_encrypt`: the blob rewrapped under the primary version, without
+    /// the data key leaving the HSM.
+    pub fn re_encrypt(
+        &mut self,
+        ciphertext: &[u8],
+        context: &Context,
+    ) -> Result<ReEncrypted, ClientError> {
+        expect!(self, Request::ReEncrypt { ciphertext: ciphertext.to_vec(), context: context.clone() },
+            Response::ReEncrypted { key, version, source_version, ciphertext } =>
+                ReEncrypted { key, version, source_version, ciphertext })
+    }
+
+    /// `generate_random`.
+    pub fn generate_random(&mut self, length: u32) -> Result<SecretBytes, ClientError> {
+        expect!(self, Request::GenerateRandom { length }, Response::Random { bytes } => bytes)
+    }
+
+    /// `register_deks`: the master key's primary version.
+    pub fn register_deks(
+        &mut self,
+        key: &str,
+        context: &Context,
+        location: &str,
+        deks: Vec<DekRef>,
+    ) -> Result<u32, ClientError> {
+        expect!(self, Request::RegisterDeks {
+                key: key.into(),
+                context: context.clone(),
+                location: location.into(),
+                deks,
+            },
+            Response::KeyPrimary { version, .. } => version)
+    }
+
+    /// `watch_key`: the primary version once it is not `version`, or after
+    /// `timeout`.
+    pub fn watch_key(
+        &mut self,
+        key: &str,
+        version: u32,
+        timeout: Duration,
+    ) -> Result<u32, ClientError> {
+        let timeout_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
+        expect!(self, Request::WatchKey { key: key.into(), version, timeout_ms },
+            Response::KeyPrimary { version, .. } => version)
+    }
+}
