@@ -346,8 +346,8 @@ fn wrapped_key_seeds_unwrap() {
     use tde_hsm::wrap::{self, VersionKeys};
     let mek = MasterKeyMaterial::from_slice(&tde_hsm::fuzz::SEED_KEY).expect("mek");
     for blob in corpus("wrapped_key") {
-        let h = wrap::parse_header(&blob).expect("header");
-        let keys = VersionKeys::derive(&mek, &h.key, h.version).expect("derive");
-        wrap::unwrap(&keys, &blob, &tde_hsm::fuzz::seed_context()).expect("a seed unwraps");
+        let w = tde_hsm::WrappedKey::parse(&blob).expect("header");
+        let keys = VersionKeys::derive(&mek, w.key, w.version).expect("derive");
+        wrap::unwrap(&keys, &w, &tde_hsm::fuzz::seed_context()).expect("a seed unwraps");
     }
 }

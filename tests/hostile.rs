@@ -1158,3 +1158,69 @@ fn a_crypto_user_uses_only_keys_shared_with_it() {
     assert_eq!(count(&recs, "key_share", "ok"), 1);
     assert_eq!(count(&recs, "key_unshare", "ok"), 1);
 }
+
+/// The HSM's sessions: an officer's login on a connection ends when the
+/// HSM is sealed, so after custodians unseal again the old connection
+/// cannot act as the officer (it must log in again), and a crypto user's
+/// login gives no officer's powers over raw frames.
+#[test]
+fn a_seal_ends_every_login() {
+    let env = Env::new("");
+    let shares = env.init();
+    let _daemon = env.serve();
+    env.unseal(&shares[..3]);
+    env.ok(&["key", "create", "app-session"]);
+    env.ok_new_password(
+        &["operator", "add", "uma", "--role", "crypto_user"],
+        "uma-password-1",
+    );
+    let login = |c: &mut Raw, who: &str, pw: &str| match c.call(&Request::Login {
+        operator: who.into(),
+        password: tde_protocol::SecretBytes::from_slice(pw.as_bytes()),
+    }) {
+        Response::LoggedIn { .. } => {}
+        r => panic!("{r:?}"),
+    };
+    let mut officer = Raw::connect(&env.admin_socket());
+    login(&mut officer, "admin", common::PASSWORD);
+    let rotate = Request::KeyRotate {
+        key: "app-session".into(),
+    };
+    assert!(matches!(officer.call(&rotate), Response::Key(_)));
+    assert!(matches!(officer.call(&Request::Seal), Response::Status(_)));
+    for s in &shares[2..5] {
+        let r = officer.call(&Request::Unseal {
+            share: tde_protocol::SecretBytes::from_slice(s.as_bytes()),
+        });
+        assert!(matches!(r, Response::Status(_)), "{r:?}");
+    }
+    match officer.call(&rotate) {
+        Response::Error {
+            code: ErrorCode::NotAuthenticated,
+            message,
+        } => assert!(message.contains("log in again"), "{message}"),
+        r => panic!("the old login still works: {r:?}"),
+    }
+    login(&mut officer, "admin", common::PASSWORD);
+    assert!(matches!(officer.call(&rotate), Response::Key(_)));
+
+    let mut user = Raw::connect(&env.admin_socket());
+    login(&mut user, "uma", "uma-password-1");
+    for req in [
+        rotate,
+        Request::Seal,
+        Request::Zeroize,
+        Request::OperatorList,
+    ] {
+        match user.call(&req) {
+            Response::Error {
+                code: ErrorCode::PermissionDenied,
+                ..
+            } => {}
+            r => panic!("{req:?} as a crypto user: {r:?}"),
+        }
+    }
+    let v = env.ok(&["key", "show", "app-session"]);
+    assert_eq!(v["primary_version"], 3, "two rotations, not three: {v}");
+    assert!(!env.ok(&["status"])["sealed"].as_bool().expect("sealed"));
+}

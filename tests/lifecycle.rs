@@ -167,7 +167,7 @@ fn no_key_material_on_disk(env: &Env, shares: &[String], deks: &[Vec<u8>]) {
             .expect("opens");
         let rec = MekRecord::decode(pt.expose()).expect("record");
         for v in &rec.versions {
-            if let Some(m) = rec.material(v.version) {
+            if let Some(m) = v.material() {
                 secrets.push(m.expose().to_vec());
                 meks += 1;
             }

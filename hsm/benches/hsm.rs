@@ -61,7 +61,8 @@ fn main() {
     let out = Hsm::init(store.as_ref(), 1, 1, true, "admin", b"bench-password").expect("init");
     let hsm = Hsm::open(store, TamperPolicy::default()).expect("open");
     hsm.unseal(out.shares[0].expose()).expect("unseal");
-    hsm.key_create("k", "", "admin").expect("create");
+    let admin = hsm.login("admin", b"bench-password").expect("login");
+    hsm.key_create(&admin, "k", "").expect("create");
     let ctx: Context = [
         ("tablespace".to_string(), "16384".to_string()),
         ("cluster".into(), "c1".into()),
@@ -70,7 +71,8 @@ fn main() {
     let g = hsm
         .generate_data_key(tde_hsm::Caller::Client, "k", &ctx)
         .expect("gen");
-    hsm.key_rotate("k").expect("rotate");
+    hsm.key_rotate(&admin, "k").expect("rotate");
+    let blob = tde_hsm::WrappedKey::parse(&g.ciphertext).expect("parse");
     println!("| operation (one thread, in process)  | µs / op    | ops / s      |");
     println!("|------------------------------------|-----------:|-------------:|");
     time("generate_data_key", || {
@@ -78,19 +80,19 @@ fn main() {
             .expect("gen");
     });
     time("decrypt (unwrap)", || {
-        hsm.decrypt(tde_hsm::Caller::Client, &g.ciphertext, &ctx)
+        hsm.decrypt(tde_hsm::Caller::Client, &blob, &ctx)
             .expect("decrypt");
     });
     time("re_encrypt (v1 -> v2)", || {
-        hsm.re_encrypt(tde_hsm::Caller::Client, &g.ciphertext, &ctx)
+        hsm.re_encrypt(tde_hsm::Caller::Client, &blob, &ctx)
             .expect("rewrap");
     });
     let mut i = 0u64;
     time("key_create + key_rotate (sealed)", || {
         i += 1;
         let name = format!("r{i}");
-        hsm.key_create(&name, "", "admin").expect("create");
-        hsm.key_rotate(&name).expect("rotate");
+        hsm.key_create(&admin, &name, "").expect("create");
+        hsm.key_rotate(&admin, &name).expect("rotate");
     });
     let start = Instant::now();
     hsm.login("admin", b"bench-password").expect("login");

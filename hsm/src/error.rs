@@ -91,6 +91,10 @@ pub enum HsmError {
     /// Role does not allow the operation.
     #[error("permission denied: {0}")]
     PermissionDenied(String),
+
+    /// The request needs a live operator session.
+    #[error("not logged in: {0}")]
+    NotAuthenticated(&'static str),
     /// A bad argument.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

@@ -15,7 +15,7 @@ use crate::mek::MekRecord;
 use crate::operator::OperatorRecord;
 use crate::seal::Share;
 use crate::secret::MasterKeyMaterial;
-use crate::wrap::{self, Context, VersionKeys};
+use crate::wrap::{self, Context, VersionKeys, WrappedKey};
 
 /// The fixed master key the wrapped-key seeds were made with, so seeds
 /// unwrap and mutations exercise the authentication failure paths.
@@ -48,18 +48,19 @@ pub fn unseal_share(data: &[u8]) {
 /// A wrapped data key: the header parser, then the unwrap under the seed
 /// key (authentic only for unmutated seeds).
 pub fn wrapped_key(data: &[u8]) {
-    let Ok(h) = wrap::parse_header(data) else {
+    let Ok(w) = WrappedKey::parse(data) else {
         return;
     };
-    assert!(!h.key.is_empty() && h.key.len() <= wrap::MAX_NAME_LEN);
+    assert!(!w.key.is_empty() && w.key.len() <= wrap::MAX_NAME_LEN);
     let mek = MasterKeyMaterial::from_slice(&SEED_KEY).expect("key");
-    let keys = VersionKeys::derive(&mek, &h.key, h.version).expect("derive");
-    if let Ok(dek) = wrap::unwrap(&keys, data, &seed_context()) {
+    let keys = VersionKeys::derive(&mek, w.key, w.version).expect("derive");
+    if let Ok(dek) = wrap::unwrap(&keys, &w, &seed_context()) {
         // Authentic: rewrapping gives a blob with the same header that
         // unwraps to the same key.
-        let again = wrap::wrap(&keys, &h.key, h.version, &dek, &seed_context()).expect("wrap");
-        assert_eq!(wrap::parse_header(&again).expect("header"), h);
-        let dek2 = wrap::unwrap(&keys, &again, &seed_context()).expect("unwrap");
+        let again = wrap::wrap(&keys, w.key, w.version, &dek, &seed_context()).expect("wrap");
+        let w2 = WrappedKey::parse(&again).expect("header");
+        assert_eq!((w2.key, w2.version), (w.key, w.version));
+        let dek2 = wrap::unwrap(&keys, &w2, &seed_context()).expect("unwrap");
         assert_eq!(dek2.expose(), dek.expose(), "wrap round trip");
     }
 }

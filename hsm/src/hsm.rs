@@ -7,6 +7,7 @@
 //! memory, so a failed write leaves both unchanged.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -20,7 +21,7 @@ use crate::secret::{DataKey, MasterKeyMaterial, RootKey, SecretBuf, UnsealKey};
 use crate::store::{
     KIND_MANIFEST, KIND_MASTER_KEY, KIND_OPERATOR, ObjectStore, StoreMeta, StoreOp, StoredObject,
 };
-use crate::wrap::{self, Context, VersionKeys};
+use crate::wrap::{self, Context, VersionKeys, WrappedKey};
 
 /// Seconds since the Unix epoch.
 pub fn now() -> u64 {
@@ -133,14 +134,78 @@ pub struct KeyInfo {
 }
 
 /// Who asks for a data-key operation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub enum Caller<'a> {
     /// A data-socket client, already authorized by the sidecar's client
     /// policy (peer uid and gid, key patterns, context).
     Client,
     /// A logged-in crypto user: the key must be shared with it (as keys are
     /// with CloudHSM crypto users), and it must be an unlocked crypto user.
-    User(&'a str),
+    User(&'a OperatorSession),
+}
+
+/// A logged-in operator: what [`Hsm::login`] gives and what every
+/// administrative operation takes. Only the HSM makes one (its fields are
+/// private). It is good while the HSM stays unsealed since the login and
+/// the operator stays unlocked: a seal, a zeroization or a lockout ends it.
+/// Every use checks the role against [`Permission::roles`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OperatorSession {
+    name: String,
+    role: Role,
+    /// The unseal it was made under.
+    epoch: u64,
+}
+
+impl OperatorSession {
+    /// The operator's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The operator's role.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+}
+
+/// What an administrative operation needs; the HSM's one table of which
+/// role may do what.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Permission {
+    /// Seal, or zeroize an unsealed HSM.
+    Seal,
+    /// Add and unlock operators, set others' passwords.
+    ManageOperators,
+    /// List operators, list and describe master keys.
+    Read,
+    /// Create, rotate, disable, enable, destroy, share master keys.
+    ManageKeys,
+    /// Use master keys shared with the operator (data-key operations).
+    UseKeys,
+}
+
+impl Permission {
+    /// The roles that have it.
+    pub fn roles(self) -> &'static [Role] {
+        match self {
+            Permission::Seal | Permission::ManageOperators | Permission::ManageKeys => {
+                &[Role::CryptoOfficer]
+            }
+            Permission::Read => &[Role::CryptoOfficer, Role::Auditor],
+            Permission::UseKeys => &[Role::CryptoUser],
+        }
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            Permission::Seal => "seal or zeroize the HSM",
+            Permission::ManageOperators => "manage operators",
+            Permission::Read => "read operators and master keys",
+            Permission::ManageKeys => "manage master keys",
+            Permission::UseKeys => "use master keys",
+        }
+    }
 }
 
 /// An operator as shown to officers.
@@ -265,6 +330,8 @@ impl KeyEntry {
 }
 
 struct Unsealed {
+    /// Sessions made under another unseal are void.
+    epoch: u64,
     sealer: Sealer,
     /// The current revision of every object, as last written.
     manifest: Manifest,
@@ -300,6 +367,8 @@ pub struct Hsm {
     /// One lock per operator name, held across a login's password check,
     /// so an operator's attempts are checked and counted one at a time.
     logins: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Numbers the unseals; see [`OperatorSession`].
+    epochs: AtomicU64,
 }
 
 impl std::fmt::Debug for Hsm {
@@ -391,6 +460,7 @@ impl Hsm {
             pending: Mutex::new(Vec::new()),
             events: Mutex::new(Vec::new()),
             logins: Mutex::default(),
+            epochs: AtomicU64::new(1),
         })
     }
 
@@ -513,6 +583,7 @@ impl Hsm {
                 .filter(|m| m.revision == o.revision)
         });
         let mut u = Unsealed {
+            epoch: self.epochs.fetch_add(1, Ordering::SeqCst),
             sealer,
             manifest: list.clone().unwrap_or_default(),
             keys: BTreeMap::new(),
@@ -639,9 +710,16 @@ impl Hsm {
         }
     }
 
-    /// Seals: drops every key from memory (zeroized on drop) and forgets
-    /// partial unseal progress.
-    pub fn seal(&self) -> Result<(), HsmError> {
+    /// Seals for an officer: drops every key from memory (zeroized on
+    /// drop), forgets partial unseal progress, and ends every session.
+    pub fn seal(&self, by: &OperatorSession) -> Result<(), HsmError> {
+        self.authorize(by, Permission::Seal)?;
+        self.close()
+    }
+
+    /// Seals because the process is stopping (the daemon's own shutdown,
+    /// not an operator's request).
+    pub fn close(&self) -> Result<(), HsmError> {
         let mut st = self.write();
         lock(&self.pending).clear();
         let next = match &*st {
@@ -654,8 +732,21 @@ impl Hsm {
     }
 
     /// Zeroizes: wipes memory and destroys the sealed root and every object
-    /// in the store. Irreversible.
-    pub fn zeroize(&self) -> Result<(), HsmError> {
+    /// in the store. Irreversible. An unsealed HSM needs an officer's
+    /// session; a sealed one cannot check logins, so whoever reaches the
+    /// HSM (the sidecar's admin socket, mode 0600) is the authority, as
+    /// physical access is for a hardware HSM.
+    pub fn zeroize(&self, by: Option<&OperatorSession>) -> Result<(), HsmError> {
+        if matches!(&*self.read(), State::Unsealed(..)) {
+            let by = by.ok_or(HsmError::NotAuthenticated(
+                "zeroizing an unsealed HSM needs an officer's login",
+            ))?;
+            self.authorize(by, Permission::Seal)?;
+        }
+        self.wipe()
+    }
+
+    fn wipe(&self) -> Result<(), HsmError> {
         let mut st = self.write();
         lock(&self.pending).clear();
         let meta = match &*st {
@@ -672,9 +763,49 @@ impl Hsm {
     }
 
     fn zeroize_for(&self, why: &'static str) -> Result<(), HsmError> {
-        self.zeroize()?;
+        self.wipe()?;
         self.event(HsmEvent::TamperZeroized(why));
         Ok(())
+    }
+
+    /// Refuses unless `by` is a live session (this unseal, an unlocked
+    /// operator of the same role) whose role has `need`.
+    pub fn authorize(&self, by: &OperatorSession, need: Permission) -> Result<(), HsmError> {
+        let st = self.read();
+        Self::check_session(Self::unsealed(&st)?, by, need)
+    }
+
+    fn check_session(u: &Unsealed, by: &OperatorSession, need: Permission) -> Result<(), HsmError> {
+        Self::check_live(u, by)?;
+        if need.roles().contains(&by.role) {
+            Ok(())
+        } else {
+            Err(HsmError::PermissionDenied(format!(
+                "role {} may not {}",
+                by.role.name(),
+                need.what()
+            )))
+        }
+    }
+
+    /// A session of this unseal, of an operator that still exists with the
+    /// same role and is not locked.
+    fn check_live(u: &Unsealed, by: &OperatorSession) -> Result<(), HsmError> {
+        if by.epoch != u.epoch {
+            return Err(HsmError::NotAuthenticated(
+                "the login ended when the HSM was sealed; log in again",
+            ));
+        }
+        if u.tampered_operators.contains(&by.name) {
+            return Err(HsmError::Tampered(format!("operator {}", by.name)));
+        }
+        match u.operators.get(&by.name) {
+            Some((r, _)) if r.locked => Err(HsmError::OperatorLocked(by.name.clone())),
+            Some((r, _)) if r.role == by.role => Ok(()),
+            _ => Err(HsmError::NotAuthenticated(
+                "the operator of this login no longer exists; log in again",
+            )),
+        }
     }
 
     fn put_op(kind: u8, id: &str, revision: u64, blob: Vec<u8>) -> StoreOp {
@@ -725,7 +856,7 @@ impl Hsm {
     /// operator's own login lock: attempts for one operator are checked one
     /// after another, each sees the failures before it, so parallel guesses
     /// get five checks, not one each, and a locked operator cannot log in.
-    pub fn login(&self, name: &str, password: &[u8]) -> Result<Role, HsmError> {
+    pub fn login(&self, name: &str, password: &[u8]) -> Result<OperatorSession, HsmError> {
         let known = {
             let st = self.read();
             let u = Self::unsealed(&st)?;
@@ -768,11 +899,16 @@ impl Hsm {
             return Err(HsmError::OperatorLocked(name.to_string()));
         }
         if ok && rec.password_hash == hash {
+            let session = OperatorSession {
+                name: rec.name.clone(),
+                role: rec.role,
+                epoch: u.epoch,
+            };
             if rec.failed_logins != 0 {
                 rec.failed_logins = 0;
-                self.persist_operator(u, rec.clone(), rev + 1)?;
+                self.persist_operator(u, rec, rev + 1)?;
             }
-            return Ok(rec.role);
+            return Ok(session);
         }
         rec.failed_logins += 1;
         let now_locked = rec.failed_logins >= MAX_FAILED_LOGINS;
@@ -790,7 +926,14 @@ impl Hsm {
     }
 
     /// Adds an operator.
-    pub fn operator_add(&self, name: &str, role: Role, password: &[u8]) -> Result<(), HsmError> {
+    pub fn operator_add(
+        &self,
+        by: &OperatorSession,
+        name: &str,
+        role: Role,
+        password: &[u8],
+    ) -> Result<(), HsmError> {
+        self.authorize(by, Permission::ManageOperators)?;
         validate_name("operator", name)?;
         let hash = operator::hash_password(password)?;
         let mut st = self.write();
@@ -808,8 +951,19 @@ impl Hsm {
         self.persist_operator(u, rec, 1)
     }
 
-    /// Sets an operator's password (and clears its failure count).
-    pub fn operator_passwd(&self, name: &str, password: &[u8]) -> Result<(), HsmError> {
+    /// Sets an operator's password (and clears its failure count): its
+    /// own, or anyone's for an officer.
+    pub fn operator_passwd(
+        &self,
+        by: &OperatorSession,
+        name: &str,
+        password: &[u8],
+    ) -> Result<(), HsmError> {
+        if by.name == name {
+            Self::check_live(Self::unsealed(&self.read())?, by)?;
+        } else {
+            self.authorize(by, Permission::ManageOperators)?;
+        }
         let hash = operator::hash_password(password)?;
         self.update_operator(name, |r| {
             r.password_hash = hash;
@@ -818,7 +972,8 @@ impl Hsm {
     }
 
     /// Unlocks an operator.
-    pub fn operator_unlock(&self, name: &str) -> Result<(), HsmError> {
+    pub fn operator_unlock(&self, by: &OperatorSession, name: &str) -> Result<(), HsmError> {
+        self.authorize(by, Permission::ManageOperators)?;
         self.update_operator(name, |r| {
             r.locked = false;
             r.failed_logins = 0;
@@ -845,9 +1000,10 @@ impl Hsm {
     }
 
     /// Lists operators.
-    pub fn operator_list(&self) -> Result<Vec<OperatorInfo>, HsmError> {
+    pub fn operator_list(&self, by: &OperatorSession) -> Result<Vec<OperatorInfo>, HsmError> {
         let st = self.read();
         let u = Self::unsealed(&st)?;
+        Self::check_session(u, by, Permission::Read)?;
         Ok(u.operators
             .values()
             .map(|(r, _)| OperatorInfo {
@@ -892,14 +1048,15 @@ impl Hsm {
         Ok(info)
     }
 
-    /// Creates a master key with version 1, owned by `owner` (the officer
-    /// who asked) and shared with nobody.
+    /// Creates a master key with version 1, owned by the officer who asks
+    /// and shared with nobody.
     pub fn key_create(
         &self,
+        by: &OperatorSession,
         name: &str,
         description: &str,
-        owner: &str,
     ) -> Result<KeyInfo, HsmError> {
+        self.authorize(by, Permission::ManageKeys)?;
         validate_name("key", name)?;
         if description.len() > 1024 {
             return Err(HsmError::InvalidArgument(
@@ -925,16 +1082,17 @@ impl Hsm {
                 material: Some(MasterKeyMaterial::generate()?),
             }],
             rotate_after: 0,
-            owner: owner.to_string(),
+            owner: by.name.clone(),
             users: Vec::new(),
         };
         self.commit_key(u, record, 1)
     }
 
     /// Lists master keys (tampered ones flagged).
-    pub fn key_list(&self) -> Result<Vec<KeyInfo>, HsmError> {
+    pub fn key_list(&self, by: &OperatorSession) -> Result<Vec<KeyInfo>, HsmError> {
         let st = self.read();
         let u = Self::unsealed(&st)?;
+        Self::check_session(u, by, Permission::Read)?;
         let mut out: Vec<KeyInfo> = u.keys.values().map(KeyEntry::info).collect();
         out.extend(u.tampered_keys.iter().map(|name| KeyInfo {
             name: name.clone(),
@@ -952,10 +1110,22 @@ impl Hsm {
     }
 
     /// Describes one master key.
-    pub fn key_describe(&self, name: &str) -> Result<KeyInfo, HsmError> {
+    pub fn key_describe(&self, by: &OperatorSession, name: &str) -> Result<KeyInfo, HsmError> {
         let st = self.read();
         let u = Self::unsealed(&st)?;
+        Self::check_session(u, by, Permission::Read)?;
         Ok(Self::check_key(u, name)?.info())
+    }
+
+    /// The primary version of a key `caller` may use (for requests that
+    /// name a key but use no material: registering data keys, waiting for
+    /// rotations).
+    pub fn primary_version(&self, caller: Caller<'_>, key: &str) -> Result<u32, HsmError> {
+        let st = self.read();
+        let u = Self::unsealed(&st)?;
+        let e = Self::check_key(u, key)?;
+        Self::check_caller(u, e, caller)?;
+        Ok(e.record.primary)
     }
 
     /// Changes one key under the write lock: `f` edits a copy of the record,
@@ -975,7 +1145,13 @@ impl Hsm {
     }
 
     /// Lets crypto user `user` use the key (idempotent).
-    pub fn key_share(&self, name: &str, user: &str) -> Result<KeyInfo, HsmError> {
+    pub fn key_share(
+        &self,
+        by: &OperatorSession,
+        name: &str,
+        user: &str,
+    ) -> Result<KeyInfo, HsmError> {
+        self.authorize(by, Permission::ManageKeys)?;
         {
             let st = self.read();
             let u = Self::unsealed(&st)?;
@@ -1001,50 +1177,43 @@ impl Hsm {
     }
 
     /// Takes crypto user `user`'s use of the key away (idempotent).
-    pub fn key_unshare(&self, name: &str, user: &str) -> Result<KeyInfo, HsmError> {
+    pub fn key_unshare(
+        &self,
+        by: &OperatorSession,
+        name: &str,
+        user: &str,
+    ) -> Result<KeyInfo, HsmError> {
+        self.authorize(by, Permission::ManageKeys)?;
         self.modify_key(name, |r| {
             r.users.retain(|x| x != user);
             Ok(())
         })
     }
 
-    /// Refuses unless `caller` may use `key` (for requests that name a key
-    /// but use no material: registering data keys, waiting for rotations).
-    pub fn check_use(&self, caller: Caller<'_>, key: &str) -> Result<(), HsmError> {
-        let st = self.read();
-        let u = Self::unsealed(&st)?;
-        Self::check_caller(u, Self::check_key(u, key)?, caller)
-    }
-
     /// May `caller` use `e`? Clients were authorized by the sidecar; a
-    /// crypto user needs the key shared with it.
+    /// crypto user needs a live session and the key shared with it.
     fn check_caller(u: &Unsealed, e: &KeyEntry, caller: Caller<'_>) -> Result<(), HsmError> {
-        let Caller::User(name) = caller else {
+        let Caller::User(by) = caller else {
             return Ok(());
         };
-        if u.tampered_operators.contains(name) {
-            return Err(HsmError::Tampered(format!("operator {name}")));
-        }
-        match u.operators.get(name) {
-            Some((r, _)) if r.role == Role::CryptoUser && !r.locked => {}
-            _ => {
-                return Err(HsmError::PermissionDenied(format!(
-                    "{name} is not an unlocked crypto user"
-                )));
-            }
-        }
-        if e.record.users.iter().any(|x| x == name) {
+        Self::check_session(u, by, Permission::UseKeys)?;
+        if e.record.users.contains(&by.name) {
             Ok(())
         } else {
             Err(HsmError::PermissionDenied(format!(
-                "master key {} is not shared with {name}",
-                e.record.name
+                "master key {} is not shared with {}",
+                e.record.name, by.name
             )))
         }
     }
 
     /// Rotates: a new version becomes primary; old versions keep decrypting.
-    pub fn key_rotate(&self, name: &str) -> Result<KeyInfo, HsmError> {
+    pub fn key_rotate(&self, by: &OperatorSession, name: &str) -> Result<KeyInfo, HsmError> {
+        self.authorize(by, Permission::ManageKeys)?;
+        self.rotate(name)
+    }
+
+    fn rotate(&self, name: &str) -> Result<KeyInfo, HsmError> {
         self.modify_key(name, |r| {
             if r.versions
                 .iter()
@@ -1070,7 +1239,13 @@ impl Hsm {
 
     /// Sets the automatic rotation period (seconds; 0 turns it off), like
     /// Vault transit's `auto_rotate_period` or KMS's rotation period.
-    pub fn key_set_rotation(&self, name: &str, seconds: u64) -> Result<KeyInfo, HsmError> {
+    pub fn key_set_rotation(
+        &self,
+        by: &OperatorSession,
+        name: &str,
+        seconds: u64,
+    ) -> Result<KeyInfo, HsmError> {
+        self.authorize(by, Permission::ManageKeys)?;
         self.modify_key(name, |r| {
             r.rotate_after = seconds;
             Ok(())
@@ -1101,7 +1276,7 @@ impl Hsm {
         };
         let mut out = Vec::new();
         for key in due {
-            let info = self.key_rotate(&key)?;
+            let info = self.rotate(&key)?;
             self.event(HsmEvent::AutoRotated {
                 key: key.clone(),
                 version: info.primary,
@@ -1148,7 +1323,13 @@ impl Hsm {
     }
 
     /// Disables a version (or all).
-    pub fn key_disable(&self, name: &str, which: Versions) -> Result<KeyInfo, HsmError> {
+    pub fn key_disable(
+        &self,
+        by: &OperatorSession,
+        name: &str,
+        which: Versions,
+    ) -> Result<KeyInfo, HsmError> {
+        self.authorize(by, Permission::ManageKeys)?;
         self.modify_key(name, |r| {
             Self::each_version(r, which, |key, v| match v.state {
                 VersionState::Enabled | VersionState::Disabled => {
@@ -1161,7 +1342,13 @@ impl Hsm {
     }
 
     /// Enables a disabled version (or all disabled ones).
-    pub fn key_enable(&self, name: &str, which: Versions) -> Result<KeyInfo, HsmError> {
+    pub fn key_enable(
+        &self,
+        by: &OperatorSession,
+        name: &str,
+        which: Versions,
+    ) -> Result<KeyInfo, HsmError> {
+        self.authorize(by, Permission::ManageKeys)?;
         self.modify_key(name, |r| {
             Self::each_version(r, which, |key, v| match v.state {
                 VersionState::Enabled | VersionState::Disabled => {
@@ -1188,10 +1375,12 @@ impl Hsm {
     /// Schedules destruction of a version (or the whole key) after `days`.
     pub fn key_schedule_destroy(
         &self,
+        by: &OperatorSession,
         name: &str,
         which: Versions,
         days: u32,
     ) -> Result<KeyInfo, HsmError> {
+        self.authorize(by, Permission::ManageKeys)?;
         if !(1..=365).contains(&days) {
             return Err(HsmError::InvalidArgument(
                 "the waiting period must be 1 to 365 days".into(),
@@ -1212,7 +1401,13 @@ impl Hsm {
     }
 
     /// Cancels a scheduled destruction; the version becomes disabled.
-    pub fn key_cancel_destroy(&self, name: &str, which: Versions) -> Result<KeyInfo, HsmError> {
+    pub fn key_cancel_destroy(
+        &self,
+        by: &OperatorSession,
+        name: &str,
+        which: Versions,
+    ) -> Result<KeyInfo, HsmError> {
+        self.authorize(by, Permission::ManageKeys)?;
         self.modify_key(name, |r| {
             let only_pending = matches!(which, Versions::All);
             Self::each_version(r, which, |key, v| match v.state {
@@ -1229,7 +1424,13 @@ impl Hsm {
 
     /// Destroys a version (or the whole key) now: the material is zeroized
     /// and removed from the store.
-    pub fn key_destroy(&self, name: &str, which: Versions) -> Result<KeyInfo, HsmError> {
+    pub fn key_destroy(
+        &self,
+        by: &OperatorSession,
+        name: &str,
+        which: Versions,
+    ) -> Result<KeyInfo, HsmError> {
+        self.authorize(by, Permission::ManageKeys)?;
         self.modify_key(name, |r| {
             Self::refuse_primary_alone(r, which, "destroy")?;
             Self::each_version(r, which, |key, v| {
@@ -1307,49 +1508,50 @@ impl Hsm {
     }
 
     /// Unwraps a data key (like AWS KMS Decrypt). Returns the master key
-    /// version that had wrapped it, and the key.
+    /// version that had wrapped it (the one its header names), and the key.
     pub fn decrypt(
         &self,
         caller: Caller<'_>,
-        blob: &[u8],
+        blob: &WrappedKey<'_>,
         context: &Context,
-    ) -> Result<(String, u32, DataKey), HsmError> {
+    ) -> Result<DataKey, HsmError> {
         wrap::validate_context(context)?;
-        let h = wrap::parse_header(blob)?;
         let st = self.read();
         let u = Self::unsealed(&st)?;
-        let e = Self::check_key(u, &h.key)?;
+        let e = Self::check_key(u, blob.key)?;
         Self::check_caller(u, e, caller)?;
-        let keys = e.usable(h.version)?;
-        let dek = wrap::unwrap(keys, blob, context)?;
-        Ok((h.key, h.version, dek))
+        wrap::unwrap(e.usable(blob.version)?, blob, context)
     }
 
     /// Rewraps a data key under the primary version without the plaintext
-    /// leaving the HSM (like AWS KMS ReEncrypt). Returns the source version,
-    /// the new version and the new blob.
+    /// leaving the HSM (like AWS KMS ReEncrypt). Returns the new version and
+    /// the new blob.
     pub fn re_encrypt(
         &self,
         caller: Caller<'_>,
-        blob: &[u8],
+        blob: &WrappedKey<'_>,
         context: &Context,
-    ) -> Result<(String, u32, u32, Vec<u8>), HsmError> {
+    ) -> Result<(u32, Vec<u8>), HsmError> {
         wrap::validate_context(context)?;
-        let h = wrap::parse_header(blob)?;
         let st = self.read();
         let u = Self::unsealed(&st)?;
-        let e = Self::check_key(u, &h.key)?;
+        let e = Self::check_key(u, blob.key)?;
         Self::check_caller(u, e, caller)?;
-        let dek = wrap::unwrap(e.usable(h.version)?, blob, context)?;
+        let dek = wrap::unwrap(e.usable(blob.version)?, blob, context)?;
         let primary = e.record.primary;
-        let out = wrap::wrap(e.usable(primary)?, &h.key, primary, &dek, context)?;
-        Ok((h.key, h.version, primary, out))
+        let out = wrap::wrap(e.usable(primary)?, blob.key, primary, &dek, context)?;
+        Ok((primary, out))
     }
 
     /// Random bytes from the OS CSPRNG; needs an unsealed HSM like every
-    /// other cryptographic service.
-    pub fn random(&self, n: usize) -> Result<SecretBuf, HsmError> {
-        Self::unsealed(&self.read())?;
+    /// other cryptographic service (and a crypto user's live session when a
+    /// user asks).
+    pub fn random(&self, caller: Caller<'_>, n: usize) -> Result<SecretBuf, HsmError> {
+        let st = self.read();
+        let u = Self::unsealed(&st)?;
+        if let Caller::User(by) = caller {
+            Self::check_session(u, by, Permission::UseKeys)?;
+        }
         Ok(SecretBuf::new(random::bytes(n)?))
     }
 }

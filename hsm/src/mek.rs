@@ -62,6 +62,14 @@ pub struct MekVersion {
     pub(crate) material: Option<MasterKeyMaterial>,
 }
 
+impl MekVersion {
+    /// The material, for the workspace's hostile-disk tests.
+    #[cfg(feature = "internals")]
+    pub fn material(&self) -> Option<&MasterKeyMaterial> {
+        self.material.as_ref()
+    }
+}
+
 /// A master key: its metadata and every version's material.
 #[derive(Debug)]
 pub struct MekRecord {
@@ -93,11 +101,6 @@ impl MekRecord {
     /// The version `v`, if it exists.
     pub fn version(&self, v: u32) -> Option<&MekVersion> {
         self.versions.iter().find(|x| x.version == v)
-    }
-
-    /// The material of version `v`, if it exists and is not destroyed.
-    pub fn material(&self, v: u32) -> Option<&MasterKeyMaterial> {
-        self.version(v).and_then(|x| x.material.as_ref())
     }
 
     pub(crate) fn version_mut(&mut self, v: u32) -> Option<&mut MekVersion> {

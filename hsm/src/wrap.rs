@@ -48,13 +48,21 @@ pub const MAX_CONTEXT_FIELD: usize = 256;
 /// An encryption context.
 pub type Context = BTreeMap<String, String>;
 
-/// The parsed, unauthenticated header of a wrapped blob.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BlobHeader {
+/// A wrapped blob parsed once into its parts, not yet authenticated: the
+/// master key name and version it names (to find the key and check policy
+/// before any key is touched), and the bytes [`unwrap`] authenticates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WrappedKey<'a> {
     /// Master key name.
-    pub key: String,
+    pub key: &'a str,
     /// Master key version.
     pub version: u32,
+    /// Bytes `0 .. 26+n`: the header, bound as AAD.
+    header: &'a [u8],
+    /// The context check value.
+    check: &'a [u8],
+    /// Nonce, sealed data key and tag.
+    sealed: &'a [u8],
 }
 
 /// Checks the context limits.
@@ -147,53 +155,61 @@ pub fn wrap(
     Ok(blob)
 }
 
-/// Parses the header of a blob without authenticating it: the caller needs
-/// the key name and version to find the key and check policy.
-pub fn parse_header(blob: &[u8]) -> Result<BlobHeader, HsmError> {
-    let mut d = Dec::new(blob, "wrapped data key is malformed");
-    if d.raw(4)? != MAGIC {
-        return Err(HsmError::InvalidCiphertext(
-            "not a tde wrapped data key (bad magic)",
-        ));
+impl<'a> WrappedKey<'a> {
+    /// Parses a blob without authenticating it. Every length is checked:
+    /// anything but a well-formed blob of the one format is an error.
+    pub fn parse(blob: &'a [u8]) -> Result<Self, HsmError> {
+        let mut d = Dec::new(blob, "wrapped data key is malformed");
+        if d.raw(4)? != MAGIC {
+            return Err(HsmError::InvalidCiphertext(
+                "not a tde wrapped data key (bad magic)",
+            ));
+        }
+        if d.u8()? != FORMAT_VERSION {
+            return Err(HsmError::InvalidCiphertext(
+                "unsupported wrapped data key format version",
+            ));
+        }
+        let n = usize::from(d.u8()?);
+        if n == 0 || n > MAX_NAME_LEN {
+            return Err(HsmError::InvalidCiphertext("wrapped data key is malformed"));
+        }
+        let key = std::str::from_utf8(d.raw(n)?)
+            .map_err(|_| HsmError::InvalidCiphertext("wrapped data key is malformed"))?;
+        let version = d.u32()?;
+        let check = d.raw(CONTEXT_CHECK_LEN)?;
+        let sealed = d.rest();
+        if sealed.len() != NONCE_LEN + KEY_LEN + TAG_LEN {
+            return Err(HsmError::InvalidCiphertext(
+                "wrapped data key has the wrong length",
+            ));
+        }
+        Ok(WrappedKey {
+            key,
+            version,
+            header: &blob[..blob.len() - sealed.len()],
+            check,
+            sealed,
+        })
     }
-    if d.u8()? != FORMAT_VERSION {
-        return Err(HsmError::InvalidCiphertext(
-            "unsupported wrapped data key format version",
-        ));
-    }
-    let n = usize::from(d.u8()?);
-    if n == 0 || n > MAX_NAME_LEN {
-        return Err(HsmError::InvalidCiphertext("wrapped data key is malformed"));
-    }
-    let key = std::str::from_utf8(d.raw(n)?)
-        .map_err(|_| HsmError::InvalidCiphertext("wrapped data key is malformed"))?
-        .to_owned();
-    let version = d.u32()?;
-    d.raw(CONTEXT_CHECK_LEN)?;
-    if d.rest().len() != NONCE_LEN + KEY_LEN + TAG_LEN {
-        return Err(HsmError::InvalidCiphertext(
-            "wrapped data key has the wrong length",
-        ));
-    }
-    Ok(BlobHeader { key, version })
 }
 
-/// Unwraps a blob whose header names this key version.
-pub fn unwrap(keys: &VersionKeys, blob: &[u8], context: &Context) -> Result<DataKey, HsmError> {
-    let h = parse_header(blob)?;
-    let header_len = 6 + h.key.len() + 4 + CONTEXT_CHECK_LEN;
-    let (header, sealed) = blob.split_at(header_len);
-    let check = &header[header_len - CONTEXT_CHECK_LEN..];
+/// Unwraps a parsed blob with the keys of the version its header names.
+pub fn unwrap(
+    keys: &VersionKeys,
+    blob: &WrappedKey<'_>,
+    context: &Context,
+) -> Result<DataKey, HsmError> {
     let canon = canonical_context(context);
     let expected = crypto::mac16(&keys.ctx, &canon);
-    if !bool::from(expected.ct_eq(check)) {
+    if !bool::from(expected.ct_eq(blob.check)) {
         return Err(HsmError::ContextMismatch);
     }
-    let mut aad = header.to_vec();
+    let mut aad = blob.header.to_vec();
     aad.extend_from_slice(&canon);
     let pt = keys
         .wrap
-        .open(&aad, sealed)
+        .open(&aad, blob.sealed)
         .ok_or(HsmError::InvalidCiphertext(
             "authentication failed: the wrapped data key was modified",
         ))?;
@@ -219,31 +235,26 @@ mod tests {
         let dek = DataKey::from_slice(&[8u8; 32]).expect("key");
         let blob = wrap(&keys, "pg", 2, &dek, &ctx("ts1")).expect("wrap");
         assert_eq!(blob.len(), 86 + 2);
+        let parsed = WrappedKey::parse(&blob).expect("header");
+        assert_eq!((parsed.key, parsed.version), ("pg", 2));
         assert_eq!(
-            parse_header(&blob).expect("header"),
-            BlobHeader {
-                key: "pg".into(),
-                version: 2
-            }
-        );
-        assert_eq!(
-            unwrap(&keys, &blob, &ctx("ts1")).expect("unwrap").expose(),
+            unwrap(&keys, &parsed, &ctx("ts1")).expect("unwrap").expose(),
             dek.expose()
         );
         assert!(matches!(
-            unwrap(&keys, &blob, &ctx("ts2")),
+            unwrap(&keys, &parsed, &ctx("ts2")),
             Err(HsmError::ContextMismatch)
         ));
+        let open = |b: &[u8], keys: &VersionKeys| {
+            WrappedKey::parse(b).and_then(|w| unwrap(keys, &w, &ctx("ts1")))
+        };
         // Every bit of the nonce and ciphertext is authenticated.
         let body = 6 + 2 + 4 + CONTEXT_CHECK_LEN;
         for i in body * 8..blob.len() * 8 {
             let mut b = blob.clone();
             b[i / 8] ^= 1 << (i % 8);
             assert!(
-                matches!(
-                    unwrap(&keys, &b, &ctx("ts1")),
-                    Err(HsmError::InvalidCiphertext(_))
-                ),
+                matches!(open(&b, &keys), Err(HsmError::InvalidCiphertext(_))),
                 "bit {i}"
             );
         }
@@ -252,12 +263,12 @@ mod tests {
         for i in 0..body * 8 {
             let mut b = blob.clone();
             b[i / 8] ^= 1 << (i % 8);
-            assert!(unwrap(&keys, &b, &ctx("ts1")).is_err(), "bit {i}");
+            assert!(open(&b, &keys).is_err(), "bit {i}");
         }
         let other = VersionKeys::derive(&mek, "pg", 3).expect("derive");
-        assert!(unwrap(&other, &blob, &ctx("ts1")).is_err());
-        assert!(parse_header(&blob[..blob.len() - 1]).is_err());
-        assert!(parse_header(b"").is_err());
+        assert!(open(&blob, &other).is_err());
+        assert!(WrappedKey::parse(&blob[..blob.len() - 1]).is_err());
+        assert!(WrappedKey::parse(b"").is_err());
     }
 
     #[test]

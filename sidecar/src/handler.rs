@@ -6,7 +6,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tde_hsm::{Caller, Hsm, HsmError, HsmEvent, Role, Versions};
+use tde_hsm::{
+    Caller, Hsm, HsmError, HsmEvent, OperatorSession, Permission, Role, Versions, WrappedKey,
+};
 use tde_protocol::message::{MAX_TEXT, truncate};
 use tde_protocol::{
     ErrorCode, KeyInfo, KeyReference, KeyVersionInfo, OperatorInfo, Request, Response, SecretBytes,
@@ -55,8 +57,22 @@ pub struct Peer {
 /// Per-connection state of the admin socket.
 #[derive(Debug, Default, Clone)]
 pub struct Session {
-    /// The operator logged in on this connection.
-    pub operator: Option<(String, Role)>,
+    /// The operator logged in on this connection: the HSM's session, which
+    /// every administrative operation hands back to the HSM.
+    pub operator: Option<OperatorSession>,
+}
+
+/// The wrapped key of a `decrypt` or `re_encrypt`, parsed once for the
+/// audit record, the policy check and the HSM.
+type Blob<'a> = Option<Result<WrappedKey<'a>, HsmError>>;
+
+/// The parsed blob, or why it is not one.
+fn parsed<'a>(blob: &'a Blob<'_>) -> Result<&'a WrappedKey<'a>, (ErrorCode, String)> {
+    match blob {
+        Some(Ok(w)) => Ok(w),
+        Some(Err(e)) => Err(map_error(e)),
+        None => Err((ErrorCode::Internal, "no wrapped key in the request".into())),
+    }
 }
 
 /// The service behind both sockets.
@@ -298,6 +314,7 @@ pub fn map_error(e: &HsmError) -> (ErrorCode, String) {
         HsmError::LoginFailed => ErrorCode::LoginFailed,
         HsmError::OperatorLocked(_) => ErrorCode::OperatorLocked,
         HsmError::PermissionDenied(_) => ErrorCode::PermissionDenied,
+        HsmError::NotAuthenticated(_) => ErrorCode::NotAuthenticated,
         HsmError::InvalidArgument(_) => ErrorCode::InvalidArgument,
         HsmError::Store(_) => ErrorCode::StoreFailed,
         HsmError::Internal(_) => ErrorCode::Internal,
@@ -388,7 +405,7 @@ fn is_mutating(req: &Request) -> bool {
 /// The context for an audit record: only one within the limits, so a peer
 /// cannot push a megabyte of context into the log.
 fn audit_context(context: &tde_protocol::Context, rec: &mut AuditRecord) {
-    if tde_hsm::wrap::validate_context(context).is_ok() {
+    if tde_hsm::validate_context(context).is_ok() {
         rec.context = Some(context.clone());
     }
 }
@@ -399,23 +416,16 @@ fn audit_key(key: &str) -> Option<String> {
 }
 
 /// Fills the audit fields a request names (never secrets).
-fn describe(req: &Request, rec: &mut AuditRecord) {
+fn describe(req: &Request, blob: &Blob<'_>, rec: &mut AuditRecord) {
     match req {
         Request::GenerateDataKey { key, context } => {
             rec.key = audit_key(key);
             audit_context(context, rec);
         }
-        Request::Decrypt {
-            ciphertext,
-            context,
-        }
-        | Request::ReEncrypt {
-            ciphertext,
-            context,
-        } => {
-            if let Ok(h) = tde_hsm::wrap::parse_header(ciphertext) {
-                rec.key = Some(h.key);
-                rec.key_version = Some(h.version);
+        Request::Decrypt { context, .. } | Request::ReEncrypt { context, .. } => {
+            if let Some(Ok(w)) = blob {
+                rec.key = Some(w.key.to_string());
+                rec.key_version = Some(w.version);
             }
             audit_context(context, rec);
         }
@@ -484,9 +494,15 @@ impl Service {
             uid: Some(peer.uid),
             gid: Some(peer.gid),
             pid: peer.pid,
-            operator: session.operator.as_ref().map(|(n, _)| n.clone()),
+            operator: session.operator.as_ref().map(|s| s.name().to_string()),
         };
-        describe(&req, &mut rec);
+        let blob: Blob<'_> = match &req {
+            Request::Decrypt { ciphertext, .. } | Request::ReEncrypt { ciphertext, .. } => {
+                Some(WrappedKey::parse(ciphertext))
+            }
+            _ => None,
+        };
+        describe(&req, &blob, &mut rec);
         if socket == SocketKind::Data {
             rec.actor.client =
                 policy::find(&self.clients, peer.uid, peer.gid).map(|p| p.name.clone());
@@ -504,8 +520,8 @@ impl Service {
         // A login changes the session only once its record is durable.
         let mut next = session.clone();
         let mut outcome = match socket {
-            SocketKind::Data => self.data(peer, &req, &mut rec),
-            SocketKind::Admin => self.admin(&mut next, &req, &mut rec),
+            SocketKind::Data => self.data(peer, &req, &blob, &mut rec),
+            SocketKind::Admin => self.admin(&mut next, &req, &blob, &mut rec),
         };
         if let (
             Request::WatchKey {
@@ -550,9 +566,7 @@ impl Service {
     /// is up, or whose daemon is stopping (or at once, `now`: its peer
     /// left); or gives it back to wait on.
     pub fn finish_watch(&self, w: Box<Watch>, now: bool) -> Handled {
-        let primary = self
-            .mount_view(self.hsm.key_describe(&w.key))
-            .map(|k| k.primary);
+        let primary = self.mount_view(self.hsm.primary_version(Caller::Client, &w.key));
         if !now
             && matches!(primary, Ok(p) if p == w.version)
             && Instant::now() < w.until
@@ -735,7 +749,7 @@ impl Service {
         }
     }
 
-    fn data(&self, peer: Peer, req: &Request, rec: &mut AuditRecord) -> Outcome {
+    fn data(&self, peer: Peer, req: &Request, blob: &Blob<'_>, rec: &mut AuditRecord) -> Outcome {
         match req {
             Request::Status => return Ok(Response::Status(status_info(&self.hsm))),
             r if r.op().is_data_op() => {}
@@ -768,15 +782,15 @@ impl Service {
         match req {
             Request::RegisterDeks { key, .. } => {
                 p.allows("decrypt", Some(key), context).map_err(denied)?;
-                return self.data_op(req, rec, Caller::Client);
+                return self.data_op(req, blob, rec, Caller::Client);
             }
             Request::WatchKey { key, .. } => {
                 p.allows_key("decrypt", key).map_err(denied)?;
-                return self.data_op(req, rec, Caller::Client);
+                return self.data_op(req, blob, rec, Caller::Client);
             }
             _ => {}
         }
-        if matches!(req, Request::Decrypt { .. } | Request::ReEncrypt { .. }) && rec.key.is_none() {
+        if matches!(blob, Some(Err(_))) {
             // Malformed blob: no key to check policy against.
             p.allows(req.op().name(), None, context).map_err(denied)?;
             return Err((
@@ -786,20 +800,18 @@ impl Service {
         }
         p.allows(req.op().name(), rec.key.as_deref(), context)
             .map_err(denied)?;
-        self.data_op(req, rec, Caller::Client)
+        self.data_op(req, blob, rec, Caller::Client)
     }
 
     /// A data-key operation for a client (authorized by policy) or a crypto
     /// user (the HSM checks that the key is shared with it).
-    fn data_op(&self, req: &Request, rec: &mut AuditRecord, caller: Caller<'_>) -> Outcome {
-        match req {
-            Request::RegisterDeks { key, .. } | Request::WatchKey { key, .. }
-                if matches!(caller, Caller::User(_)) =>
-            {
-                hsm(self.hsm.check_use(caller, key))?;
-            }
-            _ => {}
-        }
+    fn data_op(
+        &self,
+        req: &Request,
+        blob: &Blob<'_>,
+        rec: &mut AuditRecord,
+        caller: Caller<'_>,
+    ) -> Outcome {
         match req {
             Request::GenerateDataKey { key, context } => {
                 let g = hsm(self.hsm.generate_data_key(caller, key, context))?;
@@ -810,27 +822,22 @@ impl Service {
                     ciphertext: g.ciphertext,
                 })
             }
-            Request::Decrypt {
-                ciphertext,
-                context,
-            } => {
-                let (key, version, dek) = hsm(self.hsm.decrypt(caller, ciphertext, context))?;
+            Request::Decrypt { context, .. } => {
+                let w = parsed(blob)?;
+                let dek = hsm(self.hsm.decrypt(caller, w, context))?;
                 Ok(Response::Decrypted {
-                    key,
-                    version,
+                    key: w.key.to_string(),
+                    version: w.version,
                     plaintext: SecretBytes::from_slice(dek.expose()),
                 })
             }
-            Request::ReEncrypt {
-                ciphertext,
-                context,
-            } => {
-                let (key, source_version, version, ciphertext) =
-                    hsm(self.hsm.re_encrypt(caller, ciphertext, context))?;
+            Request::ReEncrypt { context, .. } => {
+                let w = parsed(blob)?;
+                let (version, ciphertext) = hsm(self.hsm.re_encrypt(caller, w, context))?;
                 Ok(Response::ReEncrypted {
-                    key,
+                    key: w.key.to_string(),
                     version,
-                    source_version,
+                    source_version: w.version,
                     ciphertext,
                 })
             }
@@ -841,7 +848,7 @@ impl Service {
                         format!("length must be 1..={MAX_RANDOM}"),
                     ));
                 }
-                let b = hsm(self.hsm.random(*length as usize))?;
+                let b = hsm(self.hsm.random(caller, *length as usize))?;
                 Ok(Response::Random {
                     bytes: SecretBytes::from_slice(b.expose()),
                 })
@@ -852,7 +859,7 @@ impl Service {
                 location,
                 deks,
             } => {
-                let info = self.mount_view(self.hsm.key_describe(key))?;
+                let primary = self.mount_view(self.hsm.primary_version(caller, key))?;
                 // What the registry's primary key would refuse is refused
                 // here, before the record joins a shared commit.
                 let mut seen = std::collections::BTreeSet::new();
@@ -872,14 +879,14 @@ impl Service {
                 });
                 Ok(Response::KeyPrimary {
                     key: key.clone(),
-                    version: info.primary,
+                    version: primary,
                 })
             }
             // The current primary; `handle` turns an unchanged one into a
             // wait on the connection's task.
             Request::WatchKey { key, .. } => Ok(Response::KeyPrimary {
                 key: key.clone(),
-                version: self.mount_view(self.hsm.key_describe(key))?.primary,
+                version: self.mount_view(self.hsm.primary_version(caller, key))?,
             }),
             _ => Err((ErrorCode::Internal, "not a data operation".into())),
         }
@@ -950,24 +957,24 @@ impl Service {
         ))
     }
 
-    fn admin(&self, session: &mut Session, req: &Request, rec: &mut AuditRecord) -> Outcome {
-        let role = session.operator.as_ref().map(|(_, r)| *r);
-        let need = |roles: &[Role]| -> Result<(), (ErrorCode, String)> {
-            match role {
-                None => Err((
+    /// An admin-socket request. Roles are the HSM's to check: every
+    /// operation but status, unseal and login hands it the session.
+    fn admin(
+        &self,
+        session: &mut Session,
+        req: &Request,
+        blob: &Blob<'_>,
+        rec: &mut AuditRecord,
+    ) -> Outcome {
+        let login = session.operator.clone();
+        let by = || {
+            login.as_ref().ok_or_else(|| {
+                (
                     ErrorCode::NotAuthenticated,
                     format!("{} needs an operator login", req.op().name()),
-                )),
-                Some(r) if roles.contains(&r) => Ok(()),
-                Some(r) => Err(denied(format!(
-                    "role {} may not call {}",
-                    r.name(),
-                    req.op().name()
-                ))),
-            }
+                )
+            })
         };
-        const CO: &[Role] = &[Role::CryptoOfficer];
-        const READ: &[Role] = &[Role::CryptoOfficer, Role::Auditor];
         let h = &self.hsm;
         let key = |k: Result<tde_hsm::KeyInfo, HsmError>| {
             hsm(k).and_then(|k| {
@@ -990,17 +997,17 @@ impl Service {
                 Ok(Response::Status(status_info(h)))
             }
             Request::Login { operator, password } => {
-                let r = hsm(h.login(operator, password.expose()))?;
-                session.operator = Some((operator.clone(), r));
+                let s = hsm(h.login(operator, password.expose()))?;
+                let role = s.role().name().to_string();
+                session.operator = Some(s);
                 rec.actor.operator = Some(operator.clone());
                 Ok(Response::LoggedIn {
                     operator: operator.clone(),
-                    role: r.name().to_string(),
+                    role,
                 })
             }
             Request::Seal => {
-                need(CO)?;
-                hsm(h.seal())?;
+                hsm(h.seal(by()?))?;
                 // Mounts waiting on a key hear it at once (and wipe their
                 // keys if `mounts.on_seal = "wipe"`).
                 if self.revoke_on_seal {
@@ -1011,13 +1018,10 @@ impl Service {
                 Ok(Response::Status(status_info(h)))
             }
             Request::Zeroize => {
-                // An unsealed HSM needs an officer; a sealed one cannot check
-                // logins, so access to the admin socket (mode 0600) is the
-                // authority, as physical access is for a hardware HSM.
-                if !h.status().sealed {
-                    need(CO)?;
-                }
-                hsm(h.zeroize())?;
+                // An unsealed HSM needs an officer (the HSM checks); a
+                // sealed one cannot check logins, so access to the admin
+                // socket (mode 0600) is the authority.
+                hsm(h.zeroize(login.as_ref()))?;
                 // Every mount waiting on a key hears it at once and wipes
                 // its data keys.
                 self.key_changes.bump();
@@ -1028,65 +1032,44 @@ impl Service {
                 role: r,
                 password,
             } => {
-                need(CO)?;
                 let r = hsm(Role::parse(r))?;
-                hsm(h.operator_add(operator, r, password.expose()))?;
+                hsm(h.operator_add(by()?, operator, r, password.expose()))?;
                 Ok(Response::Done)
             }
             Request::OperatorPasswd { operator, password } => {
-                let own = session
-                    .operator
-                    .as_ref()
-                    .is_some_and(|(n, _)| n == operator);
-                if !own {
-                    need(CO)?;
-                }
-                hsm(h.operator_passwd(operator, password.expose()))?;
+                hsm(h.operator_passwd(by()?, operator, password.expose()))?;
                 Ok(Response::Done)
             }
             Request::OperatorUnlock { operator } => {
-                need(CO)?;
-                hsm(h.operator_unlock(operator))?;
+                hsm(h.operator_unlock(by()?, operator))?;
                 Ok(Response::Done)
             }
-            Request::OperatorList => {
-                need(READ)?;
-                Ok(Response::Operators(
-                    hsm(h.operator_list())?
-                        .into_iter()
-                        .map(|o| OperatorInfo {
-                            name: o.name,
-                            role: o.role.name().to_string(),
-                            locked: o.locked,
-                            failed_logins: o.failed_logins,
-                        })
-                        .collect(),
-                ))
-            }
+            Request::OperatorList => Ok(Response::Operators(
+                hsm(h.operator_list(by()?))?
+                    .into_iter()
+                    .map(|o| OperatorInfo {
+                        name: o.name,
+                        role: o.role.name().to_string(),
+                        locked: o.locked,
+                        failed_logins: o.failed_logins,
+                    })
+                    .collect(),
+            )),
             Request::KeyCreate {
                 key: k,
                 description,
-            } => {
-                need(CO)?;
-                let owner = session.operator.as_ref().map_or("", |(n, _)| n.as_str());
-                key(h.key_create(k, description, owner))
-            }
+            } => key(h.key_create(by()?, k, description)),
             Request::KeyList => {
-                need(READ)?;
                 let mut out = Vec::new();
-                for k in hsm(h.key_list())? {
+                for k in hsm(h.key_list(by()?))? {
                     let refs = self.references(&k.name)?;
                     out.push(key_info(k, refs));
                 }
                 Ok(Response::Keys(out))
             }
-            Request::KeyDescribe { key: k } => {
-                need(READ)?;
-                key(h.key_describe(k))
-            }
+            Request::KeyDescribe { key: k } => key(h.key_describe(by()?, k)),
             Request::KeyRotate { key: k } => {
-                need(CO)?;
-                let r = key(h.key_rotate(k));
+                let r = key(h.key_rotate(by()?, k));
                 if let Ok(Response::Key(info)) = &r {
                     rec.key_version = Some(info.primary_version);
                     self.key_changes.bump();
@@ -1094,12 +1077,10 @@ impl Service {
                 r
             }
             Request::KeyDisable { key: k, version } => {
-                need(CO)?;
-                key(h.key_disable(k, Versions::from(*version)))
+                key(h.key_disable(by()?, k, Versions::from(*version)))
             }
             Request::KeyEnable { key: k, version } => {
-                need(CO)?;
-                key(h.key_enable(k, Versions::from(*version)))
+                key(h.key_enable(by()?, k, Versions::from(*version)))
             }
             Request::KeyScheduleDestroy {
                 key: k,
@@ -1107,45 +1088,35 @@ impl Service {
                 days,
                 force,
             } => {
-                need(CO)?;
+                // The role first: the registry is named only to officers.
+                hsm(h.authorize(by()?, Permission::ManageKeys))?;
                 self.refuse_in_use(k, *version, *force, rec)?;
-                key(h.key_schedule_destroy(k, Versions::from(*version), *days))
+                key(h.key_schedule_destroy(by()?, k, Versions::from(*version), *days))
             }
             Request::KeyCancelDestroy { key: k, version } => {
-                need(CO)?;
-                key(h.key_cancel_destroy(k, Versions::from(*version)))
+                key(h.key_cancel_destroy(by()?, k, Versions::from(*version)))
             }
             Request::KeyDestroy {
                 key: k,
                 version,
                 force,
             } => {
-                need(CO)?;
+                hsm(h.authorize(by()?, Permission::ManageKeys))?;
                 self.refuse_in_use(k, *version, *force, rec)?;
-                key(h.key_destroy(k, Versions::from(*version)))
+                key(h.key_destroy(by()?, k, Versions::from(*version)))
             }
             Request::KeySetRotation {
                 key: k,
                 rotate_after,
-            } => {
-                need(CO)?;
-                key(h.key_set_rotation(k, *rotate_after))
-            }
-            r if r.op().is_data_op() => {
-                need(&[Role::CryptoUser])?;
-                let name = session.operator.as_ref().map(|(n, _)| n.as_str());
-                let user = name.ok_or((ErrorCode::NotAuthenticated, "no login".to_string()))?;
-                self.data_op(r, rec, Caller::User(user))
-            }
+            } => key(h.key_set_rotation(by()?, k, *rotate_after)),
+            r if r.op().is_data_op() => self.data_op(r, blob, rec, Caller::User(by()?)),
             Request::KeyShare { key: k, operator } => {
-                need(CO)?;
                 rec.detail = Some(format!("shared with {operator}"));
-                key(h.key_share(k, operator))
+                key(h.key_share(by()?, k, operator))
             }
             Request::KeyUnshare { key: k, operator } => {
-                need(CO)?;
                 rec.detail = Some(format!("no longer shared with {operator}"));
-                key(h.key_unshare(k, operator))
+                key(h.key_unshare(by()?, k, operator))
             }
             _ => Err((ErrorCode::UnknownOperation, "unsupported operation".into())),
         }

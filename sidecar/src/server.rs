@@ -558,7 +558,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     for p in [&data_path, &admin_path] {
         let _ = std::fs::remove_file(p);
     }
-    hsm.seal().ok();
+    hsm.close().ok();
     tracing::info!("stopped");
     Ok(())
 }

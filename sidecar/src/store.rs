@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use rusqlite::{Connection, OptionalExtension, params};
-use tde_hsm::seal::STORE_ID_LEN;
+use tde_hsm::STORE_ID_LEN;
 use tde_hsm::store::{ObjectStore, StoreError, StoreMeta, StoreOp, StoredObject};
 use tde_protocol::Context;
 

@@ -91,6 +91,26 @@ fn unsealed() -> (Arc<MemStore>, Hsm, Vec<SecretBuf>) {
     (s, h, shares)
 }
 
+/// The first officer's session.
+fn admin(h: &Hsm) -> OperatorSession {
+    h.login("admin", PW).expect("officer login")
+}
+
+/// Decrypts a wrapped blob as the sidecar does: parsed once, then unwrapped.
+fn dec(h: &Hsm, caller: Caller<'_>, blob: &[u8], c: &Context) -> Result<DataKey, HsmError> {
+    h.decrypt(caller, &WrappedKey::parse(blob)?, c)
+}
+
+/// Rewraps a blob: its new version and bytes.
+fn rewrap(
+    h: &Hsm,
+    caller: Caller<'_>,
+    blob: &[u8],
+    c: &Context,
+) -> Result<(u32, Vec<u8>), HsmError> {
+    h.re_encrypt(caller, &WrappedKey::parse(blob)?, c)
+}
+
 fn ctx(t: &str) -> Context {
     [("tablespace".to_string(), t.to_string())].into()
 }
@@ -99,7 +119,7 @@ fn ctx(t: &str) -> Context {
 fn unseal_needs_threshold_distinct_shares() {
     let (_s, h, shares) = setup(3, 5);
     assert!(h.status().sealed);
-    assert!(matches!(h.key_list(), Err(HsmError::Sealed)));
+    assert!(matches!(h.login("admin", PW), Err(HsmError::Sealed)));
     assert_eq!(h.unseal(shares[0].expose()).expect("1").progress, 1);
     assert_eq!(h.unseal(shares[0].expose()).expect("dup").progress, 1);
     let st = h.unseal(shares[4].expose()).expect("2");
@@ -107,7 +127,7 @@ fn unseal_needs_threshold_distinct_shares() {
     assert_eq!(st.progress, 2);
     let st = h.unseal(shares[2].expose()).expect("3");
     assert!(!st.sealed);
-    h.seal().expect("seal");
+    h.seal(&admin(&h)).expect("seal");
     assert!(h.status().sealed);
 }
 
@@ -124,60 +144,58 @@ fn shares_of_another_store_are_refused() {
 #[test]
 fn data_keys_rotate_rewrap_and_states() {
     let (_s, h, _) = unsealed();
-    h.key_create("pg", "test", "admin").expect("create");
+    let a = admin(&h);
+    h.key_create(&a, "pg", "test").expect("create");
     let g = h
         .generate_data_key(Caller::Client, "pg", &ctx("a"))
         .expect("gen");
     assert_eq!(g.version, 1);
-    let (_, v, dek) = h
-        .decrypt(Caller::Client, &g.ciphertext, &ctx("a"))
-        .expect("decrypt");
-    assert_eq!((v, dek.expose()), (1, g.plaintext.expose()));
+    let dek = dec(&h, Caller::Client, &g.ciphertext, &ctx("a")).expect("decrypt");
+    assert_eq!(dek.expose(), g.plaintext.expose());
     assert!(matches!(
-        h.decrypt(Caller::Client, &g.ciphertext, &ctx("b")),
+        dec(&h, Caller::Client, &g.ciphertext, &ctx("b")),
         Err(HsmError::ContextMismatch)
     ));
-    let info = h.key_rotate("pg").expect("rotate");
+    let info = h.key_rotate(&a, "pg").expect("rotate");
     assert_eq!(info.primary, 2);
-    let (_, from, to, blob2) = h
-        .re_encrypt(Caller::Client, &g.ciphertext, &ctx("a"))
-        .expect("rewrap");
-    assert_eq!((from, to), (1, 2));
+    let (to, blob2) = rewrap(&h, Caller::Client, &g.ciphertext, &ctx("a")).expect("rewrap");
+    assert_eq!(to, 2);
+    assert_eq!(WrappedKey::parse(&blob2).expect("parse").version, 2);
     assert_eq!(
-        h.decrypt(Caller::Client, &blob2, &ctx("a"))
+        dec(&h, Caller::Client, &blob2, &ctx("a"))
             .expect("d2")
-            .2
             .expose(),
         g.plaintext.expose()
     );
-    h.key_disable("pg", Versions::One(1)).expect("disable");
+    h.key_disable(&a, "pg", Versions::One(1)).expect("disable");
     assert!(matches!(
-        h.decrypt(Caller::Client, &g.ciphertext, &ctx("a")),
+        dec(&h, Caller::Client, &g.ciphertext, &ctx("a")),
         Err(HsmError::KeyDisabled { .. })
     ));
-    h.key_enable("pg", Versions::One(1)).expect("enable");
-    h.key_schedule_destroy("pg", Versions::One(1), 7)
+    h.key_enable(&a, "pg", Versions::One(1)).expect("enable");
+    h.key_schedule_destroy(&a, "pg", Versions::One(1), 7)
         .expect("schedule");
     assert!(matches!(
-        h.decrypt(Caller::Client, &g.ciphertext, &ctx("a")),
+        dec(&h, Caller::Client, &g.ciphertext, &ctx("a")),
         Err(HsmError::KeyPendingDestruction { .. })
     ));
     assert!(
-        h.key_schedule_destroy("pg", Versions::One(2), 7).is_err(),
+        h.key_schedule_destroy(&a, "pg", Versions::One(2), 7)
+            .is_err(),
         "primary alone"
     );
-    h.key_cancel_destroy("pg", Versions::One(1))
+    h.key_cancel_destroy(&a, "pg", Versions::One(1))
         .expect("cancel");
     assert_eq!(
-        h.key_describe("pg").expect("d").versions[0].state,
+        h.key_describe(&a, "pg").expect("d").versions[0].state,
         VersionState::Disabled
     );
-    h.key_schedule_destroy("pg", Versions::One(1), 1)
+    h.key_schedule_destroy(&a, "pg", Versions::One(1), 1)
         .expect("schedule");
     assert_eq!(h.destroy_due(now()).expect("not yet"), 0);
     assert_eq!(h.destroy_due(now() + 2 * 86_400).expect("due"), 1);
     assert!(matches!(
-        h.decrypt(Caller::Client, &g.ciphertext, &ctx("a")),
+        dec(&h, Caller::Client, &g.ciphertext, &ctx("a")),
         Err(HsmError::KeyDestroyed { .. })
     ));
     assert!(h.take_events().contains(&HsmEvent::VersionDestroyed {
@@ -185,7 +203,7 @@ fn data_keys_rotate_rewrap_and_states() {
         version: 1
     }));
     assert!(matches!(
-        h.key_create("pg", "", "admin"),
+        h.key_create(&a, "pg", ""),
         Err(HsmError::KeyExists(_))
     ));
     assert!(matches!(
@@ -197,22 +215,26 @@ fn data_keys_rotate_rewrap_and_states() {
 #[test]
 fn keys_survive_seal_and_unseal() {
     let (_s, h, shares) = unsealed();
-    h.key_create("pg", "", "admin").expect("create");
+    let a = admin(&h);
+    h.key_create(&a, "pg", "").expect("create");
     let g = h
         .generate_data_key(Caller::Client, "pg", &ctx("a"))
         .expect("gen");
-    h.seal().expect("seal");
+    h.seal(&a).expect("seal");
     assert!(matches!(
-        h.decrypt(Caller::Client, &g.ciphertext, &ctx("a")),
+        dec(&h, Caller::Client, &g.ciphertext, &ctx("a")),
         Err(HsmError::Sealed)
     ));
     for sh in &shares[2..5] {
         h.unseal(sh.expose()).expect("unseal");
     }
+    assert!(
+        matches!(h.key_list(&a), Err(HsmError::NotAuthenticated(_))),
+        "a seal ends every login"
+    );
     assert_eq!(
-        h.decrypt(Caller::Client, &g.ciphertext, &ctx("a"))
+        dec(&h, Caller::Client, &g.ciphertext, &ctx("a"))
             .expect("d")
-            .2
             .expose(),
         g.plaintext.expose()
     );
@@ -221,17 +243,22 @@ fn keys_survive_seal_and_unseal() {
 #[test]
 fn failed_store_write_changes_nothing() {
     let (s, h, _) = unsealed();
-    h.key_create("pg", "", "admin").expect("create");
+    let a = admin(&h);
+    h.key_create(&a, "pg", "").expect("create");
     *s.fail_writes.lock().expect("lock") = true;
-    assert!(matches!(h.key_rotate("pg"), Err(HsmError::Store(_))));
-    assert_eq!(h.key_describe("pg").expect("d").primary, 1);
+    assert!(matches!(h.key_rotate(&a, "pg"), Err(HsmError::Store(_))));
+    assert_eq!(h.key_describe(&a, "pg").expect("d").primary, 1);
 }
 
 #[test]
 fn five_bad_logins_lock_and_an_officer_unlocks() {
     let (_s, h, _) = unsealed();
-    assert_eq!(h.login("admin", PW).expect("login"), Role::CryptoOfficer);
-    h.operator_add("bob", Role::CryptoOfficer, b"bob-password")
+    let a = admin(&h);
+    assert_eq!(
+        h.login("admin", PW).expect("login").role(),
+        Role::CryptoOfficer
+    );
+    h.operator_add(&a, "bob", Role::CryptoOfficer, b"bob-password")
         .expect("add");
     for i in 1..5 {
         assert!(
@@ -254,9 +281,9 @@ fn five_bad_logins_lock_and_an_officer_unlocks() {
         h.take_events()
             .contains(&HsmEvent::OperatorLocked("bob".into()))
     );
-    h.operator_unlock("bob").expect("unlock");
+    h.operator_unlock(&a, "bob").expect("unlock");
     assert_eq!(
-        h.login("bob", b"bob-password").expect("login"),
+        h.login("bob", b"bob-password").expect("login").role(),
         Role::CryptoOfficer
     );
     assert!(matches!(h.login("nobody", PW), Err(HsmError::LoginFailed)));
@@ -265,9 +292,10 @@ fn five_bad_logins_lock_and_an_officer_unlocks() {
 #[test]
 fn tampered_object_is_flagged_and_zeroize_is_final() {
     let (s, h, shares) = unsealed();
-    h.key_create("pg", "", "admin").expect("create");
-    h.key_create("other", "", "admin").expect("create");
-    h.seal().expect("seal");
+    let a = admin(&h);
+    h.key_create(&a, "pg", "").expect("create");
+    h.key_create(&a, "other", "").expect("create");
+    h.seal(&a).expect("seal");
     {
         let mut objs = s.objects.lock().expect("lock");
         let o = objs
@@ -279,6 +307,7 @@ fn tampered_object_is_flagged_and_zeroize_is_final() {
     for sh in &shares[..3] {
         h.unseal(sh.expose()).expect("unseal");
     }
+    let a = admin(&h);
     assert!(matches!(
         h.generate_data_key(Caller::Client, "pg", &ctx("a")),
         Err(HsmError::Tampered(_))
@@ -292,7 +321,7 @@ fn tampered_object_is_flagged_and_zeroize_is_final() {
             .iter()
             .any(|e| matches!(e, HsmEvent::TamperDetected { id, .. } if id == "pg"))
     );
-    h.zeroize().expect("zeroize");
+    h.zeroize(Some(&a)).expect("zeroize");
     assert!(matches!(
         h.unseal(shares[0].expose()),
         Err(HsmError::Zeroized)
@@ -325,9 +354,10 @@ fn tamper_policy_zeroizes_on_lockout() {
 #[test]
 fn rotation_policy_rotates_when_due_and_survives_unseal() {
     let (_s, h, shares) = unsealed();
-    h.key_create("pg", "", "admin").expect("create");
-    h.key_create("manual", "", "admin").expect("create");
-    let info = h.key_set_rotation("pg", 3600).expect("policy");
+    let a = admin(&h);
+    h.key_create(&a, "pg", "").expect("create");
+    h.key_create(&a, "manual", "").expect("create");
+    let info = h.key_set_rotation(&a, "pg", 3600).expect("policy");
     assert_eq!(info.rotate_after, 3600);
     let created = info.versions[0].created;
     // Not yet due.
@@ -340,14 +370,15 @@ fn rotation_policy_rotates_when_due_and_survives_unseal() {
             .iter()
             .any(|e| matches!(e, HsmEvent::AutoRotated { key, version: 2 } if key == "pg"))
     );
-    assert_eq!(h.key_describe("manual").expect("d").primary, 1);
+    assert_eq!(h.key_describe(&a, "manual").expect("d").primary, 1);
     // The policy is sealed with the key and survives seal and unseal.
-    h.seal().expect("seal");
+    h.seal(&a).expect("seal");
     for sh in &shares[..3] {
         h.unseal(sh.expose()).expect("unseal");
     }
-    assert_eq!(h.key_describe("pg").expect("d").rotate_after, 3600);
-    h.key_set_rotation("pg", 0).expect("off");
+    let a = admin(&h);
+    assert_eq!(h.key_describe(&a, "pg").expect("d").rotate_after, 3600);
+    h.key_set_rotation(&a, "pg", 0).expect("off");
     assert!(h.rotate_due(u64::MAX).expect("check").is_empty());
 }
 
@@ -388,21 +419,24 @@ fn tamper_whys(h: &Hsm) -> Vec<String> {
 #[test]
 fn row_rollback_and_deletion_are_tampering() {
     let (s, h, shares) = unsealed();
-    h.key_create("pg", "", "admin").expect("create");
+    let a = admin(&h);
+    h.key_create(&a, "pg", "").expect("create");
     let old_pg = row(&s, KIND_MASTER_KEY, "pg").expect("row");
     let wrapped = h
         .generate_data_key(Caller::Client, "pg", &ctx("a"))
         .expect("dek")
         .ciphertext;
-    h.key_rotate("pg").expect("rotate");
-    h.key_destroy("pg", Versions::One(1)).expect("destroy v1");
-    h.key_create("gone", "", "admin").expect("create");
-    h.key_create("fine", "", "admin").expect("create");
-    h.operator_add("bob", Role::CryptoUser, b"old-password-1")
+    h.key_rotate(&a, "pg").expect("rotate");
+    h.key_destroy(&a, "pg", Versions::One(1))
+        .expect("destroy v1");
+    h.key_create(&a, "gone", "").expect("create");
+    h.key_create(&a, "fine", "").expect("create");
+    h.operator_add(&a, "bob", Role::CryptoUser, b"old-password-1")
         .expect("add");
     let old_bob = row(&s, KIND_OPERATOR, "bob").expect("row");
-    h.operator_passwd("bob", b"new-password-2").expect("passwd");
-    h.seal().expect("seal");
+    h.operator_passwd(&a, "bob", b"new-password-2")
+        .expect("passwd");
+    h.seal(&a).expect("seal");
     {
         let mut objs = s.objects.lock().expect("lock");
         // Version 1 of pg back from before its destruction, gone deleted,
@@ -412,8 +446,9 @@ fn row_rollback_and_deletion_are_tampering() {
         objs.insert((KIND_OPERATOR, "bob".into()), old_bob);
     }
     reunseal(&h, &shares);
+    let a = admin(&h);
     assert!(matches!(
-        h.decrypt(Caller::Client, &wrapped, &ctx("a")),
+        dec(&h, Caller::Client, &wrapped, &ctx("a")),
         Err(HsmError::Tampered(_))
     ));
     assert!(matches!(
@@ -448,8 +483,8 @@ fn row_rollback_and_deletion_are_tampering() {
     assert_eq!(whys.len(), 3, "{whys:?}");
     // Another write keeps the manifest's word: the next unseal finds the
     // same three.
-    h.key_rotate("fine").expect("rotate");
-    h.seal().expect("seal");
+    h.key_rotate(&a, "fine").expect("rotate");
+    h.seal(&a).expect("seal");
     reunseal(&h, &shares);
     assert_eq!(tamper_whys(&h).len(), 3);
 }
@@ -457,8 +492,9 @@ fn row_rollback_and_deletion_are_tampering() {
 #[test]
 fn a_missing_manifest_makes_every_object_tampered() {
     let (s, h, shares) = unsealed();
-    h.key_create("pg", "", "admin").expect("create");
-    h.seal().expect("seal");
+    let a = admin(&h);
+    h.key_create(&a, "pg", "").expect("create");
+    h.seal(&a).expect("seal");
     let list = take_manifest(&s).expect("a manifest row");
     reunseal(&h, &shares);
     assert!(matches!(
@@ -472,8 +508,11 @@ fn a_missing_manifest_makes_every_object_tampered() {
             .any(|w| w == "manifest manifest the store manifest is missing"),
         "{whys:?}"
     );
+    // No officer can log in now, and the session from before is void: the
+    // store can still be sealed by the daemon's stop, or zeroized.
+    assert!(matches!(h.seal(&a), Err(HsmError::NotAuthenticated(_))));
     // A forged one (an older manifest under a newer revision) is no better.
-    h.seal().expect("seal");
+    h.close().expect("seal");
     let mut forged = list;
     forged.revision += 1;
     s.objects
@@ -490,12 +529,13 @@ fn a_missing_manifest_makes_every_object_tampered() {
 #[test]
 fn a_store_without_manifest_gets_one_at_unseal() {
     let (s, h, shares) = unsealed();
-    h.key_create("pg", "", "admin").expect("create");
+    let a = admin(&h);
+    h.key_create(&a, "pg", "").expect("create");
     let wrapped = h
         .generate_data_key(Caller::Client, "pg", &ctx("a"))
         .expect("dek")
         .ciphertext;
-    h.seal().expect("seal");
+    h.seal(&a).expect("seal");
     // Make it a store from before manifests: no manifest, a V1 root.
     let meta = s.meta().expect("meta").expect("some");
     let parsed: Vec<Share> = shares[..3]
@@ -511,19 +551,20 @@ fn a_store_without_manifest_gets_one_at_unseal() {
     take_manifest(&s);
 
     reunseal(&h, &shares);
+    let a = admin(&h);
     let events = h.take_events();
     assert_eq!(events, [HsmEvent::StoreUpgraded(2)], "an admin and a key");
-    assert!(h.decrypt(Caller::Client, &wrapped, &ctx("a")).is_ok());
+    assert!(dec(&h, Caller::Client, &wrapped, &ctx("a")).is_ok());
     assert!(row(&s, KIND_MANIFEST, manifest::ID).is_some());
     let sealed = s.sealed_root().expect("root").expect("some");
     let (_, format) = seal::open_root(&unseal, &sealed, &meta.store_id).expect("open");
     assert_eq!(format, RootFormat::V2, "the root is resealed as V2");
     // From now on, a deleted manifest is tampering.
-    h.seal().expect("seal");
+    h.seal(&a).expect("seal");
     take_manifest(&s);
     reunseal(&h, &shares);
     assert!(matches!(
-        h.decrypt(Caller::Client, &wrapped, &ctx("a")),
+        dec(&h, Caller::Client, &wrapped, &ctx("a")),
         Err(HsmError::Tampered(_))
     ));
 }
@@ -531,62 +572,122 @@ fn a_store_without_manifest_gets_one_at_unseal() {
 #[test]
 fn a_crypto_user_uses_only_keys_shared_with_it() {
     let (_s, h, shares) = unsealed();
-    h.key_create("pg", "", "admin").expect("create");
-    h.key_create("other", "", "admin").expect("create");
-    h.operator_add("bob", Role::CryptoUser, b"bob-password-1")
+    let a = admin(&h);
+    h.key_create(&a, "pg", "").expect("create");
+    h.key_create(&a, "other", "").expect("create");
+    h.operator_add(&a, "bob", Role::CryptoUser, b"bob-password-1")
         .expect("add");
-    h.operator_add("carol", Role::Auditor, b"carol-password-1")
+    h.operator_add(&a, "carol", Role::Auditor, b"carol-password-1")
         .expect("add");
+    let bob = h.login("bob", b"bob-password-1").expect("bob");
+    let carol = h.login("carol", b"carol-password-1").expect("carol");
     let denied = |r: Result<GeneratedDataKey, HsmError>| {
         assert!(matches!(r, Err(HsmError::PermissionDenied(_))), "{r:?}");
     };
-    denied(h.generate_data_key(Caller::User("bob"), "pg", &ctx("a")));
-    let info = h.key_share("pg", "bob").expect("share");
+    denied(h.generate_data_key(Caller::User(&bob), "pg", &ctx("a")));
+    let info = h.key_share(&a, "pg", "bob").expect("share");
     assert_eq!(info.shared_with, ["bob"]);
     assert_eq!(info.owner, "admin");
     assert_eq!(
-        h.key_share("pg", "bob").expect("again").shared_with,
+        h.key_share(&a, "pg", "bob").expect("again").shared_with,
         ["bob"]
     );
     assert!(matches!(
-        h.key_share("pg", "carol"),
+        h.key_share(&a, "pg", "carol"),
         Err(HsmError::InvalidArgument(_))
     ));
     assert!(matches!(
-        h.key_share("pg", "nobody"),
+        h.key_share(&a, "pg", "nobody"),
         Err(HsmError::OperatorNotFound(_))
     ));
     let g = h
-        .generate_data_key(Caller::User("bob"), "pg", &ctx("a"))
+        .generate_data_key(Caller::User(&bob), "pg", &ctx("a"))
         .expect("shared");
-    assert!(
-        h.decrypt(Caller::User("bob"), &g.ciphertext, &ctx("a"))
-            .is_ok()
-    );
-    denied(h.generate_data_key(Caller::User("bob"), "other", &ctx("a")));
-    denied(h.generate_data_key(Caller::User("admin"), "pg", &ctx("a")));
-    denied(h.generate_data_key(Caller::User("carol"), "pg", &ctx("a")));
-    // It is stored: it holds after a seal and unseal.
-    h.seal().expect("seal");
+    assert!(dec(&h, Caller::User(&bob), &g.ciphertext, &ctx("a")).is_ok());
+    denied(h.generate_data_key(Caller::User(&bob), "other", &ctx("a")));
+    denied(h.generate_data_key(Caller::User(&a), "pg", &ctx("a")));
+    denied(h.generate_data_key(Caller::User(&carol), "pg", &ctx("a")));
+    // It is stored: it holds after a seal and unseal (and new logins).
+    h.seal(&a).expect("seal");
     reunseal(&h, &shares);
+    assert!(matches!(
+        dec(&h, Caller::User(&bob), &g.ciphertext, &ctx("a")),
+        Err(HsmError::NotAuthenticated(_))
+    ));
+    let a = admin(&h);
+    let bob = h.login("bob", b"bob-password-1").expect("bob");
+    assert!(rewrap(&h, Caller::User(&bob), &g.ciphertext, &ctx("a")).is_ok());
     assert!(
-        h.re_encrypt(Caller::User("bob"), &g.ciphertext, &ctx("a"))
-            .is_ok()
-    );
-    assert!(
-        h.key_unshare("pg", "bob")
+        h.key_unshare(&a, "pg", "bob")
             .expect("unshare")
             .shared_with
             .is_empty()
     );
     assert!(matches!(
-        h.decrypt(Caller::User("bob"), &g.ciphertext, &ctx("a")),
+        dec(&h, Caller::User(&bob), &g.ciphertext, &ctx("a")),
         Err(HsmError::PermissionDenied(_))
     ));
     // A locked crypto user uses nothing.
-    h.key_share("pg", "bob").expect("share");
+    h.key_share(&a, "pg", "bob").expect("share");
     for _ in 0..MAX_FAILED_LOGINS {
         let _ = h.login("bob", b"wrong");
     }
-    denied(h.generate_data_key(Caller::User("bob"), "pg", &ctx("a")));
+    assert!(matches!(
+        h.generate_data_key(Caller::User(&bob), "pg", &ctx("a")),
+        Err(HsmError::OperatorLocked(_))
+    ));
+}
+
+/// The HSM checks roles itself, whoever calls it: a crypto user and an
+/// auditor manage nothing, an auditor reads, only an officer changes keys
+/// and operators, and a session is only what `login` made.
+#[test]
+fn roles_are_checked_by_the_hsm() {
+    let (_s, h, _) = unsealed();
+    let a = admin(&h);
+    h.key_create(&a, "pg", "").expect("create");
+    h.operator_add(&a, "bob", Role::CryptoUser, b"bob-password-1")
+        .expect("add");
+    h.operator_add(&a, "carol", Role::Auditor, b"carol-password-1")
+        .expect("add");
+    let bob = h.login("bob", b"bob-password-1").expect("bob");
+    let carol = h.login("carol", b"carol-password-1").expect("carol");
+    let denied = |r: Result<KeyInfo, HsmError>| {
+        assert!(matches!(r, Err(HsmError::PermissionDenied(_))), "{r:?}");
+    };
+    for s in [&bob, &carol] {
+        denied(h.key_rotate(s, "pg"));
+        denied(h.key_create(s, "mine", ""));
+        denied(h.key_share(s, "pg", "bob"));
+        denied(h.key_destroy(s, "pg", Versions::All));
+        assert!(matches!(
+            h.operator_add(s, "eve", Role::CryptoOfficer, b"eve-password-1"),
+            Err(HsmError::PermissionDenied(_))
+        ));
+        assert!(matches!(h.seal(s), Err(HsmError::PermissionDenied(_))));
+        assert!(matches!(
+            h.zeroize(Some(s)),
+            Err(HsmError::PermissionDenied(_))
+        ));
+    }
+    assert!(matches!(
+        h.zeroize(None),
+        Err(HsmError::NotAuthenticated(_))
+    ));
+    denied(h.key_describe(&bob, "pg"));
+    assert!(h.key_describe(&carol, "pg").is_ok());
+    assert!(h.operator_list(&carol).is_ok());
+    assert!(matches!(
+        h.random(Caller::User(&carol), 16),
+        Err(HsmError::PermissionDenied(_))
+    ));
+    // One's own password, not another's.
+    h.operator_passwd(&bob, "bob", b"bob-password-2")
+        .expect("own password");
+    assert!(matches!(
+        h.operator_passwd(&bob, "carol", b"carol-password-2"),
+        Err(HsmError::PermissionDenied(_))
+    ));
+    assert_eq!(h.key_describe(&a, "pg").expect("d").primary, 1);
+    assert!(!h.status().sealed && !h.status().zeroized);
 }
