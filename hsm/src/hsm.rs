@@ -1144,6 +1144,17 @@ impl Hsm {
         self.commit_key(u, record, revision)
     }
 
+    /// [`Hsm::modify_key`] for an officer's session.
+    fn manage_key(
+        &self,
+        by: &OperatorSession,
+        name: &str,
+        f: impl FnOnce(&mut MekRecord) -> Result<(), HsmError>,
+    ) -> Result<KeyInfo, HsmError> {
+        self.authorize(by, Permission::ManageKeys)?;
+        self.modify_key(name, f)
+    }
+
     /// Lets crypto user `user` use the key (idempotent).
     pub fn key_share(
         &self,
@@ -1183,8 +1194,7 @@ impl Hsm {
         name: &str,
         user: &str,
     ) -> Result<KeyInfo, HsmError> {
-        self.authorize(by, Permission::ManageKeys)?;
-        self.modify_key(name, |r| {
+        self.manage_key(by, name, |r| {
             r.users.retain(|x| x != user);
             Ok(())
         })
@@ -1245,8 +1255,7 @@ impl Hsm {
         name: &str,
         seconds: u64,
     ) -> Result<KeyInfo, HsmError> {
-        self.authorize(by, Permission::ManageKeys)?;
-        self.modify_key(name, |r| {
+        self.manage_key(by, name, |r| {
             r.rotate_after = seconds;
             Ok(())
         })
@@ -1329,8 +1338,7 @@ impl Hsm {
         name: &str,
         which: Versions,
     ) -> Result<KeyInfo, HsmError> {
-        self.authorize(by, Permission::ManageKeys)?;
-        self.modify_key(name, |r| {
+        self.manage_key(by, name, |r| {
             Self::each_version(r, which, |key, v| match v.state {
                 VersionState::Enabled | VersionState::Disabled => {
                     v.state = VersionState::Disabled;
@@ -1348,8 +1356,7 @@ impl Hsm {
         name: &str,
         which: Versions,
     ) -> Result<KeyInfo, HsmError> {
-        self.authorize(by, Permission::ManageKeys)?;
-        self.modify_key(name, |r| {
+        self.manage_key(by, name, |r| {
             Self::each_version(r, which, |key, v| match v.state {
                 VersionState::Enabled | VersionState::Disabled => {
                     v.state = VersionState::Enabled;
@@ -1407,8 +1414,7 @@ impl Hsm {
         name: &str,
         which: Versions,
     ) -> Result<KeyInfo, HsmError> {
-        self.authorize(by, Permission::ManageKeys)?;
-        self.modify_key(name, |r| {
+        self.manage_key(by, name, |r| {
             let only_pending = matches!(which, Versions::All);
             Self::each_version(r, which, |key, v| match v.state {
                 VersionState::PendingDestruction => {
@@ -1430,8 +1436,7 @@ impl Hsm {
         name: &str,
         which: Versions,
     ) -> Result<KeyInfo, HsmError> {
-        self.authorize(by, Permission::ManageKeys)?;
-        self.modify_key(name, |r| {
+        self.manage_key(by, name, |r| {
             Self::refuse_primary_alone(r, which, "destroy")?;
             Self::each_version(r, which, |key, v| {
                 if v.state == VersionState::Destroyed {

@@ -569,18 +569,24 @@ fn a_store_without_manifest_gets_one_at_unseal() {
     ));
 }
 
+/// Adds crypto user bob and auditor carol; their sessions.
+fn user_and_auditor(h: &Hsm, a: &OperatorSession) -> (OperatorSession, OperatorSession) {
+    h.operator_add(a, "bob", Role::CryptoUser, b"bob-password-1")
+        .expect("add");
+    h.operator_add(a, "carol", Role::Auditor, b"carol-password-1")
+        .expect("add");
+    let bob = h.login("bob", b"bob-password-1").expect("bob");
+    let carol = h.login("carol", b"carol-password-1").expect("carol");
+    (bob, carol)
+}
+
 #[test]
 fn a_crypto_user_uses_only_keys_shared_with_it() {
     let (_s, h, shares) = unsealed();
     let a = admin(&h);
     h.key_create(&a, "pg", "").expect("create");
     h.key_create(&a, "other", "").expect("create");
-    h.operator_add(&a, "bob", Role::CryptoUser, b"bob-password-1")
-        .expect("add");
-    h.operator_add(&a, "carol", Role::Auditor, b"carol-password-1")
-        .expect("add");
-    let bob = h.login("bob", b"bob-password-1").expect("bob");
-    let carol = h.login("carol", b"carol-password-1").expect("carol");
+    let (bob, carol) = user_and_auditor(&h, &a);
     let denied = |r: Result<GeneratedDataKey, HsmError>| {
         assert!(matches!(r, Err(HsmError::PermissionDenied(_))), "{r:?}");
     };
@@ -646,12 +652,7 @@ fn roles_are_checked_by_the_hsm() {
     let (_s, h, _) = unsealed();
     let a = admin(&h);
     h.key_create(&a, "pg", "").expect("create");
-    h.operator_add(&a, "bob", Role::CryptoUser, b"bob-password-1")
-        .expect("add");
-    h.operator_add(&a, "carol", Role::Auditor, b"carol-password-1")
-        .expect("add");
-    let bob = h.login("bob", b"bob-password-1").expect("bob");
-    let carol = h.login("carol", b"carol-password-1").expect("carol");
+    let (bob, carol) = user_and_auditor(&h, &a);
     let denied = |r: Result<KeyInfo, HsmError>| {
         assert!(matches!(r, Err(HsmError::PermissionDenied(_))), "{r:?}");
     };
