@@ -371,6 +371,21 @@ impl Mount {
     }
 }
 
+impl Mount {
+    /// Waits for the mount process to end by itself (up to 30 s), detaches
+    /// the dead mount, and returns how it ended.
+    pub fn wait_exit(mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("child");
+        let st = wait(&mut c, Duration::from_secs(30));
+        if st.is_none() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        detach(&self.mountpoint);
+        st.expect("tde mount did not exit")
+    }
+}
+
 pub fn detach(mountpoint: &Path) {
     for _ in 0..50 {
         if !is_mountpoint(mountpoint) {

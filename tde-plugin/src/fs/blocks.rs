@@ -163,6 +163,11 @@ impl InodeState {
 /// the gap before it, before it fills the gap with zeros itself.
 const GAP_WAIT: Duration = Duration::from_millis(50);
 
+/// Blocks from block `first` on that hold data in a file of `len` bytes.
+fn held(len: u64, first: u64) -> u64 {
+    len.div_ceil(PAGE_SIZE as u64).saturating_sub(first)
+}
+
 /// Whether the union of `ranges` covers `[from, to)`.
 fn covers(ranges: &[(u64, u64)], from: u64, to: u64) -> bool {
     let mut sorted: Vec<_> = ranges.iter().filter(|r| r.1 > from && r.0 < to).collect();
@@ -749,14 +754,14 @@ impl Core {
             return WHOLE_BUF.with(|cell| {
                 let out = &mut *cell.borrow_mut();
                 let out = scratch(out, data.len() / PAGE_SIZE * (PAGE_SIZE + TRAILER_LEN));
-                let at = page::block_offset(offset / PAGE_SIZE as u64);
+                let first = offset / PAGE_SIZE as u64;
                 let version = self.encrypt_whole(h, offset, data, out)?;
                 // Inside the current size: no size change, so shared.
                 {
                     let _shared = st.lock.read().unwrap_or_else(|p| p.into_inner());
                     if end <= st.size() {
                         self.still_current(h, version, offset, data, out)?;
-                        h.file.write_all_at(out, at).map_err(|e| errno(&e))?;
+                        self.put_blocks(h, &h.file, first, out, u64::MAX)?;
                         drop(_shared);
                         start_writeback(&h.file, offset, out.len());
                         return Ok(());
@@ -771,7 +776,7 @@ impl Core {
                     if offset > old_len {
                         self.grow(h, old_len, offset)?;
                     }
-                    h.file.write_all_at(out, at).map_err(|e| errno(&e))?;
+                    self.put_blocks(h, &h.file, first, out, held(old_len, first))?;
                     st.set_size(old_len.max(end));
                 }
                 start_writeback(&h.file, offset, out.len());
@@ -928,12 +933,65 @@ impl Core {
             drop(cipher);
             // The stored length is now `stored_len(new_len)`: a grown last
             // block was rewritten at its new length, other blocks kept theirs.
-            h.file
-                .write_all_at(out, page::block_offset(first))
-                .map_err(|e| errno(&e))?;
+            self.put_blocks(h, &h.file, first, out, held(old_len, first))?;
             h.state.set_size(new_len);
             Ok(())
         })
+    }
+
+    /// Writes the stored blocks `out` of `h`'s file (through `file`) from
+    /// block `first`. The first `held` of them held data before (their
+    /// overwrite must not be torn): they go through a journal slot first,
+    /// in pieces of at most a slot, so a crash in the middle of the
+    /// overwrite leaves a whole copy for the next mount (see
+    /// [`super::journal`]). A journal that cannot be written (a full disk)
+    /// fails the write before anything in place changed.
+    fn put_blocks(
+        &self,
+        h: &Handle,
+        file: &File,
+        first: u64,
+        out: &[u8],
+        held: u64,
+    ) -> Result<(), Errno> {
+        let at = page::block_offset(first);
+        let journaled = held.saturating_mul(BLOCK_STRIDE).min(out.len() as u64) as usize;
+        if journaled > 0 {
+            let slot = self.journal.slot();
+            // The backing inode (the mapping swaps two numbers: its own
+            // inverse).
+            let ino = self.fuse_ino(h.ino);
+            let piece = (super::journal::SLOT_BLOCKS * BLOCK_STRIDE) as usize;
+            for from in (0..journaled).step_by(piece) {
+                let p = &out[from..journaled.min(from + piece)];
+                let b = first + from as u64 / BLOCK_STRIDE;
+                slot.record(ino, &h.file_id, b, p).map_err(|e| {
+                    tracing::error!(file = %h.path.display(), error = %e, "cannot write the overwrite journal; the write is refused");
+                    errno(&e)
+                })?;
+                if crate::failpoint::hit("torn-overwrite", &h.path) {
+                    // What a kill in the middle of the pwrite leaves.
+                    let _ = file.write_all_at(&p[..p.len() / 2], at + from as u64);
+                    crate::failpoint::die();
+                }
+                #[cfg(test)]
+                if tests::TEAR.with(|t| t.replace(false)) {
+                    // The unit tests' crash: half the piece, the slot left
+                    // live.
+                    let _ = file.write_all_at(&p[..p.len() / 2], at + from as u64);
+                    return Err(Errno::EIO);
+                }
+                file.write_all_at(p, at + from as u64)
+                    .map_err(|e| errno(&e))?;
+            }
+            if let Err(e) = slot.clear() {
+                // The write is done; a live slot whose blocks authenticate
+                // in place is left alone by the next mount.
+                tracing::warn!(error = %e, "could not clear an overwrite journal slot");
+            }
+        }
+        file.write_all_at(&out[journaled..], at + journaled as u64)
+            .map_err(|e| errno(&e))
     }
 
     /// Sets the plaintext length: shrinks (re-encrypting a cut block, and
@@ -987,8 +1045,7 @@ impl Core {
                 .encrypt_block(&h.file_id, b, &keep[..n], &mut stored)
                 .map_err(|_| Errno::EIO)?;
             keep.fill(0);
-            w.write_all_at(&stored, page::block_offset(b))
-                .map_err(|e| errno(&e))?;
+            self.put_blocks(h, &w, b, &stored, 1)?;
         }
         w.set_len(page::stored_len(len)).map_err(|e| errno(&e))?;
         st.set_size(len);
@@ -1177,7 +1234,7 @@ impl Core {
         plain.fill(0);
         drop(cipher);
         if rewritten > 0 {
-            h.file.write_all_at(stored, start).map_err(|e| errno(&e))?;
+            self.put_blocks(h, &h.file, first, stored, u64::MAX)?;
         }
         Ok(RekeyStep {
             blocks: last - first + 1,

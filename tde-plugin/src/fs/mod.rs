@@ -31,12 +31,15 @@
 //!   writes, truncation, fsync and the durable length, renames that move a
 //!   file's binding, re-key steps. No FUSE types: unit-tested on a plain
 //!   directory.
+//! - [`journal`]: the overwrite journal, which makes an in-place overwrite
+//!   of blocks that hold data safe against a crash of the mount.
 //! - [`fuse`]: the FUSE glue (`fuser::Filesystem`), each handler inside a
 //!   panic boundary.
 
 pub mod blocks;
 pub mod fuse;
 pub mod inodes;
+pub mod journal;
 
 use std::ffi::OsStr;
 use std::fs::Metadata;
@@ -83,12 +86,18 @@ pub struct Core {
     renames: std::sync::Mutex<()>,
     /// The "keys were zeroized" error is logged once.
     said_wiped: AtomicBool,
+    /// Overwrites of blocks that hold data go through it first.
+    journal: journal::Journal,
 }
 
 impl Core {
     fn new(backing: &Path, keys: Arc<Keys>) -> io::Result<Self> {
         let backing = backing.canonicalize()?;
         let root_ino = std::fs::metadata(&backing)?.ino();
+        let journal = journal::Journal::open(&backing)?;
+        // Before anything is loaded: blocks torn by a crash in the middle
+        // of their overwrite are put back first.
+        journal.replay(&backing, &keys.cipher())?;
         Ok(Self {
             backing,
             root_ino,
@@ -96,6 +105,7 @@ impl Core {
             inodes: inodes::Inodes::new(),
             renames: std::sync::Mutex::new(()),
             said_wiped: AtomicBool::new(false),
+            journal,
         })
     }
 

@@ -431,3 +431,161 @@ fn format_1_files_are_upgraded_once_and_then_refused() {
     assert_eq!(open(&engine(d.path()), "PG_15/c").err(), Some(Errno::EIO));
     let _ = std::fs::metadata(d.path()).map(|m| m.ino());
 }
+
+thread_local! {
+    /// Set by a test: the next journaled overwrite on this thread stops
+    /// half-way, as a kill of the mount in the middle of its `pwrite`.
+    pub(super) static TEAR: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn journal_len(d: &Path) -> u64 {
+    std::fs::metadata(d.join(super::super::journal::JOURNAL))
+        .expect("journal")
+        .len()
+}
+
+/// A file of `blocks` whole blocks and `extra` bytes, fsynced, and its
+/// content.
+fn durable_file(fs: &TdeFs, rel: &str, blocks: u64, extra: usize) -> (Handle, Vec<u8>) {
+    let h = create(fs, rel);
+    let mut want: Vec<u8> = (0..blocks).flat_map(block).collect();
+    want.extend((0..extra).map(|i| (i % 251) as u8));
+    fs.write_range(&h, 0, &want).expect("write");
+    fs.sync(&h, true).expect("fsync");
+    (h, want)
+}
+
+#[test]
+fn an_overwrite_torn_by_a_crash_is_put_back_from_the_journal() {
+    let d = tempfile::tempdir().expect("tmp");
+    let fs = engine(d.path());
+    let (h, mut want) = durable_file(&fs, "rel", 3, 0);
+    let new = vec![0xA5u8; B];
+    TEAR.with(|t| t.set(true));
+    assert_eq!(fs.write_range(&h, B as u64, &new), Err(Errno::EIO));
+    // Torn in place: the block no longer authenticates.
+    assert_eq!(fs.read_range(&h, B as u64, B, |d| d.len()), Err(Errno::EIO));
+    drop((h, fs));
+    // Without the journal the fsynced block would be lost.
+    let copy = tempfile::tempdir().expect("tmp");
+    for f in ["rel", super::super::journal::JOURNAL] {
+        std::fs::copy(d.path().join(f), copy.path().join(f)).expect("copy");
+    }
+    std::fs::remove_file(copy.path().join(super::super::journal::JOURNAL)).expect("rm");
+    let bare = engine(copy.path());
+    let hb = open(&bare, "rel").expect("open");
+    assert_eq!(read_all(&bare, &hb), Err(Errno::EIO));
+    // The next mount puts the block back (the write in flight: new data)
+    // and empties the journal.
+    assert!(journal_len(d.path()) > 0);
+    let fs = engine(d.path());
+    assert_eq!(journal_len(d.path()), 0);
+    let h = open(&fs, "rel").expect("open");
+    want[B..2 * B].copy_from_slice(&new);
+    assert!(read_all(&fs, &h).expect("reads") == want);
+    // A finished overwrite leaves no live slot behind.
+    fs.write_range(&h, 0, &new).expect("overwrite");
+    drop((h, fs));
+    let fs = engine(d.path());
+    want[..B].copy_from_slice(&new);
+    let h = open(&fs, "rel").expect("open");
+    assert!(read_all(&fs, &h).expect("reads") == want);
+}
+
+#[test]
+fn an_append_torn_in_the_partial_last_block_keeps_the_fsynced_bytes() {
+    // What CI hit: the fsynced length ends inside a block; the next append
+    // rewrites that block, and the mount is killed during the rewrite.
+    let d = tempfile::tempdir().expect("tmp");
+    let fs = engine(d.path());
+    let (h, want) = durable_file(&fs, "log", 2, 3000);
+    let more = vec![7u8; 3 * B];
+    TEAR.with(|t| t.set(true));
+    assert_eq!(
+        fs.write_range(&h, want.len() as u64, &more),
+        Err(Errno::EIO)
+    );
+    drop((h, fs));
+    let fs = engine(d.path());
+    let h = open(&fs, "log").expect("loads");
+    let all = read_all(&fs, &h).expect("reads whole");
+    assert!(all.len() >= want.len(), "{} < {}", all.len(), want.len());
+    assert!(all[..want.len()] == want[..], "fsynced bytes kept");
+    assert!(all[want.len()..].iter().all(|b| *b == 7), "then the append");
+    // And it takes appends again.
+    fs.write_range(&h, all.len() as u64, b"tail")
+        .expect("append");
+    assert_eq!(read_all(&fs, &h).map(|v| v.len()), Ok(all.len() + 4));
+}
+
+#[test]
+fn a_truncation_torn_in_its_last_block_ends_the_file_there() {
+    let d = tempfile::tempdir().expect("tmp");
+    let fs = engine(d.path());
+    let (h, want) = durable_file(&fs, "t", 4, 0);
+    let len = 2 * B as u64 + 500;
+    TEAR.with(|t| t.set(true));
+    assert_eq!(fs.set_len(&h, len), Err(Errno::EIO));
+    drop((h, fs));
+    let fs = engine(d.path());
+    let h = open(&fs, "t").expect("loads");
+    assert!(read_all(&fs, &h).expect("reads") == want[..len as usize]);
+}
+
+#[test]
+fn the_journal_puts_back_nothing_that_is_not_torn_or_not_authentic() {
+    let d = tempfile::tempdir().expect("tmp");
+    let fs = engine(d.path());
+    let (a, want_a) = durable_file(&fs, "a", 2, 0);
+    let (b, want_b) = durable_file(&fs, "b", 2, 0);
+    // A live slot for `a` (torn) ...
+    TEAR.with(|t| t.set(true));
+    assert_eq!(fs.write_range(&a, 0, &[1u8; B]), Err(Errno::EIO));
+    drop((a, b, fs));
+    let journal = d.path().join(super::super::journal::JOURNAL);
+    let slot = std::fs::read(&journal).expect("journal");
+    // ... copied as a slot naming `b` (another file id, and inode): its
+    // blocks do not authenticate there, and `b` is not touched.
+    let ino_b = std::fs::metadata(d.path().join("b")).expect("b").ino();
+    let mut forged = slot.clone();
+    forged[16..24].copy_from_slice(&ino_b.to_be_bytes());
+    let b_before = std::fs::read(d.path().join("b")).expect("b");
+    let stride = 64 + 32 * BLOCK_STRIDE as usize;
+    let mut two = vec![0u8; stride];
+    two[..slot.len()].copy_from_slice(&slot);
+    two.extend_from_slice(&forged);
+    std::fs::write(&journal, &two).expect("write journal");
+    let fs = engine(d.path());
+    assert_eq!(std::fs::read(d.path().join("b")).expect("b"), b_before);
+    let a = open(&fs, "a").expect("a");
+    let mut want = want_a.clone();
+    want[..B].fill(1);
+    assert!(read_all(&fs, &a).expect("a reads") == want);
+    let b = open(&fs, "b").expect("b");
+    assert!(read_all(&fs, &b).expect("b reads") == want_b);
+    drop((a, b, fs));
+    // A stale live slot whose block authenticates in place changes nothing;
+    // a journal of garbage is ignored.
+    std::fs::write(&journal, &slot).expect("stale slot");
+    let a_before = std::fs::read(d.path().join("a")).expect("a");
+    drop(engine(d.path()));
+    assert_eq!(std::fs::read(d.path().join("a")).expect("a"), a_before);
+    let junk: Vec<u8> = (0..3 * stride).map(|i| (i * 7 + 3) as u8).collect();
+    std::fs::write(&journal, &junk).expect("junk");
+    let fs = engine(d.path());
+    let a = open(&fs, "a").expect("a");
+    assert!(read_all(&fs, &a).expect("a reads") == want);
+}
+
+#[test]
+fn a_journal_that_is_not_a_regular_file_is_refused() {
+    let d = tempfile::tempdir().expect("tmp");
+    let journal = d.path().join(super::super::journal::JOURNAL);
+    std::os::unix::fs::symlink("/etc/passwd", &journal).expect("symlink");
+    let keys = Arc::new(Keys::in_memory(d.path(), cipher(), 2));
+    assert!(TdeFs::new(d.path(), keys.clone()).is_err());
+    std::fs::remove_file(&journal).expect("rm");
+    std::fs::create_dir(&journal).expect("dir");
+    let e = TdeFs::new(d.path(), keys).err().expect("refused");
+    assert!(e.to_string().contains("tde.journal"), "{e}");
+}
