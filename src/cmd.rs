@@ -373,6 +373,7 @@ fn mount(cli: &Cli, cfg: &Config, a: &MountArgs) -> anyhow::Result<()> {
         init: a.init,
         wait: std::time::Duration::from_secs(a.wait),
         threads: a.threads,
+        allow_other: a.allow_other,
     };
     let mounted = tde_plugin::mount::mount(&spec)?;
     eprintln!(

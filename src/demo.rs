@@ -49,7 +49,7 @@ impl Stack {
         if let Some((child, mnt)) = self.mount.take() {
             stop_child(child);
             if is_mountpoint(&mnt) {
-                let _ = rustix::mount::unmount(&mnt, rustix::mount::UnmountFlags::DETACH);
+                let _ = tde_plugin::fusermount::unmount(&mnt, true);
             }
         }
         if let Some(child) = self.sidecar.take() {
@@ -78,11 +78,23 @@ fn step(n: &mut u32, what: &str) {
     println!("\n[{n}] {what}");
 }
 
-fn wait_for(what: impl Fn() -> bool, child: &mut Child, name: &str) -> anyhow::Result<()> {
+/// Waits until `what` holds; if the child `name` exits first, the error
+/// holds what it wrote to `log` (its cause), not only its exit status.
+fn wait_for(
+    what: impl Fn() -> bool,
+    child: &mut Child,
+    name: &str,
+    log: &Path,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !what() {
         if let Some(status) = child.try_wait()? {
-            bail!("{name} exited during start-up ({status})");
+            let said = std::fs::read_to_string(log).unwrap_or_default();
+            let said = said.trim();
+            bail!(
+                "{name} exited during start-up ({status}){}{said}",
+                if said.is_empty() { "" } else { ":\n" }
+            );
         }
         if Instant::now() > deadline {
             bail!("{name} did not start within 30 s");
@@ -161,6 +173,7 @@ fn tour(dir: &Path, stack: &Mutex<Stack>) -> anyhow::Result<()> {
         || data_sock.exists() && admin_sock.exists(),
         &mut child,
         "tde serve",
+        &dir.join("serve.log"),
     );
     stack.lock().unwrap_or_else(|p| p.into_inner()).sidecar = Some(child);
     up?;
@@ -246,7 +259,20 @@ fn tour(dir: &Path, stack: &Mutex<Stack>) -> anyhow::Result<()> {
     expect_refusal(data.decrypt(&ciphertext, &ctx), ErrorCode::KeyDisabled)?;
     drop(data);
 
-    postgres_part(dir, &exe, &data_sock, &mut admin, stack, &mut n)?;
+    let first_pg_step = n + 1;
+    let skipped = match missing_for_postgres() {
+        Some(why) => {
+            println!(
+                "\n(skipped) The encrypted tablespace: {why}. It would have mounted a tablespace with `tde mount`, run PostgreSQL 15 and pgbench on it, shown plaintext in SQL and ciphertext on disk, and rotated and re-keyed it online."
+            );
+            Some(why)
+        }
+        None => {
+            postgres_part(dir, &exe, &data_sock, &mut admin, stack, &mut n)?;
+            None
+        }
+    };
+    let last_pg_step = n;
     drop(admin);
 
     step(
@@ -266,8 +292,45 @@ fn tour(dir: &Path, stack: &Mutex<Stack>) -> anyhow::Result<()> {
             .map(|b| format!("{b:02x}"))
             .collect::<String>()
     );
+    println!("\nSummary:");
+    println!(
+        "    ran: the sidecar, custody and the key lifecycle (steps 1-{}), the audit chain check (step {n})",
+        first_pg_step - 1
+    );
+    match skipped {
+        Some(why) => println!("    skipped: the encrypted tablespace with PostgreSQL ({why})"),
+        None => println!(
+            "    ran: the encrypted tablespace with PostgreSQL 15, rotation and online re-key (steps {first_pg_step}-{last_pg_step})"
+        ),
+    }
     println!("\nDone. See README.md for running the sidecar and `tde mount` for real.");
     Ok(())
+}
+
+/// What keeps the PostgreSQL part from running here, in one line that
+/// says how to get it; `None` when it can run.
+fn missing_for_postgres() -> Option<String> {
+    if !Path::new(&format!("{PGBIN}/initdb")).exists() {
+        return Some(format!(
+            "PostgreSQL 15 is not installed (no {PGBIN}/initdb; install the postgresql-15 package)"
+        ));
+    }
+    if !Path::new("/dev/fuse").exists() {
+        return Some(
+            "there is no /dev/fuse (load the fuse module with `modprobe fuse`; in a container, pass --device /dev/fuse)".into(),
+        );
+    }
+    if rustix::process::geteuid().is_root() {
+        if postgres_ids().is_err() {
+            return Some(
+                "PostgreSQL refuses to run as root and there is no `postgres` user to run it as (install the postgresql-15 package, which creates it)".into(),
+            );
+        }
+        return None;
+    }
+    tde_plugin::fusermount::check_user_mount(false)
+        .err()
+        .map(|e| e.to_string())
 }
 
 fn postgres_part(
@@ -279,13 +342,8 @@ fn postgres_part(
     n: &mut u32,
 ) -> anyhow::Result<()> {
     let root = rustix::process::geteuid().is_root();
-    if !Path::new(&format!("{PGBIN}/initdb")).exists() || !Path::new("/dev/fuse").exists() {
-        println!(
-            "\n(PostgreSQL 15 at {PGBIN} or /dev/fuse is missing: skipping the encrypted-tablespace part.)"
-        );
-        return Ok(());
-    }
-    // PostgreSQL refuses to run as root: as root, run it as `postgres`.
+    // PostgreSQL refuses to run as root: as root, run it as `postgres`; a
+    // normal user runs it as themselves.
     let ids = if root { Some(postgres_ids()?) } else { None };
     let as_pg = |c: &mut Command| {
         if let Some((u, g)) = ids {
@@ -334,7 +392,12 @@ fn postgres_part(
         .process_group(0)
         .spawn()
         .context("starting tde mount")?;
-    let up = wait_for(|| is_mountpoint(&mnt), &mut child, "tde mount");
+    let up = wait_for(
+        || is_mountpoint(&mnt),
+        &mut child,
+        "tde mount",
+        &dir.join("mount.log"),
+    );
     stack.lock().unwrap_or_else(|p| p.into_inner()).mount = Some((child, mnt.clone()));
     up?;
     println!(
@@ -569,14 +632,12 @@ fn hex(b: &[u8]) -> String {
         .join(" ")
 }
 
+/// The `postgres` user's uid and gid (through NSS).
 fn postgres_ids() -> anyhow::Result<(u32, u32)> {
-    let passwd = std::fs::read_to_string("/etc/passwd")?;
-    let line = passwd
-        .lines()
-        .find(|l| l.starts_with("postgres:"))
+    let u = nix::unistd::User::from_name("postgres")
+        .context("looking up the postgres user")?
         .context("no `postgres` user: install postgresql-15")?;
-    let f: Vec<&str> = line.split(':').collect();
-    Ok((f[2].parse()?, f[3].parse()?))
+    Ok((u.uid.as_raw(), u.gid.as_raw()))
 }
 
 fn expect_refusal<T>(r: Result<T, ClientError>, code: ErrorCode) -> anyhow::Result<()> {

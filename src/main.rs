@@ -164,6 +164,11 @@ pub struct MountArgs {
     /// Run in the background once mounted.
     #[arg(long)]
     pub daemon: bool,
+    /// As a normal user: let other users use the mount too (needs
+    /// `user_allow_other` in /etc/fuse.conf). A mount made by root always
+    /// allows them (PostgreSQL runs as its own user).
+    #[arg(long)]
+    pub allow_other: bool,
     /// Directory holding the ciphertext.
     pub backing_dir: PathBuf,
     /// Where the plaintext appears.

@@ -14,6 +14,8 @@
 //! - [`control`]: the mount's control socket (`tde rekey`, `tde status`).
 //! - [`fs`]: the FUSE file system that encrypts a backing directory (inode
 //!   table, block engine, FUSE glue).
+//! - [`fusermount`]: mounting and unmounting as a normal user through the
+//!   setuid `fusermount3` helper.
 //! - [`failpoint`]: failure injection for tests (debug builds only).
 //! - [`fuzz`]: fuzzing harnesses of the parsers of untrusted bytes.
 //! - [`mount`]: `tde mount`: unwrap the DEK, mount, serve, unmount.
@@ -26,6 +28,7 @@
 pub mod control;
 pub mod failpoint;
 pub mod fs;
+pub mod fusermount;
 pub mod fuzz;
 pub mod keyfile;
 pub mod keys;

@@ -19,6 +19,7 @@ use anyhow::{Context as _, bail};
 use fuser::{Config, INodeNo, MountOption, SessionACL};
 
 use crate::fs::TdeFs;
+use crate::fusermount::{self, Unmounted};
 use crate::keys::Keys;
 use crate::rekey::Rekey;
 use crate::rotation::Keeper;
@@ -47,6 +48,10 @@ pub struct MountSpec {
     pub wait: Duration,
     /// FUSE worker threads (`DEFAULT_THREADS` unless told).
     pub threads: usize,
+    /// Let other users than the one mounting use the mount. Always on for
+    /// root (PostgreSQL runs as its own user); a normal user's mount allows
+    /// only that user unless asked (and `/etc/fuse.conf` permits it).
+    pub allow_other: bool,
 }
 
 fn check_dirs(spec: &MountSpec) -> anyhow::Result<()> {
@@ -85,6 +90,9 @@ fn check_dirs(spec: &MountSpec) -> anyhow::Result<()> {
 /// A mounted tablespace; unmounted when dropped.
 pub struct Mounted {
     session: Option<fuser::BackgroundSession>,
+    /// Mounted through `fusermount3` (a normal user): the session cannot
+    /// unmount itself.
+    by_helper: bool,
     /// Held until the process ends (the kernel releases it then).
     _backing_lock: crate::keyfile::BackingLock,
     keeper: Option<Keeper>,
@@ -105,16 +113,8 @@ impl Mounted {
     /// system is busy (files open on it): it stays mounted and serving, as
     /// `umount` would refuse.
     pub fn try_unmount(&mut self) -> anyhow::Result<bool> {
-        if !self.finished() {
-            match rustix::mount::unmount(&self.mountpoint, rustix::mount::UnmountFlags::empty()) {
-                Ok(()) => {}
-                Err(e) if e == rustix::io::Errno::BUSY => return Ok(false),
-                Err(e) if e == rustix::io::Errno::INVAL => {} // already gone
-                Err(e) => {
-                    return Err(e)
-                        .with_context(|| format!("unmounting {}", self.mountpoint.display()));
-                }
-            }
+        if !self.finished() && fusermount::unmount(&self.mountpoint, false)? == Unmounted::Busy {
+            return Ok(false);
         }
         // Unmounted (by us or from outside): the session thread ends on its
         // own; unmounting again would fail with EINVAL.
@@ -135,6 +135,11 @@ impl Mounted {
             k.stop();
         }
         let r = match self.session.take() {
+            Some(s) if !unmounted && !s.guard.is_finished() && self.by_helper => {
+                // Detached now, gone when the last file on it closes.
+                fusermount::unmount(&self.mountpoint, true)
+                    .and_then(|_| s.join().context("the file system thread failed"))
+            }
             Some(s) if !unmounted && !s.guard.is_finished() => {
                 s.umount_and_join().context("unmounting")
             }
@@ -176,6 +181,11 @@ impl Drop for Mounted {
 /// (resuming a checkpointed re-key) and the control socket.
 pub fn mount(spec: &MountSpec) -> anyhow::Result<Mounted> {
     check_dirs(spec)?;
+    let as_root = rustix::process::geteuid().is_root();
+    if !as_root {
+        // Before the key file or the sidecar is touched.
+        fusermount::check_user_mount(spec.allow_other)?;
+    }
     let backing_lock = crate::keyfile::BackingLock::acquire(&spec.backing)?;
     let keys = Arc::new(Keys::open(spec)?);
     let fs = TdeFs::new(&spec.backing, keys.clone()).context("opening the backing directory")?;
@@ -198,12 +208,36 @@ pub fn mount(spec: &MountSpec) -> anyhow::Result<Mounted> {
         MountOption::NoDev,
         MountOption::NoSuid,
     ];
-    config.acl = SessionACL::All;
+    config.acl = if as_root || spec.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
     config.n_threads = Some(spec.threads.max(1));
     config.clone_fd = true;
     let core = fs.clone();
-    let session = fuser::spawn_mount(fs, &spec.mountpoint, &config)
-        .with_context(|| format!("mounting on {}", spec.mountpoint.display()))?;
+    let session = if as_root {
+        fuser::spawn_mount(fs, &spec.mountpoint, &config)
+            .with_context(|| format!("mounting on {}", spec.mountpoint.display()))?
+    } else {
+        // The helper mounts (it checks that this user may write the
+        // mountpoint) and hands back /dev/fuse.
+        let fd = fusermount::mount(
+            &spec.mountpoint,
+            &fusermount::options(core.backing(), spec.allow_other),
+        )?;
+        let acl = config.acl;
+        let started = fuser::Session::from_fd(fs, fd, acl, config)
+            .and_then(|s| s.spawn())
+            .with_context(|| format!("serving the mount on {}", spec.mountpoint.display()));
+        match started {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = fusermount::unmount(&spec.mountpoint, true);
+                return Err(e);
+            }
+        }
+    };
     // The kernel gives the root inode placeholder attributes (owner root)
     // until its first getattr, and chmod's ownership check does not refresh
     // them: PostgreSQL's chmod of a fresh tablespace location would fail
@@ -233,6 +267,7 @@ pub fn mount(spec: &MountSpec) -> anyhow::Result<Mounted> {
     );
     Ok(Mounted {
         session: Some(session),
+        by_helper: !as_root,
         _backing_lock: backing_lock,
         keeper: Some(keeper),
         control: Some(control),
@@ -280,26 +315,13 @@ pub fn is_mountpoint(p: &Path) -> bool {
 pub fn umount(mountpoint: &Path) -> anyhow::Result<()> {
     let backing = crate::control::backing_of(mountpoint).ok();
     let holder = backing.as_deref().and_then(lock_holder);
-    match rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::empty()) {
-        Ok(()) => {}
-        Err(e) if e == rustix::io::Errno::PERM => {
-            let st = std::process::Command::new("fusermount3")
-                .arg("-u")
-                .arg(mountpoint)
-                .status()
-                .context("running fusermount3 -u")?;
-            if !st.success() {
-                bail!("fusermount3 -u {} failed", mountpoint.display())
-            }
-        }
-        Err(e) if e == rustix::io::Errno::BUSY => {
-            bail!(
-                "{} is busy: stop the processes using it (PostgreSQL) first",
-                mountpoint.display()
-            )
-        }
-        Err(e) if e == rustix::io::Errno::INVAL => bail!("{} is not mounted", mountpoint.display()),
-        Err(e) => return Err(e).with_context(|| format!("unmounting {}", mountpoint.display())),
+    match fusermount::unmount(mountpoint, false)? {
+        Unmounted::Done => {}
+        Unmounted::Busy => bail!(
+            "{} is busy: stop the processes using it (PostgreSQL) first",
+            mountpoint.display()
+        ),
+        Unmounted::NotMounted => bail!("{} is not mounted", mountpoint.display()),
     }
     let deadline = std::time::Instant::now() + UMOUNT_WAIT;
     if let Some(b) = &backing {
