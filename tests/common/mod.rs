@@ -16,6 +16,35 @@ use tde_protocol::{Request, Response};
 
 pub mod pg;
 
+/// Records that the running test is skipped and why: said on stderr (seen
+/// with `--nocapture`) and appended to a list that the last test target,
+/// `tests/zz_skipped.rs`, sums up in one line after the others ran.
+pub fn skip(why: &str) {
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("?")
+        .replace(['\t', '\n'], " ");
+    let bin = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .map(|n| n.rsplit_once('-').map_or(n.clone(), |(b, _)| b.to_string()))
+        .unwrap_or_default();
+    eprintln!("SKIPPED {bin}::{test}: {why}");
+    use std::io::Write as _;
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(skip_list())
+    {
+        let _ = writeln!(f, "{bin}::{test}\t{why}");
+    }
+}
+
+/// Where skipped tests are listed until `tests/zz_skipped.rs` reads them.
+pub fn skip_list() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("skipped-tests")
+}
+
 pub const PASSWORD: &str = "officer-password-1";
 pub const BIN: &str = env!("CARGO_BIN_EXE_tde");
 

@@ -16,37 +16,76 @@ pub const PGBIN: &str = "/usr/lib/postgresql/15/bin";
 
 static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
 
-/// uid and gid of the `postgres` user.
+fn root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// uid and gid PostgreSQL runs as: the `postgres` user's (through NSS) when
+/// the tests run as root (PostgreSQL refuses root), else the test runner's.
 pub fn postgres_ids() -> (u32, u32) {
-    let passwd = std::fs::read_to_string("/etc/passwd").expect("passwd");
-    let line = passwd
-        .lines()
-        .find(|l| l.starts_with("postgres:"))
-        .expect("a postgres user (install postgresql-15)");
-    let f: Vec<&str> = line.split(':').collect();
-    (f[2].parse().expect("uid"), f[3].parse().expect("gid"))
-}
-
-/// Whether these tests can run here: root (to mount and to run as postgres)
-/// and /dev/fuse.
-pub fn can_run() -> bool {
-    let ok = rustix::process::geteuid().is_root() && Path::new("/dev/fuse").exists();
-    if !ok {
-        eprintln!("SKIPPED: needs root and /dev/fuse (CI has both)");
+    if !root() {
+        return (
+            rustix::process::getuid().as_raw(),
+            rustix::process::getgid().as_raw(),
+        );
     }
-    ok
+    let u = nix::unistd::User::from_name("postgres")
+        .expect("looking up the postgres user")
+        .expect("a postgres user (install postgresql-15)");
+    (u.uid.as_raw(), u.gid.as_raw())
 }
 
+/// Whether the mount and PostgreSQL tests can run here: as root, with
+/// /dev/fuse (as CI runs them); as a normal user, through fusermount3 with
+/// /dev/fuse open to that user. Records the reason of a skip.
+pub fn can_run() -> bool {
+    let why = if !Path::new("/dev/fuse").exists() {
+        Some("no /dev/fuse".to_string())
+    } else if !Path::new(&format!("{PGBIN}/initdb")).exists() {
+        Some("no PostgreSQL 15 (package postgresql-15)".to_string())
+    } else if root() {
+        None
+    } else {
+        tde_plugin::fusermount::check_user_mount(false)
+            .err()
+            .map(|e| format!("a normal user cannot mount here: {e}"))
+    };
+    match why {
+        Some(why) => {
+            super::skip(&why);
+            false
+        }
+        None => true,
+    }
+}
+
+/// As [`can_run`], and root: for tests that act as other users (`nobody`).
+pub fn can_run_as_root() -> bool {
+    if !can_run() {
+        return false;
+    }
+    if !root() {
+        super::skip("acts as uid 65534, which needs root");
+        return false;
+    }
+    true
+}
+
+/// Gives `p` to the user PostgreSQL runs as (nothing to do for a normal
+/// user, who runs it).
 pub fn chown_pg(p: &Path) {
-    let (uid, gid) = postgres_ids();
-    std::os::unix::fs::chown(p, Some(uid), Some(gid)).expect("chown");
+    if root() {
+        let (uid, gid) = postgres_ids();
+        std::os::unix::fs::chown(p, Some(uid), Some(gid)).expect("chown");
+    }
 }
 
 fn as_postgres(cmd: &mut Command) -> &mut Command {
-    let (uid, gid) = postgres_ids();
-    cmd.uid(uid)
-        .gid(gid)
-        .env("HOME", "/tmp")
+    if root() {
+        let (uid, gid) = postgres_ids();
+        cmd.uid(uid).gid(gid);
+    }
+    cmd.env("HOME", "/tmp")
         .env_remove("PGDATA")
         .current_dir("/")
 }
@@ -391,7 +430,8 @@ pub fn detach(mountpoint: &Path) {
         if !is_mountpoint(mountpoint) {
             return;
         }
-        let _ = rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH);
+        // Directly as root, else through fusermount3 -uz.
+        let _ = tde_plugin::fusermount::unmount(mountpoint, true);
         std::thread::sleep(Duration::from_millis(50));
     }
 }
