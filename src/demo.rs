@@ -294,7 +294,7 @@ fn tour(dir: &Path, stack: &Mutex<Stack>) -> anyhow::Result<()> {
     );
     println!("\nSummary:");
     println!(
-        "    ran: the sidecar, custody and the key lifecycle (steps 1-{}), the audit chain check (step {n})",
+        "    ran: the sidecar and the key lifecycle (steps 1-{}), the audit chain check (step {n})",
         first_pg_step - 1
     );
     match skipped {
