@@ -984,11 +984,13 @@ impl Core {
                 file.write_all_at(p, at + from as u64)
                     .map_err(|e| errno(&e))?;
             }
-            if let Err(e) = slot.clear() {
-                // The write is done; a live slot whose blocks authenticate
-                // in place is left alone by the next mount.
-                tracing::warn!(error = %e, "could not clear an overwrite journal slot");
-            }
+            // A slot left live would let the next mount put back this
+            // version (and end the file at a partial block) after later
+            // writes: a disk that cannot overwrite 8 bytes fails the write.
+            slot.clear().map_err(|e| {
+                tracing::error!(file = %h.path.display(), error = %e, "cannot clear an overwrite journal slot");
+                errno(&e)
+            })?;
         }
         file.write_all_at(&out[journaled..], at + journaled as u64)
             .map_err(|e| errno(&e))
