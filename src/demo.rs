@@ -436,9 +436,13 @@ fn postgres_part(
         .output()?;
     stack.lock().unwrap_or_else(|p| p.into_inner()).pg = Some((data.clone(), ids));
     if !out.status.success() {
+        // The cause is in the server's log, which goes with the directory.
+        let log = std::fs::read_to_string(pgroot.join("postgres.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(10).collect();
         bail!(
-            "PostgreSQL did not start: {}",
-            String::from_utf8_lossy(&out.stderr)
+            "PostgreSQL did not start: {}\n{}",
+            String::from_utf8_lossy(&out.stderr).trim(),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
         );
     }
     let psql = |sql: &str| -> anyhow::Result<String> {
