@@ -387,7 +387,29 @@ pub struct CiphertextArgs {
     pub ciphertext_file: Option<PathBuf>,
 }
 
+/// `tde key list | head -1`: when the reader of stdout goes away, end
+/// quietly as Unix tools do. (Rust ignores SIGPIPE, so the print macros
+/// panic with EPIPE instead; this crate has no unsafe code to restore the
+/// signal.)
+fn quiet_on_broken_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let p = info.payload();
+        let msg = p
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| p.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        // EPIPE is 32 on Linux; the text of the error may be translated.
+        if msg.starts_with("failed printing to stdout") && msg.contains("(os error 32)") {
+            std::process::exit(0);
+        }
+        default(info)
+    }));
+}
+
 fn main() -> ExitCode {
+    quiet_on_broken_pipe();
     let cli = Cli::parse();
     match cmd::run(cli) {
         Ok(code) => code,

@@ -416,3 +416,27 @@ fn refusals_have_their_own_codes() {
         assert!(nobody["actor"]["client"].is_null());
     }
 }
+
+/// Issue 12, point 7: `tde key list | head -1` ends quietly (exit 0, no
+/// panic) when the reader of its output is gone.
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    let env = Env::new("");
+    let shares = env.init();
+    let _daemon = env.serve();
+    env.unseal(&shares[..3]);
+    for i in 0..50 {
+        env.ok(&["key", "create", &format!("app-{i}")]);
+    }
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = env
+        .cmd(&["key", "list"])
+        .stdout(std::process::Stdio::from(writer))
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
