@@ -440,3 +440,46 @@ fn output_into_a_closed_pipe_ends_quietly() {
     assert_eq!(out.status.code(), Some(0), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// Issue 12, point 3: a rotation period needs its unit (a bare `90` is
+/// refused before anything changes), the sidecar refuses periods below
+/// `limits.min_rotation_seconds` (one hour by default), and periods are
+/// shown as durations.
+#[test]
+fn rotation_periods_need_units_and_respect_the_minimum() {
+    let env = Env::new("");
+    let shares = env.init();
+    // The default minimum (the test config lowers it to 1 s).
+    let _daemon = env.serve_env(&[("TDE_LIMITS__MIN_ROTATION_SECONDS", "3600")]);
+    env.unseal(&shares[..3]);
+    env.ok(&["key", "create", "pg-r"]);
+    let (rc, v) = env.json(&["key", "set-rotation", "pg-r", "90"]);
+    assert_eq!(rc, 2, "{v}");
+    assert!(v.to_string().contains("no unit"), "{v}");
+    let msg = env.refused(&["key", "set-rotation", "pg-r", "90s"], "INVALID_ARGUMENT");
+    assert!(msg.contains("below the minimum of 1h"), "{msg}");
+    // Create checks the unit first; the minimum is the sidecar's, so the
+    // key is made and the refusal says it has no rotation.
+    let (rc, v) = env.json(&["key", "create", "pg-s", "--rotate-after", "30"]);
+    assert_eq!(rc, 2, "{v}");
+    assert_eq!(
+        env.json(&["key", "show", "pg-s"]).0,
+        1,
+        "nothing was created"
+    );
+    let out = env
+        .cmd(&["key", "create", "pg-t", "--rotate-after", "30m"])
+        .output()
+        .expect("create");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("without automatic rotation"), "{err}");
+    let k = env.ok(&["key", "set-rotation", "pg-r", "90d"]);
+    assert_eq!(k["rotate_after_seconds"], 90 * 86400);
+    // Nothing rotated on the way: still version 1.
+    assert_eq!(k["primary_version"], 1, "{k}");
+    let shown = env.cmd(&["key", "show", "pg-r"]).output().expect("show");
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(text.contains("rotates automatically every 90d"), "{text}");
+    env.ok(&["key", "set-rotation", "pg-r", "off"]);
+}

@@ -115,6 +115,10 @@ pub struct LimitsConfig {
     pub refused_records_per_second: u32,
     /// Seconds between checks for scheduled key destruction.
     pub destroy_check_seconds: u64,
+    /// The shortest automatic rotation period a key may get, in seconds
+    /// (default one hour, as Vault's transit engine; lower it only to try
+    /// rotation out).
+    pub min_rotation_seconds: u64,
 }
 
 /// `[mounts]`: the sidecar's word to the `tde mount`s attached to it.
@@ -159,6 +163,7 @@ impl Default for Config {
                 worker_threads: 64,
                 refused_records_per_second: 100,
                 destroy_check_seconds: 60,
+                min_rotation_seconds: 3600,
             },
             mounts: MountsConfig {
                 on_seal: "keep".into(),

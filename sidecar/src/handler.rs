@@ -100,6 +100,8 @@ pub struct Service {
     pub refusals: RefusalBudget,
     /// How many `watch_key`s one uid may have waiting.
     pub watches: WatchSlots,
+    /// `limits.min_rotation_seconds`.
+    pub min_rotation_seconds: u64,
 }
 
 /// The audit budget of refused requests: a token bucket per uid, so that a
@@ -1108,7 +1110,20 @@ impl Service {
             Request::KeySetRotation {
                 key: k,
                 rotate_after,
-            } => key(h.key_set_rotation(by()?, k, *rotate_after)),
+            } => {
+                let min = self.min_rotation_seconds;
+                if *rotate_after != 0 && *rotate_after < min {
+                    return Err((
+                        ErrorCode::InvalidArgument,
+                        format!(
+                            "a rotation period of {} is below the minimum of {} (limits.min_rotation_seconds)",
+                            tde_protocol::duration_text(*rotate_after),
+                            tde_protocol::duration_text(min)
+                        ),
+                    ));
+                }
+                key(h.key_set_rotation(by()?, k, *rotate_after))
+            }
             r if r.op().is_data_op() => self.data_op(r, blob, rec, Caller::User(by()?)),
             Request::KeyShare { key: k, operator } => {
                 rec.detail = Some(format!("shared with {operator}"));

@@ -447,6 +447,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         revoking: Default::default(),
         refusals: RefusalBudget::new(cfg.limits.refused_records_per_second),
         watches: WatchSlots::new(cfg.limits.max_watches_per_uid),
+        min_rotation_seconds: cfg.limits.min_rotation_seconds,
     });
     let mut start = AuditRecord::new("internal", "daemon_start");
     start.detail = Some(format!(

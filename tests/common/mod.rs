@@ -75,6 +75,7 @@ mode = "0666"
 level = "info"
 [limits]
 destroy_check_seconds = 1
+min_rotation_seconds = 1
 [[clients]]
 name = "app"
 uids = [{uid}]
@@ -160,6 +161,12 @@ operations = ["generate_data_key", "decrypt", "re_encrypt", "generate_random"]
 
     /// Starts `tde serve` and waits for both sockets.
     pub fn serve(&self) -> Daemon {
+        self.serve_env(&[])
+    }
+
+    /// [`Env::serve`] with extra environment variables (`TDE_...`
+    /// configuration overrides).
+    pub fn serve_env(&self, vars: &[(&str, &str)]) -> Daemon {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -167,6 +174,7 @@ operations = ["generate_data_key", "decrypt", "re_encrypt", "generate_random"]
             .expect("log");
         let child = self
             .cmd(&["serve"])
+            .envs(vars.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -24,6 +24,7 @@
 
 pub mod client;
 pub mod codec;
+pub mod duration;
 pub mod error;
 pub mod frame;
 pub mod fuzz;
@@ -31,6 +32,7 @@ pub mod message;
 pub mod private;
 pub mod secret;
 
+pub use duration::{duration_text, parse_duration};
 pub use error::{DecodeError, ErrorCode};
 pub use frame::{Frame, FrameKind, Header, MAX_FRAME_LEN, PROTOCOL_VERSION};
 pub use message::{
