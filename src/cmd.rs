@@ -889,14 +889,31 @@ fn status(cli: &Cli, cfg: &Config) -> anyhow::Result<()> {
 }
 
 fn unseal(cli: &Cli, cfg: &Config, share: Option<&str>, file: Option<&Path>) -> anyhow::Result<()> {
+    let from_stdin = || -> anyhow::Result<Zeroizing<String>> {
+        let mut line = Zeroizing::new(String::new());
+        std::io::stdin()
+            .read_line(&mut line)
+            .context("reading the share from standard input")?;
+        Ok(line)
+    };
     let text = match (share, file) {
-        (Some(s), _) => Zeroizing::new(s.to_string()),
+        (Some(s), _) => {
+            eprintln!(
+                "warning: a share given as an argument is visible to every local user (/proc/PID/cmdline) and stays in the shell's history; prefer the prompt, --share-file FILE or standard input"
+            );
+            Zeroizing::new(s.to_string())
+        }
+        (None, Some(f)) if f == Path::new("-") => from_stdin()?,
         (None, Some(f)) => read_secret_file(f)?,
         (None, None) if std::io::stdin().is_terminal() => {
-            Zeroizing::new(rpassword::prompt_password("unseal share: ")?)
+            Zeroizing::new(rpassword::prompt_password("unseal share (not shown): ")?)
         }
-        (None, None) => bail!("give the share as an argument, with --share-file, or on a terminal"),
+        // Piped in, as `vault operator unseal -` reads it.
+        (None, None) => from_stdin()?,
     };
+    if text.trim().is_empty() {
+        bail!("no share given: nothing was sent to the sidecar");
+    }
     let s = Client::connect(&admin_path(cli, cfg))?
         .unseal(SecretBytes::from_slice(text.trim().as_bytes()))?;
     print_status(cli, &s);

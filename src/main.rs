@@ -64,9 +64,11 @@ pub enum Command {
     Status,
     /// Give one unseal share.
     Unseal {
-        /// The share text (else --share-file, or a hidden prompt).
+        /// The share text: visible to every local user, so prefer the
+        /// hidden prompt (on a terminal), standard input (piped), or
+        /// --share-file.
         share: Option<String>,
-        /// File holding the share.
+        /// File holding the share (`-`: standard input).
         #[arg(long)]
         share_file: Option<PathBuf>,
     },

@@ -483,3 +483,60 @@ fn rotation_periods_need_units_and_respect_the_minimum() {
     assert!(text.contains("rotates automatically every 90d"), "{text}");
     env.ok(&["key", "set-rotation", "pg-r", "off"]);
 }
+
+/// Issue 12, point 10: a share is read from standard input (piped, or
+/// `--share-file -`) so it never reaches the command line; the argument
+/// form still works but warns; an empty input sends nothing.
+#[test]
+fn unseal_shares_come_from_stdin_and_arguments_warn() {
+    use std::io::Write as _;
+    let env = Env::new("");
+    let shares = env.init();
+    let _daemon = env.serve();
+    let piped = |args: &[&str], input: &str| {
+        let mut c = env
+            .cmd(args)
+            .arg("--json")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        c.stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("write");
+        c.wait_with_output().expect("wait")
+    };
+    let out = piped(&["unseal"], "\n");
+    assert_eq!(out.status.code(), Some(2), "an empty share is not sent");
+    let out = piped(&["unseal"], &format!("{}\n", shares[0]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).is_empty());
+    let out = piped(
+        &["unseal", "--share-file", "-"],
+        &format!("{}\n", shares[1]),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = env
+        .cmd(&["unseal", &shares[2], "--json"])
+        .output()
+        .expect("unseal");
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("warning") && err.contains("/proc/PID/cmdline"),
+        "{err}"
+    );
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(st["sealed"], false, "{st}");
+}
