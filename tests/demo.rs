@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::pg::{can_run, serial};
+use common::pg::{can_run, can_run_as_normal_user, serial};
 
 fn root() -> bool {
     rustix::process::geteuid().is_root()
@@ -112,19 +112,7 @@ fn as_normal_user(tmp: &std::path::Path) -> std::process::Command {
 /// (initdb and PostgreSQL as that user, the mount through fusermount3).
 #[test]
 fn demo_as_a_normal_user_runs_every_step() {
-    if !can_run() {
-        return;
-    }
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata("/dev/fuse")
-        .expect("fuse")
-        .permissions()
-        .mode();
-    if mode & 0o006 != 0o006 {
-        common::skip(&format!(
-            "/dev/fuse is mode {:o}, closed to normal users (udev makes it 0666 on a standard host; .ci/run does the same)",
-            mode & 0o777
-        ));
+    if !can_run_as_normal_user() {
         return;
     }
     let _serial = serial();

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -15,20 +14,6 @@ use common::pg::*;
 use common::{Env, signal, wait};
 
 const NOBODY: u32 = 65534;
-
-/// Why a normal user cannot mount here, if so.
-fn helper_unusable() -> Option<String> {
-    if tde_plugin::fusermount::helper().is_none() {
-        return Some("no fusermount3 on the PATH (package fuse3)".into());
-    }
-    let mode = std::fs::metadata("/dev/fuse").ok()?.permissions().mode();
-    (mode & 0o006 != 0o006).then(|| {
-        format!(
-            "/dev/fuse is mode {:o}: normal users cannot open it (udev makes it 0666 on a standard host; .ci/run does the same)",
-            mode & 0o777
-        )
-    })
-}
 
 /// `tde ARGS` as `nobody`.
 fn as_nobody(env: &Env, args: &[&str]) -> Command {
@@ -138,11 +123,7 @@ fn a_normal_user_mounts_and_unmounts_through_fusermount3() {
     // Root switches to nobody (and makes a mountpoint nobody may not use);
     // a normal user's own mounts are what every other end-to-end test runs
     // when the suite runs without root.
-    if !can_run_as_root() {
-        return;
-    }
-    if let Some(why) = helper_unusable() {
-        common::skip(&why);
+    if !can_run_as_root() || !can_run_as_normal_user() {
         return;
     }
     let _serial = serial();

@@ -59,6 +59,38 @@ pub fn can_run() -> bool {
     }
 }
 
+/// As [`can_run`], and a normal user can mount here too (for the tests
+/// that mount as `nobody` when root runs them: `fusermount3` on the PATH
+/// and `/dev/fuse` open to others; a normal user running the tests was
+/// checked by `can_run`).
+pub fn can_run_as_normal_user() -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    if !can_run() {
+        return false;
+    }
+    if !root() {
+        return true;
+    }
+    let mode = std::fs::metadata("/dev/fuse").map_or(0, |m| m.permissions().mode());
+    let why = if tde_plugin::fusermount::helper().is_none() {
+        Some("no fusermount3 on the PATH (package fuse3)".to_string())
+    } else if mode & 0o006 != 0o006 {
+        Some(format!(
+            "/dev/fuse is mode {:o}, closed to normal users (udev makes it 0666 on a standard host; .ci/run does the same)",
+            mode & 0o777
+        ))
+    } else {
+        None
+    };
+    match why {
+        Some(why) => {
+            super::skip(&why);
+            false
+        }
+        None => true,
+    }
+}
+
 /// As [`can_run`], and root: for tests that act as other users (`nobody`).
 pub fn can_run_as_root() -> bool {
     if !can_run() {
