@@ -28,8 +28,13 @@ use crate::{Cli, Command, DatakeyCmd, InitArgs, KeyCmd, MountArgs, OperatorCmd, 
 /// exits 1; other failures exit 2.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let json = cli.json;
+    // Data-socket commands are refused by client policies, the others by
+    // the operator's role.
+    let data_socket = matches!(cli.command, Command::Mount(_) | Command::Rewrap { .. })
+        || matches!(cli.command, Command::Datakey(_) if cli.operator.is_none());
     match dispatch(cli) {
         Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) if e.is::<Answered>() => Ok(ExitCode::from(1)),
         // The one place a refusal is told from other failures: it exits 1.
         Err(e) => match e.downcast_ref::<ClientError>() {
             Some(ClientError::Refused { code, message }) => {
@@ -40,7 +45,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     );
                 } else {
                     eprintln!("error: {e:#}");
-                    if let Some(hint) = hint(*code) {
+                    if let Some(hint) = hint(*code, data_socket) {
                         eprintln!("hint: {hint}");
                     }
                 }
@@ -51,7 +56,20 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn hint(code: ErrorCode) -> Option<&'static str> {
+/// A negative answer the command has printed itself (`tde policy check`
+/// refusing): exits 1 with nothing more said.
+#[derive(Debug)]
+struct Answered;
+
+impl std::fmt::Display for Answered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("refused")
+    }
+}
+
+impl std::error::Error for Answered {}
+
+fn hint(code: ErrorCode, data_socket: bool) -> Option<&'static str> {
     use tde_protocol::ErrorCode::*;
     Some(match code {
         Sealed => "unseal with `tde unseal` (run it once per share)",
@@ -59,7 +77,13 @@ fn hint(code: ErrorCode) -> Option<&'static str> {
             "set TDE_OPERATOR and TDE_PASSWORD, or pass --operator/--password-file"
         }
         OperatorLocked => "another crypto officer can run `tde operator unlock NAME`",
-        PermissionDenied => "check the [[clients]] policies in the configuration",
+        PermissionDenied if data_socket => {
+            "check the [[clients]] policies in the configuration: \
+             `tde policy check --user USER --key KEY` says which applies and why"
+        }
+        PermissionDenied => {
+            "the operator's role does not allow this: `tde operator list` shows the roles"
+        }
         ContextMismatch => "pass the same --context entries the data key was generated with",
         KeyDisabled => "enable the version with `tde key enable NAME --version N`",
         KeyPendingDestruction => "cancel with `tde key cancel-destroy NAME --version N`",
@@ -82,6 +106,13 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Unseal { share, share_file } => {
             unseal(&cli, &cfg, share.as_deref(), share_file.as_deref())
         }
+        Command::Reload => {
+            let summary = admin_login(&cli, &cfg)?.reload()?;
+            emit(&cli, json!({"reloaded": true, "changes": summary}), || {
+                format!("Configuration reloaded: {summary}.")
+            });
+            Ok(())
+        }
         Command::Seal => {
             let s = admin_login(&cli, &cfg)?.seal()?;
             print_status(&cli, &s);
@@ -90,6 +121,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Zeroize { yes } => zeroize(&cli, &cfg, *yes),
         Command::Operator(o) => operator(&cli, &cfg, o),
         Command::Key(k) => key(&cli, &cfg, k),
+        Command::Policy(crate::PolicyCmd::Check(a)) => policy_check(&cli, &cfg, a),
         Command::Datakey(d) => datakey(&cli, &cfg, d),
         Command::Mount(m) => mount(&cli, &cfg, m),
         Command::Rekey(r) => rekey(&cli, r),
@@ -358,7 +390,7 @@ fn mount(cli: &Cli, cfg: &Config, a: &MountArgs) -> anyhow::Result<()> {
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
     }
-    init_logging(cfg);
+    let _ = init_logging(cfg);
     let spec = tde_plugin::mount::MountSpec {
         sidecar: a
             .sidecar
@@ -728,13 +760,23 @@ fn data_dir_configured(cli: &Cli) -> bool {
     cli.config.is_some() || std::env::var_os("TDE_DATA_DIR").is_some()
 }
 
-fn init_logging(cfg: &Config) {
+/// Sets up logging on stderr as configured; gives what changes the level
+/// later (a reload). With `RUST_LOG` set, that wins and the level stays.
+fn init_logging(cfg: &Config) -> tde_sidecar::reload::SetLogLevel {
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
     // fuser warns when it retries an unmount that `tde umount` already did.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(format!("{},fuser::mnt=error", cfg.log.level))
+    let configured = |level: &str| {
+        tracing_subscriber::EnvFilter::try_new(format!("{level},fuser::mnt=error"))
+            .map_err(|e| e.to_string())
+    };
+    let from_env = tracing_subscriber::EnvFilter::try_from_default_env().ok();
+    let fixed = from_env.is_some();
+    let filter = from_env.unwrap_or_else(|| {
+        configured(&cfg.log.level)
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fuser::mnt=error"))
     });
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
@@ -746,6 +788,13 @@ fn init_logging(cfg: &Config) {
     } else {
         registry.with(fmt).init();
     }
+    Box::new(move |level| {
+        if fixed {
+            return Err("RUST_LOG is set and decides the level".into());
+        }
+        let f = configured(level)?;
+        handle.reload(f).map_err(|e| e.to_string())
+    })
 }
 
 /// Drops one message of fuser's that is not an error. fuser answers every
@@ -793,19 +842,29 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for IgnoredInterruptRe
 }
 
 fn serve(cli: &Cli, mut cfg: Config, a: &ServeArgs) -> anyhow::Result<()> {
-    if a.dev && !data_dir_configured(cli) {
-        cfg.data_dir = std::env::current_dir()?.join("tde-dev");
-    }
-    if a.dev && cfg.clients.is_empty() {
-        cfg.clients.push(ClientPolicy {
-            name: "dev".into(),
-            uids: vec![rustix::process::getuid().as_raw()],
-            gids: vec![],
-            keys: vec!["*".into()],
-            operations: DATA_OPERATIONS.iter().map(|s| s.to_string()).collect(),
-            context: BTreeMap::new(),
-        });
-    }
+    // What `--dev` does to the configuration, at start and at every reload.
+    let dev_dir = (a.dev && !data_dir_configured(cli))
+        .then(|| std::env::current_dir().map(|d| d.join("tde-dev")))
+        .transpose()?;
+    let dev = a.dev;
+    let adjust = move |cfg: &mut Config| {
+        if let Some(d) = &dev_dir {
+            cfg.data_dir = d.clone();
+        }
+        if dev && cfg.clients.is_empty() {
+            cfg.clients.push(ClientPolicy {
+                name: "dev".into(),
+                uids: vec![rustix::process::getuid().as_raw()],
+                gids: vec![],
+                users: vec![],
+                groups: vec![],
+                keys: vec!["*".into()],
+                operations: DATA_OPERATIONS.iter().map(|s| s.to_string()).collect(),
+                context: BTreeMap::new(),
+            });
+        }
+    };
+    adjust(&mut cfg);
     if a.print_config {
         print!("{}", cfg.to_redacted_toml());
         return Ok(());
@@ -823,14 +882,19 @@ fn serve(cli: &Cli, mut cfg: Config, a: &ServeArgs) -> anyhow::Result<()> {
             cfg.dev_password_path().display()
         );
     }
-    init_logging(&cfg);
+    let set_log_level = init_logging(&cfg);
     // Requests run on a bounded pool: a burst queues instead of growing the
     // daemon by a (locked) thread stack per request.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .max_blocking_threads(cfg.limits.worker_threads.max(1))
         .enable_all()
         .build()?;
-    rt.block_on(server::run(cfg))
+    let reload = tde_sidecar::reload::Reload {
+        file: cli.config.clone(),
+        adjust: Box::new(adjust),
+        set_log_level,
+    };
+    rt.block_on(server::run(cfg, reload))
 }
 
 // ---------------------------------------------------------------- admin
@@ -1091,6 +1155,84 @@ fn key(cli: &Cli, cfg: &Config, k: &KeyCmd) -> anyhow::Result<()> {
     let info = admin_login(cli, cfg)?.key(req)?;
     emit(cli, key_json(&info), || key_human(&info));
     Ok(())
+}
+
+// ---------------------------------------------------------------- policies
+
+/// `tde policy check`: the daemon's own decision, from the configuration.
+fn policy_check(cli: &Cli, cfg: &Config, a: &crate::PolicyCheckArgs) -> anyhow::Result<()> {
+    use tde_sidecar::policy::{self, Policies};
+    let policies = Policies::resolve(&cfg.clients).map_err(anyhow::Error::msg)?;
+    let uid = policy::user_id(&a.user).map_err(anyhow::Error::msg)?;
+    let gid = match &a.group {
+        Some(g) => policy::group(g).map_err(anyhow::Error::msg)?.0,
+        None => nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+            .ok()
+            .flatten()
+            .map(|u| u.gid.as_raw())
+            .with_context(|| format!("uid {uid} has no user entry: give its --group"))?,
+    };
+    let context = parse_context(&a.ctx.context)?;
+    let ops: Vec<&str> = match &a.operation {
+        Some(op) => vec![op.as_str()],
+        None => vec!["generate_data_key", "decrypt", "re_encrypt"],
+    };
+    if let Some(op) = ops.iter().find(|o| !DATA_OPERATIONS.contains(o)) {
+        bail!(
+            "unknown operation {op:?} (use {})",
+            DATA_OPERATIONS.join(", ")
+        );
+    }
+    let found = policies.find(uid, gid);
+    let results: Vec<(&str, Result<(), String>)> = ops
+        .iter()
+        .map(|op| {
+            let r = match &found {
+                None => Err(format!("peer uid {uid} gid {gid} matches no client policy")),
+                Some(m) => m.policy.allows(op, Some(&a.key), &context),
+            };
+            (*op, r)
+        })
+        .collect();
+    let allowed = results.iter().all(|(_, r)| r.is_ok());
+    let v = json!({
+        "uid": uid,
+        "gid": gid,
+        "key": a.key,
+        "context": context,
+        "client": found.as_ref().map(|m| &m.policy.name),
+        "because": found.as_ref().map(|m| &m.because),
+        "allowed": allowed,
+        "operations": results.iter().map(|(op, r)| json!({
+            "operation": op,
+            "allowed": r.is_ok(),
+            "reason": r.as_ref().err(),
+        })).collect::<Vec<_>>(),
+    });
+    emit(cli, v, || {
+        let mut out = match &found {
+            Some(m) => format!(
+                "client policy {:?} covers uid {uid} gid {gid}: {}",
+                m.policy.name, m.because
+            ),
+            None => format!(
+                "no client policy covers uid {uid} gid {gid} ({} policies in the configuration)",
+                cfg.clients.len()
+            ),
+        };
+        for (op, r) in &results {
+            match r {
+                Ok(()) => out.push_str(&format!("\n  {op} on {:?}: allowed", a.key)),
+                Err(why) => out.push_str(&format!("\n  {op} on {:?}: refused: {why}", a.key)),
+            }
+        }
+        out
+    });
+    if allowed {
+        Ok(())
+    } else {
+        Err(Answered.into())
+    }
 }
 
 // ---------------------------------------------------------------- data keys

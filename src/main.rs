@@ -74,6 +74,9 @@ pub enum Command {
     },
     /// Seal: wipe keys from the daemon's memory.
     Seal,
+    /// Make the daemon re-read its configuration (as SIGHUP does): client
+    /// policies, log level, most limits. Needs a crypto officer.
+    Reload,
     /// Zeroize: destroy the root material for ever (like an HSM's zeroize).
     Zeroize {
         /// Do not ask for confirmation.
@@ -86,6 +89,9 @@ pub enum Command {
     /// Manage master keys.
     #[command(subcommand)]
     Key(KeyCmd),
+    /// Data-socket client policies: which would allow a request, and why.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
     /// Data-key operations (like `aws kms generate-data-key`).
     #[command(subcommand)]
     Datakey(DatakeyCmd),
@@ -318,6 +324,36 @@ pub enum KeyCmd {
         #[arg(long)]
         force: bool,
     },
+}
+
+/// `tde policy`.
+#[derive(Subcommand, Debug)]
+pub enum PolicyCmd {
+    /// Say which `[[clients]]` policy of the configuration (users and
+    /// groups resolved as `tde serve` does) covers a peer, and whether it
+    /// allows a request. Exits 0 if allowed, 1 if refused.
+    Check(PolicyCheckArgs),
+}
+
+/// `tde policy check`.
+#[derive(Args, Debug)]
+pub struct PolicyCheckArgs {
+    /// The peer's user (name or uid). A `tde mount` talks to the sidecar
+    /// as the user that runs it (root, or the normal user who mounted).
+    #[arg(long)]
+    pub user: String,
+    /// The peer's primary group (name or gid; default: the user's).
+    #[arg(long)]
+    pub group: Option<String>,
+    /// Master key name.
+    #[arg(long)]
+    pub key: String,
+    /// Operation (default: those a `tde mount` needs: generate_data_key,
+    /// decrypt, re_encrypt).
+    #[arg(long)]
+    pub operation: Option<String>,
+    #[command(flatten)]
+    pub ctx: ContextArgs,
 }
 
 /// A key and optionally one version.

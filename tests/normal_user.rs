@@ -127,14 +127,14 @@ fn a_normal_user_mounts_and_unmounts_through_fusermount3() {
         return;
     }
     let _serial = serial();
-    let env = Env::new(&format!(
+    let env = Env::new(
         r#"[[clients]]
 name = "nobody"
-uids = [{NOBODY}]
+users = ["nobody"]
 keys = ["pg-*"]
 operations = ["generate_data_key", "decrypt", "re_encrypt", "generate_random"]
-"#
-    ));
+"#,
+    );
     let _sidecar = env.sidecar_with_keys(&["pg-main", "other"]);
     let owned = |name: &str| {
         let p = env.dir.path().join(name);

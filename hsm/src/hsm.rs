@@ -183,15 +183,18 @@ pub enum Permission {
     ManageKeys,
     /// Use master keys shared with the operator (data-key operations).
     UseKeys,
+    /// Reload the daemon's configuration (client policies, limits, logs).
+    Configure,
 }
 
 impl Permission {
     /// The roles that have it.
     pub fn roles(self) -> &'static [Role] {
         match self {
-            Permission::Seal | Permission::ManageOperators | Permission::ManageKeys => {
-                &[Role::CryptoOfficer]
-            }
+            Permission::Seal
+            | Permission::ManageOperators
+            | Permission::ManageKeys
+            | Permission::Configure => &[Role::CryptoOfficer],
             Permission::Read => &[Role::CryptoOfficer, Role::Auditor],
             Permission::UseKeys => &[Role::CryptoUser],
         }
@@ -204,6 +207,7 @@ impl Permission {
             Permission::Read => "read operators and master keys",
             Permission::ManageKeys => "manage master keys",
             Permission::UseKeys => "use master keys",
+            Permission::Configure => "reload the configuration",
         }
     }
 }

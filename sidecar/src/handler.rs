@@ -3,7 +3,8 @@
 //!
 //! Handling is synchronous; the server runs it on tokio's blocking pool.
 
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tde_hsm::{
@@ -16,7 +17,7 @@ use tde_protocol::{
 };
 
 use crate::audit::{Actor, AuditLog, AuditRecord};
-use crate::policy::{self, ClientPolicy};
+use crate::policy::Policies;
 use crate::store::{Registration, RegistryWrite, SqliteStore};
 
 /// Longest a `watch_key` request waits.
@@ -82,8 +83,8 @@ pub struct Service {
     pub hsm: Arc<Hsm>,
     /// The audit log.
     pub audit: AuditLog,
-    /// Data-socket policies.
-    pub clients: Vec<ClientPolicy>,
+    /// Data-socket policies (replaced by a reload).
+    pub clients: std::sync::RwLock<Arc<Policies>>,
     /// The registry of wrapped data keys.
     pub registry: Arc<SqliteStore>,
     /// Bumped whenever a key's primary version changes, and at seal and
@@ -92,7 +93,7 @@ pub struct Service {
     /// `mounts.on_seal = "wipe"`: after `tde seal`, the mounts' own
     /// requests (`watch_key`, `register_deks`) are answered `KEYS_REVOKED`
     /// until the next unseal, so they wipe their data keys.
-    pub revoke_on_seal: bool,
+    pub revoke_on_seal: AtomicBool,
     /// Sealed by an operator with `revoke_on_seal` (a daemon that merely
     /// restarted is sealed too, but revokes nothing).
     pub revoking: std::sync::atomic::AtomicBool,
@@ -101,7 +102,26 @@ pub struct Service {
     /// How many `watch_key`s one uid may have waiting.
     pub watches: WatchSlots,
     /// `limits.min_rotation_seconds`.
-    pub min_rotation_seconds: u64,
+    pub min_rotation_seconds: AtomicU64,
+    /// `limits.idle_timeout_seconds`, read by each connection before it
+    /// waits for a request.
+    pub idle_timeout_seconds: AtomicU64,
+    /// What a `reload` request runs (set by the server once the service
+    /// exists).
+    pub reloader: OnceLock<Reloader>,
+}
+
+/// Re-reads the configuration and applies it to the service; gives the
+/// summary of what changed, or why nothing did.
+pub struct Reloader(pub ReloadFn);
+
+/// See [`Reloader`].
+pub type ReloadFn = Box<dyn Fn(&Service) -> Result<String, String> + Send + Sync>;
+
+impl std::fmt::Debug for Reloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Reloader")
+    }
 }
 
 /// The audit budget of refused requests: a token bucket per uid, so that a
@@ -110,7 +130,7 @@ pub struct Service {
 #[derive(Debug, Default)]
 pub struct RefusalBudget {
     /// Records per second per uid; 0 means no limit.
-    per_second: u32,
+    per_second: AtomicU32,
     peers: Mutex<std::collections::HashMap<u32, Bucket>>,
 }
 
@@ -125,18 +145,24 @@ impl RefusalBudget {
     /// A budget of `per_second` records per uid (0: unlimited).
     pub fn new(per_second: u32) -> Self {
         Self {
-            per_second,
+            per_second: AtomicU32::new(per_second),
             peers: Mutex::default(),
         }
+    }
+
+    /// Changes the budget (a reload).
+    pub fn set_rate(&self, per_second: u32) {
+        self.per_second.store(per_second, Ordering::Relaxed);
     }
 
     /// Whether a refusal of `uid` gets its own record now; if not, it is
     /// counted for the next [`RefusalBudget::take_not_recorded`].
     pub fn admit(&self, uid: u32) -> bool {
-        if self.per_second == 0 {
+        let per_second = self.per_second.load(Ordering::Relaxed);
+        if per_second == 0 {
             return true;
         }
-        let rate = f64::from(self.per_second);
+        let rate = f64::from(per_second);
         let now = Instant::now();
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         let b = peers.entry(uid).or_insert(Bucket {
@@ -158,7 +184,7 @@ impl RefusalBudget {
     /// Refusals not recorded since the last call, per uid; forgets peers
     /// whose bucket has refilled.
     pub fn take_not_recorded(&self) -> Vec<(u32, u64)> {
-        let rate = f64::from(self.per_second);
+        let rate = f64::from(self.per_second.load(Ordering::Relaxed));
         let now = Instant::now();
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         let out = peers
@@ -214,7 +240,7 @@ impl KeyChanges {
 /// Concurrent `watch_key`s per uid.
 #[derive(Debug, Default)]
 pub struct WatchSlots {
-    max: usize,
+    max: AtomicUsize,
     taken: Arc<Mutex<std::collections::HashMap<u32, usize>>>,
 }
 
@@ -229,15 +255,25 @@ impl WatchSlots {
     /// At most `max` concurrent watches per uid.
     pub fn new(max: usize) -> Self {
         Self {
-            max,
+            max: AtomicUsize::new(max),
             taken: Arc::default(),
         }
+    }
+
+    /// The limit now.
+    pub fn max(&self) -> usize {
+        self.max.load(Ordering::Relaxed)
+    }
+
+    /// Changes the limit (a reload); watches beyond it go on.
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Relaxed);
     }
 
     fn take(&self, uid: u32) -> Option<WatchSlot> {
         let mut taken = self.taken.lock().unwrap_or_else(|p| p.into_inner());
         let n = taken.entry(uid).or_default();
-        if *n >= self.max {
+        if *n >= self.max() {
             return None;
         }
         *n += 1;
@@ -401,6 +437,7 @@ fn is_mutating(req: &Request) -> bool {
             | Request::KeyCancelDestroy { .. }
             | Request::KeyDestroy { .. }
             | Request::KeySetRotation { .. }
+            | Request::Reload
     )
 }
 
@@ -477,6 +514,14 @@ fn describe(req: &Request, blob: &Blob<'_>, rec: &mut AuditRecord) {
 }
 
 impl Service {
+    /// The data socket's policies now.
+    pub fn policies(&self) -> Arc<Policies> {
+        match self.clients.read() {
+            Ok(p) => p.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
     /// Handles one request end to end and returns the response. Every
     /// request, allowed or refused, leaves one audit record (mutating admin
     /// operations two: intent, then outcome). If the record cannot be
@@ -505,9 +550,12 @@ impl Service {
             _ => None,
         };
         describe(&req, &blob, &mut rec);
+        // One set of policies for the whole request, whatever a reload does.
+        let policies = self.policies();
         if socket == SocketKind::Data {
-            rec.actor.client =
-                policy::find(&self.clients, peer.uid, peer.gid).map(|p| p.name.clone());
+            rec.actor.client = policies
+                .find(peer.uid, peer.gid)
+                .map(|m| m.policy.name.clone());
         }
         if socket == SocketKind::Admin && is_mutating(&req) {
             let mut intent = rec.clone();
@@ -522,7 +570,7 @@ impl Service {
         // A login changes the session only once its record is durable.
         let mut next = session.clone();
         let mut outcome = match socket {
-            SocketKind::Data => self.data(peer, &req, &blob, &mut rec),
+            SocketKind::Data => self.data(&policies, peer, &req, &blob, &mut rec),
             SocketKind::Admin => self.admin(&mut next, &req, &blob, &mut rec),
         };
         if let (
@@ -555,7 +603,8 @@ impl Service {
                         ErrorCode::LimitExceeded,
                         format!(
                             "uid {} already has {} watch_key requests waiting (limits.max_watches_per_uid)",
-                            peer.uid, self.watches.max
+                            peer.uid,
+                            self.watches.max()
                         ),
                     ))
                 }
@@ -751,7 +800,14 @@ impl Service {
         }
     }
 
-    fn data(&self, peer: Peer, req: &Request, blob: &Blob<'_>, rec: &mut AuditRecord) -> Outcome {
+    fn data(
+        &self,
+        policies: &Policies,
+        peer: Peer,
+        req: &Request,
+        blob: &Blob<'_>,
+        rec: &mut AuditRecord,
+    ) -> Outcome {
         match req {
             Request::Status => return Ok(Response::Status(status_info(&self.hsm))),
             r if r.op().is_data_op() => {}
@@ -765,7 +821,7 @@ impl Service {
                 ));
             }
         }
-        let Some(p) = policy::find(&self.clients, peer.uid, peer.gid) else {
+        let Some(p) = policies.find(peer.uid, peer.gid).map(|m| m.policy) else {
             return Err(denied(format!(
                 "peer uid {} gid {} matches no client policy",
                 peer.uid, peer.gid
@@ -1012,9 +1068,8 @@ impl Service {
                 hsm(h.seal(by()?))?;
                 // Mounts waiting on a key hear it at once (and wipe their
                 // keys if `mounts.on_seal = "wipe"`).
-                if self.revoke_on_seal {
-                    self.revoking
-                        .store(true, std::sync::atomic::Ordering::SeqCst);
+                if self.revoke_on_seal.load(Ordering::SeqCst) {
+                    self.revoking.store(true, Ordering::SeqCst);
                 }
                 self.key_changes.bump();
                 Ok(Response::Status(status_info(h)))
@@ -1028,6 +1083,22 @@ impl Service {
                 // its data keys.
                 self.key_changes.bump();
                 Ok(Response::Done)
+            }
+            Request::Reload => {
+                hsm(h.authorize(by()?, Permission::Configure))?;
+                let reload = self.reloader.get().ok_or_else(|| {
+                    (ErrorCode::Internal, "this daemon cannot reload".to_string())
+                })?;
+                match (reload.0)(self) {
+                    Ok(summary) => {
+                        rec.detail = Some(summary.clone());
+                        Ok(Response::Reloaded { message: summary })
+                    }
+                    Err(why) => Err((
+                        ErrorCode::InvalidArgument,
+                        format!("the configuration was not reloaded: {why}"),
+                    )),
+                }
             }
             Request::OperatorAdd {
                 operator,
@@ -1111,7 +1182,7 @@ impl Service {
                 key: k,
                 rotate_after,
             } => {
-                let min = self.min_rotation_seconds;
+                let min = self.min_rotation_seconds.load(Ordering::Relaxed);
                 if *rotate_after != 0 && *rotate_after < min {
                     return Err((
                         ErrorCode::InvalidArgument,

@@ -5,6 +5,7 @@
 //! - [`server`]: listeners, connections, graceful shutdown, scheduler.
 //! - [`handler`]: authorization, HSM calls, audit records, error mapping.
 //! - [`policy`]: data-socket client policies (peer uid/gid, keys, contexts).
+//! - [`reload`]: SIGHUP and `tde reload`: what changes live.
 //! - [`audit`]: the hash-chained audit log with group commit.
 //! - [`store`]: the SQLite key store and its migrations.
 //! - [`config`]: figment configuration (TOML + `TDE_` environment).
@@ -15,6 +16,7 @@ pub mod audit;
 pub mod config;
 pub mod handler;
 pub mod policy;
+pub mod reload;
 pub mod server;
 pub mod store;
 pub mod sys;

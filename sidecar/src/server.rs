@@ -24,7 +24,11 @@ use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::audit::{AuditLog, AuditRecord};
 use crate::config::{Config, parse_mode};
-use crate::handler::{Handled, Peer, RefusalBudget, Service, Session, SocketKind, WatchSlots};
+use crate::handler::{
+    Handled, Peer, RefusalBudget, Reloader, Service, Session, SocketKind, WatchSlots,
+};
+use crate::policy::Policies;
+use crate::reload::{Live, Reload};
 use crate::store::SqliteStore;
 use crate::sys;
 
@@ -51,12 +55,6 @@ async fn write_response(
     wr.write_all(&bytes).await
 }
 
-/// How a connection waits for its next request.
-#[derive(Debug, Clone, Copy)]
-struct Limits {
-    idle: Duration,
-}
-
 /// Why a connection stops reading.
 enum Stop {
     /// The peer left, went idle, was too slow, or the daemon is stopping.
@@ -76,7 +74,6 @@ struct Connection {
     peer: Peer,
     svc: Arc<Service>,
     session: Session,
-    limits: Limits,
 }
 
 impl Connection {
@@ -95,7 +92,12 @@ impl Connection {
     /// byte, then [`FRAME_TIMEOUT`] for the rest.
     async fn next_frame(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<Frame, Stop> {
         if !self.frames.started() {
-            let idle = self.limits.idle;
+            let idle = Duration::from_secs(
+                self.svc
+                    .idle_timeout_seconds
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    .max(1),
+            );
             let uid = self.peer.uid;
             tokio::select! {
                 _ = shutdown.changed() => return Err(Stop::Closed),
@@ -227,18 +229,6 @@ impl Connection {
     }
 }
 
-/// A group name or number to a gid, through NSS (so LDAP or sssd groups
-/// resolve as they do for `ls -l`).
-fn resolve_group(group: &str) -> anyhow::Result<u32> {
-    if let Ok(n) = group.parse() {
-        return Ok(n);
-    }
-    nix::unistd::Group::from_name(group)
-        .with_context(|| format!("looking up group {group:?}"))?
-        .map(|g| g.gid.as_raw())
-        .with_context(|| format!("group {group:?} not found"))
-}
-
 async fn bind(path: &Path, mode: &str, group: Option<&str>) -> anyhow::Result<UnixListener> {
     if path.exists() {
         if UnixStream::connect(path).await.is_ok() {
@@ -254,7 +244,7 @@ async fn bind(path: &Path, mode: &str, group: Option<&str>) -> anyhow::Result<Un
     let mode = parse_mode(mode).map_err(anyhow::Error::msg)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     if let Some(g) = group {
-        let gid = resolve_group(g)?;
+        let (gid, _) = crate::policy::group(g).map_err(anyhow::Error::msg)?;
         rustix::fs::chown(path, None, Some(rustix::fs::Gid::from_raw(gid)))
             .with_context(|| format!("setting group of {}", path.display()))?;
     }
@@ -296,7 +286,6 @@ impl Drop for UidSlot {
 struct Caps {
     total: usize,
     per_uid: usize,
-    limits: Limits,
 }
 
 async fn accept_loop(
@@ -364,7 +353,6 @@ async fn accept_loop(
                         peer,
                         svc,
                         session: Session::default(),
-                        limits: caps.limits,
                     };
                     c.serve(sd).await;
                 }
@@ -410,8 +398,9 @@ fn dev_unseal(cfg: &Config, hsm: &Hsm) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs the daemon until SIGTERM or SIGINT.
-pub async fn run(cfg: Config) -> anyhow::Result<()> {
+/// Runs the daemon until SIGTERM or SIGINT; SIGHUP reloads the
+/// configuration as `reload` says.
+pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
     let hardening = sys::harden(&cfg.memory.lock).map_err(anyhow::Error::msg)?;
     tracing::info!(
         no_core_dumps = hardening.no_core_dumps,
@@ -440,15 +429,26 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let svc = Arc::new(Service {
         hsm: hsm.clone(),
         audit: audit.clone(),
-        clients: cfg.clients.clone(),
+        clients: std::sync::RwLock::new(Arc::new(
+            Policies::resolve(&cfg.clients).map_err(anyhow::Error::msg)?,
+        )),
         registry: store.clone(),
         key_changes: Default::default(),
-        revoke_on_seal: cfg.mounts.on_seal == "wipe",
+        revoke_on_seal: (cfg.mounts.on_seal == "wipe").into(),
         revoking: Default::default(),
         refusals: RefusalBudget::new(cfg.limits.refused_records_per_second),
         watches: WatchSlots::new(cfg.limits.max_watches_per_uid),
-        min_rotation_seconds: cfg.limits.min_rotation_seconds,
+        min_rotation_seconds: cfg.limits.min_rotation_seconds.into(),
+        idle_timeout_seconds: cfg.limits.idle_timeout_seconds.into(),
+        reloader: Default::default(),
     });
+    let live = Arc::new(Live::new(reload, cfg.clone()));
+    {
+        let live = live.clone();
+        let _ = svc
+            .reloader
+            .set(Reloader(Box::new(move |svc| live.reload(svc))));
+    }
     let mut start = AuditRecord::new("internal", "daemon_start");
     start.detail = Some(format!(
         "tde {} pid {}",
@@ -502,9 +502,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let caps = Caps {
         total: cfg.limits.max_connections,
         per_uid: cfg.limits.max_connections_per_uid,
-        limits: Limits {
-            idle: Duration::from_secs(cfg.limits.idle_timeout_seconds.max(1)),
-        },
     };
     let tasks = [
         tokio::spawn(accept_loop(
@@ -533,9 +530,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-    let signal = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let signal = loop {
+        tokio::select! {
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+            _ = hup.recv() => {
+                let (svc, live) = (svc.clone(), live.clone());
+                let _ = tokio::task::spawn_blocking(move || reload_on_signal(&svc, &live)).await;
+            }
+        }
     };
     tracing::info!(signal, "shutting down: finishing in-flight requests");
     let _ = stop_tx.send(true);
@@ -562,6 +566,25 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     hsm.close().ok();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// SIGHUP: reloads, logs what changed (or why nothing did) and audits it.
+fn reload_on_signal(svc: &Service, live: &Live) {
+    let mut rec = AuditRecord::new("internal", "reload");
+    match live.reload(svc) {
+        Ok(summary) => {
+            tracing::info!(changes = %summary, "configuration reloaded (SIGHUP)");
+            rec.detail = Some(format!("SIGHUP: {summary}"));
+        }
+        Err(why) => {
+            tracing::error!(error = %why, "configuration not reloaded (SIGHUP): the old one stays in force");
+            rec.result = "error";
+            rec.detail = Some(format!("SIGHUP: {why}"));
+        }
+    }
+    if let Err(e) = svc.audit.append(rec) {
+        tracing::error!(error = %e, "the reload could not be audited");
+    }
 }
 
 /// Every second: rotates keys whose rotation policy is due; every
@@ -612,17 +635,4 @@ pub fn create_private_dir(dir: &Path, what: &str) -> anyhow::Result<PathBuf> {
     }
     tde_protocol::private::check(dir, what).map_err(anyhow::Error::msg)?;
     Ok(dir.to_path_buf())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn groups_resolve_through_nss() {
-        assert_eq!(resolve_group("0").expect("number"), 0);
-        assert_eq!(resolve_group("root").expect("root"), 0);
-        let e = resolve_group("no-such-group-tde").expect_err("unknown");
-        assert!(e.to_string().contains("not found"), "{e}");
-    }
 }

@@ -65,7 +65,14 @@ impl Env {
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
             .expect("chmod");
         let config = dir.path().join("tde.toml");
+        // The runner's own policy names it by user name (resolved through
+        // NSS by the daemon), as the documented production policy does;
+        // a uid without a user entry is named by number.
         let uid = rustix::process::getuid().as_raw();
+        let me = match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
+            Ok(Some(u)) => format!("users = [\"{}\"]", u.name),
+            _ => format!("uids = [{uid}]"),
+        };
         let text = format!(
             r#"data_dir = "{data}"
 [data_socket]
@@ -78,7 +85,7 @@ destroy_check_seconds = 1
 min_rotation_seconds = 1
 [[clients]]
 name = "app"
-uids = [{uid}]
+{me}
 keys = ["app-*", "pg*"]
 operations = ["generate_data_key", "decrypt", "re_encrypt", "generate_random"]
 {extra}

@@ -224,6 +224,11 @@ impl Client {
         expect!(self, Request::Zeroize, Response::Done => ())
     }
 
+    /// Re-reads the daemon's configuration; returns what changed.
+    pub fn reload(&mut self) -> Result<String, ClientError> {
+        expect!(self, Request::Reload, Response::Reloaded { message } => message)
+    }
+
     /// `operator_add`.
     pub fn operator_add(
         &mut self,

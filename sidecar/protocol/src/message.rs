@@ -25,7 +25,7 @@ pub mod tag {
     pub const CIPHERTEXT: u8 = 5;
     /// A byte count (u32).
     pub const LENGTH: u8 = 6;
-    /// Human-readable error message (string).
+    /// Human-readable message: an error's, or a reload's summary (string).
     pub const MESSAGE: u8 = 7;
     /// Operator name (string).
     pub const OPERATOR: u8 = 8;
@@ -126,6 +126,8 @@ pub enum Op {
     Login = 0x0203,
     /// Zeroize: wipe memory and destroy the sealed root.
     Zeroize = 0x0204,
+    /// Re-read the daemon's configuration (as SIGHUP does).
+    Reload = 0x0205,
     /// Add an operator.
     OperatorAdd = 0x0301,
     /// Change an operator's password.
@@ -177,6 +179,7 @@ impl Op {
         Op::Seal,
         Op::Login,
         Op::Zeroize,
+        Op::Reload,
         Op::OperatorAdd,
         Op::OperatorPasswd,
         Op::OperatorUnlock,
@@ -214,6 +217,7 @@ impl Op {
             Op::Seal => "seal",
             Op::Login => "login",
             Op::Zeroize => "zeroize",
+            Op::Reload => "reload",
             Op::OperatorAdd => "operator_add",
             Op::OperatorPasswd => "operator_passwd",
             Op::OperatorUnlock => "operator_unlock",
@@ -309,6 +313,8 @@ pub enum Request {
     },
     /// See [`Op::Zeroize`].
     Zeroize,
+    /// See [`Op::Reload`].
+    Reload,
     /// See [`Op::OperatorAdd`].
     OperatorAdd {
         /// Operator name.
@@ -584,6 +590,11 @@ pub enum Response {
     },
     /// Answer with no data (zeroize, operator add/passwd/unlock).
     Done,
+    /// Answer to reload: what changed, and what waits for a restart.
+    Reloaded {
+        /// One line per change, for people.
+        message: String,
+    },
     /// Answer to operator-list.
     Operators(Vec<OperatorInfo>),
     /// Answer to key operations on one key.
@@ -832,6 +843,7 @@ impl Request {
             Request::Seal => Op::Seal,
             Request::Login { .. } => Op::Login,
             Request::Zeroize => Op::Zeroize,
+            Request::Reload => Op::Reload,
             Request::OperatorAdd { .. } => Op::OperatorAdd,
             Request::OperatorPasswd { .. } => Op::OperatorPasswd,
             Request::OperatorUnlock { .. } => Op::OperatorUnlock,
@@ -860,6 +872,7 @@ impl Request {
             Request::Status
             | Request::Seal
             | Request::Zeroize
+            | Request::Reload
             | Request::OperatorList
             | Request::KeyList => {}
             Request::GenerateDataKey { key, context } => {
@@ -1006,6 +1019,10 @@ impl Request {
             Op::Zeroize => {
                 read(&[])?;
                 Request::Zeroize
+            }
+            Op::Reload => {
+                read(&[])?;
+                Request::Reload
             }
             Op::OperatorList => {
                 read(&[])?;
@@ -1384,6 +1401,9 @@ impl Response {
                 w.str(OPERATOR, operator).str(ROLE, role);
             }
             Response::Done => {}
+            Response::Reloaded { message } => {
+                w.str(MESSAGE, truncate(message, MAX_TEXT));
+            }
             Response::Operators(ops) => {
                 for o in ops {
                     let mut r = Writer::new();
@@ -1496,6 +1516,9 @@ impl Response {
                     role: required(f.role, "role")?,
                 }
             }
+            Op::Reload => Response::Reloaded {
+                message: required(Fields::read(body, what, &[MESSAGE])?.message, "message")?,
+            },
             Op::Zeroize | Op::OperatorAdd | Op::OperatorPasswd | Op::OperatorUnlock => {
                 Fields::read(body, what, &[])?;
                 Response::Done
