@@ -34,7 +34,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         || matches!(cli.command, Command::Datakey(_) if cli.operator.is_none());
     match dispatch(cli) {
         Ok(()) => Ok(ExitCode::SUCCESS),
-        Err(e) if e.is::<Answered>() => Ok(ExitCode::from(1)),
+        Err(e) if e.is::<Answered>() => Ok(ExitCode::from(
+            e.downcast_ref::<Answered>().map_or(1, |a| a.0),
+        )),
         // The one place a refusal is told from other failures: it exits 1.
         Err(e) => match e.downcast_ref::<ClientError>() {
             Some(ClientError::Refused { code, message }) => {
@@ -56,14 +58,14 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// A negative answer the command has printed itself (`tde policy check`
-/// refusing): exits 1 with nothing more said.
+/// An answer the command has printed itself that exits non-zero (`tde
+/// policy check` refusing: 1; `tde status` sealed: 2), nothing more said.
 #[derive(Debug)]
-struct Answered;
+struct Answered(u8);
 
 impl std::fmt::Display for Answered {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("refused")
+        write!(f, "exit {}", self.0)
     }
 }
 
@@ -102,7 +104,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Demo => crate::demo::run(),
         Command::Init(a) => init(&cli, &cfg, a),
         Command::Serve(a) => serve(&cli, cfg, a),
-        Command::Status => status(&cli, &cfg),
+        Command::Status { all } => status(&cli, &cfg, *all),
         Command::Unseal { share, share_file } => {
             unseal(&cli, &cfg, share.as_deref(), share_file.as_deref())
         }
@@ -899,19 +901,37 @@ fn serve(cli: &Cli, mut cfg: Config, a: &ServeArgs) -> anyhow::Result<()> {
 
 // ---------------------------------------------------------------- admin
 
-fn status(cli: &Cli, cfg: &Config) -> anyhow::Result<()> {
-    // The sidecar's state, and every mount's (listed even when the sidecar
+/// `tde status`: the sidecar's state and this store's mounts (`--all`:
+/// every `tde mount` on the host). Exits as `vault status` does: 0
+/// unsealed, 2 sealed (or not initialized, or zeroized), 1 when the
+/// sidecar cannot be reached.
+fn status(cli: &Cli, cfg: &Config, all: bool) -> anyhow::Result<()> {
+    // The sidecar's state, and the mounts' (listed even when the sidecar
     // is down: mounts keep serving then, and say so).
     let sidecar = Client::connect(&admin_path(cli, cfg))
         .or_else(|_| Client::connect(&data_path(cli, cfg)))
         .and_then(|mut c| c.status());
-    let mounts: Vec<_> = tde_plugin::control::mounts()
+    let ours = data_path(cli, cfg);
+    let same = |p: &Path| {
+        p == ours
+            || matches!(
+                (std::fs::canonicalize(p), std::fs::canonicalize(&ours)),
+                (Ok(a), Ok(b)) if a == b
+            )
+    };
+    let (mounts, others): (Vec<_>, Vec<_>) = tde_plugin::control::mounts()
         .into_iter()
         .map(|(m, b)| {
             let r = tde_plugin::control::call(&b, &tde_plugin::control::Control::Status);
             (m, b, r)
         })
-        .collect();
+        .partition(|(_, _, r)| {
+            all || r
+                .as_ref()
+                .ok()
+                .and_then(|st| st.sidecar.as_deref())
+                .is_some_and(same)
+        });
     let mut v = match &sidecar {
         Ok(s) => status_json(s),
         Err(e) => json!({"sidecar_error": format!("{e:#}")}),
@@ -922,34 +942,43 @@ fn status(cli: &Cli, cfg: &Config) -> anyhow::Result<()> {
             .map(|(m, b, r)| json!({
                 "mountpoint": m,
                 "backing_dir": b,
+                "sidecar": r.as_ref().ok().and_then(|st| st.sidecar.as_ref()),
                 "rekey": r.as_ref().ok(),
                 "error": r.as_ref().err().map(|e| format!("{e:#}")),
             }))
             .collect::<Vec<_>>()
     );
-    if sidecar.is_ok() || !mounts.is_empty() {
-        emit(cli, v, || {
-            let mut out = match &sidecar {
-                Ok(s) => status_human(s),
-                Err(e) => format!("sidecar:    unreachable: {e:#}"),
-            };
-            for (m, b, r) in &mounts {
-                out.push_str(&format!(
-                    "\nmount:      {} (backing {}): {}",
-                    m.display(),
-                    b.display(),
-                    match r {
-                        Ok(st) if st.state == "idle" => "no re-key running".to_string(),
-                        Ok(st) => rekey_line(st),
-                        Err(e) => format!("{e:#}"),
-                    }
-                ));
-            }
-            out
-        });
+    v["other_mounts"] = json!(others.len());
+    emit(cli, v, || {
+        let mut out = match &sidecar {
+            Ok(s) => status_human(s),
+            Err(e) => format!("sidecar:    unreachable: {e:#}"),
+        };
+        for (m, b, r) in &mounts {
+            out.push_str(&format!(
+                "\nmount:      {} (backing {}): {}",
+                m.display(),
+                b.display(),
+                match r {
+                    Ok(st) if st.state == "idle" => "no re-key running".to_string(),
+                    Ok(st) => rekey_line(st),
+                    Err(e) => format!("{e:#}"),
+                }
+            ));
+        }
+        if !others.is_empty() {
+            out.push_str(&format!(
+                "\n({} other tde mounts on this host use another sidecar or cannot be asked: `tde status --all`)",
+                others.len()
+            ));
+        }
+        out
+    });
+    match &sidecar {
+        Ok(s) if s.initialized && !s.sealed && !s.zeroized => Ok(()),
+        Ok(_) => Err(Answered(2).into()),
+        Err(_) => Err(Answered(1).into()),
     }
-    // A sidecar that cannot be reached is still a failure for scripts.
-    sidecar.map(|_| ()).map_err(Into::into)
 }
 
 fn unseal(cli: &Cli, cfg: &Config, share: Option<&str>, file: Option<&Path>) -> anyhow::Result<()> {
@@ -1231,7 +1260,7 @@ fn policy_check(cli: &Cli, cfg: &Config, a: &crate::PolicyCheckArgs) -> anyhow::
     if allowed {
         Ok(())
     } else {
-        Err(Answered.into())
+        Err(Answered(1).into())
     }
 }
 

@@ -60,8 +60,14 @@ pub enum Command {
     Init(InitArgs),
     /// Run the sidecar daemon.
     Serve(ServeArgs),
-    /// Show seal status.
-    Status,
+    /// Show seal status and this store's mounts. Exits 0 unsealed, 2
+    /// sealed (or not initialized, or zeroized), 1 if the sidecar cannot be
+    /// reached (as `vault status`).
+    Status {
+        /// List every `tde mount` on the host, not only this store's.
+        #[arg(long)]
+        all: bool,
+    },
     /// Give one unseal share.
     Unseal {
         /// The share text: visible to every local user, so prefer the

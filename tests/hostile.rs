@@ -1227,5 +1227,5 @@ fn a_seal_ends_every_login() {
     }
     let v = env.ok(&["key", "show", "app-session"]);
     assert_eq!(v["primary_version"], 3, "two rotations, not three: {v}");
-    assert!(!env.ok(&["status"])["sealed"].as_bool().expect("sealed"));
+    assert!(!env.status()["sealed"].as_bool().expect("sealed"));
 }

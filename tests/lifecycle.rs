@@ -32,7 +32,7 @@ fn init_unseal_generate_rotate_rewrap_restart() {
     assert_eq!(shares.len(), 5);
     let daemon = env.serve();
 
-    let st = env.ok(&["status"]);
+    let st = env.status();
     assert_eq!(
         (st["sealed"].as_bool(), st["initialized"].as_bool()),
         (Some(true), Some(true))
@@ -85,7 +85,7 @@ fn init_unseal_generate_rotate_rewrap_restart() {
     // Restart: sealed again, three other shares unseal, both blobs decrypt.
     daemon.stop();
     let daemon = env.serve();
-    assert_eq!(env.ok(&["status"])["sealed"], true);
+    assert_eq!(env.status()["sealed"], true);
     let st = env.unseal(&shares[2..5]);
     assert_eq!(st["sealed"], false);
     let d1 = decrypt(&v1);

@@ -182,7 +182,7 @@ fn malformed_frames_are_answered_or_closed_and_others_keep_working() {
     let rounds = good.join().expect("good client never failed");
     assert!(rounds >= 20);
     // Still serving: the CLI works and the daemon is alive.
-    env.ok(&["status"]);
+    env.status();
     drop(_daemon);
     let recs = audit(&env.db());
     assert!(refusals(&recs, "malformed_request", "FRAME_TOO_LARGE") >= 3);

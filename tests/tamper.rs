@@ -141,7 +141,7 @@ fn five_bad_logins_lock_and_zeroize_is_final() {
     // Zeroize without --yes changes nothing.
     let out = env.cmd(&["zeroize"]).output().expect("run");
     assert!(!out.status.success());
-    assert_eq!(env.ok(&["status"])["zeroized"], false);
+    assert_eq!(env.status()["zeroized"], false);
 
     let sealed_root: Vec<u8> = rusqlite::Connection::open(env.db())
         .expect("open")
@@ -149,7 +149,7 @@ fn five_bad_logins_lock_and_zeroize_is_final() {
         .expect("root");
     env.ok(&["key", "create", "pg-z"]);
     env.ok(&["zeroize", "--yes"]);
-    let st = env.ok(&["status"]);
+    let st = env.status();
     assert_eq!(
         (st["zeroized"].as_bool(), st["sealed"].as_bool()),
         (Some(true), Some(true))
@@ -158,7 +158,7 @@ fn five_bad_logins_lock_and_zeroize_is_final() {
     daemon.stop();
 
     let _daemon = env.serve();
-    assert_eq!(env.ok(&["status"])["zeroized"], true);
+    assert_eq!(env.status()["zeroized"], true);
     for s in &shares {
         env.refused(&["unseal", s], "ZEROIZED");
     }
@@ -195,7 +195,7 @@ fn tamper_policy_zeroizes_on_lockout() {
             .expect("run");
         assert!(!out.status.success());
     }
-    assert_eq!(env.ok(&["status"])["zeroized"], true);
+    assert_eq!(env.status()["zeroized"], true);
     drop(_daemon);
     let recs = audit(&env.db());
     assert_eq!(count(&recs, "tamper_zeroize", "ok"), 1);

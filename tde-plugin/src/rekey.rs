@@ -130,6 +130,10 @@ pub struct Status {
     pub eta_seconds: Option<u64>,
     /// Why it failed.
     pub error: Option<String>,
+    /// The data socket of the sidecar this mount uses (so `tde status` can
+    /// tell its own store's mounts from others').
+    #[serde(default)]
+    pub sidecar: Option<PathBuf>,
 }
 
 struct Shared {
@@ -196,6 +200,7 @@ impl Rekey {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         s.rate_limit = self.shared.rate.load(Ordering::SeqCst);
+        s.sidecar = Some(self.shared.keys.sidecar().to_path_buf());
         s
     }
 

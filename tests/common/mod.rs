@@ -156,6 +156,15 @@ operations = ["generate_data_key", "decrypt", "re_encrypt", "generate_random"]
         v
     }
 
+    /// `tde status --json`, asserting its exit code: 0 unsealed, 2 sealed,
+    /// not initialized or zeroized (as `vault status`).
+    pub fn status(&self) -> Value {
+        let (code, v) = self.json(&["status"]);
+        let sealed = v["sealed"] != false || v["zeroized"] == true || v["initialized"] != true;
+        assert_eq!(code, if sealed { 2 } else { 0 }, "tde status: {v}");
+        v
+    }
+
     /// Like `json`, expecting a refusal with `code`; returns the message.
     pub fn refused(&self, args: &[&str], code: &str) -> String {
         let (rc, v) = self.json(args);
