@@ -540,3 +540,65 @@ fn unseal_shares_come_from_stdin_and_arguments_warn() {
     let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(st["sealed"], false, "{st}");
 }
+
+/// Issue 12, point 6: every state change and every refusal is one log line
+/// at info (text or JSON), routine data-key traffic is not, and no secret
+/// reaches the log.
+#[test]
+fn the_daemon_logs_state_changes_and_refusals_without_secrets() {
+    let env = Env::new("");
+    let shares = env.init();
+    let daemon = env.serve_env(&[("TDE_LOG__FORMAT", "json")]);
+    env.unseal(&shares[..3]);
+    env.ok(&["key", "create", "app-logged"]);
+    let g = env.ok(&["datakey", "generate", "--key", "app-logged"]);
+    env.refused(
+        &["datakey", "generate", "--key", "not-allowed"],
+        "PERMISSION_DENIED",
+    );
+    let out = env
+        .cmd(&["key", "list", "--json"])
+        .env("TDE_PASSWORD", "wrong-password-9")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    env.ok(&["seal"]);
+    daemon.stop();
+
+    let text = std::fs::read_to_string(env.log()).expect("log");
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let said = |message: &str| {
+        lines
+            .iter()
+            .filter(|l| l["fields"]["message"] == message && l["level"] == "INFO")
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(said("unseal done").len(), 3, "{text}");
+    assert_eq!(said("key_create done")[0]["fields"]["key"], "app-logged");
+    assert_eq!(said("key_create done")[0]["fields"]["operator"], "admin");
+    let denied = said("generate_data_key refused");
+    assert_eq!(denied.len(), 1, "{text}");
+    assert_eq!(denied[0]["fields"]["code"], "PERMISSION_DENIED");
+    assert_eq!(denied[0]["fields"]["key"], "not-allowed");
+    let login = said("login refused");
+    assert_eq!(login.len(), 1, "{text}");
+    assert_eq!(login[0]["fields"]["code"], "LOGIN_FAILED");
+    assert_eq!(said("seal done").len(), 1, "{text}");
+    assert_eq!(said("daemon_start done by the daemon").len(), 1, "{text}");
+    assert!(
+        said("generate_data_key done").is_empty(),
+        "routine data-key traffic stays at debug: {text}"
+    );
+    for secret in shares
+        .iter()
+        .map(String::as_str)
+        .chain([PASSWORD, "wrong-password-9"])
+        .chain([g["plaintext"].as_str().expect("plaintext")])
+    {
+        assert!(!text.contains(secret), "a secret in the log:\n{text}");
+    }
+}

@@ -247,7 +247,7 @@ fn reload_changes_policies_live_and_keeps_a_bad_configuration_out() {
     std::fs::write(&env.config, &narrowed).expect("write config");
     let pid = rustix::process::Pid::from_raw(daemon.pid() as i32).expect("pid");
     rustix::process::kill_process(pid, rustix::process::Signal::HUP).expect("SIGHUP");
-    let log = wait_log(&env.log(), "configuration reloaded (SIGHUP)", 1);
+    let log = wait_log(&env.log(), "SIGHUP: configuration reloaded", 1);
     assert!(log.contains("clients: 1 policies (app)"), "{log}");
     assert_eq!(random(&mut raw), Err(ErrorCode::PermissionDenied));
     assert_eq!(data_key(&mut raw), Ok(()), "the same connection goes on");
@@ -265,7 +265,7 @@ fn reload_changes_policies_live_and_keeps_a_bad_configuration_out() {
     // user: both kept out, the old policy stays in force, the daemon runs.
     std::fs::write(&env.config, format!("{narrowed}\n[[clients]\n")).expect("write");
     rustix::process::kill_process(pid, rustix::process::Signal::HUP).expect("SIGHUP");
-    let log = wait_log(&env.log(), "configuration not reloaded (SIGHUP)", 1);
+    let log = wait_log(&env.log(), "SIGHUP: configuration not reloaded", 1);
     assert!(log.contains("the old one stays in force"), "{log}");
     let unknown = format!(
         "{narrowed}\n[[clients]]\nname = \"x\"\nusers = [\"no-such-user-tde\"]\nkeys = [\"*\"]\noperations = [\"generate_random\"]\n"

@@ -165,11 +165,67 @@ impl AuditLog {
     /// Appends a record and waits until it is durable. Returns its sequence
     /// number.
     pub fn append(&self, record: AuditRecord) -> Result<u64, AuditError> {
+        log_line(&record);
         let (done_tx, done_rx) = mpsc::sync_channel(1);
         self.tx
             .send((record, done_tx))
             .map_err(|_| AuditError::Stopped)?;
         done_rx.recv().map_err(|_| AuditError::Stopped)?
+    }
+}
+
+/// Successful operations too frequent for info: data-key traffic and reads.
+const ROUTINE: &[&str] = &[
+    "generate_data_key",
+    "decrypt",
+    "re_encrypt",
+    "generate_random",
+    "register_deks",
+    "watch_key",
+    "status",
+    "key_list",
+    "key_describe",
+    "operator_list",
+];
+
+/// The daemon's log line for an audit record, one per record: every state
+/// change and every refusal at info, routine successes at debug, the
+/// intent records of admin operations not at all (their outcome is). Audit
+/// records hold no key bytes, so neither does the line. Refusals beyond
+/// `limits.refused_records_per_second` get no record, and so no line.
+fn log_line(r: &AuditRecord) {
+    if r.result == "pending" {
+        return;
+    }
+    let refused = r.result == "error";
+    let what = match (refused, r.socket) {
+        (true, "internal") => "failed",
+        (true, _) => "refused",
+        (false, "internal") => "done by the daemon",
+        (false, _) => "done",
+    };
+    macro_rules! line {
+        ($level:ident) => {
+            tracing::$level!(
+                target: "tde_sidecar::audit",
+                socket = r.socket,
+                uid = r.actor.uid,
+                pid = r.actor.pid,
+                client = r.actor.client.as_deref(),
+                operator = r.actor.operator.as_deref(),
+                key = r.key.as_deref(),
+                version = r.key_version,
+                code = r.error_code,
+                detail = r.detail.as_deref(),
+                "{} {what}",
+                r.op
+            )
+        };
+    }
+    if refused || !ROUTINE.contains(&r.op.as_str()) {
+        line!(info);
+    } else {
+        line!(debug);
     }
 }
 
