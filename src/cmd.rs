@@ -95,7 +95,11 @@ fn hint(code: ErrorCode, data_socket: bool) -> Option<&'static str> {
 }
 
 fn load_config(cli: &Cli) -> anyhow::Result<Config> {
-    Config::load(cli.config.as_deref()).map_err(anyhow::Error::msg)
+    let mut cfg = Config::load(cli.config.as_deref()).map_err(anyhow::Error::msg)?;
+    if let Some(d) = &cli.data_dir {
+        cfg.data_dir = d.clone();
+    }
+    Ok(cfg)
 }
 
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
@@ -485,14 +489,16 @@ fn password(cli: &Cli, cfg: &Config) -> anyhow::Result<Zeroizing<String>> {
     }
     if std::io::stdin().is_terminal() {
         return Ok(Zeroizing::new(rpassword::prompt_password(format!(
-            "password for operator {}: ",
+            "password of operator {:?} (--operator) to log in: ",
             cli.operator()
         ))?));
     }
     bail!("no operator password: set TDE_PASSWORD, pass --password-file, or run on a terminal")
 }
 
-fn new_password(file: Option<&Path>) -> anyhow::Result<Zeroizing<String>> {
+/// A new password for `whom` (`operator "bob"`): the file, TDE_NEW_PASSWORD,
+/// or a prompt that says whose it is.
+fn new_password(file: Option<&Path>, whom: &str) -> anyhow::Result<Zeroizing<String>> {
     if let Some(f) = file {
         return read_secret_file(f);
     }
@@ -500,8 +506,12 @@ fn new_password(file: Option<&Path>) -> anyhow::Result<Zeroizing<String>> {
         return Ok(Zeroizing::new(p));
     }
     if std::io::stdin().is_terminal() {
-        let a = Zeroizing::new(rpassword::prompt_password("new password: ")?);
-        let b = Zeroizing::new(rpassword::prompt_password("repeat new password: ")?);
+        let a = Zeroizing::new(rpassword::prompt_password(format!(
+            "new password for {whom}: "
+        ))?);
+        let b = Zeroizing::new(rpassword::prompt_password(format!(
+            "repeat the new password for {whom}: "
+        ))?);
         if a != b {
             bail!("the passwords differ");
         }
@@ -711,6 +721,14 @@ fn init_dev(cli: &Cli, cfg: &Config) -> anyhow::Result<()> {
 }
 
 fn init(cli: &Cli, cfg: &Config, a: &InitArgs) -> anyhow::Result<()> {
+    let path = cfg.store_path();
+    if path.exists() && SqliteStore::open(&path)?.meta()?.is_some() {
+        bail!(
+            "the key store {} is already initialized",
+            cfg.store_path().display()
+        );
+    }
+    confirm_init(cli, cfg, a)?;
     if a.dev {
         init_dev(cli, cfg)?;
         emit(cli, json!({"dev": true, "data_dir": cfg.data_dir}), || {
@@ -721,7 +739,15 @@ fn init(cli: &Cli, cfg: &Config, a: &InitArgs) -> anyhow::Result<()> {
     let pw = match (&cli.password_file, std::env::var("TDE_PASSWORD")) {
         (Some(f), _) => read_secret_file(f)?,
         (None, Ok(p)) => Zeroizing::new(p),
-        (None, Err(_)) => new_password(None)?,
+        (None, Err(_)) if std::io::stdin().is_terminal() => new_password(
+            None,
+            &format!("the first crypto officer {:?}", cli.operator()),
+        )?,
+        (None, Err(_)) => bail!(
+            "no password for the first crypto officer {:?}: set TDE_PASSWORD, pass \
+             --password-file, or run on a terminal",
+            cli.operator()
+        ),
     };
     let out = init_store(cfg, a.threshold, a.shares, false, cli.operator(), &pw)?;
     let texts: Vec<String> = out
@@ -759,7 +785,43 @@ fn init(cli: &Cli, cfg: &Config, a: &InitArgs) -> anyhow::Result<()> {
 }
 
 fn data_dir_configured(cli: &Cli) -> bool {
-    cli.config.is_some() || std::env::var_os("TDE_DATA_DIR").is_some()
+    cli.config.is_some() || cli.data_dir.is_some() || std::env::var_os("TDE_DATA_DIR").is_some()
+}
+
+/// Before `tde init` writes anything: says where the store goes and, on a
+/// terminal, asks; off a terminal, the place must have been chosen (a
+/// configuration, --data-dir or TDE_DATA_DIR), never the default alone.
+fn confirm_init(cli: &Cli, cfg: &Config, a: &InitArgs) -> anyhow::Result<()> {
+    let store = cfg.store_path();
+    let configured = data_dir_configured(cli);
+    let whence = if configured {
+        ""
+    } else {
+        " (the default: no configuration, --data-dir or TDE_DATA_DIR names one)"
+    };
+    let terminal = std::io::stdin().is_terminal() && std::io::stderr().is_terminal();
+    if !terminal && !configured {
+        bail!(
+            "tde init would create a key store in {}{whence}: say where with --data-dir DIR, \
+             --config FILE or TDE_DATA_DIR",
+            cfg.data_dir.display()
+        );
+    }
+    eprintln!(
+        "tde init creates a new {}key store {} in the data directory {}{whence}.",
+        if a.dev { "DEV " } else { "" },
+        store.display(),
+        cfg.data_dir.display()
+    );
+    if terminal && !a.yes {
+        eprint!("Continue? [y/N] ");
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            bail!("nothing was created");
+        }
+    }
+    Ok(())
 }
 
 /// Sets up logging on stderr as configured; gives what changes the level
@@ -1045,7 +1107,7 @@ fn operator(cli: &Cli, cfg: &Config, o: &OperatorCmd) -> anyhow::Result<()> {
             role,
             new_password_file,
         } => {
-            let pw = new_password(new_password_file.as_deref())?;
+            let pw = new_password(new_password_file.as_deref(), &format!("operator {name:?}"))?;
             admin_login(cli, cfg)?.operator_add(
                 name,
                 role,
@@ -1057,7 +1119,7 @@ fn operator(cli: &Cli, cfg: &Config, o: &OperatorCmd) -> anyhow::Result<()> {
             name,
             new_password_file,
         } => {
-            let pw = new_password(new_password_file.as_deref())?;
+            let pw = new_password(new_password_file.as_deref(), &format!("operator {name:?}"))?;
             admin_login(cli, cfg)?.operator_passwd(name, SecretBytes::from_slice(pw.as_bytes()))?;
             format!("Password of {name} changed.")
         }

@@ -22,6 +22,9 @@ pub struct Cli {
     /// e.g. TDE_DATA_DIR.
     #[arg(long, global = true, env = "TDE_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Data directory (overrides the configuration and TDE_DATA_DIR).
+    #[arg(long, global = true)]
+    pub data_dir: Option<PathBuf>,
     /// Admin socket (default: from the configuration).
     #[arg(long, global = true)]
     pub admin_socket: Option<PathBuf>,
@@ -205,6 +208,9 @@ pub struct InitArgs {
     /// Also write each share to DIR/share-N (mode 0600).
     #[arg(long)]
     pub share_dir: Option<PathBuf>,
+    /// Do not ask for confirmation on a terminal.
+    #[arg(long)]
+    pub yes: bool,
 }
 
 /// `tde serve`.

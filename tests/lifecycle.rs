@@ -602,3 +602,103 @@ fn the_daemon_logs_state_changes_and_refusals_without_secrets() {
         assert!(!text.contains(secret), "a secret in the log:\n{text}");
     }
 }
+
+/// Issue 12, point 4: `tde init` says where it writes and asks on a
+/// terminal; off a terminal it needs to be told where; no other command
+/// creates a store as a side effect.
+#[test]
+fn init_says_where_it_writes_and_nothing_else_creates_a_store() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let tde = |args: &[&str]| {
+        let mut c = std::process::Command::new(BIN);
+        c.args(args)
+            .current_dir(dir.path())
+            .env_remove("TDE_CONFIG")
+            .env_remove("TDE_DATA_DIR")
+            .env("TDE_PASSWORD", PASSWORD)
+            .stdin(std::process::Stdio::null());
+        c
+    };
+    // No configuration, no terminal: refused before anything is written.
+    let default_existed = std::path::Path::new("/var/lib/tde").exists();
+    let out = tde(&["init"]).output().expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("/var/lib/tde") && err.contains("--data-dir"),
+        "{err}"
+    );
+    if !default_existed {
+        assert!(!std::path::Path::new("/var/lib/tde").exists());
+    }
+    // serve with no store refuses and creates nothing.
+    let none = dir.path().join("none");
+    let out = tde(&["serve", "--data-dir", none.to_str().expect("utf-8")])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("there is no key store"), "{err}");
+    assert!(!none.exists(), "serve created {}", none.display());
+    // --data-dir off a terminal: said on stderr, done.
+    let a = dir.path().join("a");
+    let out = tde(&["init", "--data-dir", a.to_str().expect("utf-8"), "--json"])
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "creates a new key store {}",
+            a.join("tde.db").display()
+        )),
+        "{err}"
+    );
+    // On a terminal (util-linux `script` gives one): asks; "n" creates
+    // nothing, "y" goes on.
+    if std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        skip("no `script` to run tde init on a terminal");
+        return;
+    }
+    let on_terminal = |sub: &str, answer: &str| {
+        use std::io::Write as _;
+        let target = dir.path().join(sub);
+        let mut child = std::process::Command::new("script")
+            .args(["-qec"])
+            .arg(format!(
+                "{BIN} init --shares 2 --threshold 2 --data-dir {}",
+                target.display()
+            ))
+            .arg("/dev/null")
+            .env_remove("TDE_CONFIG")
+            .env_remove("TDE_DATA_DIR")
+            .env("TDE_PASSWORD", PASSWORD)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("script");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(answer.as_bytes())
+            .expect("answer");
+        let out = child.wait_with_output().expect("wait");
+        (target, String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (b, text) = on_terminal("b", "n\n");
+    assert!(text.contains("Continue? [y/N]"), "{text}");
+    assert!(text.contains("nothing was created"), "{text}");
+    assert!(!b.join("tde.db").exists());
+    let (c, text) = on_terminal("c", "y\n");
+    assert!(text.contains("Initialized the key store"), "{text}");
+    assert!(c.join("tde.db").exists());
+}

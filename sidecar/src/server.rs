@@ -408,8 +408,16 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
         note = hardening.lock_note.as_deref().unwrap_or(""),
         "process hardening"
     );
-    create_private_dir(&cfg.data_dir, "data directory")?;
     let store_path = cfg.store_path();
+    // No store is created as a side effect: only `tde init` makes one.
+    if !store_path.exists() {
+        bail!(
+            "there is no key store at {}: run `tde init` (or `tde init --dev` to try it out), \
+             or point --config, --data-dir or TDE_DATA_DIR at the store",
+            store_path.display()
+        );
+    }
+    create_private_dir(&cfg.data_dir, "data directory")?;
     let store = Arc::new(
         SqliteStore::open(&store_path)
             .with_context(|| format!("opening key store {}", store_path.display()))?,
