@@ -53,6 +53,15 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 Ok(ExitCode::from(1))
             }
+            // Every command answers --json, failures too.
+            _ if json => {
+                println!(
+                    "{}",
+                    json!({"error": {"code": "ERROR", "message": format!("{e:#}")}})
+                );
+                eprintln!("error: {e:#}");
+                Ok(ExitCode::from(2))
+            }
             _ => Err(e),
         },
     }
@@ -358,36 +367,90 @@ fn mount(cli: &Cli, cfg: &Config, a: &MountArgs) -> anyhow::Result<()> {
         // Re-run in the foreground, detached, and wait until it is mounted.
         let args: Vec<std::ffi::OsString> = std::env::args_os()
             .skip(1)
-            .filter(|x| x != "--daemon")
+            // The child logs for people; this process answers --json.
+            .filter(|x| x != "--daemon" && x != "--json")
             .collect();
-        let log = tempfile::NamedTempFile::new()?;
+        let log_path = match &a.log_file {
+            Some(p) => p.clone(),
+            None => default_mount_log(&a.tablespace)?,
+        };
+        if let Some(dir) = log_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o750)
+                .create(dir)
+                .with_context(|| format!("creating the log directory {}", dir.display()))?;
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o640)
+            .open(&log_path)
+            .with_context(|| format!("opening the mount log {}", log_path.display()))?;
+        // What this start writes, for the error if it fails.
+        let start = log.metadata()?.len();
         let mut child = std::process::Command::new(std::env::current_exe()?)
             .args(&args)
             .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(log.reopen()?)
+            .stdout(log.try_clone()?)
+            .stderr(log)
             .process_group(0)
             .spawn()?;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(a.wait + 30);
+        // Until it is mounted, what the mount logs is shown here too (such
+        // as waiting for an unseal), then only in the log.
+        let mut shown = start as usize;
+        let show = |shown: &mut usize| {
+            if let Some(new) = std::fs::read(&log_path)
+                .ok()
+                .and_then(|b| b.get(*shown..).map(<[u8]>::to_vec))
+            {
+                *shown += new.len();
+                if !new.is_empty() {
+                    eprint!("{}", String::from_utf8_lossy(&new));
+                }
+            }
+        };
         loop {
+            show(&mut shown);
             if tde_plugin::mount::is_mountpoint(&a.mountpoint) {
                 emit(
                     cli,
-                    json!({"mounted": a.mountpoint, "pid": child.id()}),
+                    json!({"mounted": a.mountpoint, "pid": child.id(), "log": log_path}),
                     || {
                         format!(
-                            "Mounted {} on {} (pid {}).",
+                            "Mounted {} on {} (pid {}, log {}).",
                             a.backing_dir.display(),
                             a.mountpoint.display(),
-                            child.id()
+                            child.id(),
+                            log_path.display()
                         )
                     },
                 );
                 return Ok(());
             }
             if let Some(st) = child.try_wait()? {
-                let why = std::fs::read_to_string(log.path()).unwrap_or_default();
-                bail!("tde mount failed ({st}):\n{}", why.trim());
+                show(&mut shown);
+                let why = std::fs::read(&log_path).unwrap_or_default();
+                let why = String::from_utf8_lossy(why.get(start as usize..).unwrap_or_default());
+                let lines = || why.lines().rev().map(str::trim).filter(|l| !l.is_empty());
+                let last = lines()
+                    .find_map(|l| l.strip_prefix("error: "))
+                    .or_else(|| lines().next())
+                    .unwrap_or("no message");
+                let message = format!(
+                    "tde mount failed ({st}; log {}): {last}",
+                    log_path.display()
+                );
+                // The foreground mount's own exit code: 1 for a refusal.
+                let code = st.code().and_then(|c| u8::try_from(c).ok()).unwrap_or(2);
+                if cli.json {
+                    let name = if code == 1 { "REFUSED" } else { "ERROR" };
+                    println!("{}", json!({"error": {"code": name, "message": message}}));
+                }
+                eprintln!("error: {message}");
+                return Err(Answered(code).into());
             }
             if std::time::Instant::now() > deadline {
                 let _ = child.kill();
@@ -412,6 +475,7 @@ fn mount(cli: &Cli, cfg: &Config, a: &MountArgs) -> anyhow::Result<()> {
         wait: std::time::Duration::from_secs(a.wait),
         threads: a.threads,
         allow_other: a.allow_other,
+        force: a.force,
     };
     let mounted = tde_plugin::mount::mount(&spec)?;
     eprintln!(
@@ -454,6 +518,31 @@ fn mount(cli: &Cli, cfg: &Config, a: &MountArgs) -> anyhow::Result<()> {
 }
 
 // ---------------------------------------------------------------- helpers
+
+/// Where `tde mount --daemon` logs without `--log-file`: beside other
+/// daemons' logs as root, in the user's state directory otherwise.
+fn default_mount_log(tablespace: &str) -> anyhow::Result<PathBuf> {
+    let name: String = tablespace
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let file = format!("mount-{name}.log");
+    if rustix::process::geteuid().is_root() {
+        return Ok(PathBuf::from("/var/log/tde").join(file));
+    }
+    let state = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .context("no HOME for the mount log: pass --log-file")?;
+    Ok(state.join("tde").join(file))
+}
 
 fn admin_path(cli: &Cli, cfg: &Config) -> PathBuf {
     cli.admin_socket

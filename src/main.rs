@@ -186,6 +186,16 @@ pub struct MountArgs {
     /// allows them (PostgreSQL runs as its own user).
     #[arg(long)]
     pub allow_other: bool,
+    /// Mount even on a directory a running PostgreSQL uses as its data
+    /// directory or a tablespace location when the backing directory does
+    /// not hold those files (refused otherwise: it would hide them).
+    #[arg(long)]
+    pub force: bool,
+    /// With --daemon: where the mount logs (default
+    /// /var/log/tde/mount-TABLESPACE.log as root,
+    /// ~/.local/state/tde/mount-TABLESPACE.log otherwise).
+    #[arg(long)]
+    pub log_file: Option<PathBuf>,
     /// Directory holding the ciphertext.
     pub backing_dir: PathBuf,
     /// Where the plaintext appears.

@@ -276,3 +276,48 @@ fn interrupted_reads_succeed_and_leave_no_reply_errors() {
     assert!(!log.contains("Failed to send FUSE reply"), "{log}");
     m.stop();
 }
+
+/// Issue 12, point 5: `tde mount --daemon` logs to a file (here named by
+/// `--log-file`), and a refusal by the sidecar exits 1 as other refusals
+/// do, saying why, with `--json` too.
+#[test]
+fn a_daemonized_mount_logs_to_its_file_and_exits_1_when_refused() {
+    if !can_run() {
+        return;
+    }
+    let _serial = serial();
+    let env = Env::new("");
+    let _sidecar = env.sidecar_with_keys(&["mysql-x"]);
+    let backing = env.dir.path().join("backing");
+    let mnt = env.dir.path().join("mnt");
+    std::fs::create_dir_all(&backing).expect("mkdir");
+    std::fs::create_dir_all(&mnt).expect("mkdir");
+    let log = env.dir.path().join("mount.log");
+    let out = env
+        .cmd(&[
+            "--json",
+            "mount",
+            "--daemon",
+            "--wait",
+            "5",
+            "--init",
+            "--key",
+            "mysql-x",
+            "--tablespace",
+            "t",
+            "--log-file",
+        ])
+        .arg(&log)
+        .arg(&backing)
+        .arg(&mnt)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["error"]["code"], "REFUSED", "{v}");
+    let message = v["error"]["message"].as_str().expect("message");
+    assert!(message.contains("may not use master key"), "{message}");
+    let text = std::fs::read_to_string(&log).expect("log");
+    assert!(text.contains("may not use master key"), "{text}");
+    assert!(!is_mountpoint(&mnt));
+}

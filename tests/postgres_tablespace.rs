@@ -132,3 +132,86 @@ fn two_tablespaces_two_master_keys() {
             .any(|r| r["key"] == "pg-hr" && r["context"]["tablespace"] == "hr")
     );
 }
+
+/// Issue 12, point 8: a mount that vanished leaves an empty directory that
+/// PostgreSQL still uses as a tablespace location. Mounting a backing
+/// directory without that tablespace's files there is refused (it would
+/// hide them), `--force` overrides, and remounting the right backing
+/// directory is accepted and shows the data again. With `--daemon`, the
+/// mount logs to the file named by `--log-file`.
+#[test]
+fn a_mount_over_a_tablespace_location_in_use_needs_the_right_backing() {
+    if !can_run() {
+        return;
+    }
+    let _serial = serial();
+    let env = Env::new("");
+    let _sidecar = env.sidecar_with_keys(&["pg-main"]);
+    let (backing, mnt, mount, mut pg) = tablespace(&env, "pg-main", "secure");
+    pg.sql(&[
+        "CREATE TABLE kept (v text) TABLESPACE secure",
+        "INSERT INTO kept VALUES ('still here')",
+        "CHECKPOINT",
+    ]);
+    mount.kill9();
+    assert!(std::fs::read_dir(&mnt).expect("ls").next().is_none());
+
+    let fresh = env.pg_dir("fresh-backing");
+    let init = [
+        "--init",
+        "--key",
+        "pg-main",
+        "--tablespace",
+        "other",
+        "--cluster",
+        "c1",
+    ];
+    let err = env.mount_refused(&init, &fresh, &mnt);
+    assert!(
+        err.contains("uses it as the location of tablespace") && err.contains("--force"),
+        "{err}"
+    );
+    assert!(
+        !fresh.join("tde.key").exists(),
+        "refused before the key file is made"
+    );
+
+    // --force, daemonized, logging where it is told to.
+    let log = env.dir.path().join("logs").join("forced.log");
+    let mut args = vec!["--json", "mount", "--daemon", "--force", "--wait", "10"];
+    args.extend(init);
+    let log_arg = log.display().to_string();
+    args.extend(["--log-file", &log_arg]);
+    let out = env
+        .cmd(&args)
+        .arg(&fresh)
+        .arg(&mnt)
+        .output()
+        .expect("run tde mount --daemon");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["log"], log_arg, "{v}");
+    assert!(is_mountpoint(&mnt));
+    let text = std::fs::read_to_string(&log).expect("the mount's log");
+    assert!(text.contains("mounted on"), "{text}");
+    assert!(
+        text.contains("uses it as the location of tablespace"),
+        "{text}"
+    );
+    env.ok(&["umount", mnt.to_str().expect("utf-8")]);
+    assert!(!is_mountpoint(&mnt));
+
+    // The right backing directory: accepted, and the rows are back.
+    let again = env.mount(
+        &["--tablespace", "secure", "--cluster", "c1"],
+        &backing,
+        &mnt,
+    );
+    assert_eq!(pg.sql(&["SELECT v FROM kept"]).trim(), "still here");
+    pg.stop();
+    again.stop();
+}

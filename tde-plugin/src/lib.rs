@@ -34,5 +34,6 @@ pub mod keyfile;
 pub mod keys;
 pub mod mount;
 pub mod page;
+pub mod pguse;
 pub mod rekey;
 pub mod rotation;

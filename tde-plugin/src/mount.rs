@@ -52,6 +52,9 @@ pub struct MountSpec {
     /// root (PostgreSQL runs as its own user); a normal user's mount allows
     /// only that user unless asked (and `/etc/fuse.conf` permits it).
     pub allow_other: bool,
+    /// Mount even where a running PostgreSQL uses the mountpoint and the
+    /// backing directory does not hold its files.
+    pub force: bool,
 }
 
 fn check_dirs(spec: &MountSpec) -> anyhow::Result<()> {
@@ -83,6 +86,26 @@ fn check_dirs(spec: &MountSpec) -> anyhow::Result<()> {
     }
     if spec.backing.canonicalize()? == spec.mountpoint.canonicalize()? {
         bail!("the backing directory and the mountpoint must differ");
+    }
+    // An empty directory that a running cluster uses (a mount there went
+    // away): a mount of other files would hide the cluster's from it.
+    for u in crate::pguse::uses(&spec.mountpoint) {
+        if spec.force || (!spec.init && crate::pguse::backing_fits(&u, &spec.backing)) {
+            tracing::info!(mountpoint = %spec.mountpoint.display(), "{u}");
+            continue;
+        }
+        bail!(
+            "mountpoint {}: {u}, and the backing directory {} does not hold {}: the mount would \
+             hide the cluster's files from it. Mount the backing directory that holds them, \
+             or pass --force if this is meant",
+            spec.mountpoint.display(),
+            spec.backing.display(),
+            if u.tablespace_oid.is_some() {
+                "that tablespace (no PG_<version>_<catalog> directory)"
+            } else {
+                "a data directory (no PG_VERSION)"
+            }
+        );
     }
     Ok(())
 }
