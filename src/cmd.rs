@@ -112,6 +112,9 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
 }
 
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    for var in Config::unknown_env() {
+        eprintln!("warning: ignoring {var}: not a tde configuration key or CLI variable");
+    }
     let cfg = load_config(&cli)?;
     match &cli.command {
         Command::Demo => crate::demo::run(),
@@ -141,6 +144,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Mount(m) => mount(&cli, &cfg, m),
         Command::Rekey(r) => rekey(&cli, r),
         Command::Inspect { backing_dir } => {
+            check_backing_dir(backing_dir)?;
             let i = tde_plugin::rekey::inspect(backing_dir)?;
             emit(&cli, json!(i), || {
                 let mut out = format!(
@@ -176,6 +180,31 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
 
 // ---------------------------------------------------------------- mount
 
+/// Refuses a directory that is not a backing directory, pointing at the
+/// one meant: a mountpoint names its backing directory.
+fn check_backing_dir(dir: &Path) -> anyhow::Result<()> {
+    let canonical = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    if let Some((_, backing)) = tde_plugin::control::mounts()
+        .into_iter()
+        .find(|(m, _)| *m == canonical || m == dir)
+    {
+        bail!(
+            "{} is the mountpoint of a tde mount (plaintext): inspect its backing directory, \
+             `tde inspect {}`",
+            dir.display(),
+            backing.display()
+        );
+    }
+    if !tde_plugin::keyfile::KeyFile::path(dir).exists() {
+        bail!(
+            "{} holds no {}: it is not a tde backing directory",
+            dir.display(),
+            tde_plugin::keyfile::KEY_FILE
+        );
+    }
+    Ok(())
+}
+
 /// `50MB/s`, `200M`, `1GiB/s`, `0`, `unlimited` to bytes per second.
 pub fn parse_rate(text: &str) -> anyhow::Result<u64> {
     let t = text.trim().trim_end_matches("/s");
@@ -207,6 +236,9 @@ pub fn parse_rate(text: &str) -> anyhow::Result<u64> {
 }
 
 fn rekey_line(s: &tde_plugin::rekey::Status) -> String {
+    if s.state == "idle" {
+        return "no re-key running on this mount".into();
+    }
     let pct = if s.blocks_total > 0 {
         s.blocks_done as f64 * 100.0 / s.blocks_total as f64
     } else {
@@ -261,14 +293,15 @@ fn rekey(cli: &Cli, a: &crate::RekeyArgs) -> anyhow::Result<()> {
             },
         )?
     };
-    let follow = !(a.status || a.pause || a.no_wait || cli.json) && st.state == "running";
+    let follow = !(a.status || a.pause || a.no_wait) && st.state == "running";
     if !follow {
         emit(cli, json!(st), || rekey_line(&st));
         return Ok(());
     }
     // Follow the progress: a bar on a terminal, a line every 10 s otherwise.
     // Ctrl-C only stops watching: the re-key runs in the mount.
-    let bar = if std::io::stderr().is_terminal() {
+    // With --json: one status object per line, every 10 s, then the last.
+    let bar = if std::io::stderr().is_terminal() && !cli.json {
         let b = indicatif::ProgressBar::new(st.blocks_total.max(1));
         b.set_style(
             indicatif::ProgressStyle::with_template(
@@ -294,7 +327,11 @@ fn rekey(cli: &Cli, a: &crate::RekeyArgs) -> anyhow::Result<()> {
                 s.speed as f64 / 1e6
             ));
         } else if last_line.elapsed() >= std::time::Duration::from_secs(10) {
-            eprintln!("{}", rekey_line(&s));
+            if cli.json {
+                println!("{}", json!(s));
+            } else {
+                eprintln!("{}", rekey_line(&s));
+            }
             last_line = std::time::Instant::now();
         }
         if matches!(s.state.as_str(), "done" | "failed" | "idle") {
@@ -307,6 +344,10 @@ fn rekey(cli: &Cli, a: &crate::RekeyArgs) -> anyhow::Result<()> {
     }
     if last.state == "failed" {
         bail!("{}", rekey_line(&last));
+    }
+    if cli.json {
+        println!("{}", json!(last));
+        return Ok(());
     }
     println!(
         "Re-key done: every block is under data key v{}; retired v{:?}.",
@@ -1216,6 +1257,10 @@ fn operator(cli: &Cli, cfg: &Config, o: &OperatorCmd) -> anyhow::Result<()> {
             admin_login(cli, cfg)?.operator_unlock(name)?;
             format!("Operator {name} unlocked.")
         }
+        OperatorCmd::Remove { name } => {
+            admin_login(cli, cfg)?.operator_remove(name)?;
+            format!("Operator {name} removed; its logins have ended.")
+        }
         OperatorCmd::List => {
             let ops = admin_login(cli, cfg)?.operator_list()?;
             emit(
@@ -1442,13 +1487,57 @@ fn read_ciphertext(a: &crate::CiphertextArgs) -> anyhow::Result<Vec<u8>> {
 
 /// Writes a plaintext data key to `file` (0600, raw) and returns `None`, or
 /// returns it as base64 for printing.
+/// An output file made (0600, new) before the request, so that a file in
+/// the way fails the command before any key is made; removed again unless
+/// written.
+struct OutFile {
+    path: PathBuf,
+    file: Option<std::fs::File>,
+}
+
+impl OutFile {
+    fn create(path: Option<&PathBuf>) -> anyhow::Result<Option<OutFile>> {
+        path.map(|p| {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(p)
+                .with_context(|| format!("creating {}", p.display()))?;
+            Ok(OutFile {
+                path: p.clone(),
+                file: Some(file),
+            })
+        })
+        .transpose()
+    }
+
+    fn write(mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        let mut f = self.file.take().context("written twice")?;
+        let done = f.write_all(bytes).and_then(|()| f.sync_all());
+        if done.is_err() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+        done.with_context(|| format!("writing {}", self.path.display()))
+    }
+}
+
+impl Drop for OutFile {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// The plaintext into its file, or base64 for the output.
 fn plaintext_out(
-    file: Option<&Path>,
+    file: Option<OutFile>,
     plaintext: &SecretBytes,
 ) -> anyhow::Result<Option<Zeroizing<String>>> {
     match file {
         Some(f) => {
-            write_private(f, plaintext.expose())?;
+            f.write(plaintext.expose())?;
             Ok(None)
         }
         None => Ok(Some(Zeroizing::new(B64.encode(plaintext.expose())))),
@@ -1470,16 +1559,20 @@ fn datakey(cli: &Cli, cfg: &Config, d: &DatakeyCmd) -> anyhow::Result<()> {
             ciphertext_file,
         } => {
             let context = parse_context(&ctx.context)?;
+            let (pt_file, ct_file) = (
+                OutFile::create(plaintext_file.as_ref())?,
+                OutFile::create(ciphertext_file.as_ref())?,
+            );
             let tde_protocol::client::DataKey {
                 key,
                 version,
                 plaintext,
                 ciphertext,
             } = c.generate_data_key(key, &context)?;
-            if let Some(f) = ciphertext_file {
-                write_private(f, &ciphertext)?;
+            if let Some(f) = ct_file {
+                f.write(&ciphertext)?;
             }
-            let pt = plaintext_out(plaintext_file.as_deref(), &plaintext)?;
+            let pt = plaintext_out(pt_file, &plaintext)?;
             let ct = B64.encode(&ciphertext);
             emit(
                 cli,
@@ -1498,12 +1591,14 @@ fn datakey(cli: &Cli, cfg: &Config, d: &DatakeyCmd) -> anyhow::Result<()> {
             ctx,
             plaintext_file,
         } => {
+            let (blob, context) = (read_ciphertext(input)?, parse_context(&ctx.context)?);
+            let pt_file = OutFile::create(plaintext_file.as_ref())?;
             let tde_protocol::client::Decrypted {
                 key,
                 version,
                 plaintext,
-            } = c.decrypt(&read_ciphertext(input)?, &parse_context(&ctx.context)?)?;
-            let pt = plaintext_out(plaintext_file.as_deref(), &plaintext)?;
+            } = c.decrypt(&blob, &context)?;
+            let pt = plaintext_out(pt_file, &plaintext)?;
             emit(
                 cli,
                 json!({"key": key, "key_version": version, "plaintext": pt.as_deref()}),
@@ -1521,14 +1616,16 @@ fn datakey(cli: &Cli, cfg: &Config, d: &DatakeyCmd) -> anyhow::Result<()> {
             ctx,
             ciphertext_out,
         } => {
+            let (blob, context) = (read_ciphertext(input)?, parse_context(&ctx.context)?);
+            let ct_file = OutFile::create(ciphertext_out.as_ref())?;
             let tde_protocol::client::ReEncrypted {
                 key,
                 version,
                 source_version,
                 ciphertext,
-            } = c.re_encrypt(&read_ciphertext(input)?, &parse_context(&ctx.context)?)?;
-            if let Some(f) = ciphertext_out {
-                write_private(f, &ciphertext)?;
+            } = c.re_encrypt(&blob, &context)?;
+            if let Some(f) = ct_file {
+                f.write(&ciphertext)?;
             }
             let ct = B64.encode(&ciphertext);
             emit(

@@ -258,6 +258,12 @@ pub enum OperatorCmd {
         #[arg(long)]
         new_password_file: Option<PathBuf>,
     },
+    /// Remove an operator (its logins end at once). Not yourself; a crypto
+    /// user's keys must be unshared first.
+    Remove {
+        /// Name.
+        name: String,
+    },
     /// Unlock an operator locked by failed logins.
     Unlock {
         /// Name.

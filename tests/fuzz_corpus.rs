@@ -319,6 +319,10 @@ fn sample_requests() -> Vec<tde_protocol::Request> {
             version: 1,
             timeout_ms: 1000,
         },
+        Request::Reload,
+        Request::OperatorRemove {
+            operator: "bob".into(),
+        },
     ]
 }
 

@@ -702,3 +702,207 @@ fn init_says_where_it_writes_and_nothing_else_creates_a_store() {
     assert!(text.contains("Initialized the key store"), "{text}");
     assert!(c.join("tde.db").exists());
 }
+
+/// Logs in on a raw admin connection and returns it.
+fn logged_in(env: &Env, name: &str, password: &str) -> Raw {
+    let mut raw = Raw::connect(&env.admin_socket());
+    match raw.call(&tde_protocol::Request::Login {
+        operator: name.into(),
+        password: tde_protocol::SecretBytes::from_slice(password.as_bytes()),
+    }) {
+        tde_protocol::Response::LoggedIn { .. } => raw,
+        r => panic!("login of {name}: {r:?}"),
+    }
+}
+
+/// The error code of a `key_list` on a logged-in connection, or `None`.
+fn key_list_refusal(raw: &mut Raw) -> Option<tde_protocol::ErrorCode> {
+    match raw.call(&tde_protocol::Request::KeyList) {
+        tde_protocol::Response::Keys(_) => None,
+        tde_protocol::Response::Error { code, .. } => Some(code),
+        r => panic!("key_list: {r:?}"),
+    }
+}
+
+/// Issue 12, point 12 and the Vault expectations: `tde operator remove`,
+/// and a login that ends when its operator is removed, gets a new password
+/// or is locked out (and stays ended after an unlock).
+#[test]
+fn operator_removal_password_change_and_lockout_end_logins() {
+    use tde_protocol::ErrorCode;
+    let env = Env::new("");
+    let shares = env.init();
+    let _daemon = env.serve();
+    env.unseal(&shares[..3]);
+    for (name, role) in [
+        ("bob", "crypto_officer"),
+        ("carol", "auditor"),
+        ("dave", "crypto_officer"),
+        ("app", "crypto_user"),
+    ] {
+        env.ok_new_password(
+            &["operator", "add", name, "--role", role],
+            &format!("{name}-password-1"),
+        );
+    }
+
+    // A password change ends the sessions of that operator only.
+    let mut bob = logged_in(&env, "bob", "bob-password-1");
+    let mut dave = logged_in(&env, "dave", "dave-password-1");
+    assert_eq!(key_list_refusal(&mut bob), None);
+    env.ok_new_password(&["operator", "passwd", "bob"], "bob-password-2");
+    assert_eq!(
+        key_list_refusal(&mut bob),
+        Some(ErrorCode::NotAuthenticated)
+    );
+    assert_eq!(key_list_refusal(&mut dave), None);
+    let mut bob = logged_in(&env, "bob", "bob-password-2");
+    assert_eq!(key_list_refusal(&mut bob), None);
+
+    // A lockout ends them, and an unlock does not bring them back.
+    let mut carol = logged_in(&env, "carol", "carol-password-1");
+    for _ in 0..5 {
+        let mut raw = Raw::connect(&env.admin_socket());
+        let r = raw.call(&tde_protocol::Request::Login {
+            operator: "carol".into(),
+            password: tde_protocol::SecretBytes::from_slice(b"wrong"),
+        });
+        assert!(matches!(r, tde_protocol::Response::Error { .. }), "{r:?}");
+    }
+    assert_eq!(
+        key_list_refusal(&mut carol),
+        Some(ErrorCode::OperatorLocked)
+    );
+    env.ok(&["operator", "unlock", "carol"]);
+    assert_eq!(
+        key_list_refusal(&mut carol),
+        Some(ErrorCode::NotAuthenticated)
+    );
+
+    // Removal: not oneself; not a crypto user with keys still shared.
+    let own = env.refused(&["operator", "remove", "admin"], "INVALID_ARGUMENT");
+    assert!(own.contains("cannot remove itself"), "{own}");
+    env.ok(&["key", "create", "app-shared"]);
+    env.ok(&["key", "share", "app-shared", "app"]);
+    let shared = env.refused(&["operator", "remove", "app"], "INVALID_ARGUMENT");
+    assert!(shared.contains("app-shared"), "{shared}");
+    env.ok(&["key", "unshare", "app-shared", "app"]);
+    env.ok(&["operator", "remove", "app"]);
+    // Bob's live session ends with his removal; he cannot log in again,
+    // and an operator of the same name added later gets none of it.
+    env.ok(&["operator", "remove", "bob"]);
+    assert_eq!(
+        key_list_refusal(&mut bob),
+        Some(ErrorCode::NotAuthenticated)
+    );
+    let names: Vec<String> = env
+        .ok(&["operator", "list"])
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|o| o["name"].as_str().expect("name").to_string())
+        .collect();
+    assert_eq!(names, ["admin", "carol", "dave"]);
+    env.refused(&["operator", "remove", "bob"], "OPERATOR_NOT_FOUND");
+    env.ok_new_password(
+        &["operator", "add", "bob", "--role", "crypto_officer"],
+        "bob-password-3",
+    );
+    assert_eq!(
+        key_list_refusal(&mut bob),
+        Some(ErrorCode::NotAuthenticated)
+    );
+    // The removal survives a restart, and the store is not tampered.
+    drop(_daemon);
+    let _daemon = env.serve();
+    env.unseal(&shares[..3]);
+    assert_eq!(
+        env.ok(&["operator", "list"]).as_array().map(Vec::len),
+        Some(4)
+    );
+    let recs = audit(&env.db());
+    assert!(
+        !recs.iter().any(|r| r["op"] == "tamper_detected"),
+        "a removal leaves a consistent store"
+    );
+    assert_eq!(count(&recs, "operator_remove", "ok"), 2);
+}
+
+/// Issue 12, points 11 and 12: a repeated unseal share is named, an output
+/// file in the way fails before a key is made, unknown `TDE_` variables
+/// warn instead of failing, `tde inspect` of a non-backing directory says
+/// so, and a connection failure is said once.
+#[test]
+fn small_gaps_say_what_happened() {
+    let env = Env::new("");
+    let shares = env.init();
+    let _daemon = env.serve();
+    env.ok(&["unseal", &shares[0]]);
+    let again = env.refused(&["unseal", &shares[0]], "INVALID_SHARE");
+    assert!(again.contains("already given"), "{again}");
+    assert!(again.contains("1/3"), "{again}");
+    assert_eq!(env.unseal(&shares[1..3])["sealed"], false);
+    env.ok(&["key", "create", "app-out"]);
+
+    // An existing --plaintext-file: refused before the request.
+    let pt = env.dir.path().join("pt.bin");
+    let ct = env.dir.path().join("ct.bin");
+    std::fs::write(&pt, b"in the way").expect("write");
+    let before = count(&audit(&env.db()), "generate_data_key", "ok");
+    let (rc, v) = env.json(&[
+        "datakey",
+        "generate",
+        "--key",
+        "app-out",
+        "--plaintext-file",
+        pt.to_str().expect("utf-8"),
+        "--ciphertext-file",
+        ct.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(rc, 2, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("pt.bin")),
+        "{v}"
+    );
+    assert_eq!(std::fs::read(&pt).expect("read"), b"in the way");
+    assert!(!ct.exists(), "no ciphertext file is left behind");
+    assert_eq!(
+        count(&audit(&env.db()), "generate_data_key", "ok"),
+        before,
+        "no data key was generated"
+    );
+
+    // An unknown TDE_ variable: a warning, the command works.
+    let out = env
+        .cmd(&["key", "list", "--json"])
+        .env("TDE_LOG_FORMAT", "json")
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("warning: ignoring TDE_LOG_FORMAT: not a tde configuration key"),
+        "{err}"
+    );
+
+    // inspect of a directory without a key file.
+    let out = env
+        .cmd(&["inspect", env.dir.path().to_str().expect("utf-8")])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a tde backing directory"), "{err}");
+
+    // No sidecar: the cause is said once.
+    let out = env
+        .cmd(&["key", "list"])
+        .env("TDE_DATA_DIR", env.dir.path().join("nowhere"))
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+    assert_eq!(err.matches("tde serve").count(), 1, "{err}");
+}

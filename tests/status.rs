@@ -76,6 +76,23 @@ fn status_exits_like_vault_and_shows_this_stores_mounts() {
     assert!(!text.contains(&mnt_other), "{text}");
     assert!(text.contains("tde status --all"), "{text}");
 
+    // Issue 12, point 11: inspect of a mountpoint points at its backing
+    // directory; an idle re-key says so.
+    let out = env.cmd(&["inspect", &mnt]).output().expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is the mountpoint of a tde mount"), "{err}");
+    assert!(
+        err.contains(&format!(
+            "tde inspect {}",
+            env.dir.path().join("backing").display()
+        )),
+        "{err}"
+    );
+    let out = env.cmd(&["rekey", &mnt, "--status"]).output().expect("run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.trim(), "no re-key running on this mount", "{out:?}");
+
     // The sidecar gone: exit 1, and the mount, still serving, is listed.
     daemon.stop();
     let (rc, v) = env.json(&["status"]);

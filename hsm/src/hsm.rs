@@ -155,6 +155,9 @@ pub struct OperatorSession {
     role: Role,
     /// The unseal it was made under.
     epoch: u64,
+    /// The operator's login generation at login: a password change, a
+    /// lockout or a removal moves it on, and so ends the session.
+    generation: u64,
 }
 
 impl OperatorSession {
@@ -343,6 +346,9 @@ struct Unsealed {
     operators: BTreeMap<String, (OperatorRecord, u64)>,
     tampered_keys: BTreeSet<String>,
     tampered_operators: BTreeSet<String>,
+    /// Login generations (0 when never moved on); see
+    /// [`OperatorSession`]. In memory: a seal ends every session anyway.
+    generations: BTreeMap<String, u64>,
 }
 
 enum State {
@@ -561,9 +567,16 @@ impl Hsm {
         }
         {
             let mut pending = lock(&self.pending);
-            if !pending.iter().any(|s| s.x == share.x) {
-                pending.push(share);
+            if pending.iter().any(|s| s.x == share.x) {
+                return Err(HsmError::InvalidShare(format!(
+                    "share {} was already given in this unseal (progress stays {}/{}): \
+                     another custodian's share is needed",
+                    share.x,
+                    pending.len(),
+                    meta.threshold
+                )));
             }
+            pending.push(share);
             if pending.len() < usize::from(meta.threshold) {
                 drop(pending);
                 drop(st);
@@ -594,6 +607,7 @@ impl Hsm {
             operators: BTreeMap::new(),
             tampered_keys: BTreeSet::new(),
             tampered_operators: BTreeSet::new(),
+            generations: BTreeMap::new(),
         };
         match (list, format) {
             (Some(list), _) => {
@@ -805,11 +819,26 @@ impl Hsm {
         }
         match u.operators.get(&by.name) {
             Some((r, _)) if r.locked => Err(HsmError::OperatorLocked(by.name.clone())),
-            Some((r, _)) if r.role == by.role => Ok(()),
+            Some((r, _))
+                if r.role == by.role
+                    && u.generations.get(&by.name).copied().unwrap_or(0) == by.generation =>
+            {
+                Ok(())
+            }
+            Some((r, _)) if r.role == by.role => Err(HsmError::NotAuthenticated(
+                "the login ended when the operator's password changed or it was locked; log in again",
+            )),
             _ => Err(HsmError::NotAuthenticated(
                 "the operator of this login no longer exists; log in again",
             )),
         }
+    }
+
+    /// Ends every session of operator `name` (a new login generation,
+    /// never used before).
+    fn end_sessions(&self, u: &mut Unsealed, name: &str) {
+        let next = self.epochs.fetch_add(1, Ordering::SeqCst);
+        u.generations.insert(name.to_string(), next);
     }
 
     fn put_op(kind: u8, id: &str, revision: u64, blob: Vec<u8>) -> StoreOp {
@@ -907,6 +936,7 @@ impl Hsm {
                 name: rec.name.clone(),
                 role: rec.role,
                 epoch: u.epoch,
+                generation: u.generations.get(name).copied().unwrap_or(0),
             };
             if rec.failed_logins != 0 {
                 rec.failed_logins = 0;
@@ -918,6 +948,9 @@ impl Hsm {
         let now_locked = rec.failed_logins >= MAX_FAILED_LOGINS;
         rec.locked = now_locked;
         self.persist_operator(u, rec, rev + 1)?;
+        if now_locked {
+            self.end_sessions(u, name);
+        }
         drop(st);
         if now_locked {
             self.event(HsmEvent::OperatorLocked(name.to_string()));
@@ -972,7 +1005,57 @@ impl Hsm {
         self.update_operator(name, |r| {
             r.password_hash = hash;
             r.failed_logins = 0;
-        })
+        })?;
+        let mut st = self.write();
+        let u = Self::unsealed_mut(&mut st)?;
+        self.end_sessions(u, name);
+        Ok(())
+    }
+
+    /// Removes an operator; its sessions end at once. An officer cannot
+    /// remove itself (so an officer always remains), and a crypto user
+    /// with keys still shared with it must have them unshared first (so
+    /// that a later operator of the same name gets none).
+    pub fn operator_remove(&self, by: &OperatorSession, name: &str) -> Result<(), HsmError> {
+        self.authorize(by, Permission::ManageOperators)?;
+        if by.name == name {
+            return Err(HsmError::InvalidArgument(
+                "an operator cannot remove itself: another crypto officer must".into(),
+            ));
+        }
+        let mut st = self.write();
+        let u = Self::unsealed_mut(&mut st)?;
+        if !u.operators.contains_key(name) && !u.tampered_operators.contains(name) {
+            return Err(HsmError::OperatorNotFound(name.to_string()));
+        }
+        let shared: Vec<&str> = u
+            .keys
+            .values()
+            .filter(|e| e.record.users.iter().any(|x| x == name))
+            .map(|e| e.record.name.as_str())
+            .collect();
+        if !shared.is_empty() {
+            return Err(HsmError::InvalidArgument(format!(
+                "master keys are still shared with {name}: {} (`tde key unshare KEY {name}` first)",
+                shared.join(", ")
+            )));
+        }
+        let list = u.manifest.without(KIND_OPERATOR, name);
+        let list_blob =
+            u.sealer
+                .seal(KIND_MANIFEST, manifest::ID, list.revision, &list.encode())?;
+        self.store.apply(&[
+            StoreOp::Delete {
+                kind: KIND_OPERATOR,
+                id: name.to_string(),
+            },
+            Self::put_op(KIND_MANIFEST, manifest::ID, list.revision, list_blob),
+        ])?;
+        u.manifest = list;
+        u.operators.remove(name);
+        u.tampered_operators.remove(name);
+        self.end_sessions(u, name);
+        Ok(())
     }
 
     /// Unlocks an operator.

@@ -116,6 +116,16 @@ impl Manifest {
         next
     }
 
+    /// The manifest after `kind`/`id` is deleted: the next manifest
+    /// revision, without the entry (a copy of the object put back later
+    /// is then an object the manifest does not name).
+    pub fn without(&self, kind: u8, id: &str) -> Manifest {
+        let mut next = self.clone();
+        next.revision += 1;
+        next.entries.remove(&(kind, id.to_string()));
+        next
+    }
+
     /// Compares the store's objects (kind, id, revision) with the
     /// manifest; returns every disagreement.
     pub fn check<'a>(

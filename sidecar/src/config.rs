@@ -183,16 +183,58 @@ impl Config {
             }
             fig = fig.merge(Toml::file(f));
         }
+        let known = Config::known_keys();
         fig = fig.merge(
             Env::prefixed("TDE_")
                 .split("__")
-                .filter(|k| !CLI_ENV.contains(&k.as_str().to_ascii_lowercase().as_str())),
+                .filter(move |k| is_known(&known, k.as_str())),
         );
         let cfg: Config = fig
             .extract()
             .map_err(|e| format!("configuration error: {e}"))?;
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// `TDE_` variables that are neither configuration keys nor read by the
+    /// CLI: ignored (as Vault ignores unknown `VAULT_` variables), and
+    /// named so that a typo is seen.
+    pub fn unknown_env() -> Vec<String> {
+        let known = Config::known_keys();
+        let mut out: Vec<String> = std::env::vars_os()
+            .filter_map(|(k, _)| k.into_string().ok())
+            .filter_map(|k| {
+                let key = k
+                    .strip_prefix("TDE_")?
+                    .to_ascii_lowercase()
+                    .replace("__", ".");
+                (!CLI_ENV.contains(&key.as_str()) && !is_known(&known, &key)).then_some(k)
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Every configuration key, dotted (`log.format`).
+    fn known_keys() -> Vec<String> {
+        fn walk(prefix: &str, v: &serde_json::Value, out: &mut Vec<String>) {
+            if let serde_json::Value::Object(m) = v {
+                for (k, v) in m {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    walk(&key, v, out);
+                    out.push(key);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        if let Ok(v) = serde_json::to_value(Config::default()) {
+            walk("", &v, &mut out);
+        }
+        out
     }
 
     /// Checks values that types cannot.
@@ -264,6 +306,13 @@ impl Config {
         let text = toml_string(self);
         text.lines().map(redact_line).collect::<Vec<_>>().join("\n") + "\n"
     }
+}
+
+/// Whether an environment key (lower-case, `.`-separated) names a
+/// configuration key (a leaf, or a table given whole).
+fn is_known(known: &[String], key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    known.contains(&key)
 }
 
 fn toml_string(cfg: &Config) -> String {

@@ -429,6 +429,7 @@ fn is_mutating(req: &Request) -> bool {
             | Request::OperatorAdd { .. }
             | Request::OperatorPasswd { .. }
             | Request::OperatorUnlock { .. }
+            | Request::OperatorRemove { .. }
             | Request::KeyCreate { .. }
             | Request::KeyRotate { .. }
             | Request::KeyDisable { .. }
@@ -504,7 +505,9 @@ fn describe(req: &Request, blob: &Blob<'_>, rec: &mut AuditRecord) {
         Request::OperatorAdd { operator, role, .. } => {
             rec.detail = Some(format!("operator {operator} role {role}"));
         }
-        Request::OperatorPasswd { operator, .. } | Request::OperatorUnlock { operator } => {
+        Request::OperatorPasswd { operator, .. }
+        | Request::OperatorUnlock { operator }
+        | Request::OperatorRemove { operator } => {
             rec.detail = Some(format!("operator {operator}"));
         }
         Request::Login { operator, .. } => rec.actor.operator = Some(operator.clone()),
@@ -1115,6 +1118,10 @@ impl Service {
             }
             Request::OperatorUnlock { operator } => {
                 hsm(h.operator_unlock(by()?, operator))?;
+                Ok(Response::Done)
+            }
+            Request::OperatorRemove { operator } => {
+                hsm(h.operator_remove(by()?, operator))?;
                 Ok(Response::Done)
             }
             Request::OperatorList => Ok(Response::Operators(

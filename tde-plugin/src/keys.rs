@@ -441,12 +441,12 @@ pub fn call_waiting<T>(
                 sidecar.display()
             ),
         };
+        // Said once while it lasts (the log is on stderr); the caller's
+        // error says that it gave up.
         if Instant::now() >= deadline {
-            tracing::warn!("{why}: gave up after {} s", wait.as_secs());
             return Err(e);
         }
         if said.as_deref() != Some(why.as_str()) {
-            eprintln!("tde mount: {why}");
             tracing::warn!("{why}");
             said = Some(why);
         }

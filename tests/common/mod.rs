@@ -111,7 +111,33 @@ operations = ["generate_data_key", "decrypt", "re_encrypt", "generate_random"]
     }
 
     pub fn admin_socket(&self) -> PathBuf {
-        self.data_dir().join("admin.sock")
+        let shared = self.dir.path().join("run");
+        if shared.is_dir() {
+            shared.join("admin.sock")
+        } else {
+            self.data_dir().join("admin.sock")
+        }
+    }
+
+    /// An [`Env`] whose admin socket is `run/admin.sock` outside the
+    /// private data directory, mode 0660, owned by `group`: operators in
+    /// that group reach it without root.
+    pub fn with_admin_group(group: &str) -> Env {
+        let env = Env::new("");
+        let run = env.dir.path().join("run");
+        std::fs::create_dir(&run).expect("mkdir");
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let mut text = std::fs::read_to_string(&env.config).expect("config");
+        text = text.replacen(
+            "[log]",
+            &format!(
+                "[admin_socket]\npath = \"{}\"\nmode = \"0660\"\ngroup = \"{group}\"\n[log]",
+                run.join("admin.sock").display()
+            ),
+            1,
+        );
+        std::fs::write(&env.config, text).expect("config");
+        env
     }
 
     pub fn log(&self) -> PathBuf {

@@ -70,14 +70,8 @@ impl std::fmt::Display for ClientError {
 }
 
 impl std::error::Error for ClientError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            ClientError::Connect { source, .. } | ClientError::Transport { source, .. } => {
-                Some(source)
-            }
-            _ => None,
-        }
-    }
+    // The message already says the cause (`{source}` above): giving it as
+    // the source too would print it twice in every error chain.
 }
 
 /// A data key from `generate_data_key`.
@@ -253,6 +247,11 @@ impl Client {
     /// `operator_unlock`.
     pub fn operator_unlock(&mut self, operator: &str) -> Result<(), ClientError> {
         expect!(self, Request::OperatorUnlock { operator: operator.into() }, Response::Done => ())
+    }
+
+    /// `operator_remove`.
+    pub fn operator_remove(&mut self, operator: &str) -> Result<(), ClientError> {
+        expect!(self, Request::OperatorRemove { operator: operator.into() }, Response::Done => ())
     }
 
     /// `operator_list`.

@@ -134,6 +134,8 @@ pub enum Op {
     OperatorPasswd = 0x0302,
     /// Unlock a locked operator.
     OperatorUnlock = 0x0303,
+    /// Remove an operator.
+    OperatorRemove = 0x0305,
     /// List operators.
     OperatorList = 0x0304,
     /// Create a master key.
@@ -183,6 +185,7 @@ impl Op {
         Op::OperatorAdd,
         Op::OperatorPasswd,
         Op::OperatorUnlock,
+        Op::OperatorRemove,
         Op::OperatorList,
         Op::KeyCreate,
         Op::KeyList,
@@ -221,6 +224,7 @@ impl Op {
             Op::OperatorAdd => "operator_add",
             Op::OperatorPasswd => "operator_passwd",
             Op::OperatorUnlock => "operator_unlock",
+            Op::OperatorRemove => "operator_remove",
             Op::OperatorList => "operator_list",
             Op::KeyCreate => "key_create",
             Op::KeyList => "key_list",
@@ -333,6 +337,11 @@ pub enum Request {
     },
     /// See [`Op::OperatorUnlock`].
     OperatorUnlock {
+        /// Operator name.
+        operator: String,
+    },
+    /// See [`Op::OperatorRemove`].
+    OperatorRemove {
         /// Operator name.
         operator: String,
     },
@@ -847,6 +856,7 @@ impl Request {
             Request::OperatorAdd { .. } => Op::OperatorAdd,
             Request::OperatorPasswd { .. } => Op::OperatorPasswd,
             Request::OperatorUnlock { .. } => Op::OperatorUnlock,
+            Request::OperatorRemove { .. } => Op::OperatorRemove,
             Request::OperatorList => Op::OperatorList,
             Request::KeyCreate { .. } => Op::KeyCreate,
             Request::KeyList => Op::KeyList,
@@ -909,7 +919,7 @@ impl Request {
                     .str(ROLE, role)
                     .bytes(PASSWORD, password.expose());
             }
-            Request::OperatorUnlock { operator } => {
+            Request::OperatorUnlock { operator } | Request::OperatorRemove { operator } => {
                 w.str(OPERATOR, operator);
             }
             Request::KeyCreate { key, description } => {
@@ -1079,6 +1089,9 @@ impl Request {
                 }
             }
             Op::OperatorUnlock => Request::OperatorUnlock {
+                operator: required(read(&[OPERATOR])?.operator, "operator")?,
+            },
+            Op::OperatorRemove => Request::OperatorRemove {
                 operator: required(read(&[OPERATOR])?.operator, "operator")?,
             },
             Op::KeyCreate => {
@@ -1519,7 +1532,11 @@ impl Response {
             Op::Reload => Response::Reloaded {
                 message: required(Fields::read(body, what, &[MESSAGE])?.message, "message")?,
             },
-            Op::Zeroize | Op::OperatorAdd | Op::OperatorPasswd | Op::OperatorUnlock => {
+            Op::Zeroize
+            | Op::OperatorAdd
+            | Op::OperatorPasswd
+            | Op::OperatorUnlock
+            | Op::OperatorRemove => {
                 Fields::read(body, what, &[])?;
                 Response::Done
             }
