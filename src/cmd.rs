@@ -124,6 +124,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Unseal { share, share_file } => {
             unseal(&cli, &cfg, share.as_deref(), share_file.as_deref())
         }
+        Command::Login { ttl } => login(&cli, &cfg, ttl),
+        Command::Logout => logout(&cli, &cfg),
         Command::Reload => {
             let summary = admin_login(&cli, &cfg)?.reload()?;
             emit(&cli, json!({"reloaded": true, "changes": summary}), || {
@@ -650,11 +652,152 @@ fn new_password(file: Option<&Path>, whom: &str) -> anyhow::Result<Zeroizing<Str
     bail!("no new password: set TDE_NEW_PASSWORD, pass --new-password-file, or run on a terminal")
 }
 
+/// A connection logged in as the operator: with the saved session token
+/// (`tde login`) when no password was given and the token is this
+/// operator's for this socket, else with the password.
 fn admin_login(cli: &Cli, cfg: &Config) -> anyhow::Result<Client> {
-    let mut c = Client::connect(&admin_path(cli, cfg))?;
+    let socket = admin_path(cli, cfg);
+    let mut c = Client::connect(&socket)?;
+    let password_given = cli.password_file.is_some() || std::env::var_os("TDE_PASSWORD").is_some();
+    if !password_given
+        && let Some(saved) = SavedToken::load()
+        && saved.admin_socket == socket
+        && cli.operator.as_deref().is_none_or(|o| o == saved.operator)
+    {
+        if saved.expires_at > now_secs() {
+            match c.token_login(SecretBytes::from_slice(saved.token.as_bytes())) {
+                Ok(_) => return Ok(c),
+                Err(ClientError::Refused { message, .. }) => {
+                    eprintln!(
+                        "the saved login of {:?} has ended: {message}",
+                        saved.operator
+                    );
+                }
+                Err(e) => return Err(e.into()),
+            }
+        } else {
+            eprintln!(
+                "the saved login of {:?} has expired: `tde login` again",
+                saved.operator
+            );
+        }
+        SavedToken::delete();
+        c = Client::connect(&socket)?;
+    }
     let pw = password(cli, cfg)?;
     c.login(cli.operator(), SecretBytes::from_slice(pw.as_bytes()))?;
     Ok(c)
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The session token `tde login` saved.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedToken {
+    operator: String,
+    admin_socket: PathBuf,
+    token: String,
+    expires_at: u64,
+}
+
+impl Drop for SavedToken {
+    fn drop(&mut self) {
+        use zeroize::Zeroize as _;
+        self.token.zeroize();
+    }
+}
+
+impl SavedToken {
+    /// `$XDG_CONFIG_HOME/tde/token`, else `~/.config/tde/token`.
+    fn path() -> Option<PathBuf> {
+        std::env::var_os("XDG_CONFIG_HOME")
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
+            .map(|d| d.join("tde").join("token"))
+    }
+
+    fn load() -> Option<SavedToken> {
+        let text = Zeroizing::new(std::fs::read_to_string(Self::path()?).ok()?);
+        serde_json::from_str(&text).ok()
+    }
+
+    fn save(&self) -> anyhow::Result<PathBuf> {
+        use std::os::unix::fs::DirBuilderExt;
+        let path = Self::path().context("no HOME to keep the session token in")?;
+        if let Some(dir) = path.parent() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let _ = std::fs::remove_file(&path);
+        let text = Zeroizing::new(serde_json::to_string(self)?);
+        write_private(&path, text.as_bytes())?;
+        Ok(path)
+    }
+
+    fn delete() {
+        if let Some(p) = Self::path() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// `tde login`: the password once, then a token.
+fn login(cli: &Cli, cfg: &Config, ttl: &str) -> anyhow::Result<()> {
+    let ttl = parse_period(ttl)?;
+    let socket = admin_path(cli, cfg);
+    let mut c = Client::connect(&socket)?;
+    let pw = password(cli, cfg)?;
+    let role = c.login(cli.operator(), SecretBytes::from_slice(pw.as_bytes()))?;
+    let (token, ttl) = c.token_create(ttl)?;
+    let saved = SavedToken {
+        operator: cli.operator().to_string(),
+        admin_socket: socket,
+        token: String::from_utf8_lossy(token.expose()).into_owned(),
+        expires_at: now_secs() + ttl,
+    };
+    let path = saved.save()?;
+    emit(
+        cli,
+        json!({"operator": saved.operator, "role": role, "ttl_seconds": ttl, "token_file": path}),
+        || {
+            format!(
+                "Logged in as {} ({role}) for {}; the token is in {}. `tde logout` ends it.",
+                saved.operator,
+                tde_protocol::duration::duration_text(ttl),
+                path.display()
+            )
+        },
+    );
+    Ok(())
+}
+
+/// `tde logout`: revokes and deletes the saved token.
+fn logout(cli: &Cli, cfg: &Config) -> anyhow::Result<()> {
+    let Some(saved) = SavedToken::load() else {
+        emit(cli, json!({"logged_out": false}), || {
+            "No saved login.".into()
+        });
+        return Ok(());
+    };
+    let revoked = Client::connect(&saved.admin_socket)
+        .and_then(|mut c| c.token_revoke(SecretBytes::from_slice(saved.token.as_bytes())));
+    SavedToken::delete();
+    let _ = cfg;
+    revoked?;
+    emit(
+        cli,
+        json!({"logged_out": true, "operator": saved.operator}),
+        || format!("Logged out {}: the token is revoked.", saved.operator),
+    );
+    Ok(())
 }
 
 /// Creates `path` with mode 0600 (refusing to overwrite) and writes `bytes`.

@@ -63,6 +63,16 @@ pub enum Command {
     Init(InitArgs),
     /// Run the sidecar daemon.
     Serve(ServeArgs),
+    /// Log in as an operator once (like `vault login`): the password buys a
+    /// session token, kept in ~/.config/tde/token (0600), that later admin
+    /// commands use until it expires or is revoked.
+    Login {
+        /// Lifetime of the token (at most 12h).
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+    },
+    /// Revoke the saved session token and delete it.
+    Logout,
     /// Show seal status and this store's mounts. Exits 0 unsealed, 2
     /// sealed (or not initialized, or zeroized), 1 if the sidecar cannot be
     /// reached (as `vault status`).

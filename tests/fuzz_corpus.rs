@@ -323,6 +323,13 @@ fn sample_requests() -> Vec<tde_protocol::Request> {
         Request::OperatorRemove {
             operator: "bob".into(),
         },
+        Request::TokenCreate { ttl: 3600 },
+        Request::TokenLogin {
+            token: SecretBytes::from_slice(b"tdet.00"),
+        },
+        Request::TokenRevoke {
+            token: SecretBytes::from_slice(b"tdet.00"),
+        },
     ]
 }
 

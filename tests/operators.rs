@@ -78,3 +78,134 @@ fn an_auditor_in_the_operators_group_uses_the_admin_socket_without_root() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("Permission denied"), "{err}");
 }
+
+/// `tde ARGS --json` with `HOME` at `home` and no password in the
+/// environment: what an operator who ran `tde login` types.
+fn with_token(env: &Env, home: &std::path::Path, args: &[&str]) -> (i32, serde_json::Value) {
+    let out = env
+        .cmd(args)
+        .arg("--json")
+        .env_remove("TDE_PASSWORD")
+        .env_remove("XDG_CONFIG_HOME")
+        .env("HOME", home)
+        .output()
+        .expect("run tde");
+    parse(&out, args)
+}
+
+/// Vault's `vault login`: a session token used, expired, revoked by a
+/// password change, and ended by `tde logout`.
+#[test]
+fn a_login_token_is_used_expires_and_is_revoked() {
+    let env = Env::new("");
+    let shares = env.init();
+    let _daemon = env.serve();
+    env.unseal(&shares[..3]);
+    env.ok(&["key", "create", "pg-main"]);
+    env.ok_new_password(
+        &["operator", "add", "bob", "--role", "crypto_officer"],
+        "bob-password-1",
+    );
+    let home = tempfile::tempdir().expect("home");
+    let token_file = home.path().join(".config/tde/token");
+    let login = |ttl: &str, password: &str| {
+        let out = env
+            .cmd(&["login", "--operator", "bob", "--ttl", ttl, "--json"])
+            .env("TDE_PASSWORD", password)
+            .env_remove("XDG_CONFIG_HOME")
+            .env("HOME", home.path())
+            .output()
+            .expect("run tde login");
+        parse(&out, &["login"])
+    };
+
+    // Without a login there is no password: refused before any request.
+    let (rc, v) = with_token(&env, home.path(), &["key", "list"]);
+    assert_eq!(rc, 2, "{v}");
+    // Log in: the token file is private and holds no password.
+    let (rc, v) = login("1h", "bob-password-1");
+    assert_eq!(rc, 0, "{v}");
+    assert_eq!(
+        (v["role"].as_str(), v["ttl_seconds"].as_u64()),
+        (Some("crypto_officer"), Some(3600))
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&token_file)
+        .expect("token file")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let saved = std::fs::read_to_string(&token_file).expect("read");
+    assert!(!saved.contains("bob-password-1"));
+    // Used: admin commands need no password now, and act as bob.
+    let (rc, v) = with_token(&env, home.path(), &["key", "rotate", "pg-main"]);
+    assert_eq!((rc, v["primary_version"].as_u64()), (0, Some(2)), "{v}");
+    let recs = audit(&env.db());
+    let rotated = recs
+        .iter()
+        .rev()
+        .find(|r| r["op"] == "key_rotate")
+        .expect("record");
+    assert_eq!(rotated["actor"]["operator"], "bob");
+    assert!(count(&recs, "token_login", "ok") >= 1);
+    // A login may not ask for more than 12 hours.
+    let (rc, v) = login("30d", "bob-password-1");
+    assert_eq!((rc, v["ttl_seconds"].as_u64()), (0, Some(12 * 3600)), "{v}");
+
+    // Revoked by a password change (by an officer, here admin).
+    env.ok_new_password(&["operator", "passwd", "bob"], "bob-password-2");
+    let out = env
+        .cmd(&["key", "list"])
+        .env_remove("TDE_PASSWORD")
+        .env("HOME", home.path())
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the saved login of \"bob\" has ended"),
+        "{err}"
+    );
+    assert!(err.contains("password changed"), "{err}");
+    assert!(!token_file.exists(), "an ended token is forgotten");
+
+    // Expired.
+    let (rc, v) = login("1s", "bob-password-2");
+    assert_eq!(rc, 0, "{v}");
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let out = env
+        .cmd(&["key", "list"])
+        .env_remove("TDE_PASSWORD")
+        .env("HOME", home.path())
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("expired"),
+        "{out:?}"
+    );
+
+    // Logout revokes it in the daemon, not only on disk.
+    let (rc, v) = login("1h", "bob-password-2");
+    assert_eq!(rc, 0, "{v}");
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&token_file).expect("read")).expect("json");
+    let token = saved["token"].as_str().expect("token").to_string();
+    let (rc, v) = with_token(&env, home.path(), &["logout"]);
+    assert_eq!((rc, v["logged_out"].as_bool()), (0, Some(true)), "{v}");
+    assert!(!token_file.exists());
+    let mut raw = Raw::connect(&env.admin_socket());
+    match raw.call(&tde_protocol::Request::TokenLogin {
+        token: tde_protocol::SecretBytes::from_slice(token.as_bytes()),
+    }) {
+        tde_protocol::Response::Error { code, .. } => {
+            assert_eq!(code, tde_protocol::ErrorCode::NotAuthenticated)
+        }
+        r => panic!("a revoked token logged in: {r:?}"),
+    }
+    // No token in the daemon's log or the audit log.
+    let log = std::fs::read_to_string(env.log()).expect("log");
+    assert!(!log.contains(&token));
+    let recs = audit(&env.db());
+    assert!(!recs.iter().any(|r| r.to_string().contains(&token)));
+}

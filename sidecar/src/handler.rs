@@ -109,6 +109,84 @@ pub struct Service {
     /// What a `reload` request runs (set by the server once the service
     /// exists).
     pub reloader: OnceLock<Reloader>,
+    /// Operator session tokens (`tde login`).
+    pub tokens: Tokens,
+}
+
+/// The longest a session token lives (Vault's default token TTL is longer;
+/// an HSM's admin session should not be).
+pub const MAX_TOKEN_TTL: u64 = 12 * 3600;
+
+/// Tokens held at once; expired ones are dropped first.
+pub const MAX_TOKENS: usize = 4096;
+
+/// Operator session tokens, as Vault's: `tde login` trades a password for
+/// a token that later connections log in with, until it expires or is
+/// revoked. Each stands for an HSM session, which the HSM checks on every
+/// use, so a seal, a lockout, a password change or a removal ends the
+/// token too. Kept in memory only, by SHA-256 of the token (a token is 32
+/// random bytes: a lookup by its hash reveals nothing usable), so a restart
+/// ends them all.
+#[derive(Debug, Default)]
+pub struct Tokens {
+    map: Mutex<std::collections::HashMap<[u8; 32], (OperatorSession, Instant)>>,
+}
+
+impl Tokens {
+    fn digest(token: &[u8]) -> [u8; 32] {
+        use sha2::Digest as _;
+        sha2::Sha256::digest(token).into()
+    }
+
+    fn create(
+        &self,
+        session: OperatorSession,
+        ttl: Duration,
+    ) -> Result<SecretBytes, (ErrorCode, String)> {
+        let mut raw = zeroize::Zeroizing::new([0u8; 32]);
+        hsm(tde_hsm::random::fill(&mut raw[..]))?;
+        let mut text = zeroize::Zeroizing::new(String::from("tdet."));
+        for b in raw.iter() {
+            text.push_str(&format!("{b:02x}"));
+        }
+        let now = Instant::now();
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, (_, until)| *until > now);
+        if map.len() >= MAX_TOKENS {
+            return Err((
+                ErrorCode::LimitExceeded,
+                format!("{MAX_TOKENS} session tokens are live already"),
+            ));
+        }
+        map.insert(Self::digest(text.as_bytes()), (session, now + ttl));
+        Ok(SecretBytes::from_slice(text.as_bytes()))
+    }
+
+    fn login(&self, token: &[u8]) -> Result<OperatorSession, (ErrorCode, String)> {
+        let key = Self::digest(token);
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get(&key) {
+            Some((s, until)) if *until > Instant::now() => Ok(s.clone()),
+            Some(_) => {
+                map.remove(&key);
+                Err((
+                    ErrorCode::NotAuthenticated,
+                    "the session token has expired: `tde login` again".into(),
+                ))
+            }
+            None => Err((
+                ErrorCode::NotAuthenticated,
+                "unknown or revoked session token (a restart of the daemon ends them all): \
+                 `tde login` again"
+                    .into(),
+            )),
+        }
+    }
+
+    fn revoke(&self, token: &[u8]) {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(&Self::digest(token));
+    }
 }
 
 /// Re-reads the configuration and applies it to the service; gives the
@@ -439,6 +517,8 @@ fn is_mutating(req: &Request) -> bool {
             | Request::KeyDestroy { .. }
             | Request::KeySetRotation { .. }
             | Request::Reload
+            | Request::TokenCreate { .. }
+            | Request::TokenRevoke { .. }
     )
 }
 
@@ -1085,6 +1165,33 @@ impl Service {
                 // Every mount waiting on a key hears it at once and wipes
                 // its data keys.
                 self.key_changes.bump();
+                Ok(Response::Done)
+            }
+            Request::TokenCreate { ttl } => {
+                let s = by()?.clone();
+                hsm(h.check_login(&s))?;
+                if *ttl == 0 {
+                    return Err((
+                        ErrorCode::InvalidArgument,
+                        "a token needs a lifetime".into(),
+                    ));
+                }
+                let ttl = (*ttl).min(MAX_TOKEN_TTL);
+                rec.detail = Some(format!("lifetime {ttl} s"));
+                let token = self.tokens.create(s, Duration::from_secs(ttl))?;
+                Ok(Response::Token { token, ttl })
+            }
+            Request::TokenLogin { token } => {
+                let s = self.tokens.login(token.expose())?;
+                rec.actor.operator = Some(s.name().to_string());
+                hsm(h.check_login(&s))?;
+                let (operator, role) = (s.name().to_string(), s.role().name().to_string());
+                session.operator = Some(s);
+                Ok(Response::LoggedIn { operator, role })
+            }
+            Request::TokenRevoke { token } => {
+                // Holding it is the authority to end it.
+                self.tokens.revoke(token.expose());
                 Ok(Response::Done)
             }
             Request::Reload => {

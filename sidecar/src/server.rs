@@ -449,6 +449,7 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
         min_rotation_seconds: cfg.limits.min_rotation_seconds.into(),
         idle_timeout_seconds: cfg.limits.idle_timeout_seconds.into(),
         reloader: Default::default(),
+        tokens: Default::default(),
     });
     let live = Arc::new(Live::new(reload, cfg.clone()));
     {

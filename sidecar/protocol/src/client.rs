@@ -218,6 +218,23 @@ impl Client {
         expect!(self, Request::Zeroize, Response::Done => ())
     }
 
+    /// A session token for the operator logged in on this connection:
+    /// the token and its lifetime in seconds.
+    pub fn token_create(&mut self, ttl: u64) -> Result<(SecretBytes, u64), ClientError> {
+        expect!(self, Request::TokenCreate { ttl }, Response::Token { token, ttl } => (token, ttl))
+    }
+
+    /// Logs this connection in with a session token; gives the role.
+    pub fn token_login(&mut self, token: SecretBytes) -> Result<(String, String), ClientError> {
+        expect!(self, Request::TokenLogin { token },
+            Response::LoggedIn { operator, role } => (operator, role))
+    }
+
+    /// Revokes a session token.
+    pub fn token_revoke(&mut self, token: SecretBytes) -> Result<(), ClientError> {
+        expect!(self, Request::TokenRevoke { token }, Response::Done => ())
+    }
+
     /// Re-reads the daemon's configuration; returns what changed.
     pub fn reload(&mut self) -> Result<String, ClientError> {
         expect!(self, Request::Reload, Response::Reloaded { message } => message)

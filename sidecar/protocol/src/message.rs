@@ -102,6 +102,10 @@ pub mod tag {
     pub const OWNER: u8 = 44;
     /// A crypto user a key is shared with (string; repeated).
     pub const SHARED_WITH: u8 = 45;
+    /// An operator session token (secret bytes).
+    pub const TOKEN: u8 = 46;
+    /// A token's lifetime in seconds (u64).
+    pub const TOKEN_TTL: u8 = 47;
 }
 
 /// Operation codes.
@@ -128,6 +132,12 @@ pub enum Op {
     Zeroize = 0x0204,
     /// Re-read the daemon's configuration (as SIGHUP does).
     Reload = 0x0205,
+    /// Make a session token for the operator logged in on this connection.
+    TokenCreate = 0x0206,
+    /// Log this connection in with a session token.
+    TokenLogin = 0x0207,
+    /// Revoke a session token.
+    TokenRevoke = 0x0208,
     /// Add an operator.
     OperatorAdd = 0x0301,
     /// Change an operator's password.
@@ -182,6 +192,9 @@ impl Op {
         Op::Login,
         Op::Zeroize,
         Op::Reload,
+        Op::TokenCreate,
+        Op::TokenLogin,
+        Op::TokenRevoke,
         Op::OperatorAdd,
         Op::OperatorPasswd,
         Op::OperatorUnlock,
@@ -221,6 +234,9 @@ impl Op {
             Op::Login => "login",
             Op::Zeroize => "zeroize",
             Op::Reload => "reload",
+            Op::TokenCreate => "token_create",
+            Op::TokenLogin => "token_login",
+            Op::TokenRevoke => "token_revoke",
             Op::OperatorAdd => "operator_add",
             Op::OperatorPasswd => "operator_passwd",
             Op::OperatorUnlock => "operator_unlock",
@@ -319,6 +335,21 @@ pub enum Request {
     Zeroize,
     /// See [`Op::Reload`].
     Reload,
+    /// See [`Op::TokenCreate`].
+    TokenCreate {
+        /// Lifetime asked for, seconds (the daemon may shorten it).
+        ttl: u64,
+    },
+    /// See [`Op::TokenLogin`].
+    TokenLogin {
+        /// The token.
+        token: SecretBytes,
+    },
+    /// See [`Op::TokenRevoke`].
+    TokenRevoke {
+        /// The token.
+        token: SecretBytes,
+    },
     /// See [`Op::OperatorAdd`].
     OperatorAdd {
         /// Operator name.
@@ -599,6 +630,13 @@ pub enum Response {
     },
     /// Answer with no data (zeroize, operator add/passwd/unlock).
     Done,
+    /// Answer to token-create.
+    Token {
+        /// The token: whoever holds it acts as the operator until it ends.
+        token: SecretBytes,
+        /// Its lifetime, seconds.
+        ttl: u64,
+    },
     /// Answer to reload: what changed, and what waits for a restart.
     Reloaded {
         /// One line per change, for people.
@@ -690,6 +728,8 @@ struct Fields {
     timeout_ms: Option<u32>,
     location: Option<String>,
     deks: Vec<DekRef>,
+    token: Option<SecretBytes>,
+    token_ttl: Option<u64>,
 }
 
 impl Fields {
@@ -735,6 +775,12 @@ impl Fields {
                     SecretBytes::from_slice(capped(v, "password", MAX_SECRET)?),
                     "password",
                 )?,
+                tag::TOKEN => once(
+                    &mut f.token,
+                    SecretBytes::from_slice(capped(v, "token", MAX_SECRET)?),
+                    "token",
+                )?,
+                tag::TOKEN_TTL => once(&mut f.token_ttl, as_u64(v, "token_ttl")?, "token_ttl")?,
                 tag::ROLE => once(
                     &mut f.role,
                     as_str(capped(v, "role", MAX_NAME)?, "role")?,
@@ -853,6 +899,9 @@ impl Request {
             Request::Login { .. } => Op::Login,
             Request::Zeroize => Op::Zeroize,
             Request::Reload => Op::Reload,
+            Request::TokenCreate { .. } => Op::TokenCreate,
+            Request::TokenLogin { .. } => Op::TokenLogin,
+            Request::TokenRevoke { .. } => Op::TokenRevoke,
             Request::OperatorAdd { .. } => Op::OperatorAdd,
             Request::OperatorPasswd { .. } => Op::OperatorPasswd,
             Request::OperatorUnlock { .. } => Op::OperatorUnlock,
@@ -921,6 +970,12 @@ impl Request {
             }
             Request::OperatorUnlock { operator } | Request::OperatorRemove { operator } => {
                 w.str(OPERATOR, operator);
+            }
+            Request::TokenCreate { ttl } => {
+                w.u64(TOKEN_TTL, *ttl);
+            }
+            Request::TokenLogin { token } | Request::TokenRevoke { token } => {
+                w.bytes(TOKEN, token.expose());
             }
             Request::KeyCreate { key, description } => {
                 w.str(KEY_NAME, key).str(DESCRIPTION, description);
@@ -1034,6 +1089,15 @@ impl Request {
                 read(&[])?;
                 Request::Reload
             }
+            Op::TokenCreate => Request::TokenCreate {
+                ttl: required(read(&[TOKEN_TTL])?.token_ttl, "token_ttl")?,
+            },
+            Op::TokenLogin => Request::TokenLogin {
+                token: required(read(&[TOKEN])?.token, "token")?,
+            },
+            Op::TokenRevoke => Request::TokenRevoke {
+                token: required(read(&[TOKEN])?.token, "token")?,
+            },
             Op::OperatorList => {
                 read(&[])?;
                 Request::OperatorList
@@ -1414,6 +1478,9 @@ impl Response {
                 w.str(OPERATOR, operator).str(ROLE, role);
             }
             Response::Done => {}
+            Response::Token { token, ttl } => {
+                w.bytes(TOKEN, token.expose()).u64(TOKEN_TTL, *ttl);
+            }
             Response::Reloaded { message } => {
                 w.str(MESSAGE, truncate(message, MAX_TEXT));
             }
@@ -1522,7 +1589,18 @@ impl Response {
             Op::GenerateRandom => Response::Random {
                 bytes: required(Fields::read(body, what, &[RANDOM])?.random, "random")?,
             },
-            Op::Login => {
+            Op::TokenCreate => {
+                let f = Fields::read(body, what, &[TOKEN, TOKEN_TTL])?;
+                Response::Token {
+                    token: required(f.token, "token")?,
+                    ttl: required(f.token_ttl, "token_ttl")?,
+                }
+            }
+            Op::TokenRevoke => {
+                Fields::read(body, what, &[])?;
+                Response::Done
+            }
+            Op::Login | Op::TokenLogin => {
                 let f = Fields::read(body, what, &[OPERATOR, ROLE])?;
                 Response::LoggedIn {
                     operator: required(f.operator, "operator")?,
