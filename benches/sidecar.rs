@@ -136,6 +136,7 @@ fn main() {
         &Request::KeyCreate {
             key: "bench".into(),
             description: String::new(),
+            rotate_after: 0,
         },
     );
     let secs = std::env::var("BENCH_SECS")

@@ -125,6 +125,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             unseal(&cli, &cfg, share.as_deref(), share_file.as_deref())
         }
         Command::Login { ttl } => login(&cli, &cfg, ttl),
+        Command::Resplit(a) => resplit(&cli, &cfg, a),
         Command::Logout => logout(&cli, &cfg),
         Command::Reload => {
             let summary = admin_login(&cli, &cfg)?.reload()?;
@@ -1317,6 +1318,20 @@ fn status(cli: &Cli, cfg: &Config, all: bool) -> anyhow::Result<()> {
 }
 
 fn unseal(cli: &Cli, cfg: &Config, share: Option<&str>, file: Option<&Path>) -> anyhow::Result<()> {
+    let text = read_share(share, file, "unseal share")?;
+    let s = Client::connect(&admin_path(cli, cfg))?
+        .unseal(SecretBytes::from_slice(text.trim().as_bytes()))?;
+    print_status(cli, &s);
+    Ok(())
+}
+
+/// A share from the argument (with a warning), a file (`-`: standard
+/// input), a hidden prompt on a terminal, or piped standard input.
+fn read_share(
+    share: Option<&str>,
+    file: Option<&Path>,
+    what: &str,
+) -> anyhow::Result<Zeroizing<String>> {
     let from_stdin = || -> anyhow::Result<Zeroizing<String>> {
         let mut line = Zeroizing::new(String::new());
         std::io::stdin()
@@ -1334,7 +1349,7 @@ fn unseal(cli: &Cli, cfg: &Config, share: Option<&str>, file: Option<&Path>) -> 
         (None, Some(f)) if f == Path::new("-") => from_stdin()?,
         (None, Some(f)) => read_secret_file(f)?,
         (None, None) if std::io::stdin().is_terminal() => {
-            Zeroizing::new(rpassword::prompt_password("unseal share (not shown): ")?)
+            Zeroizing::new(rpassword::prompt_password(format!("{what} (not shown): "))?)
         }
         // Piped in, as `vault operator unseal -` reads it.
         (None, None) => from_stdin()?,
@@ -1342,9 +1357,87 @@ fn unseal(cli: &Cli, cfg: &Config, share: Option<&str>, file: Option<&Path>) -> 
     if text.trim().is_empty() {
         bail!("no share given: nothing was sent to the sidecar");
     }
-    let s = Client::connect(&admin_path(cli, cfg))?
-        .unseal(SecretBytes::from_slice(text.trim().as_bytes()))?;
-    print_status(cli, &s);
+    Ok(text)
+}
+
+/// `tde resplit`: Vault's `operator rekey` for the unseal shares.
+fn resplit(cli: &Cli, cfg: &Config, a: &crate::ResplitArgs) -> anyhow::Result<()> {
+    let show = |r: &tde_protocol::ResplitInfo| {
+        emit(
+            cli,
+            json!({"nonce": r.nonce, "progress": r.progress, "needed": r.needed,
+                   "new_threshold": r.threshold, "new_shares": r.shares}),
+            || {
+                if r.nonce.is_empty() {
+                    "No re-split in progress.".to_string()
+                } else {
+                    format!(
+                        "Re-split {}: {} of {} current shares given; it makes {} new shares, {} to unseal.\n\
+                         Each custodian runs: tde resplit --nonce {} (the share is read from a prompt, --share-file or standard input)",
+                        r.nonce, r.progress, r.needed, r.shares, r.threshold, r.nonce
+                    )
+                }
+            },
+        )
+    };
+    if a.init {
+        let (Some(n), Some(t)) = (a.shares, a.threshold) else {
+            bail!("--init needs --shares N and --threshold T");
+        };
+        let r = admin_login(cli, cfg)?.resplit_init(t.into(), n.into())?;
+        show(&r);
+        return Ok(());
+    }
+    if a.cancel {
+        admin_login(cli, cfg)?.resplit_cancel()?;
+        emit(cli, json!({"cancelled": true}), || {
+            "Re-split cancelled.".into()
+        });
+        return Ok(());
+    }
+    let Some(nonce) = &a.nonce else {
+        let r = Client::connect(&admin_path(cli, cfg))?.resplit_status()?;
+        show(&r);
+        return Ok(());
+    };
+    let text = read_share(
+        a.share.as_deref(),
+        a.share_file.as_deref(),
+        "current unseal share",
+    )?;
+    let r = Client::connect(&admin_path(cli, cfg))?
+        .resplit_update(nonce, SecretBytes::from_slice(text.trim().as_bytes()))?;
+    if r.new_shares.is_empty() {
+        show(&r);
+        return Ok(());
+    }
+    let texts: Vec<Zeroizing<String>> = r
+        .new_shares
+        .iter()
+        .map(|s| Zeroizing::new(String::from_utf8_lossy(s.expose()).into_owned()))
+        .collect();
+    if let Some(dir) = &a.share_dir {
+        server::create_private_dir(dir, "share directory")?;
+        for (i, t) in texts.iter().enumerate() {
+            write_private(&dir.join(format!("share-{}", i + 1)), t.as_bytes())?;
+        }
+    }
+    emit(
+        cli,
+        json!({"shares": texts.iter().map(|t| t.as_str()).collect::<Vec<_>>(), "threshold": r.threshold}),
+        || {
+            let mut s = format!(
+                "Re-split done: the root is sealed under {} new shares, {} of them unseal. The old shares no longer unseal.\n\
+                 They are shown once and stored nowhere: give each to a different custodian.\n\n",
+                texts.len(),
+                r.threshold
+            );
+            for (i, t) in texts.iter().enumerate() {
+                s.push_str(&format!("  share {}: {}\n", i + 1, t.as_str()));
+            }
+            s
+        },
+    );
     Ok(())
 }
 
@@ -1430,21 +1523,9 @@ fn key(cli: &Cli, cfg: &Config, k: &KeyCmd) -> anyhow::Result<()> {
             description,
             rotate_after,
         } => {
+            // One request: a period the sidecar refuses creates no key.
             let period = rotate_after.as_deref().map(parse_period).transpose()?;
-            let mut c = admin_login(cli, cfg)?;
-            let mut info = c.key_create(name, description)?;
-            if let Some(p) = period {
-                info = c
-                    .key(Request::KeySetRotation {
-                        key: name.clone(),
-                        rotate_after: p,
-                    })
-                    .map_err(|e| {
-                        anyhow::Error::new(e).context(format!(
-                            "created {name}, but without automatic rotation (tde key set-rotation {name} PERIOD sets it)"
-                        ))
-                    })?;
-            }
+            let info = admin_login(cli, cfg)?.key_create(name, description, period.unwrap_or(0))?;
             emit(cli, key_json(&info), || key_human(&info));
             return Ok(());
         }

@@ -190,7 +190,7 @@ fn tour(dir: &Path, stack: &Mutex<Stack>) -> anyhow::Result<()> {
     );
     let pw = std::fs::read(sc_dir.join("dev-admin.password"))?;
     admin.login("admin", SecretBytes::new(pw))?;
-    admin.key_create("demo-mek", "demo master key")?;
+    admin.key_create("demo-mek", "demo master key", 0)?;
     println!("    created demo-mek v1");
 
     step(

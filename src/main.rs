@@ -93,6 +93,10 @@ pub enum Command {
     },
     /// Seal: wipe keys from the daemon's memory.
     Seal,
+    /// Re-split the unseal shares into a new set (custodian turnover), as
+    /// `vault operator rekey`: an officer starts it (--init), a threshold
+    /// of the current shares approves it, no key is touched.
+    Resplit(ResplitArgs),
     /// Make the daemon re-read its configuration (as SIGHUP does): client
     /// policies, log level, most limits. Needs a crypto officer.
     Reload,
@@ -139,6 +143,37 @@ pub enum Command {
         #[arg(long)]
         sidecar: Option<PathBuf>,
     },
+}
+
+/// `tde resplit`.
+#[derive(Args, Debug)]
+pub struct ResplitArgs {
+    /// Start a re-split (a crypto officer), replacing one in progress.
+    #[arg(long, requires_all = ["shares", "threshold"], conflicts_with_all = ["nonce", "cancel"])]
+    pub init: bool,
+    /// With --init: the number of new shares.
+    #[arg(long)]
+    pub shares: Option<u8>,
+    /// With --init: the new shares needed to unseal.
+    #[arg(long)]
+    pub threshold: Option<u8>,
+    /// Cancel the re-split in progress (a crypto officer).
+    #[arg(long, conflicts_with = "nonce")]
+    pub cancel: bool,
+    /// Give one current share to the re-split with this nonce (without
+    /// --init, --cancel or --nonce: show the re-split in progress).
+    #[arg(long)]
+    pub nonce: Option<String>,
+    /// The current share as an argument (visible to every local user:
+    /// prefer the prompt, standard input or --share-file).
+    #[arg(long)]
+    pub share: Option<String>,
+    /// File holding the current share (`-`: standard input).
+    #[arg(long)]
+    pub share_file: Option<PathBuf>,
+    /// When done, also write each new share to DIR/share-N (mode 0600).
+    #[arg(long)]
+    pub share_dir: Option<PathBuf>,
 }
 
 /// `tde rekey`.

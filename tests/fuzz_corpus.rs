@@ -266,6 +266,7 @@ fn sample_requests() -> Vec<tde_protocol::Request> {
         Request::KeyCreate {
             key: key(),
             description: "main".into(),
+            rotate_after: 90 * 86400,
         },
         Request::KeyList,
         Request::KeyDescribe { key: key() },
@@ -330,6 +331,16 @@ fn sample_requests() -> Vec<tde_protocol::Request> {
         Request::TokenRevoke {
             token: SecretBytes::from_slice(b"tdet.00"),
         },
+        Request::ResplitInit {
+            threshold: 2,
+            shares: 3,
+        },
+        Request::ResplitUpdate {
+            nonce: "00112233".into(),
+            share: SecretBytes::from_slice(b"tde-share-1-AAAA"),
+        },
+        Request::ResplitStatus,
+        Request::ResplitCancel,
     ]
 }
 

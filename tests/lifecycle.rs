@@ -458,8 +458,8 @@ fn rotation_periods_need_units_and_respect_the_minimum() {
     assert!(v.to_string().contains("no unit"), "{v}");
     let msg = env.refused(&["key", "set-rotation", "pg-r", "90s"], "INVALID_ARGUMENT");
     assert!(msg.contains("below the minimum of 1h"), "{msg}");
-    // Create checks the unit first; the minimum is the sidecar's, so the
-    // key is made and the refusal says it has no rotation.
+    // Create checks the unit first, and the sidecar the minimum, in the
+    // same request: a refused period creates no key.
     let (rc, v) = env.json(&["key", "create", "pg-s", "--rotate-after", "30"]);
     assert_eq!(rc, 2, "{v}");
     assert_eq!(
@@ -473,7 +473,10 @@ fn rotation_periods_need_units_and_respect_the_minimum() {
         .expect("create");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("without automatic rotation"), "{err}");
+    assert!(err.contains("below the minimum of 1h"), "{err}");
+    assert_eq!(env.json(&["key", "show", "pg-t"]).0, 1, "no key pg-t");
+    let k = env.ok(&["key", "create", "pg-u", "--rotate-after", "2h"]);
+    assert_eq!(k["rotate_after_seconds"], 7200, "{k}");
     let k = env.ok(&["key", "set-rotation", "pg-r", "90d"]);
     assert_eq!(k["rotate_after_seconds"], 90 * 86400);
     // Nothing rotated on the way: still version 1.

@@ -209,3 +209,114 @@ fn a_login_token_is_used_expires_and_is_revoked() {
     let recs = audit(&env.db());
     assert!(!recs.iter().any(|r| r.to_string().contains(&token)));
 }
+
+/// Vault's `operator rekey`: custodian turnover. An officer starts a
+/// re-split, three current shares approve it, the new shares (2 of 3)
+/// unseal after a restart while the old ones fail; keys are untouched.
+#[test]
+fn a_resplit_makes_new_shares_that_unseal_while_the_old_fail() {
+    let env = Env::new("");
+    let shares = env.init();
+    let daemon = env.serve();
+    env.unseal(&shares[..3]);
+    env.ok(&["key", "create", "app-kept"]);
+    let g = env.ok(&["datakey", "generate", "--key", "app-kept"]);
+    let blob = g["ciphertext"].as_str().expect("ct").to_string();
+
+    let st = env.ok(&["resplit", "--init", "--shares", "3", "--threshold", "2"]);
+    let nonce = st["nonce"].as_str().expect("nonce").to_string();
+    assert_eq!(
+        (st["needed"].as_u64(), st["progress"].as_u64()),
+        (Some(3), Some(0))
+    );
+    assert_eq!(
+        env.ok(&["resplit"])["nonce"],
+        nonce.as_str(),
+        "status shows it"
+    );
+    // A share from standard input, as custodians give them.
+    let give = |share: &str| {
+        use std::io::Write as _;
+        let mut c = env
+            .cmd(&["resplit", "--nonce", &nonce, "--json"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("run");
+        c.stdin
+            .take()
+            .expect("stdin")
+            .write_all(format!("{share}\n").as_bytes())
+            .expect("share");
+        parse(&c.wait_with_output().expect("wait"), &["resplit"])
+    };
+    let (rc, v) = give(&shares[4]);
+    assert_eq!((rc, v["progress"].as_u64()), (0, Some(1)), "{v}");
+    let (rc, v) = give(&shares[4]);
+    assert_eq!(
+        (rc, v["error"]["code"].as_str()),
+        (1, Some("INVALID_SHARE")),
+        "{v}"
+    );
+    assert_eq!(give(&shares[1]).1["progress"], 2);
+    // Not a custodian's job to guess: a wrong nonce is refused.
+    let wrong = env.refused(
+        &[
+            "resplit",
+            "--nonce",
+            "0000000000000000",
+            "--share",
+            &shares[0],
+        ],
+        "INVALID_ARGUMENT",
+    );
+    assert!(wrong.contains(&nonce), "{wrong}");
+    let dir = env.dir.path().join("new-shares");
+    let (rc, v) = {
+        let mut args = vec!["resplit", "--nonce", &nonce, "--share-file"];
+        let f = env.dir.path().join("share-0");
+        std::fs::write(&f, &shares[0]).expect("write");
+        let f = f.display().to_string();
+        let d = dir.display().to_string();
+        args.extend([f.as_str(), "--share-dir", d.as_str()]);
+        env.json(&args)
+    };
+    assert_eq!(rc, 0, "{v}");
+    let new: Vec<String> = v["shares"]
+        .as_array()
+        .expect("new shares")
+        .iter()
+        .map(|s| s.as_str().expect("share").to_string())
+        .collect();
+    assert_eq!((new.len(), v["threshold"].as_u64()), (3, Some(2)));
+    assert_eq!(
+        std::fs::read_to_string(dir.join("share-2")).expect("file"),
+        new[1]
+    );
+    assert!(new.iter().all(|n| !shares.contains(n)));
+    let st = env.status();
+    assert_eq!(
+        (st["threshold"].as_u64(), st["shares"].as_u64()),
+        (Some(2), Some(3))
+    );
+
+    // After a restart: every old share fails, two new ones unseal.
+    daemon.stop();
+    let _daemon = env.serve();
+    for old in &shares {
+        env.refused(&["unseal", old], "INVALID_SHARE");
+    }
+    env.ok(&["unseal", &new[2]]);
+    assert_eq!(env.ok(&["unseal", &new[0]])["sealed"], false);
+    let d = env.ok(&["datakey", "decrypt", "--ciphertext", &blob]);
+    assert_eq!(d["plaintext"], g["plaintext"], "the keys are untouched");
+    let recs = audit(&env.db());
+    assert_eq!(count(&recs, "resplit_init", "ok"), 1);
+    assert_eq!(count(&recs, "resplit_update", "ok"), 3);
+    for s in shares.iter().chain(&new) {
+        assert!(
+            !recs.iter().any(|r| r.to_string().contains(s.as_str())),
+            "a share in the audit log"
+        );
+    }
+}

@@ -62,7 +62,7 @@ fn main() {
     let hsm = Hsm::open(store, TamperPolicy::default()).expect("open");
     hsm.unseal(out.shares[0].expose()).expect("unseal");
     let admin = hsm.login("admin", b"bench-password").expect("login");
-    hsm.key_create(&admin, "k", "").expect("create");
+    hsm.key_create(&admin, "k", "", 0).expect("create");
     let ctx: Context = [
         ("tablespace".to_string(), "16384".to_string()),
         ("cluster".into(), "c1".into()),
@@ -91,7 +91,7 @@ fn main() {
     time("key_create + key_rotate (sealed)", || {
         i += 1;
         let name = format!("r{i}");
-        hsm.key_create(&admin, &name, "").expect("create");
+        hsm.key_create(&admin, &name, "", 0).expect("create");
         hsm.key_rotate(&admin, &name).expect("rotate");
     });
     let start = Instant::now();

@@ -188,6 +188,8 @@ pub enum Permission {
     UseKeys,
     /// Reload the daemon's configuration (client policies, limits, logs).
     Configure,
+    /// Start or cancel a re-split of the unseal shares.
+    Custody,
 }
 
 impl Permission {
@@ -197,7 +199,8 @@ impl Permission {
             Permission::Seal
             | Permission::ManageOperators
             | Permission::ManageKeys
-            | Permission::Configure => &[Role::CryptoOfficer],
+            | Permission::Configure
+            | Permission::Custody => &[Role::CryptoOfficer],
             Permission::Read => &[Role::CryptoOfficer, Role::Auditor],
             Permission::UseKeys => &[Role::CryptoUser],
         }
@@ -211,6 +214,7 @@ impl Permission {
             Permission::ManageKeys => "manage master keys",
             Permission::UseKeys => "use master keys",
             Permission::Configure => "reload the configuration",
+            Permission::Custody => "re-split the unseal shares",
         }
     }
 }
@@ -373,6 +377,8 @@ pub struct Hsm {
     policy: TamperPolicy,
     state: RwLock<State>,
     pending: Mutex<Vec<Share>>,
+    /// A re-split of the unseal shares in progress.
+    resplit: Mutex<Option<Resplit>>,
     events: Mutex<Vec<HsmEvent>>,
     /// One lock per operator name, held across a login's password check,
     /// so an operator's attempts are checked and counted one at a time.
@@ -385,6 +391,52 @@ impl std::fmt::Debug for Hsm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hsm").finish_non_exhaustive()
     }
+}
+
+/// A re-split of the unseal shares (Vault's `operator rekey`): started by
+/// an officer with the new parameters, approved by a threshold of the
+/// current shares, then the root is sealed under a new unseal key split
+/// anew. No master key is touched.
+struct Resplit {
+    nonce: String,
+    threshold: u8,
+    shares: u8,
+    given: Vec<Share>,
+    started: u64,
+}
+
+/// How long a re-split waits for its shares.
+pub const RESPLIT_TIMEOUT_SECS: u64 = 3600;
+
+/// Where a re-split stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResplitStatus {
+    /// Names the attempt: every share given must name it.
+    pub nonce: String,
+    /// Current shares given so far.
+    pub progress: u8,
+    /// Current shares needed.
+    pub needed: u8,
+    /// The new threshold.
+    pub threshold: u8,
+    /// The new number of shares.
+    pub shares: u8,
+    /// Unix seconds when it started.
+    pub started: u64,
+}
+
+/// What a share given to a re-split gives back.
+#[derive(Debug)]
+pub enum ResplitProgress {
+    /// More shares are needed.
+    Waiting(ResplitStatus),
+    /// Done: the new shares (text form), shown once. The old ones are void.
+    Done {
+        /// The new threshold.
+        threshold: u8,
+        /// The new shares.
+        shares: Vec<SecretBuf>,
+    },
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -468,6 +520,7 @@ impl Hsm {
             policy,
             state: RwLock::new(state),
             pending: Mutex::new(Vec::new()),
+            resplit: Mutex::new(None),
             events: Mutex::new(Vec::new()),
             logins: Mutex::default(),
             epochs: AtomicU64::new(1),
@@ -969,6 +1022,168 @@ impl Hsm {
         Err(HsmError::LoginFailed)
     }
 
+    /// Starts a re-split of the unseal shares into `shares` new ones of
+    /// which `threshold` unseal (a crypto officer); replaces one that was
+    /// running. The HSM must be unsealed.
+    pub fn resplit_init(
+        &self,
+        by: &OperatorSession,
+        threshold: u8,
+        shares: u8,
+    ) -> Result<ResplitStatus, HsmError> {
+        self.authorize(by, Permission::Custody)?;
+        let meta = self.unsealed_meta()?;
+        if meta.dev {
+            return Err(HsmError::InvalidArgument(
+                "a dev store has a single share in a file: make a production store instead".into(),
+            ));
+        }
+        if threshold < 2 || threshold > shares || shares > seal::MAX_SHARES {
+            return Err(HsmError::InvalidArgument(format!(
+                "{threshold} of {shares} shares: the threshold must be at least 2 and at most the \
+                 number of shares (at most {})",
+                seal::MAX_SHARES
+            )));
+        }
+        let mut raw = [0u8; 8];
+        random::fill(&mut raw)?;
+        let nonce: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        let r = Resplit {
+            nonce,
+            threshold,
+            shares,
+            given: Vec::new(),
+            started: now(),
+        };
+        let status = Self::resplit_status_of(&r, meta.threshold);
+        *lock(&self.resplit) = Some(r);
+        Ok(status)
+    }
+
+    /// The re-split in progress, if any (expired ones are dropped).
+    pub fn resplit_status(&self) -> Option<ResplitStatus> {
+        let needed = self.unsealed_meta().ok()?.threshold;
+        let mut g = lock(&self.resplit);
+        if g.as_ref()
+            .is_some_and(|r| now() > r.started + RESPLIT_TIMEOUT_SECS)
+        {
+            *g = None;
+        }
+        g.as_ref().map(|r| Self::resplit_status_of(r, needed))
+    }
+
+    /// Cancels the re-split in progress (a crypto officer).
+    pub fn resplit_cancel(&self, by: &OperatorSession) -> Result<bool, HsmError> {
+        self.authorize(by, Permission::Custody)?;
+        Ok(lock(&self.resplit).take().is_some())
+    }
+
+    fn resplit_status_of(r: &Resplit, needed: u8) -> ResplitStatus {
+        ResplitStatus {
+            nonce: r.nonce.clone(),
+            progress: u8::try_from(r.given.len()).unwrap_or(u8::MAX),
+            needed,
+            threshold: r.threshold,
+            shares: r.shares,
+            started: r.started,
+        }
+    }
+
+    fn unsealed_meta(&self) -> Result<StoreMeta, HsmError> {
+        match &*self.read() {
+            State::Unsealed(m, _) => Ok(m.clone()),
+            State::Uninitialized => Err(HsmError::NotInitialized),
+            State::Zeroized(_) => Err(HsmError::Zeroized),
+            State::Sealed(_) => Err(HsmError::Sealed),
+        }
+    }
+
+    /// One current share for the re-split `nonce` (a custodian; as for
+    /// unseal, holding a share is the authority). At the threshold the
+    /// shares are checked against the sealed root, a new unseal key seals
+    /// it, and the new shares are returned; shares that do not open the
+    /// root end the attempt.
+    pub fn resplit_update(
+        &self,
+        nonce: &str,
+        share_text: &[u8],
+    ) -> Result<ResplitProgress, HsmError> {
+        let share = Share::parse(share_text)?;
+        let meta = self.unsealed_meta()?;
+        let mut g = lock(&self.resplit);
+        let Some(r) = g
+            .as_mut()
+            .filter(|r| now() <= r.started + RESPLIT_TIMEOUT_SECS)
+        else {
+            *g = None;
+            return Err(HsmError::InvalidArgument(
+                "no re-split is in progress (or it timed out): an officer starts one".into(),
+            ));
+        };
+        if r.nonce != nonce {
+            return Err(HsmError::InvalidArgument(format!(
+                "the re-split in progress is {}, not {nonce}",
+                r.nonce
+            )));
+        }
+        if share.store_id != meta.store_id {
+            return Err(HsmError::InvalidShare(
+                "it belongs to another key store".into(),
+            ));
+        }
+        if share.threshold != meta.threshold || share.count != meta.shares {
+            return Err(HsmError::InvalidShare(
+                "it belongs to another share set".into(),
+            ));
+        }
+        if r.given.iter().any(|s| s.x == share.x) {
+            return Err(HsmError::InvalidShare(format!(
+                "share {} was already given to this re-split (progress stays {}/{})",
+                share.x,
+                r.given.len(),
+                meta.threshold
+            )));
+        }
+        r.given.push(share);
+        if r.given.len() < usize::from(meta.threshold) {
+            return Ok(ResplitProgress::Waiting(Self::resplit_status_of(
+                r,
+                meta.threshold,
+            )));
+        }
+        let Some(r) = g.take() else {
+            return Err(HsmError::Internal("the re-split vanished"));
+        };
+        drop(g);
+        let old = seal::combine(&r.given)?;
+        let sealed_root = self.store.sealed_root()?.ok_or(HsmError::Zeroized)?;
+        let (root, _) = seal::open_root(&old, &sealed_root, &meta.store_id).map_err(|_| {
+            HsmError::InvalidShare(
+                "the shares given do not open this store's root: the re-split is cancelled".into(),
+            )
+        })?;
+        let new = UnsealKey::generate()?;
+        let shares = seal::split(&new, &meta.store_id, r.threshold, r.shares)?;
+        let resealed = seal::seal_root(&new, &root, &meta.store_id)?;
+        let mut st = self.write();
+        let State::Unsealed(m, _) = &mut *st else {
+            return Err(HsmError::Sealed);
+        };
+        self.store.apply(&[
+            StoreOp::Root(resealed),
+            StoreOp::Custody {
+                threshold: r.threshold,
+                shares: r.shares,
+            },
+        ])?;
+        m.threshold = r.threshold;
+        m.shares = r.shares;
+        Ok(ResplitProgress::Done {
+            threshold: r.threshold,
+            shares: shares.iter().map(Share::to_text).collect(),
+        })
+    }
+
     /// Adds an operator.
     pub fn operator_add(
         &self,
@@ -1149,6 +1364,7 @@ impl Hsm {
         by: &OperatorSession,
         name: &str,
         description: &str,
+        rotate_after: u64,
     ) -> Result<KeyInfo, HsmError> {
         self.authorize(by, Permission::ManageKeys)?;
         validate_name("key", name)?;
@@ -1175,7 +1391,7 @@ impl Hsm {
                 destroy_at: None,
                 material: Some(MasterKeyMaterial::generate()?),
             }],
-            rotate_after: 0,
+            rotate_after,
             owner: by.name.clone(),
             users: Vec::new(),
         };

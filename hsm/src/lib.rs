@@ -56,7 +56,7 @@ pub mod store;
 pub use error::HsmError;
 pub use hsm::{
     Caller, GeneratedDataKey, Hsm, HsmEvent, InitOutput, KeyInfo, OperatorInfo, OperatorSession,
-    Permission, Status, TamperPolicy, VersionInfo, Versions, now,
+    Permission, ResplitProgress, ResplitStatus, Status, TamperPolicy, VersionInfo, Versions, now,
 };
 pub use mek::VersionState;
 pub use operator::Role;

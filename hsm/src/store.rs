@@ -56,8 +56,16 @@ pub enum StoreOp {
         /// Id.
         id: String,
     },
-    /// Replace the sealed root (a format upgrade; same root key).
+    /// Replace the sealed root (a format upgrade, or a new unseal key
+    /// after a re-split; same root key).
     Root(Vec<u8>),
+    /// New share parameters in the store's metadata (a re-split).
+    Custody {
+        /// Shares needed to unseal.
+        threshold: u8,
+        /// Shares issued.
+        shares: u8,
+    },
 }
 
 /// Store failures. Messages carry no object contents.

@@ -519,7 +519,22 @@ fn is_mutating(req: &Request) -> bool {
             | Request::Reload
             | Request::TokenCreate { .. }
             | Request::TokenRevoke { .. }
+            | Request::ResplitInit { .. }
+            | Request::ResplitUpdate { .. }
+            | Request::ResplitCancel
     )
+}
+
+/// The wire form of a re-split's state.
+fn resplit_info(s: &tde_hsm::ResplitStatus) -> tde_protocol::ResplitInfo {
+    tde_protocol::ResplitInfo {
+        nonce: s.nonce.clone(),
+        progress: s.progress.into(),
+        needed: s.needed.into(),
+        threshold: s.threshold.into(),
+        shares: s.shares.into(),
+        new_shares: Vec::new(),
+    }
 }
 
 /// The context for an audit record: only one within the limits, so a peer
@@ -597,6 +612,23 @@ fn describe(req: &Request, blob: &Blob<'_>, rec: &mut AuditRecord) {
 }
 
 impl Service {
+    /// Refuses an automatic rotation period below
+    /// `limits.min_rotation_seconds` (0, none, is always fine).
+    fn check_rotation_period(&self, seconds: u64) -> Result<(), (ErrorCode, String)> {
+        let min = self.min_rotation_seconds.load(Ordering::Relaxed);
+        if seconds != 0 && seconds < min {
+            return Err((
+                ErrorCode::InvalidArgument,
+                format!(
+                    "a rotation period of {} is below the minimum of {} (limits.min_rotation_seconds)",
+                    tde_protocol::duration_text(seconds),
+                    tde_protocol::duration_text(min)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// The data socket's policies now.
     pub fn policies(&self) -> Arc<Policies> {
         match self.clients.read() {
@@ -1167,6 +1199,53 @@ impl Service {
                 self.key_changes.bump();
                 Ok(Response::Done)
             }
+            Request::ResplitInit { threshold, shares } => {
+                let (t, n) = (
+                    u8::try_from(*threshold).unwrap_or(u8::MAX),
+                    u8::try_from(*shares).unwrap_or(u8::MAX),
+                );
+                let s = hsm(h.resplit_init(by()?, t, n))?;
+                rec.detail = Some(format!("new shares {t} of {n}, attempt {}", s.nonce));
+                Ok(Response::Resplit(resplit_info(&s)))
+            }
+            Request::ResplitUpdate { nonce, share } => {
+                match hsm(h.resplit_update(nonce, share.expose()))? {
+                    tde_hsm::ResplitProgress::Waiting(s) => {
+                        rec.detail = Some(format!(
+                            "attempt {}: {}/{} current shares",
+                            s.nonce, s.progress, s.needed
+                        ));
+                        Ok(Response::Resplit(resplit_info(&s)))
+                    }
+                    tde_hsm::ResplitProgress::Done { threshold, shares } => {
+                        rec.detail = Some(format!(
+                            "attempt {nonce} done: the root is sealed under new shares ({threshold} of {}); the old ones are void",
+                            shares.len()
+                        ));
+                        Ok(Response::Resplit(tde_protocol::ResplitInfo {
+                            nonce: nonce.clone(),
+                            progress: 0,
+                            needed: threshold.into(),
+                            threshold: threshold.into(),
+                            shares: u32::try_from(shares.len()).unwrap_or(u32::MAX),
+                            new_shares: shares
+                                .iter()
+                                .map(|s| SecretBytes::from_slice(s.expose()))
+                                .collect(),
+                        }))
+                    }
+                }
+            }
+            Request::ResplitStatus => Ok(Response::Resplit(
+                h.resplit_status()
+                    .map(|s| resplit_info(&s))
+                    .unwrap_or_default(),
+            )),
+            Request::ResplitCancel => {
+                let was = hsm(h.resplit_cancel(by()?))?;
+                rec.detail = Some(if was { "cancelled" } else { "none was running" }.into());
+                Ok(Response::Done)
+            }
             Request::TokenCreate { ttl } => {
                 let s = by()?.clone();
                 hsm(h.check_login(&s))?;
@@ -1245,7 +1324,11 @@ impl Service {
             Request::KeyCreate {
                 key: k,
                 description,
-            } => key(h.key_create(by()?, k, description)),
+                rotate_after,
+            } => {
+                self.check_rotation_period(*rotate_after)?;
+                key(h.key_create(by()?, k, description, *rotate_after))
+            }
             Request::KeyList => {
                 let mut out = Vec::new();
                 for k in hsm(h.key_list(by()?))? {
@@ -1296,17 +1379,7 @@ impl Service {
                 key: k,
                 rotate_after,
             } => {
-                let min = self.min_rotation_seconds.load(Ordering::Relaxed);
-                if *rotate_after != 0 && *rotate_after < min {
-                    return Err((
-                        ErrorCode::InvalidArgument,
-                        format!(
-                            "a rotation period of {} is below the minimum of {} (limits.min_rotation_seconds)",
-                            tde_protocol::duration_text(*rotate_after),
-                            tde_protocol::duration_text(min)
-                        ),
-                    ));
-                }
+                self.check_rotation_period(*rotate_after)?;
                 key(h.key_set_rotation(by()?, k, *rotate_after))
             }
             r if r.op().is_data_op() => self.data_op(r, blob, rec, Caller::User(by()?)),

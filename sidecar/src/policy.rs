@@ -123,10 +123,10 @@ impl ClientPolicy {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Resolved {
     policy: ClientPolicy,
-    /// uid to how the policy names it.
-    uids: BTreeMap<u32, String>,
-    /// gid to how the policy names it.
-    gids: BTreeMap<u32, String>,
+    /// uid to the user name the policy gives it (`None`: a number).
+    uids: BTreeMap<u32, Option<String>>,
+    /// gid to the group name the policy gives it (`None`: a number).
+    gids: BTreeMap<u32, Option<String>>,
     /// uid of a listed member of one of the groups, to the group's name.
     members: BTreeMap<u32, String>,
 }
@@ -157,18 +157,18 @@ impl Policies {
             p.validate()?;
             let mut r = Resolved {
                 policy: p.clone(),
-                uids: p.uids.iter().map(|u| (*u, format!("uid {u}"))).collect(),
-                gids: p.gids.iter().map(|g| (*g, format!("gid {g}"))).collect(),
+                uids: p.uids.iter().map(|u| (*u, None)).collect(),
+                gids: p.gids.iter().map(|g| (*g, None)).collect(),
                 members: BTreeMap::new(),
             };
             for name in &p.users {
                 let uid = user_id(name).map_err(|e| format!("client {:?}: {e}", p.name))?;
-                r.uids.insert(uid, format!("user {name:?}"));
+                r.uids.insert(uid, Some(name.clone()));
             }
             for name in &p.groups {
                 let (gid, members) =
                     group(name).map_err(|e| format!("client {:?}: {e}", p.name))?;
-                r.gids.insert(gid, format!("group {name:?}"));
+                r.gids.insert(gid, Some(name.clone()));
                 for m in members {
                     // A member that no longer exists is no one to allow.
                     if let Ok(uid) = user_id(&m) {
@@ -181,26 +181,19 @@ impl Policies {
         Ok(Policies { list })
     }
 
-    /// The policies as configured.
-    pub fn configured(&self) -> Vec<ClientPolicy> {
-        self.list.iter().map(|r| r.policy.clone()).collect()
-    }
-
     /// The first policy covering a peer (its kernel uid and primary gid),
     /// and why.
     pub fn find(&self, uid: u32, gid: u32) -> Option<Match<'_>> {
         self.list.iter().find_map(|r| {
-            let because = if let Some(how) = r.uids.get(&uid) {
-                if how.starts_with("uid") {
-                    format!("the policy lists uid {uid}")
-                } else {
-                    format!("uid {uid} is {how}")
+            let because = if let Some(name) = r.uids.get(&uid) {
+                match name {
+                    Some(n) => format!("uid {uid} is user {n:?}"),
+                    None => format!("the policy lists uid {uid}"),
                 }
-            } else if let Some(how) = r.gids.get(&gid) {
-                if how.starts_with("gid") {
-                    format!("the policy lists gid {gid}")
-                } else {
-                    format!("gid {gid} is {how}")
+            } else if let Some(name) = r.gids.get(&gid) {
+                match name {
+                    Some(n) => format!("gid {gid} is group {n:?}"),
+                    None => format!("the policy lists gid {gid}"),
                 }
             } else if let Some(group) = r.members.get(&uid) {
                 format!("uid {uid} is a member of group {group:?}")

@@ -349,6 +349,13 @@ impl ObjectStore for SqliteStore {
                     tx.execute("UPDATE root SET sealed = ?1 WHERE id = 1", params![sealed])
                         .map_err(io)?;
                 }
+                StoreOp::Custody { threshold, shares } => {
+                    tx.execute(
+                        "UPDATE meta SET threshold = ?1, shares = ?2 WHERE id = 1",
+                        params![threshold, shares],
+                    )
+                    .map_err(io)?;
+                }
             }
         }
         tx.commit().map_err(io)?;

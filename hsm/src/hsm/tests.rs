@@ -62,6 +62,12 @@ impl ObjectStore for MemStore {
                 StoreOp::Root(sealed) => {
                     *self.root.lock().expect("lock") = Some(sealed.clone());
                 }
+                StoreOp::Custody { threshold, shares } => {
+                    if let Some(m) = self.meta.lock().expect("lock").as_mut() {
+                        m.threshold = *threshold;
+                        m.shares = *shares;
+                    }
+                }
             }
         }
         Ok(())
@@ -149,7 +155,7 @@ fn shares_of_another_store_are_refused() {
 fn data_keys_rotate_rewrap_and_states() {
     let (_s, h, _) = unsealed();
     let a = admin(&h);
-    h.key_create(&a, "pg", "test").expect("create");
+    h.key_create(&a, "pg", "test", 0).expect("create");
     let g = h
         .generate_data_key(Caller::Client, "pg", &ctx("a"))
         .expect("gen");
@@ -207,7 +213,7 @@ fn data_keys_rotate_rewrap_and_states() {
         version: 1
     }));
     assert!(matches!(
-        h.key_create(&a, "pg", ""),
+        h.key_create(&a, "pg", "", 0),
         Err(HsmError::KeyExists(_))
     ));
     assert!(matches!(
@@ -220,7 +226,7 @@ fn data_keys_rotate_rewrap_and_states() {
 fn keys_survive_seal_and_unseal() {
     let (_s, h, shares) = unsealed();
     let a = admin(&h);
-    h.key_create(&a, "pg", "").expect("create");
+    h.key_create(&a, "pg", "", 0).expect("create");
     let g = h
         .generate_data_key(Caller::Client, "pg", &ctx("a"))
         .expect("gen");
@@ -248,7 +254,7 @@ fn keys_survive_seal_and_unseal() {
 fn failed_store_write_changes_nothing() {
     let (s, h, _) = unsealed();
     let a = admin(&h);
-    h.key_create(&a, "pg", "").expect("create");
+    h.key_create(&a, "pg", "", 0).expect("create");
     *s.fail_writes.lock().expect("lock") = true;
     assert!(matches!(h.key_rotate(&a, "pg"), Err(HsmError::Store(_))));
     assert_eq!(h.key_describe(&a, "pg").expect("d").primary, 1);
@@ -297,8 +303,8 @@ fn five_bad_logins_lock_and_an_officer_unlocks() {
 fn tampered_object_is_flagged_and_zeroize_is_final() {
     let (s, h, shares) = unsealed();
     let a = admin(&h);
-    h.key_create(&a, "pg", "").expect("create");
-    h.key_create(&a, "other", "").expect("create");
+    h.key_create(&a, "pg", "", 0).expect("create");
+    h.key_create(&a, "other", "", 0).expect("create");
     h.seal(&a).expect("seal");
     {
         let mut objs = s.objects.lock().expect("lock");
@@ -359,8 +365,8 @@ fn tamper_policy_zeroizes_on_lockout() {
 fn rotation_policy_rotates_when_due_and_survives_unseal() {
     let (_s, h, shares) = unsealed();
     let a = admin(&h);
-    h.key_create(&a, "pg", "").expect("create");
-    h.key_create(&a, "manual", "").expect("create");
+    h.key_create(&a, "pg", "", 0).expect("create");
+    h.key_create(&a, "manual", "", 0).expect("create");
     let info = h.key_set_rotation(&a, "pg", 3600).expect("policy");
     assert_eq!(info.rotate_after, 3600);
     let created = info.versions[0].created;
@@ -424,7 +430,7 @@ fn tamper_whys(h: &Hsm) -> Vec<String> {
 fn row_rollback_and_deletion_are_tampering() {
     let (s, h, shares) = unsealed();
     let a = admin(&h);
-    h.key_create(&a, "pg", "").expect("create");
+    h.key_create(&a, "pg", "", 0).expect("create");
     let old_pg = row(&s, KIND_MASTER_KEY, "pg").expect("row");
     let wrapped = h
         .generate_data_key(Caller::Client, "pg", &ctx("a"))
@@ -433,8 +439,8 @@ fn row_rollback_and_deletion_are_tampering() {
     h.key_rotate(&a, "pg").expect("rotate");
     h.key_destroy(&a, "pg", Versions::One(1))
         .expect("destroy v1");
-    h.key_create(&a, "gone", "").expect("create");
-    h.key_create(&a, "fine", "").expect("create");
+    h.key_create(&a, "gone", "", 0).expect("create");
+    h.key_create(&a, "fine", "", 0).expect("create");
     h.operator_add(&a, "bob", Role::CryptoUser, b"old-password-1")
         .expect("add");
     let old_bob = row(&s, KIND_OPERATOR, "bob").expect("row");
@@ -497,7 +503,7 @@ fn row_rollback_and_deletion_are_tampering() {
 fn a_missing_manifest_makes_every_object_tampered() {
     let (s, h, shares) = unsealed();
     let a = admin(&h);
-    h.key_create(&a, "pg", "").expect("create");
+    h.key_create(&a, "pg", "", 0).expect("create");
     h.seal(&a).expect("seal");
     let list = take_manifest(&s).expect("a manifest row");
     reunseal(&h, &shares);
@@ -534,7 +540,7 @@ fn a_missing_manifest_makes_every_object_tampered() {
 fn a_store_without_manifest_gets_one_at_unseal() {
     let (s, h, shares) = unsealed();
     let a = admin(&h);
-    h.key_create(&a, "pg", "").expect("create");
+    h.key_create(&a, "pg", "", 0).expect("create");
     let wrapped = h
         .generate_data_key(Caller::Client, "pg", &ctx("a"))
         .expect("dek")
@@ -588,8 +594,8 @@ fn user_and_auditor(h: &Hsm, a: &OperatorSession) -> (OperatorSession, OperatorS
 fn a_crypto_user_uses_only_keys_shared_with_it() {
     let (_s, h, shares) = unsealed();
     let a = admin(&h);
-    h.key_create(&a, "pg", "").expect("create");
-    h.key_create(&a, "other", "").expect("create");
+    h.key_create(&a, "pg", "", 0).expect("create");
+    h.key_create(&a, "other", "", 0).expect("create");
     let (bob, carol) = user_and_auditor(&h, &a);
     let denied = |r: Result<GeneratedDataKey, HsmError>| {
         assert!(matches!(r, Err(HsmError::PermissionDenied(_))), "{r:?}");
@@ -655,14 +661,14 @@ fn a_crypto_user_uses_only_keys_shared_with_it() {
 fn roles_are_checked_by_the_hsm() {
     let (_s, h, _) = unsealed();
     let a = admin(&h);
-    h.key_create(&a, "pg", "").expect("create");
+    h.key_create(&a, "pg", "", 0).expect("create");
     let (bob, carol) = user_and_auditor(&h, &a);
     let denied = |r: Result<KeyInfo, HsmError>| {
         assert!(matches!(r, Err(HsmError::PermissionDenied(_))), "{r:?}");
     };
     for s in [&bob, &carol] {
         denied(h.key_rotate(s, "pg"));
-        denied(h.key_create(s, "mine", ""));
+        denied(h.key_create(s, "mine", "", 0));
         denied(h.key_share(s, "pg", "bob"));
         denied(h.key_destroy(s, "pg", Versions::All));
         assert!(matches!(
@@ -701,4 +707,71 @@ fn roles_are_checked_by_the_hsm() {
     ));
     assert_eq!(h.key_describe(&a, "pg").expect("d").primary, 1);
     assert!(!h.status().sealed && !h.status().zeroized);
+}
+
+/// Issue 12: a re-split of the unseal shares (Vault's `operator rekey`):
+/// approved by a threshold of the current shares, no key touched, the old
+/// shares void afterwards, the new ones unseal.
+#[test]
+fn resplit_makes_new_shares_and_voids_the_old() {
+    let (_s, h, shares) = unsealed();
+    let a = admin(&h);
+    h.key_create(&a, "pg", "test", 0).expect("create");
+    let g = h
+        .generate_data_key(Caller::Client, "pg", &ctx("a"))
+        .expect("gen");
+    assert!(matches!(
+        h.resplit_update("none", shares[0].expose()),
+        Err(HsmError::InvalidArgument(_))
+    ));
+    for (t, n) in [(1, 3), (4, 3), (2, 40)] {
+        assert!(matches!(
+            h.resplit_init(&a, t, n),
+            Err(HsmError::InvalidArgument(_))
+        ));
+    }
+    let st = h.resplit_init(&a, 2, 3).expect("init");
+    assert_eq!(
+        (st.progress, st.needed, st.threshold, st.shares),
+        (0, 3, 2, 3)
+    );
+    assert!(matches!(
+        h.resplit_update("0000", shares[0].expose()),
+        Err(HsmError::InvalidArgument(_))
+    ));
+    let nonce = st.nonce.clone();
+    match h.resplit_update(&nonce, shares[0].expose()).expect("1") {
+        ResplitProgress::Waiting(s) => assert_eq!(s.progress, 1),
+        ResplitProgress::Done { .. } => panic!("done after one share"),
+    }
+    assert!(matches!(
+        h.resplit_update(&nonce, shares[0].expose()),
+        Err(HsmError::InvalidShare(_))
+    ));
+    assert!(matches!(
+        h.resplit_update(&nonce, shares[3].expose()).expect("2"),
+        ResplitProgress::Waiting(_)
+    ));
+    let new = match h.resplit_update(&nonce, shares[4].expose()).expect("3") {
+        ResplitProgress::Done { threshold, shares } => {
+            assert_eq!(threshold, 2);
+            shares
+        }
+        ResplitProgress::Waiting(s) => panic!("still waiting: {s:?}"),
+    };
+    assert_eq!(new.len(), 3);
+    assert!(h.resplit_status().is_none());
+    assert_eq!((h.status().threshold, h.status().shares), (2, 3));
+    // Unsealed still, keys untouched.
+    assert!(dec(&h, Caller::Client, &g.ciphertext, &ctx("a")).is_ok());
+    h.seal(&admin(&h)).expect("seal");
+    for old in &shares {
+        assert!(matches!(
+            h.unseal(old.expose()),
+            Err(HsmError::InvalidShare(_))
+        ));
+    }
+    h.unseal(new[2].expose()).expect("new 1");
+    assert!(!h.unseal(new[0].expose()).expect("new 2").sealed);
+    assert!(dec(&h, Caller::Client, &g.ciphertext, &ctx("a")).is_ok());
 }

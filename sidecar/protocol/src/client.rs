@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::frame::{read_frame, write_frame};
-use crate::message::{Context, DekRef, KeyInfo, OperatorInfo, StatusInfo};
+use crate::message::{Context, DekRef, KeyInfo, OperatorInfo, ResplitInfo, StatusInfo};
 use crate::{ErrorCode, Op, Request, Response, SecretBytes};
 
 /// How long a call waits for its answer (a `watch_key` waits at most 60 s
@@ -235,6 +235,35 @@ impl Client {
         expect!(self, Request::TokenRevoke { token }, Response::Done => ())
     }
 
+    /// Starts a re-split of the unseal shares (a crypto officer).
+    pub fn resplit_init(
+        &mut self,
+        threshold: u32,
+        shares: u32,
+    ) -> Result<ResplitInfo, ClientError> {
+        expect!(self, Request::ResplitInit { threshold, shares }, Response::Resplit(r) => r)
+    }
+
+    /// Gives one current share to the re-split `nonce`.
+    pub fn resplit_update(
+        &mut self,
+        nonce: &str,
+        share: SecretBytes,
+    ) -> Result<ResplitInfo, ClientError> {
+        expect!(self, Request::ResplitUpdate { nonce: nonce.into(), share },
+            Response::Resplit(r) => r)
+    }
+
+    /// Where the re-split stands (`nonce` empty: none).
+    pub fn resplit_status(&mut self) -> Result<ResplitInfo, ClientError> {
+        expect!(self, Request::ResplitStatus, Response::Resplit(r) => r)
+    }
+
+    /// Cancels the re-split (a crypto officer).
+    pub fn resplit_cancel(&mut self) -> Result<(), ClientError> {
+        expect!(self, Request::ResplitCancel, Response::Done => ())
+    }
+
     /// Re-reads the daemon's configuration; returns what changed.
     pub fn reload(&mut self) -> Result<String, ClientError> {
         expect!(self, Request::Reload, Response::Reloaded { message } => message)
@@ -287,11 +316,18 @@ impl Client {
         expect!(self, req, Response::Key(k) => k)
     }
 
-    /// `key_create`.
-    pub fn key_create(&mut self, key: &str, description: &str) -> Result<KeyInfo, ClientError> {
+    /// `key_create`, optionally with an automatic rotation period
+    /// (seconds, 0 for none) set in the same step.
+    pub fn key_create(
+        &mut self,
+        key: &str,
+        description: &str,
+        rotate_after: u64,
+    ) -> Result<KeyInfo, ClientError> {
         self.key(Request::KeyCreate {
             key: key.into(),
             description: description.into(),
+            rotate_after,
         })
     }
 

@@ -106,6 +106,10 @@ pub mod tag {
     pub const TOKEN: u8 = 46;
     /// A token's lifetime in seconds (u64).
     pub const TOKEN_TTL: u8 = 47;
+    /// Names a re-split attempt (string).
+    pub const NONCE: u8 = 48;
+    /// The threshold a re-split makes (u32).
+    pub const NEW_THRESHOLD: u8 = 49;
 }
 
 /// Operation codes.
@@ -138,6 +142,14 @@ pub enum Op {
     TokenLogin = 0x0207,
     /// Revoke a session token.
     TokenRevoke = 0x0208,
+    /// Start a re-split of the unseal shares.
+    ResplitInit = 0x0209,
+    /// Give one current share to the re-split.
+    ResplitUpdate = 0x020A,
+    /// Where the re-split stands.
+    ResplitStatus = 0x020B,
+    /// Cancel the re-split.
+    ResplitCancel = 0x020C,
     /// Add an operator.
     OperatorAdd = 0x0301,
     /// Change an operator's password.
@@ -195,6 +207,10 @@ impl Op {
         Op::TokenCreate,
         Op::TokenLogin,
         Op::TokenRevoke,
+        Op::ResplitInit,
+        Op::ResplitUpdate,
+        Op::ResplitStatus,
+        Op::ResplitCancel,
         Op::OperatorAdd,
         Op::OperatorPasswd,
         Op::OperatorUnlock,
@@ -237,6 +253,10 @@ impl Op {
             Op::TokenCreate => "token_create",
             Op::TokenLogin => "token_login",
             Op::TokenRevoke => "token_revoke",
+            Op::ResplitInit => "resplit_init",
+            Op::ResplitUpdate => "resplit_update",
+            Op::ResplitStatus => "resplit_status",
+            Op::ResplitCancel => "resplit_cancel",
             Op::OperatorAdd => "operator_add",
             Op::OperatorPasswd => "operator_passwd",
             Op::OperatorUnlock => "operator_unlock",
@@ -350,6 +370,24 @@ pub enum Request {
         /// The token.
         token: SecretBytes,
     },
+    /// See [`Op::ResplitInit`].
+    ResplitInit {
+        /// New threshold.
+        threshold: u32,
+        /// New number of shares.
+        shares: u32,
+    },
+    /// See [`Op::ResplitUpdate`].
+    ResplitUpdate {
+        /// The attempt.
+        nonce: String,
+        /// One current share.
+        share: SecretBytes,
+    },
+    /// See [`Op::ResplitStatus`].
+    ResplitStatus,
+    /// See [`Op::ResplitCancel`].
+    ResplitCancel,
     /// See [`Op::OperatorAdd`].
     OperatorAdd {
         /// Operator name.
@@ -384,6 +422,9 @@ pub enum Request {
         key: String,
         /// Free text.
         description: String,
+        /// Automatic rotation period, seconds; 0 for none (and then not
+        /// sent).
+        rotate_after: u64,
     },
     /// See [`Op::KeyList`].
     KeyList,
@@ -505,6 +546,27 @@ pub struct KeyReference {
     /// Last confirmed, Unix seconds.
     pub last_seen: u64,
 }
+
+/// A re-split of the unseal shares: where it stands, or (`new_shares`
+/// not empty) its result, shown once. No attempt: `nonce` is empty.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ResplitInfo {
+    /// Names the attempt.
+    pub nonce: String,
+    /// Current shares given.
+    pub progress: u32,
+    /// Current shares needed.
+    pub needed: u32,
+    /// New threshold.
+    pub threshold: u32,
+    /// New number of shares.
+    pub shares: u32,
+    /// The new shares, once done.
+    pub new_shares: Vec<SecretBytes>,
+}
+
+/// Most shares a re-split answer carries.
+pub const MAX_NEW_SHARES: usize = 32;
 
 /// Seal state and identity of the server.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -630,6 +692,8 @@ pub enum Response {
     },
     /// Answer with no data (zeroize, operator add/passwd/unlock).
     Done,
+    /// Answer to the re-split operations (cancel answers `Done`).
+    Resplit(ResplitInfo),
     /// Answer to token-create.
     Token {
         /// The token: whoever holds it acts as the operator until it ends.
@@ -728,6 +792,9 @@ struct Fields {
     timeout_ms: Option<u32>,
     location: Option<String>,
     deks: Vec<DekRef>,
+    nonce: Option<String>,
+    threshold: Option<u32>,
+    shares: Option<u32>,
     token: Option<SecretBytes>,
     token_ttl: Option<u64>,
 }
@@ -781,6 +848,13 @@ impl Fields {
                     "token",
                 )?,
                 tag::TOKEN_TTL => once(&mut f.token_ttl, as_u64(v, "token_ttl")?, "token_ttl")?,
+                tag::NONCE => once(
+                    &mut f.nonce,
+                    as_str(capped(v, "nonce", MAX_NAME)?, "nonce")?,
+                    "nonce",
+                )?,
+                tag::THRESHOLD => once(&mut f.threshold, as_u32(v, "threshold")?, "threshold")?,
+                tag::SHARES => once(&mut f.shares, as_u32(v, "shares")?, "shares")?,
                 tag::ROLE => once(
                     &mut f.role,
                     as_str(capped(v, "role", MAX_NAME)?, "role")?,
@@ -902,6 +976,10 @@ impl Request {
             Request::TokenCreate { .. } => Op::TokenCreate,
             Request::TokenLogin { .. } => Op::TokenLogin,
             Request::TokenRevoke { .. } => Op::TokenRevoke,
+            Request::ResplitInit { .. } => Op::ResplitInit,
+            Request::ResplitUpdate { .. } => Op::ResplitUpdate,
+            Request::ResplitStatus => Op::ResplitStatus,
+            Request::ResplitCancel => Op::ResplitCancel,
             Request::OperatorAdd { .. } => Op::OperatorAdd,
             Request::OperatorPasswd { .. } => Op::OperatorPasswd,
             Request::OperatorUnlock { .. } => Op::OperatorUnlock,
@@ -932,6 +1010,8 @@ impl Request {
             | Request::Seal
             | Request::Zeroize
             | Request::Reload
+            | Request::ResplitStatus
+            | Request::ResplitCancel
             | Request::OperatorList
             | Request::KeyList => {}
             Request::GenerateDataKey { key, context } => {
@@ -977,8 +1057,21 @@ impl Request {
             Request::TokenLogin { token } | Request::TokenRevoke { token } => {
                 w.bytes(TOKEN, token.expose());
             }
-            Request::KeyCreate { key, description } => {
+            Request::ResplitInit { threshold, shares } => {
+                w.u32(THRESHOLD, *threshold).u32(SHARES, *shares);
+            }
+            Request::ResplitUpdate { nonce, share } => {
+                w.str(NONCE, nonce).bytes(SHARE, share.expose());
+            }
+            Request::KeyCreate {
+                key,
+                description,
+                rotate_after,
+            } => {
                 w.str(KEY_NAME, key).str(DESCRIPTION, description);
+                if *rotate_after != 0 {
+                    w.u64(ROTATE_AFTER, *rotate_after);
+                }
             }
             Request::KeyDescribe { key } | Request::KeyRotate { key } => {
                 w.str(KEY_NAME, key);
@@ -1098,6 +1191,28 @@ impl Request {
             Op::TokenRevoke => Request::TokenRevoke {
                 token: required(read(&[TOKEN])?.token, "token")?,
             },
+            Op::ResplitInit => {
+                let f = read(&[THRESHOLD, SHARES])?;
+                Request::ResplitInit {
+                    threshold: required(f.threshold, "threshold")?,
+                    shares: required(f.shares, "shares")?,
+                }
+            }
+            Op::ResplitUpdate => {
+                let f = read(&[NONCE, SHARE])?;
+                Request::ResplitUpdate {
+                    nonce: required(f.nonce, "nonce")?,
+                    share: required(f.share, "share")?,
+                }
+            }
+            Op::ResplitStatus => {
+                read(&[])?;
+                Request::ResplitStatus
+            }
+            Op::ResplitCancel => {
+                read(&[])?;
+                Request::ResplitCancel
+            }
             Op::OperatorList => {
                 read(&[])?;
                 Request::OperatorList
@@ -1159,10 +1274,11 @@ impl Request {
                 operator: required(read(&[OPERATOR])?.operator, "operator")?,
             },
             Op::KeyCreate => {
-                let f = read(&[KEY_NAME, DESCRIPTION])?;
+                let f = read(&[KEY_NAME, DESCRIPTION, ROTATE_AFTER])?;
                 Request::KeyCreate {
                     key: required(f.key, "key")?,
                     description: f.description.unwrap_or_default(),
+                    rotate_after: f.rotate_after.unwrap_or(0),
                 }
             }
             Op::KeyDescribe => Request::KeyDescribe {
@@ -1390,6 +1506,33 @@ fn put_status(w: &mut Writer, s: &StatusInfo) {
         .str(SERVER_VERSION, &s.server_version);
 }
 
+fn take_resplit(body: &[u8]) -> Result<ResplitInfo, DecodeError> {
+    let mut r = ResplitInfo::default();
+    let mut seen = [false; 256];
+    let mut rd = Reader::new(body);
+    while let Some((t, v)) = rd.next_field()? {
+        if t != SHARE && std::mem::replace(&mut seen[usize::from(t)], true) {
+            return Err(DecodeError::DuplicateField("resplit"));
+        }
+        match t {
+            NONCE => r.nonce = as_str(capped(v, "nonce", MAX_NAME)?, "nonce")?,
+            PROGRESS => r.progress = as_u32(v, "progress")?,
+            THRESHOLD => r.needed = as_u32(v, "threshold")?,
+            SHARES => r.shares = as_u32(v, "shares")?,
+            NEW_THRESHOLD => r.threshold = as_u32(v, "new_threshold")?,
+            SHARE => {
+                if r.new_shares.len() >= MAX_NEW_SHARES {
+                    return Err(DecodeError::DuplicateField("share"));
+                }
+                r.new_shares
+                    .push(SecretBytes::from_slice(capped(v, "share", MAX_SECRET)?));
+            }
+            other => return Err(unexpected("resplit", other)),
+        }
+    }
+    Ok(r)
+}
+
 fn take_status(body: &[u8]) -> Result<StatusInfo, DecodeError> {
     let mut s = StatusInfo::default();
     let mut seen = [false; 256];
@@ -1478,6 +1621,16 @@ impl Response {
                 w.str(OPERATOR, operator).str(ROLE, role);
             }
             Response::Done => {}
+            Response::Resplit(r) => {
+                w.str(NONCE, &r.nonce)
+                    .u32(PROGRESS, r.progress)
+                    .u32(THRESHOLD, r.needed)
+                    .u32(SHARES, r.shares)
+                    .u32(NEW_THRESHOLD, r.threshold);
+                for s in &r.new_shares {
+                    w.bytes(SHARE, s.expose());
+                }
+            }
             Response::Token { token, ttl } => {
                 w.bytes(TOKEN, token.expose()).u64(TOKEN_TTL, *ttl);
             }
@@ -1589,6 +1742,13 @@ impl Response {
             Op::GenerateRandom => Response::Random {
                 bytes: required(Fields::read(body, what, &[RANDOM])?.random, "random")?,
             },
+            Op::ResplitInit | Op::ResplitUpdate | Op::ResplitStatus => {
+                Response::Resplit(take_resplit(body)?)
+            }
+            Op::ResplitCancel => {
+                Fields::read(body, what, &[])?;
+                Response::Done
+            }
             Op::TokenCreate => {
                 let f = Fields::read(body, what, &[TOKEN, TOKEN_TTL])?;
                 Response::Token {

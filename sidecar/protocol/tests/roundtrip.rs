@@ -49,7 +49,13 @@ fn request() -> impl Strategy<Value = Request> {
             .prop_map(|(operator, password)| Request::OperatorPasswd { operator, password }),
         name().prop_map(|operator| Request::OperatorUnlock { operator }),
         Just(()).prop_map(|_| Request::OperatorList),
-        (name(), name()).prop_map(|(key, description)| Request::KeyCreate { key, description }),
+        (name(), name(), any::<u64>()).prop_map(|(key, description, rotate_after)| {
+            Request::KeyCreate {
+                key,
+                description,
+                rotate_after,
+            }
+        }),
         Just(()).prop_map(|_| Request::KeyList),
         name().prop_map(|key| Request::KeyDescribe { key }),
         name().prop_map(|key| Request::KeyRotate { key }),
