@@ -15,7 +15,7 @@ use tde_hsm::Hsm;
 use tde_hsm::store::ObjectStore;
 use tde_plugin::keys::SyncError;
 use tde_protocol::client::{Client, ClientError};
-use tde_protocol::{ErrorCode, KeyInfo, Request, SecretBytes, StatusInfo};
+use tde_protocol::{ErrorCode, KeyInfo, Request, Response, SecretBytes, StatusInfo};
 use tde_sidecar::Config;
 use tde_sidecar::policy::{ClientPolicy, DATA_OPERATIONS};
 use tde_sidecar::server;
@@ -126,6 +126,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Login { ttl } => login(&cli, &cfg, ttl),
         Command::Resplit(a) => resplit(&cli, &cfg, a),
+        Command::Approvals { id } => approvals(&cli, &cfg, *id, false),
+        Command::Approve { id } => approvals(&cli, &cfg, Some(*id), true),
         Command::Logout => logout(&cli, &cfg),
         Command::Reload => {
             let summary = admin_login(&cli, &cfg)?.reload()?;
@@ -1459,10 +1461,99 @@ fn zeroize(cli: &Cli, cfg: &Config, yes: bool) -> anyhow::Result<()> {
     if !c.status()?.sealed {
         c = admin_login(cli, cfg)?;
     }
-    c.zeroize()?;
+    if send_guarded(cli, &mut c, &Request::Zeroize)?.is_none() {
+        return Ok(());
+    }
     emit(cli, json!({"zeroized": true}), || {
         "Zeroized: the root material is destroyed.".into()
     });
+    Ok(())
+}
+
+/// Sends a request that dual control may hold back: its answer, or `None`
+/// when it now waits for approvals (said, with what to run).
+fn send_guarded(cli: &Cli, c: &mut Client, req: &Request) -> anyhow::Result<Option<Response>> {
+    match c.call(req)? {
+        Response::Approvals(a) if a.len() == 1 => {
+            let a = &a[0];
+            emit(cli, approval_json(a), || {
+                format!(
+                    "Request #{} ({}) waits for {} approvals by other crypto officers until {}: \
+                     each runs `tde approve {}`; `tde approvals {}` shows it.",
+                    a.id,
+                    a.what,
+                    a.needed,
+                    fmt_time(a.expires),
+                    a.id,
+                    a.id
+                )
+            });
+            Ok(None)
+        }
+        r => Ok(Some(r)),
+    }
+}
+
+fn approval_json(a: &tde_protocol::ApprovalInfo) -> Value {
+    json!({"id": a.id, "what": a.what, "requester": a.requester, "approved_by": a.approved_by,
+           "needed": a.needed, "state": a.state, "expires": a.expires, "message": a.message})
+}
+
+fn approval_human(a: &tde_protocol::ApprovalInfo) -> String {
+    let mut s = format!(
+        "#{} {} by {}: {} ({} of {} approvals{}), until {}",
+        a.id,
+        a.what,
+        a.requester,
+        a.state,
+        a.approved_by.len(),
+        a.needed,
+        if a.approved_by.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", a.approved_by.join(", "))
+        },
+        fmt_time(a.expires)
+    );
+    if let Some(m) = &a.message {
+        s.push_str(&format!("; {m}"));
+    }
+    s
+}
+
+/// `tde approvals [ID]` and `tde approve ID`.
+fn approvals(cli: &Cli, cfg: &Config, id: Option<u64>, approve: bool) -> anyhow::Result<()> {
+    let mut c = admin_login(cli, cfg)?;
+    match (id, approve) {
+        (Some(id), true) => {
+            let a = c.approve(id)?;
+            emit(cli, approval_json(&a), || approval_human(&a));
+            if a.state == "failed" {
+                return Err(Answered(1).into());
+            }
+        }
+        (Some(id), false) => {
+            let a = c.approval(id)?;
+            emit(cli, approval_json(&a), || approval_human(&a));
+        }
+        (None, _) => {
+            let list = c.approvals()?;
+            emit(
+                cli,
+                json!(list.iter().map(approval_json).collect::<Vec<_>>()),
+                || {
+                    if list.is_empty() {
+                        "No requests wait for approvals.".into()
+                    } else {
+                        list.iter()
+                            .map(approval_human)
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    }
+                },
+            );
+        }
+    }
     Ok(())
 }
 
@@ -1494,7 +1585,12 @@ fn operator(cli: &Cli, cfg: &Config, o: &OperatorCmd) -> anyhow::Result<()> {
             format!("Operator {name} unlocked.")
         }
         OperatorCmd::Remove { name } => {
-            admin_login(cli, cfg)?.operator_remove(name)?;
+            let req = Request::OperatorRemove {
+                operator: name.clone(),
+            };
+            if send_guarded(cli, &mut admin_login(cli, cfg)?, &req)?.is_none() {
+                return Ok(());
+            }
             format!("Operator {name} removed; its logins have ended.")
         }
         OperatorCmd::List => {
@@ -1601,7 +1697,14 @@ fn key(cli: &Cli, cfg: &Config, k: &KeyCmd) -> anyhow::Result<()> {
             }
         }
     };
-    let info = admin_login(cli, cfg)?.key(req)?;
+    let info = match send_guarded(cli, &mut admin_login(cli, cfg)?, &req)? {
+        None => return Ok(()),
+        Some(Response::Key(info)) => info,
+        Some(_) => bail!(
+            "the sidecar answered {} with something else",
+            req.op().name()
+        ),
+    };
     emit(cli, key_json(&info), || key_human(&info));
     Ok(())
 }

@@ -93,6 +93,17 @@ pub enum Command {
     },
     /// Seal: wipe keys from the daemon's memory.
     Seal,
+    /// List the requests waiting for approvals (dual control), or show one.
+    Approvals {
+        /// The request.
+        id: Option<u64>,
+    },
+    /// Approve another crypto officer's request (`[quorum]`); the last
+    /// approval runs it.
+    Approve {
+        /// The request.
+        id: u64,
+    },
     /// Re-split the unseal shares into a new set (custodian turnover), as
     /// `vault operator rekey`: an officer starts it (--init), a threshold
     /// of the current shares approves it, no key is touched.

@@ -341,6 +341,9 @@ fn sample_requests() -> Vec<tde_protocol::Request> {
         },
         Request::ResplitStatus,
         Request::ResplitCancel,
+        Request::ApprovalList,
+        Request::Approve { id: 1 },
+        Request::ApprovalStatus { id: 1 },
     ]
 }
 

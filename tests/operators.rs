@@ -320,3 +320,108 @@ fn a_resplit_makes_new_shares_that_unseal_while_the_old_fail() {
         );
     }
 }
+
+/// CloudHSM's quorum: with `[quorum] approvals = 1`, a key destruction
+/// waits for a second officer; approved, it runs as its requester; without
+/// an approval it expires and nothing is destroyed.
+#[test]
+fn a_destroy_waits_for_a_second_officer_and_expires_without_one() {
+    let env = Env::new("[quorum]\napprovals = 1\ntimeout_seconds = 3\n");
+    let shares = env.init();
+    let _daemon = env.serve();
+    env.unseal(&shares[..3]);
+    env.ok_new_password(
+        &["operator", "add", "bob", "--role", "crypto_officer"],
+        "bob-password-1",
+    );
+    env.ok(&["key", "create", "app-q1"]);
+    env.ok(&["key", "create", "app-q2"]);
+    let as_bob = |args: &[&str]| {
+        let out = env
+            .cmd(args)
+            .args(["--operator", "bob", "--json"])
+            .env("TDE_PASSWORD", "bob-password-1")
+            .output()
+            .expect("run");
+        parse(&out, args)
+    };
+    let state = |key: &str| {
+        env.ok(&["key", "show", key])["versions"][0]["state"]
+            .as_str()
+            .expect("state")
+            .to_string()
+    };
+
+    // Held: the key is untouched, the requester cannot approve it.
+    let w = env.ok(&["key", "destroy", "app-q1", "--yes"]);
+    assert_eq!(
+        (w["state"].as_str(), w["needed"].as_u64()),
+        (Some("waiting"), Some(1)),
+        "{w}"
+    );
+    let id = w["id"].as_u64().expect("id").to_string();
+    assert_eq!(state("app-q1"), "enabled");
+    let own = env.refused(&["approve", &id], "PERMISSION_DENIED");
+    assert!(own.contains("officer who made it"), "{own}");
+    // A second officer approves: it runs, as admin's request.
+    let (rc, v) = as_bob(&["approve", &id]);
+    assert_eq!((rc, v["state"].as_str()), (0, Some("done")), "{v}");
+    assert_eq!(v["approved_by"][0], "bob");
+    assert_eq!(state("app-q1"), "destroyed");
+    let (rc, v) = as_bob(&["approve", &id]);
+    assert_eq!(rc, 1, "a finished request takes no approvals: {v}");
+
+    // Not approved in time: expired, nothing destroyed.
+    let w = env.ok(&["key", "destroy", "app-q2", "--yes"]);
+    let id2 = w["id"].as_u64().expect("id").to_string();
+    std::thread::sleep(std::time::Duration::from_millis(4200));
+    let s = env.ok(&["approvals", &id2]);
+    assert_eq!(s["state"], "expired", "{s}");
+    assert_eq!(state("app-q2"), "enabled");
+    let (rc, v) = as_bob(&["approve", &id2]);
+    assert_eq!(rc, 1, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("expired")),
+        "{v}"
+    );
+    let list = env.ok(&["approvals"]);
+    assert_eq!(list.as_array().map(Vec::len), Some(2), "{list}");
+
+    // An auditor may list, not approve; an operator removal is held too.
+    env.ok_new_password(
+        &["operator", "add", "carol", "--role", "auditor"],
+        "carol-password-1",
+    );
+    let w = env.ok(&["operator", "remove", "carol"]);
+    assert_eq!(w["state"], "waiting", "{w}");
+    let out = env
+        .cmd(&[
+            "approve",
+            &w["id"].as_u64().expect("id").to_string(),
+            "--operator",
+            "carol",
+        ])
+        .env("TDE_PASSWORD", "carol-password-1")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+
+    let recs = audit(&env.db());
+    assert_eq!(count(&recs, "approval_request", "ok"), 3);
+    assert_eq!(count(&recs, "approval_expired", "error"), 1);
+    let ran: Vec<_> = recs
+        .iter()
+        .filter(|r| r["op"] == "key_destroy" && r["result"] == "ok")
+        .collect();
+    assert_eq!(ran.len(), 1, "only the approved one ran");
+    assert_eq!(ran[0]["actor"]["operator"], "admin");
+    assert!(
+        ran[0]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("approved by bob")),
+        "{}",
+        ran[0]
+    );
+}

@@ -190,6 +190,8 @@ pub enum Permission {
     Configure,
     /// Start or cancel a re-split of the unseal shares.
     Custody,
+    /// Approve another officer's destructive request (dual control).
+    Approve,
 }
 
 impl Permission {
@@ -200,7 +202,8 @@ impl Permission {
             | Permission::ManageOperators
             | Permission::ManageKeys
             | Permission::Configure
-            | Permission::Custody => &[Role::CryptoOfficer],
+            | Permission::Custody
+            | Permission::Approve => &[Role::CryptoOfficer],
             Permission::Read => &[Role::CryptoOfficer, Role::Auditor],
             Permission::UseKeys => &[Role::CryptoUser],
         }
@@ -215,6 +218,7 @@ impl Permission {
             Permission::UseKeys => "use master keys",
             Permission::Configure => "reload the configuration",
             Permission::Custody => "re-split the unseal shares",
+            Permission::Approve => "approve requests",
         }
     }
 }

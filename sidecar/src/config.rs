@@ -40,8 +40,23 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// What seal does to running mounts.
     pub mounts: MountsConfig,
+    /// Dual control.
+    pub quorum: QuorumConfig,
     /// Data-socket client policies.
     pub clients: Vec<ClientPolicy>,
+}
+
+/// `[quorum]`: dual control for destructive operations, as CloudHSM's
+/// quorum authentication: key destruction, zeroization (of an unsealed
+/// HSM) and operator removal wait for other crypto officers' approvals.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct QuorumConfig {
+    /// Approvals by crypto officers other than the requester; 0 turns dual
+    /// control off.
+    pub approvals: u32,
+    /// How long a request waits for them, seconds.
+    pub timeout_seconds: u64,
 }
 
 /// `[store]`.
@@ -168,6 +183,10 @@ impl Default for Config {
             mounts: MountsConfig {
                 on_seal: "keep".into(),
             },
+            quorum: QuorumConfig {
+                approvals: 0,
+                timeout_seconds: 900,
+            },
             clients: Vec::new(),
         }
     }
@@ -253,6 +272,9 @@ impl Config {
                 "memory.lock must be auto, required or off, not {:?}",
                 self.memory.lock
             ));
+        }
+        if self.quorum.approvals > 0 && self.quorum.timeout_seconds == 0 {
+            return Err("quorum.timeout_seconds must be above 0".into());
         }
         if !matches!(self.mounts.on_seal.as_str(), "keep" | "wipe") {
             return Err(format!(

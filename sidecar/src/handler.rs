@@ -61,6 +61,9 @@ pub struct Session {
     /// The operator logged in on this connection: the HSM's session, which
     /// every administrative operation hands back to the HSM.
     pub operator: Option<OperatorSession>,
+    /// Running a request its approvals released (dual control applies no
+    /// more).
+    pub approved: bool,
 }
 
 /// The wrapped key of a `decrypt` or `re_encrypt`, parsed once for the
@@ -111,6 +114,125 @@ pub struct Service {
     pub reloader: OnceLock<Reloader>,
     /// Operator session tokens (`tde login`).
     pub tokens: Tokens,
+    /// `quorum.approvals`: approvals a destructive request waits for.
+    pub quorum_approvals: AtomicU32,
+    /// `quorum.timeout_seconds`.
+    pub quorum_timeout_seconds: AtomicU64,
+    /// Requests waiting for approvals.
+    pub approvals: Approvals,
+}
+
+/// A destructive request that dual control holds back.
+#[derive(Debug, Clone)]
+enum Guarded {
+    KeyDestroy {
+        key: String,
+        version: Option<u32>,
+        force: bool,
+    },
+    Zeroize,
+    OperatorRemove {
+        operator: String,
+    },
+}
+
+impl Guarded {
+    /// The request, if dual control applies to it (a zeroization needs a
+    /// login to wait for approvals: a sealed HSM has no officers).
+    fn of(req: &Request, logged_in: bool) -> Option<Guarded> {
+        Some(match req {
+            Request::KeyDestroy {
+                key,
+                version,
+                force,
+            } => Guarded::KeyDestroy {
+                key: key.clone(),
+                version: *version,
+                force: *force,
+            },
+            Request::Zeroize if logged_in => Guarded::Zeroize,
+            Request::OperatorRemove { operator } => Guarded::OperatorRemove {
+                operator: operator.clone(),
+            },
+            _ => return None,
+        })
+    }
+
+    fn what(&self) -> String {
+        match self {
+            Guarded::KeyDestroy {
+                key,
+                version,
+                force,
+            } => format!(
+                "key_destroy {key} {}{}",
+                version.map_or("(every version)".to_string(), |v| format!("v{v}")),
+                if *force { " --force" } else { "" }
+            ),
+            Guarded::Zeroize => "zeroize".into(),
+            Guarded::OperatorRemove { operator } => format!("operator_remove {operator}"),
+        }
+    }
+
+    fn permission(&self) -> Permission {
+        match self {
+            Guarded::KeyDestroy { .. } => Permission::ManageKeys,
+            Guarded::Zeroize => Permission::Seal,
+            Guarded::OperatorRemove { .. } => Permission::ManageOperators,
+        }
+    }
+
+    fn request(&self) -> Request {
+        match self.clone() {
+            Guarded::KeyDestroy {
+                key,
+                version,
+                force,
+            } => Request::KeyDestroy {
+                key,
+                version,
+                force,
+            },
+            Guarded::Zeroize => Request::Zeroize,
+            Guarded::OperatorRemove { operator } => Request::OperatorRemove { operator },
+        }
+    }
+}
+
+/// One request waiting for approvals.
+#[derive(Debug)]
+struct Pending {
+    action: Guarded,
+    requester: OperatorSession,
+    approved_by: Vec<String>,
+    needed: u32,
+    expires: u64,
+    state: &'static str,
+    message: Option<String>,
+}
+
+/// Requests waiting for other officers' approvals (dual control, as
+/// CloudHSM's quorum). In memory: a restart drops them, and the requester
+/// asks again.
+#[derive(Debug, Default)]
+pub struct Approvals {
+    inner: Mutex<(u64, std::collections::BTreeMap<u64, Pending>)>,
+}
+
+/// Requests kept, waiting or finished (the oldest finished go first).
+const MAX_PENDING: usize = 256;
+
+fn approval_info(id: u64, p: &Pending) -> tde_protocol::ApprovalInfo {
+    tde_protocol::ApprovalInfo {
+        id,
+        what: p.action.what(),
+        requester: p.requester.name().to_string(),
+        approved_by: p.approved_by.clone(),
+        needed: p.needed,
+        state: p.state.to_string(),
+        expires: p.expires,
+        message: p.message.clone(),
+    }
 }
 
 /// The longest a session token lives (Vault's default token TTL is longer;
@@ -522,6 +644,7 @@ fn is_mutating(req: &Request) -> bool {
             | Request::ResplitInit { .. }
             | Request::ResplitUpdate { .. }
             | Request::ResplitCancel
+            | Request::Approve { .. }
     )
 }
 
@@ -612,6 +735,158 @@ fn describe(req: &Request, blob: &Blob<'_>, rec: &mut AuditRecord) {
 }
 
 impl Service {
+    /// Holds a destructive request until `needed` other officers approve.
+    fn hold(
+        &self,
+        by: &OperatorSession,
+        g: Guarded,
+        needed: u32,
+        rec: &mut AuditRecord,
+    ) -> Outcome {
+        hsm(self.hsm.authorize(by, g.permission()))?;
+        let expires = tde_hsm::hsm::now() + self.quorum_timeout_seconds.load(Ordering::Relaxed);
+        let mut guard = self
+            .approvals
+            .inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let (next, map) = &mut *guard;
+        self.expire(map);
+        if map.len() >= MAX_PENDING {
+            let done: Vec<u64> = map
+                .iter()
+                .filter(|(_, p)| p.state != "waiting")
+                .map(|(id, _)| *id)
+                .collect();
+            for id in done.into_iter().take(map.len() + 1 - MAX_PENDING) {
+                map.remove(&id);
+            }
+            if map.len() >= MAX_PENDING {
+                return Err((
+                    ErrorCode::LimitExceeded,
+                    format!("{MAX_PENDING} requests are waiting for approvals already"),
+                ));
+            }
+        }
+        *next += 1;
+        let id = *next;
+        let p = Pending {
+            action: g,
+            requester: by.clone(),
+            approved_by: Vec::new(),
+            needed,
+            expires,
+            state: "waiting",
+            message: None,
+        };
+        rec.op = "approval_request".into();
+        rec.detail = Some(format!(
+            "request #{id} ({}) waits for {needed} approvals by other crypto officers",
+            p.action.what()
+        ));
+        let info = approval_info(id, &p);
+        map.insert(id, p);
+        Ok(Response::Approvals(vec![info]))
+    }
+
+    /// Marks requests whose time is up `expired` (once, audited).
+    fn expire(&self, map: &mut std::collections::BTreeMap<u64, Pending>) {
+        let now = tde_hsm::hsm::now();
+        for (id, p) in map.iter_mut() {
+            if p.state == "waiting" && now > p.expires {
+                p.state = "expired";
+                let mut rec = AuditRecord::new("internal", "approval_expired");
+                rec.actor.operator = Some(p.requester.name().to_string());
+                rec.result = "error";
+                rec.detail = Some(format!(
+                    "request #{id} ({}) expired with {} of {} approvals; it did not run",
+                    p.action.what(),
+                    p.approved_by.len(),
+                    p.needed
+                ));
+                if let Err(e) = self.audit.append(rec) {
+                    tracing::error!(error = %e, "an expiry could not be audited");
+                }
+            }
+        }
+    }
+
+    /// One officer's approval; the last one runs the request, as its
+    /// requester (whose login must still be live), and audits it.
+    fn approve(&self, by: &OperatorSession, id: u64, rec: &mut AuditRecord) -> Outcome {
+        hsm(self.hsm.authorize(by, Permission::Approve))?;
+        let mut guard = self
+            .approvals
+            .inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        self.expire(&mut guard.1);
+        let p = guard.1.get_mut(&id).ok_or_else(|| {
+            (
+                ErrorCode::InvalidArgument,
+                format!("no request #{id} (a restart forgets them)"),
+            )
+        })?;
+        rec.detail = Some(format!("request #{id} ({})", p.action.what()));
+        if p.state != "waiting" {
+            return Err((
+                ErrorCode::InvalidArgument,
+                format!("request #{id} is {} and takes no more approvals", p.state),
+            ));
+        }
+        if p.requester.name() == by.name() {
+            return Err((
+                ErrorCode::PermissionDenied,
+                "a request cannot be approved by the officer who made it".into(),
+            ));
+        }
+        if p.approved_by.iter().any(|o| o == by.name()) {
+            return Err((
+                ErrorCode::InvalidArgument,
+                format!("{} approved request #{id} already", by.name()),
+            ));
+        }
+        p.approved_by.push(by.name().to_string());
+        if (p.approved_by.len() as u64) < u64::from(p.needed) {
+            return Ok(Response::Approvals(vec![approval_info(id, p)]));
+        }
+        // Run it as its requester, and record it as the requester's
+        // operation, approved.
+        let req = p.action.request();
+        let mut run = AuditRecord::new("admin", req.op().name());
+        run.actor.operator = Some(p.requester.name().to_string());
+        describe(&req, &None, &mut run);
+        let mut session = Session {
+            operator: Some(p.requester.clone()),
+            approved: true,
+        };
+        let outcome = self.admin(&mut session, &req, &None, &mut run);
+        match &outcome {
+            Ok(_) => {
+                p.state = "done";
+                p.message = Some(format!("approved by {}", p.approved_by.join(", ")));
+            }
+            Err((code, why)) => {
+                p.state = "failed";
+                p.message = Some(format!("{why} ({})", code.name()));
+                run.result = "error";
+                run.error_code = Some(code.name());
+            }
+        }
+        let extra = format!("approved by {} as request #{id}", p.approved_by.join(", "));
+        run.detail = Some(match run.detail.take() {
+            Some(d) => format!("{d}; {extra}"),
+            None => extra,
+        });
+        let info = approval_info(id, p);
+        drop(guard);
+        self.audit
+            .append(run)
+            .map_err(|e| (ErrorCode::AuditFailed, e.to_string()))?;
+        self.drain_events();
+        Ok(Response::Approvals(vec![info]))
+    }
+
     /// Refuses an automatic rotation period below
     /// `limits.min_rotation_seconds` (0, none, is always fine).
     fn check_rotation_period(&self, seconds: u64) -> Result<(), (ErrorCode, String)> {
@@ -1149,6 +1424,14 @@ impl Service {
             })
         };
         let h = &self.hsm;
+        // Dual control: a destructive request waits for approvals.
+        let needed = self.quorum_approvals.load(Ordering::Relaxed);
+        if needed > 0
+            && !session.approved
+            && let Some(g) = Guarded::of(req, login.is_some())
+        {
+            return self.hold(by()?, g, needed, rec);
+        }
         let key = |k: Result<tde_hsm::KeyInfo, HsmError>| {
             hsm(k).and_then(|k| {
                 let refs = self.references(&k.name)?;
@@ -1310,6 +1593,35 @@ impl Service {
                 hsm(h.operator_remove(by()?, operator))?;
                 Ok(Response::Done)
             }
+            Request::ApprovalList => {
+                hsm(h.authorize(by()?, Permission::Read))?;
+                let mut g = self
+                    .approvals
+                    .inner
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                self.expire(&mut g.1);
+                Ok(Response::Approvals(
+                    g.1.iter().map(|(id, p)| approval_info(*id, p)).collect(),
+                ))
+            }
+            Request::ApprovalStatus { id } => {
+                hsm(h.check_login(by()?))?;
+                let mut g = self
+                    .approvals
+                    .inner
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                self.expire(&mut g.1);
+                let p = g.1.get(id).ok_or_else(|| {
+                    (
+                        ErrorCode::InvalidArgument,
+                        format!("no request #{id} (a restart forgets them)"),
+                    )
+                })?;
+                Ok(Response::Approvals(vec![approval_info(*id, p)]))
+            }
+            Request::Approve { id } => self.approve(by()?, *id, rec),
             Request::OperatorList => Ok(Response::Operators(
                 hsm(h.operator_list(by()?))?
                     .into_iter()

@@ -122,6 +122,19 @@ impl Live {
         }
         svc.revoke_on_seal
             .store(new.mounts.on_seal == "wipe", Ordering::SeqCst);
+        if new.quorum != cur.quorum {
+            changes.push(format!(
+                "quorum: {} approvals within {} s (was {} within {} s)",
+                new.quorum.approvals,
+                new.quorum.timeout_seconds,
+                cur.quorum.approvals,
+                cur.quorum.timeout_seconds
+            ));
+        }
+        svc.quorum_approvals
+            .store(new.quorum.approvals, Ordering::SeqCst);
+        svc.quorum_timeout_seconds
+            .store(new.quorum.timeout_seconds, Ordering::SeqCst);
 
         // The rest is fixed at start: keep it as it runs, and say so.
         let mut fixed = Vec::new();

@@ -450,6 +450,9 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
         idle_timeout_seconds: cfg.limits.idle_timeout_seconds.into(),
         reloader: Default::default(),
         tokens: Default::default(),
+        quorum_approvals: cfg.quorum.approvals.into(),
+        quorum_timeout_seconds: cfg.quorum.timeout_seconds.into(),
+        approvals: Default::default(),
     });
     let live = Arc::new(Live::new(reload, cfg.clone()));
     {

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::frame::{read_frame, write_frame};
-use crate::message::{Context, DekRef, KeyInfo, OperatorInfo, ResplitInfo, StatusInfo};
+use crate::message::{
+    ApprovalInfo, Context, DekRef, KeyInfo, OperatorInfo, ResplitInfo, StatusInfo,
+};
 use crate::{ErrorCode, Op, Request, Response, SecretBytes};
 
 /// How long a call waits for its answer (a `watch_key` waits at most 60 s
@@ -262,6 +264,30 @@ impl Client {
     /// Cancels the re-split (a crypto officer).
     pub fn resplit_cancel(&mut self) -> Result<(), ClientError> {
         expect!(self, Request::ResplitCancel, Response::Done => ())
+    }
+
+    /// The requests waiting for approvals.
+    pub fn approvals(&mut self) -> Result<Vec<ApprovalInfo>, ClientError> {
+        expect!(self, Request::ApprovalList, Response::Approvals(a) => a)
+    }
+
+    /// Approves request `id` (another crypto officer); gives its state.
+    pub fn approve(&mut self, id: u64) -> Result<ApprovalInfo, ClientError> {
+        let req = Request::Approve { id };
+        self.one_approval(&req)
+    }
+
+    /// Request `id`'s approvals and outcome.
+    pub fn approval(&mut self, id: u64) -> Result<ApprovalInfo, ClientError> {
+        let req = Request::ApprovalStatus { id };
+        self.one_approval(&req)
+    }
+
+    fn one_approval(&mut self, req: &Request) -> Result<ApprovalInfo, ClientError> {
+        match self.call(req)? {
+            Response::Approvals(mut a) if a.len() == 1 => Ok(a.remove(0)),
+            _ => Err(unexpected(req.op())),
+        }
     }
 
     /// Re-reads the daemon's configuration; returns what changed.

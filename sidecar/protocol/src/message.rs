@@ -110,6 +110,16 @@ pub mod tag {
     pub const NONCE: u8 = 48;
     /// The threshold a re-split makes (u32).
     pub const NEW_THRESHOLD: u8 = 49;
+    /// A request waiting for approvals (record: `APPROVAL_ID`,
+    /// `DESCRIPTION`, `OPERATOR`, `APPROVED_BY`*, `THRESHOLD`, `STATE`,
+    /// `EXPIRES`, `MESSAGE`?).
+    pub const APPROVAL_INFO: u8 = 50;
+    /// Number of a request waiting for approvals (u64).
+    pub const APPROVAL_ID: u8 = 51;
+    /// An officer who approved (string; repeated).
+    pub const APPROVED_BY: u8 = 52;
+    /// When a request stops waiting, Unix seconds (u64).
+    pub const EXPIRES: u8 = 53;
 }
 
 /// Operation codes.
@@ -150,6 +160,12 @@ pub enum Op {
     ResplitStatus = 0x020B,
     /// Cancel the re-split.
     ResplitCancel = 0x020C,
+    /// List the requests waiting for approvals.
+    ApprovalList = 0x0501,
+    /// Approve a waiting request (another crypto officer).
+    Approve = 0x0502,
+    /// One request's approvals and outcome.
+    ApprovalStatus = 0x0503,
     /// Add an operator.
     OperatorAdd = 0x0301,
     /// Change an operator's password.
@@ -211,6 +227,9 @@ impl Op {
         Op::ResplitUpdate,
         Op::ResplitStatus,
         Op::ResplitCancel,
+        Op::ApprovalList,
+        Op::Approve,
+        Op::ApprovalStatus,
         Op::OperatorAdd,
         Op::OperatorPasswd,
         Op::OperatorUnlock,
@@ -257,6 +276,9 @@ impl Op {
             Op::ResplitUpdate => "resplit_update",
             Op::ResplitStatus => "resplit_status",
             Op::ResplitCancel => "resplit_cancel",
+            Op::ApprovalList => "approval_list",
+            Op::Approve => "approve",
+            Op::ApprovalStatus => "approval_status",
             Op::OperatorAdd => "operator_add",
             Op::OperatorPasswd => "operator_passwd",
             Op::OperatorUnlock => "operator_unlock",
@@ -388,6 +410,18 @@ pub enum Request {
     ResplitStatus,
     /// See [`Op::ResplitCancel`].
     ResplitCancel,
+    /// See [`Op::ApprovalList`].
+    ApprovalList,
+    /// See [`Op::Approve`].
+    Approve {
+        /// The request.
+        id: u64,
+    },
+    /// See [`Op::ApprovalStatus`].
+    ApprovalStatus {
+        /// The request.
+        id: u64,
+    },
     /// See [`Op::OperatorAdd`].
     OperatorAdd {
         /// Operator name.
@@ -565,6 +599,30 @@ pub struct ResplitInfo {
     pub new_shares: Vec<SecretBytes>,
 }
 
+/// A request waiting for other crypto officers' approvals (dual control).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApprovalInfo {
+    /// Its number.
+    pub id: u64,
+    /// What it does, for people: `key_destroy pg-main v1`.
+    pub what: String,
+    /// The officer who asked.
+    pub requester: String,
+    /// The officers who approved.
+    pub approved_by: Vec<String>,
+    /// Approvals needed.
+    pub needed: u32,
+    /// `waiting`, `done`, `failed` or `expired`.
+    pub state: String,
+    /// When it stops waiting, Unix seconds.
+    pub expires: u64,
+    /// The outcome once it ran (the error, for `failed`).
+    pub message: Option<String>,
+}
+
+/// Most requests, and approvers of one, an answer carries.
+pub const MAX_APPROVALS: usize = 256;
+
 /// Most shares a re-split answer carries.
 pub const MAX_NEW_SHARES: usize = 32;
 
@@ -692,6 +750,10 @@ pub enum Response {
     },
     /// Answer with no data (zeroize, operator add/passwd/unlock).
     Done,
+    /// Requests waiting for approvals: the answer to the approval
+    /// operations, and to KEY_DESTROY, ZEROIZE and OPERATOR_REMOVE when a
+    /// quorum is configured (the request then waits instead of running).
+    Approvals(Vec<ApprovalInfo>),
     /// Answer to the re-split operations (cancel answers `Done`).
     Resplit(ResplitInfo),
     /// Answer to token-create.
@@ -792,6 +854,7 @@ struct Fields {
     timeout_ms: Option<u32>,
     location: Option<String>,
     deks: Vec<DekRef>,
+    approval_id: Option<u64>,
     nonce: Option<String>,
     threshold: Option<u32>,
     shares: Option<u32>,
@@ -848,6 +911,9 @@ impl Fields {
                     "token",
                 )?,
                 tag::TOKEN_TTL => once(&mut f.token_ttl, as_u64(v, "token_ttl")?, "token_ttl")?,
+                tag::APPROVAL_ID => {
+                    once(&mut f.approval_id, as_u64(v, "approval_id")?, "approval_id")?
+                }
                 tag::NONCE => once(
                     &mut f.nonce,
                     as_str(capped(v, "nonce", MAX_NAME)?, "nonce")?,
@@ -980,6 +1046,9 @@ impl Request {
             Request::ResplitUpdate { .. } => Op::ResplitUpdate,
             Request::ResplitStatus => Op::ResplitStatus,
             Request::ResplitCancel => Op::ResplitCancel,
+            Request::ApprovalList => Op::ApprovalList,
+            Request::Approve { .. } => Op::Approve,
+            Request::ApprovalStatus { .. } => Op::ApprovalStatus,
             Request::OperatorAdd { .. } => Op::OperatorAdd,
             Request::OperatorPasswd { .. } => Op::OperatorPasswd,
             Request::OperatorUnlock { .. } => Op::OperatorUnlock,
@@ -1012,6 +1081,7 @@ impl Request {
             | Request::Reload
             | Request::ResplitStatus
             | Request::ResplitCancel
+            | Request::ApprovalList
             | Request::OperatorList
             | Request::KeyList => {}
             Request::GenerateDataKey { key, context } => {
@@ -1059,6 +1129,9 @@ impl Request {
             }
             Request::ResplitInit { threshold, shares } => {
                 w.u32(THRESHOLD, *threshold).u32(SHARES, *shares);
+            }
+            Request::Approve { id } | Request::ApprovalStatus { id } => {
+                w.u64(APPROVAL_ID, *id);
             }
             Request::ResplitUpdate { nonce, share } => {
                 w.str(NONCE, nonce).bytes(SHARE, share.expose());
@@ -1213,6 +1286,16 @@ impl Request {
                 read(&[])?;
                 Request::ResplitCancel
             }
+            Op::ApprovalList => {
+                read(&[])?;
+                Request::ApprovalList
+            }
+            Op::Approve => Request::Approve {
+                id: required(read(&[APPROVAL_ID])?.approval_id, "approval_id")?,
+            },
+            Op::ApprovalStatus => Request::ApprovalStatus {
+                id: required(read(&[APPROVAL_ID])?.approval_id, "approval_id")?,
+            },
             Op::OperatorList => {
                 read(&[])?;
                 Request::OperatorList
@@ -1506,6 +1589,46 @@ fn put_status(w: &mut Writer, s: &StatusInfo) {
         .str(SERVER_VERSION, &s.server_version);
 }
 
+fn take_approvals(body: &[u8]) -> Result<Response, DecodeError> {
+    let mut out = Vec::new();
+    let mut rd = Reader::new(body);
+    while let Some((t, v)) = rd.next_field()? {
+        if t != APPROVAL_INFO {
+            return Err(unexpected("approvals", t));
+        }
+        if out.len() >= MAX_APPROVALS {
+            return Err(DecodeError::DuplicateField("approval_info"));
+        }
+        let mut a = ApprovalInfo::default();
+        let mut seen = [false; 256];
+        let mut r = Reader::new(v);
+        while let Some((t, v)) = r.next_field()? {
+            if t != APPROVED_BY && std::mem::replace(&mut seen[usize::from(t)], true) {
+                return Err(DecodeError::DuplicateField("approval_info"));
+            }
+            match t {
+                APPROVAL_ID => a.id = as_u64(v, "approval_id")?,
+                DESCRIPTION => a.what = as_str(capped(v, "description", MAX_TEXT)?, "description")?,
+                OPERATOR => a.requester = as_str(capped(v, "operator", MAX_NAME)?, "operator")?,
+                APPROVED_BY => {
+                    if a.approved_by.len() >= MAX_APPROVALS {
+                        return Err(DecodeError::DuplicateField("approved_by"));
+                    }
+                    a.approved_by
+                        .push(as_str(capped(v, "approved_by", MAX_NAME)?, "approved_by")?);
+                }
+                THRESHOLD => a.needed = as_u32(v, "threshold")?,
+                STATE => a.state = as_str(capped(v, "state", MAX_NAME)?, "state")?,
+                EXPIRES => a.expires = as_u64(v, "expires")?,
+                MESSAGE => a.message = Some(as_str(capped(v, "message", MAX_TEXT)?, "message")?),
+                other => return Err(unexpected("approval_info", other)),
+            }
+        }
+        out.push(a);
+    }
+    Ok(Response::Approvals(out))
+}
+
 fn take_resplit(body: &[u8]) -> Result<ResplitInfo, DecodeError> {
     let mut r = ResplitInfo::default();
     let mut seen = [false; 256];
@@ -1621,6 +1744,24 @@ impl Response {
                 w.str(OPERATOR, operator).str(ROLE, role);
             }
             Response::Done => {}
+            Response::Approvals(list) => {
+                for a in list {
+                    let mut r = Writer::new();
+                    r.u64(APPROVAL_ID, a.id)
+                        .str(DESCRIPTION, truncate(&a.what, MAX_TEXT))
+                        .str(OPERATOR, &a.requester)
+                        .u32(THRESHOLD, a.needed)
+                        .str(STATE, &a.state)
+                        .u64(EXPIRES, a.expires);
+                    for o in &a.approved_by {
+                        r.str(APPROVED_BY, o);
+                    }
+                    if let Some(m) = &a.message {
+                        r.str(MESSAGE, truncate(m, MAX_TEXT));
+                    }
+                    w.record(APPROVAL_INFO, &r);
+                }
+            }
             Response::Resplit(r) => {
                 w.str(NONCE, &r.nonce)
                     .u32(PROGRESS, r.progress)
@@ -1707,7 +1848,14 @@ impl Response {
     /// Decodes the body of a successful response to `op`.
     pub fn decode_body(op: Op, body: &[u8]) -> Result<Response, DecodeError> {
         let what = op.name();
+        // A guarded request that waits for approvals answers with them.
+        let waits = matches!(op, Op::KeyDestroy | Op::Zeroize | Op::OperatorRemove)
+            && matches!(Reader::new(body).next_field(), Ok(Some((APPROVAL_INFO, _))));
+        if waits {
+            return take_approvals(body);
+        }
         Ok(match op {
+            Op::ApprovalList | Op::Approve | Op::ApprovalStatus => take_approvals(body)?,
             Op::Status | Op::Unseal | Op::Seal => Response::Status(take_status(body)?),
             Op::GenerateDataKey => {
                 let f = Fields::read(body, what, &[KEY_NAME, KEY_VERSION, PLAINTEXT, CIPHERTEXT])?;
