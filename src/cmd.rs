@@ -1026,20 +1026,13 @@ fn init(cli: &Cli, cfg: &Config, a: &InitArgs) -> anyhow::Result<()> {
         ),
     };
     let out = init_store(cfg, a.threshold, a.shares, false, cli.operator(), &pw)?;
-    let texts: Vec<String> = out
-        .shares
-        .iter()
-        .map(|s| String::from_utf8_lossy(s.expose()).into_owned())
-        .collect();
-    if let Some(dir) = &a.share_dir {
-        server::create_private_dir(dir, "share directory")?;
-        for (i, t) in texts.iter().enumerate() {
-            write_private(&dir.join(format!("share-{}", i + 1)), t.as_bytes())?;
-        }
-    }
+    let texts = share_texts(
+        out.shares.iter().map(|s| s.expose()),
+        a.share_dir.as_deref(),
+    )?;
     emit(
         cli,
-        json!({"shares": texts, "threshold": out.threshold, "officer": cli.operator(), "store": cfg.store_path()}),
+        json!({"shares": texts.iter().map(|t| t.as_str()).collect::<Vec<_>>(), "threshold": out.threshold, "officer": cli.operator(), "store": cfg.store_path()}),
         || {
             let mut s = format!(
                 "Initialized the key store {}.\n\nUnseal shares ({} of {} needed to unseal). They are shown once and stored nowhere:\ngive each to a different custodian.\n\n",
@@ -1048,7 +1041,7 @@ fn init(cli: &Cli, cfg: &Config, a: &InitArgs) -> anyhow::Result<()> {
                 texts.len()
             );
             for (i, t) in texts.iter().enumerate() {
-                s.push_str(&format!("  share {}: {t}\n", i + 1));
+                s.push_str(&format!("  share {}: {}\n", i + 1, t.as_str()));
             }
             s.push_str(&format!(
                 "\nCrypto officer {:?} created. Start the daemon with `tde serve`, then run `tde unseal` {} times.",
@@ -1362,6 +1355,24 @@ fn read_share(
     Ok(text)
 }
 
+/// Shares as text for the output (zeroized on drop), and, with `dir`,
+/// each written to `dir/share-N` (0600) as well (`tde init`, `tde resplit`).
+fn share_texts<'a>(
+    shares: impl Iterator<Item = &'a [u8]>,
+    dir: Option<&Path>,
+) -> anyhow::Result<Vec<Zeroizing<String>>> {
+    let texts: Vec<Zeroizing<String>> = shares
+        .map(|s| Zeroizing::new(String::from_utf8_lossy(s).into_owned()))
+        .collect();
+    if let Some(dir) = dir {
+        server::create_private_dir(dir, "share directory")?;
+        for (i, t) in texts.iter().enumerate() {
+            write_private(&dir.join(format!("share-{}", i + 1)), t.as_bytes())?;
+        }
+    }
+    Ok(texts)
+}
+
 /// `tde resplit`: Vault's `operator rekey` for the unseal shares.
 fn resplit(cli: &Cli, cfg: &Config, a: &crate::ResplitArgs) -> anyhow::Result<()> {
     let show = |r: &tde_protocol::ResplitInfo| {
@@ -1413,17 +1424,10 @@ fn resplit(cli: &Cli, cfg: &Config, a: &crate::ResplitArgs) -> anyhow::Result<()
         show(&r);
         return Ok(());
     }
-    let texts: Vec<Zeroizing<String>> = r
-        .new_shares
-        .iter()
-        .map(|s| Zeroizing::new(String::from_utf8_lossy(s.expose()).into_owned()))
-        .collect();
-    if let Some(dir) = &a.share_dir {
-        server::create_private_dir(dir, "share directory")?;
-        for (i, t) in texts.iter().enumerate() {
-            write_private(&dir.join(format!("share-{}", i + 1)), t.as_bytes())?;
-        }
-    }
+    let texts = share_texts(
+        r.new_shares.iter().map(|s| s.expose()),
+        a.share_dir.as_deref(),
+    )?;
     emit(
         cli,
         json!({"shares": texts.iter().map(|t| t.as_str()).collect::<Vec<_>>(), "threshold": r.threshold}),
