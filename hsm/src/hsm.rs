@@ -612,16 +612,7 @@ impl Hsm {
             State::Zeroized(_) => return Err(HsmError::Zeroized),
             State::Sealed(m) => m.clone(),
         };
-        if share.store_id != meta.store_id {
-            return Err(HsmError::InvalidShare(
-                "it belongs to another key store".into(),
-            ));
-        }
-        if share.threshold != meta.threshold || share.count != meta.shares {
-            return Err(HsmError::InvalidShare(
-                "it belongs to another share set".into(),
-            ));
-        }
+        Self::check_share_set(&share, &meta)?;
         {
             let mut pending = lock(&self.pending);
             if pending.iter().any(|s| s.x == share.x) {
@@ -1093,6 +1084,21 @@ impl Hsm {
         }
     }
 
+    /// Refuses a share of another store or another share set.
+    fn check_share_set(share: &Share, meta: &StoreMeta) -> Result<(), HsmError> {
+        if share.store_id != meta.store_id {
+            return Err(HsmError::InvalidShare(
+                "it belongs to another key store".into(),
+            ));
+        }
+        if share.threshold != meta.threshold || share.count != meta.shares {
+            return Err(HsmError::InvalidShare(
+                "it belongs to another share set".into(),
+            ));
+        }
+        Ok(())
+    }
+
     fn unsealed_meta(&self) -> Result<StoreMeta, HsmError> {
         match &*self.read() {
             State::Unsealed(m, _) => Ok(m.clone()),
@@ -1130,16 +1136,7 @@ impl Hsm {
                 r.nonce
             )));
         }
-        if share.store_id != meta.store_id {
-            return Err(HsmError::InvalidShare(
-                "it belongs to another key store".into(),
-            ));
-        }
-        if share.threshold != meta.threshold || share.count != meta.shares {
-            return Err(HsmError::InvalidShare(
-                "it belongs to another share set".into(),
-            ));
-        }
+        Self::check_share_set(&share, &meta)?;
         if r.given.iter().any(|s| s.x == share.x) {
             return Err(HsmError::InvalidShare(format!(
                 "share {} was already given to this re-split (progress stays {}/{})",
