@@ -745,13 +745,8 @@ impl Service {
     ) -> Outcome {
         hsm(self.hsm.authorize(by, g.permission()))?;
         let expires = tde_hsm::hsm::now() + self.quorum_timeout_seconds.load(Ordering::Relaxed);
-        let mut guard = self
-            .approvals
-            .inner
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.pending();
         let (next, map) = &mut *guard;
-        self.expire(map);
         if map.len() >= MAX_PENDING {
             let done: Vec<u64> = map
                 .iter()
@@ -789,6 +784,19 @@ impl Service {
         Ok(Response::Approvals(vec![info]))
     }
 
+    /// The held requests, those whose time is up marked `expired`.
+    fn pending(
+        &self,
+    ) -> std::sync::MutexGuard<'_, (u64, std::collections::BTreeMap<u64, Pending>)> {
+        let mut g = self
+            .approvals
+            .inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        self.expire(&mut g.1);
+        g
+    }
+
     /// Marks requests whose time is up `expired` (once, audited).
     fn expire(&self, map: &mut std::collections::BTreeMap<u64, Pending>) {
         let now = tde_hsm::hsm::now();
@@ -815,12 +823,7 @@ impl Service {
     /// requester (whose login must still be live), and audits it.
     fn approve(&self, by: &OperatorSession, id: u64, rec: &mut AuditRecord) -> Outcome {
         hsm(self.hsm.authorize(by, Permission::Approve))?;
-        let mut guard = self
-            .approvals
-            .inner
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        self.expire(&mut guard.1);
+        let mut guard = self.pending();
         let p = guard.1.get_mut(&id).ok_or_else(|| {
             (
                 ErrorCode::InvalidArgument,
@@ -1595,24 +1598,14 @@ impl Service {
             }
             Request::ApprovalList => {
                 hsm(h.authorize(by()?, Permission::Read))?;
-                let mut g = self
-                    .approvals
-                    .inner
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                self.expire(&mut g.1);
+                let g = self.pending();
                 Ok(Response::Approvals(
                     g.1.iter().map(|(id, p)| approval_info(*id, p)).collect(),
                 ))
             }
             Request::ApprovalStatus { id } => {
                 hsm(h.check_login(by()?))?;
-                let mut g = self
-                    .approvals
-                    .inner
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                self.expire(&mut g.1);
+                let g = self.pending();
                 let p = g.1.get(id).ok_or_else(|| {
                     (
                         ErrorCode::InvalidArgument,
