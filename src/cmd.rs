@@ -17,6 +17,7 @@ use tde_plugin::keys::SyncError;
 use tde_protocol::client::{Client, ClientError};
 use tde_protocol::{ErrorCode, KeyInfo, Request, Response, SecretBytes, StatusInfo};
 use tde_sidecar::Config;
+use tde_sidecar::custodian::CustodianKey;
 use tde_sidecar::policy::{ClientPolicy, DATA_OPERATIONS};
 use tde_sidecar::server;
 use tde_sidecar::store::SqliteStore;
@@ -1004,6 +1005,11 @@ fn init(cli: &Cli, cfg: &Config, a: &InitArgs) -> anyhow::Result<()> {
             cfg.store_path().display()
         );
     }
+    // Keys and share directory are checked before anything is asked or made.
+    let custodians = read_custodian_keys(&a.pgp_keys, a.shares)?;
+    if !a.dev {
+        share_dir_ready(a.share_dir.as_deref())?;
+    }
     confirm_init(cli, cfg, a)?;
     if a.dev {
         init_dev(cli, cfg)?;
@@ -1026,31 +1032,152 @@ fn init(cli: &Cli, cfg: &Config, a: &InitArgs) -> anyhow::Result<()> {
         ),
     };
     let out = init_store(cfg, a.threshold, a.shares, false, cli.operator(), &pw)?;
-    let texts = share_texts(
-        out.shares.iter().map(|s| s.expose()),
-        a.share_dir.as_deref(),
-    )?;
-    emit(
+    // Encrypted here, before anything is shown or written.
+    let shares = if custodians.is_empty() {
+        HandOut::clear(out.shares.iter().map(|s| s.expose()))
+    } else {
+        HandOut::encrypted(&custodians, &out.shares)?
+    };
+    shares.hand_out(
         cli,
-        json!({"shares": texts.iter().map(|t| t.as_str()).collect::<Vec<_>>(), "threshold": out.threshold, "officer": cli.operator(), "store": cfg.store_path()}),
-        || {
-            let mut s = format!(
-                "Initialized the key store {}.\n\nUnseal shares ({} of {} needed to unseal). They are shown once and stored nowhere:\ngive each to a different custodian.\n\n",
-                cfg.store_path().display(),
-                out.threshold,
-                texts.len()
+        a.share_dir.as_deref(),
+        json!({"threshold": out.threshold, "officer": cli.operator(), "store": cfg.store_path()}),
+        &format!(
+            "Initialized the key store {}.\n\nUnseal shares ({} of {} needed to unseal).",
+            cfg.store_path().display(),
+            out.threshold,
+            out.shares.len()
+        ),
+        &format!(
+            "Crypto officer {:?} created. Start the daemon with `tde serve`, then run `tde unseal` {} times.",
+            cli.operator(),
+            out.threshold
+        ),
+    )
+}
+
+/// The custodians' OpenPGP public keys from `files`: none, or one per share
+/// (share N is encrypted to key N), each checked (`tde init`, `tde resplit`).
+fn read_custodian_keys(files: &[PathBuf], shares: u8) -> anyhow::Result<Vec<CustodianKey>> {
+    if !files.is_empty() && files.len() != usize::from(shares) {
+        bail!(
+            "{} --pgp-keys for {shares} shares: give one public key per share",
+            files.len()
+        );
+    }
+    files
+        .iter()
+        .map(|f| {
+            let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
+            CustodianKey::parse(&bytes)
+                .with_context(|| format!("the custodian key {} cannot be used", f.display()))
+        })
+        .collect()
+}
+
+/// `--share-dir`: made (0700) and checked before any share exists, so that
+/// a share is never lost to a directory that cannot take it.
+fn share_dir_ready(dir: Option<&Path>) -> anyhow::Result<()> {
+    let Some(dir) = dir else { return Ok(()) };
+    server::create_private_dir(dir, "share directory")?;
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let name = entry?.file_name();
+        if name.to_string_lossy().starts_with("share-") {
+            bail!(
+                "{} already holds {}: give an empty directory, so no share is mixed with another set",
+                dir.display(),
+                name.to_string_lossy()
             );
-            for (i, t) in texts.iter().enumerate() {
-                s.push_str(&format!("  share {}: {}\n", i + 1, t.as_str()));
-            }
-            s.push_str(&format!(
-                "\nCrypto officer {:?} created. Start the daemon with `tde serve`, then run `tde unseal` {} times.",
-                cli.operator(), out.threshold
-            ));
-            s
-        },
-    );
+        }
+    }
     Ok(())
+}
+
+/// New unseal shares as they are handed out: in clear, or each an OpenPGP
+/// message to its custodian's key (`fingerprints`, in share order).
+struct HandOut {
+    texts: Vec<Zeroizing<String>>,
+    fingerprints: Vec<String>,
+}
+
+impl HandOut {
+    fn clear<'a>(shares: impl Iterator<Item = &'a [u8]>) -> Self {
+        HandOut {
+            texts: shares
+                .map(|s| Zeroizing::new(String::from_utf8_lossy(s).into_owned()))
+                .collect(),
+            fingerprints: Vec::new(),
+        }
+    }
+
+    fn encrypted(
+        keys: &[CustodianKey],
+        shares: &[tde_hsm::secret::SecretBuf],
+    ) -> anyhow::Result<Self> {
+        let texts = keys
+            .iter()
+            .zip(shares)
+            .map(|(k, s)| k.encrypt(s.expose()).map(Zeroizing::new))
+            .collect::<Result<_, _>>()?;
+        Ok(HandOut {
+            texts,
+            fingerprints: keys.iter().map(|k| k.fingerprint().to_string()).collect(),
+        })
+    }
+
+    /// Shows the shares once (`intro` before them, `outro` after; with
+    /// `--json`, `extra` and `shares`, plus `pgp_fingerprints` when
+    /// encrypted), and writes each to `dir/share-N` (`share-N.asc` when
+    /// encrypted; 0600). A share that cannot be written is still shown.
+    fn hand_out(
+        &self,
+        cli: &Cli,
+        dir: Option<&Path>,
+        mut extra: Value,
+        intro: &str,
+        outro: &str,
+    ) -> anyhow::Result<()> {
+        let encrypted = !self.fingerprints.is_empty();
+        let written = dir.map_or(Ok(()), |dir| {
+            self.texts.iter().enumerate().try_for_each(|(i, t)| {
+                let name = format!("share-{}{}", i + 1, if encrypted { ".asc" } else { "" });
+                write_private(&dir.join(name), t.as_bytes())
+            })
+        });
+        extra["shares"] = json!(self.texts.iter().map(|t| t.as_str()).collect::<Vec<_>>());
+        if encrypted {
+            extra["pgp_fingerprints"] = json!(self.fingerprints);
+        }
+        emit(cli, extra, || {
+            let mut s = format!("{intro} ");
+            if encrypted {
+                s.push_str(
+                    "Each is encrypted to one custodian's OpenPGP key and stored nowhere else:\n\
+                     send each to the custodian named by its key, who unseals with\n\
+                     `gpg --decrypt share-N.asc | tde unseal`.\n\n",
+                );
+                for (i, (t, f)) in self.texts.iter().zip(&self.fingerprints).enumerate() {
+                    s.push_str(&format!("share {}, for key {f}:\n{}\n", i + 1, t.as_str()));
+                }
+            } else {
+                s.push_str(
+                    "They are shown once and stored nowhere:\ngive each to a different custodian.\n\n",
+                );
+                for (i, t) in self.texts.iter().enumerate() {
+                    s.push_str(&format!("  share {}: {}\n", i + 1, t.as_str()));
+                }
+            }
+            if let Some(dir) = dir {
+                s.push_str(&format!(
+                    "\nAlso written to {}/share-N{}.",
+                    dir.display(),
+                    if encrypted { ".asc" } else { "" }
+                ));
+            }
+            format!("{s}\n{outro}")
+        });
+        written.context("the shares above could not all be written to --share-dir: copy them now")
+    }
 }
 
 fn data_dir_configured(cli: &Cli) -> bool {
@@ -1352,25 +1479,13 @@ fn read_share(
     if text.trim().is_empty() {
         bail!("no share given: nothing was sent to the sidecar");
     }
-    Ok(text)
-}
-
-/// Shares as text for the output (zeroized on drop), and, with `dir`,
-/// each written to `dir/share-N` (0600) as well (`tde init`, `tde resplit`).
-fn share_texts<'a>(
-    shares: impl Iterator<Item = &'a [u8]>,
-    dir: Option<&Path>,
-) -> anyhow::Result<Vec<Zeroizing<String>>> {
-    let texts: Vec<Zeroizing<String>> = shares
-        .map(|s| Zeroizing::new(String::from_utf8_lossy(s).into_owned()))
-        .collect();
-    if let Some(dir) = dir {
-        server::create_private_dir(dir, "share directory")?;
-        for (i, t) in texts.iter().enumerate() {
-            write_private(&dir.join(format!("share-{}", i + 1)), t.as_bytes())?;
-        }
+    if text.trim_start().starts_with("-----BEGIN PGP MESSAGE-----") {
+        bail!(
+            "this share is encrypted to a custodian's OpenPGP key: decrypt it first, \
+             `gpg --decrypt share-N.asc | tde unseal` (nothing was sent to the sidecar)"
+        );
     }
-    Ok(texts)
+    Ok(text)
 }
 
 /// `tde resplit`: Vault's `operator rekey` for the unseal shares.
@@ -1379,17 +1494,27 @@ fn resplit(cli: &Cli, cfg: &Config, a: &crate::ResplitArgs) -> anyhow::Result<()
         emit(
             cli,
             json!({"nonce": r.nonce, "progress": r.progress, "needed": r.needed,
-                   "new_threshold": r.threshold, "new_shares": r.shares}),
+                   "new_threshold": r.threshold, "new_shares": r.shares,
+                   "pgp_fingerprints": r.fingerprints}),
             || {
                 if r.nonce.is_empty() {
-                    "No re-split in progress.".to_string()
-                } else {
-                    format!(
-                        "Re-split {}: {} of {} current shares given; it makes {} new shares, {} to unseal.\n\
-                         Each custodian runs: tde resplit --nonce {} (the share is read from a prompt, --share-file or standard input)",
-                        r.nonce, r.progress, r.needed, r.shares, r.threshold, r.nonce
-                    )
+                    return "No re-split in progress.".to_string();
                 }
+                let mut s = format!(
+                    "Re-split {}: {} of {} current shares given; it makes {} new shares, {} to unseal.\n",
+                    r.nonce, r.progress, r.needed, r.shares, r.threshold
+                );
+                if !r.fingerprints.is_empty() {
+                    s.push_str(&format!(
+                        "Each new share will be encrypted to one custodian key: {}.\n",
+                        r.fingerprints.join(", ")
+                    ));
+                }
+                s.push_str(&format!(
+                    "Each custodian runs: tde resplit --nonce {} (the share is read from a prompt, --share-file or standard input)",
+                    r.nonce
+                ));
+                s
             },
         )
     };
@@ -1397,7 +1522,11 @@ fn resplit(cli: &Cli, cfg: &Config, a: &crate::ResplitArgs) -> anyhow::Result<()
         let (Some(n), Some(t)) = (a.shares, a.threshold) else {
             bail!("--init needs --shares N and --threshold T");
         };
-        let r = admin_login(cli, cfg)?.resplit_init(t.into(), n.into())?;
+        let keys = read_custodian_keys(&a.pgp_keys, n)?
+            .iter()
+            .map(CustodianKey::to_bytes)
+            .collect::<Result<_, _>>()?;
+        let r = admin_login(cli, cfg)?.resplit_init(t.into(), n.into(), keys)?;
         show(&r);
         return Ok(());
     }
@@ -1413,38 +1542,59 @@ fn resplit(cli: &Cli, cfg: &Config, a: &crate::ResplitArgs) -> anyhow::Result<()
         show(&r);
         return Ok(());
     };
+    // What the share approves, before it is asked for: the officer who
+    // started the attempt chose where the new shares go.
+    let st = Client::connect(&admin_path(cli, cfg))?.resplit_status()?;
+    if st.nonce == *nonce {
+        eprintln!(
+            "Re-split {nonce} makes {} new shares, {} to unseal; {}.",
+            st.shares,
+            st.threshold,
+            if st.fingerprints.is_empty() {
+                "they are shown in clear to whoever gives the last current share".to_string()
+            } else {
+                format!(
+                    "each is encrypted to one of these OpenPGP keys, check them: {}",
+                    st.fingerprints.join(", ")
+                )
+            }
+        );
+    }
     let text = read_share(
         a.share.as_deref(),
         a.share_file.as_deref(),
         "current unseal share",
     )?;
+    share_dir_ready(a.share_dir.as_deref())?;
+    // A new connection: the prompt may outlast the daemon's idle timeout.
     let r = Client::connect(&admin_path(cli, cfg))?
         .resplit_update(nonce, SecretBytes::from_slice(text.trim().as_bytes()))?;
-    if r.new_shares.is_empty() {
+    let shares = if !r.encrypted_shares.is_empty() {
+        HandOut {
+            texts: r
+                .encrypted_shares
+                .iter()
+                .map(|t| Zeroizing::new(t.clone()))
+                .collect(),
+            fingerprints: r.fingerprints.clone(),
+        }
+    } else if !r.new_shares.is_empty() {
+        HandOut::clear(r.new_shares.iter().map(|s| s.expose()))
+    } else {
         show(&r);
         return Ok(());
-    }
-    let texts = share_texts(
-        r.new_shares.iter().map(|s| s.expose()),
-        a.share_dir.as_deref(),
-    )?;
-    emit(
+    };
+    shares.hand_out(
         cli,
-        json!({"shares": texts.iter().map(|t| t.as_str()).collect::<Vec<_>>(), "threshold": r.threshold}),
-        || {
-            let mut s = format!(
-                "Re-split done: the root is sealed under {} new shares, {} of them unseal. The old shares no longer unseal.\n\
-                 They are shown once and stored nowhere: give each to a different custodian.\n\n",
-                texts.len(),
-                r.threshold
-            );
-            for (i, t) in texts.iter().enumerate() {
-                s.push_str(&format!("  share {}: {}\n", i + 1, t.as_str()));
-            }
-            s
-        },
-    );
-    Ok(())
+        a.share_dir.as_deref(),
+        json!({"threshold": r.threshold}),
+        &format!(
+            "Re-split done: the root is sealed under {} new shares, {} of them unseal. The old shares no longer unseal.",
+            shares.texts.len(),
+            r.threshold
+        ),
+        "",
+    )
 }
 
 fn zeroize(cli: &Cli, cfg: &Config, yes: bool) -> anyhow::Result<()> {

@@ -182,9 +182,15 @@ pub struct ResplitArgs {
     /// File holding the current share (`-`: standard input).
     #[arg(long)]
     pub share_file: Option<PathBuf>,
-    /// When done, also write each new share to DIR/share-N (mode 0600).
+    /// When done, also write each new share to DIR/share-N (mode 0600;
+    /// share-N.asc when encrypted to custodian keys).
     #[arg(long)]
     pub share_dir: Option<PathBuf>,
+    /// With --init: encrypt each new share to one custodian's OpenPGP
+    /// public key (files, comma-separated, one per share). The daemon
+    /// encrypts them: no new share leaves it in clear.
+    #[arg(long, value_delimiter = ',', requires = "init")]
+    pub pgp_keys: Vec<PathBuf>,
 }
 
 /// `tde rekey`.
@@ -277,6 +283,11 @@ pub struct InitArgs {
     /// Do not ask for confirmation on a terminal.
     #[arg(long)]
     pub yes: bool,
+    /// Encrypt each share to one custodian's OpenPGP public key (files,
+    /// comma-separated, one per share, as `gpg --export` writes them): no
+    /// share is ever shown in clear.
+    #[arg(long, value_delimiter = ',', conflicts_with = "dev")]
+    pub pgp_keys: Vec<PathBuf>,
 }
 
 /// `tde serve`.

@@ -1,5 +1,6 @@
 //! A short fuzzing run in every `cargo test` (and so in CI): each harness of
-//! `tde_plugin::fuzz`, `tde_hsm::fuzz` and `tde_protocol::fuzz` gets the
+//! `tde_plugin::fuzz`, `tde_hsm::fuzz`, `tde_protocol::fuzz` and
+//! `tde_sidecar::custodian::fuzz` gets the
 //! committed seed corpus (`fuzz/corpus/NAME/`),
 //! then mutations of it (bit flips, byte changes, cuts, splices, repeats)
 //! from a fixed-seed generator, for a bounded time. The same harnesses run
@@ -135,6 +136,11 @@ fn store_record_survives_the_corpus_and_mutations() {
 #[test]
 fn request_body_survives_the_corpus_and_mutations() {
     run("request_body", tde_protocol::fuzz::request_body);
+}
+
+#[test]
+fn custodian_key_survives_the_corpus_and_mutations() {
+    run("custodian_key", tde_sidecar::custodian::fuzz);
 }
 
 /// Writes the seed corpora of the HSM and protocol harnesses from real
@@ -334,6 +340,7 @@ fn sample_requests() -> Vec<tde_protocol::Request> {
         Request::ResplitInit {
             threshold: 2,
             shares: 3,
+            custodian_keys: vec![b"not a key".to_vec(); 3],
         },
         Request::ResplitUpdate {
             nonce: "00112233".into(),

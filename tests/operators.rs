@@ -425,3 +425,411 @@ fn a_destroy_waits_for_a_second_officer_and_expires_without_one() {
         ran[0]
     );
 }
+
+/// A throwaway GnuPG home whose agent is stopped when dropped: the
+/// custodians' side of encrypted shares, with the real `gpg`.
+struct Gpg {
+    home: tempfile::TempDir,
+}
+
+impl Gpg {
+    fn new() -> Option<Gpg> {
+        let found = std::process::Command::new("gpg")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        // Short and under /tmp: the agent's socket path has a length limit.
+        let home = tempfile::Builder::new()
+            .prefix("tde-gpg-")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        found.then_some(Gpg { home })
+    }
+
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        let out = std::process::Command::new("gpg")
+            .args(["--batch", "--quiet", "--no-tty", "--passphrase", ""])
+            .args(args)
+            .env("GNUPGHOME", self.home.path())
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run gpg");
+        assert!(out.status.success(), "gpg {args:?}: {out:?}");
+        out
+    }
+
+    /// Makes a key (`gpg --quick-gen-key`, at `faked_time` if given) and
+    /// exports its public key to a file, armored or binary; returns the
+    /// file and the fingerprint.
+    fn key(
+        &self,
+        uid: &str,
+        algo: &str,
+        usage: &str,
+        faked_time: Option<&str>,
+        armor: bool,
+    ) -> (String, String) {
+        let mut args = vec![];
+        if let Some(t) = faked_time {
+            args.extend(["--faked-system-time", t]);
+        }
+        let expire = if faked_time.is_some() { "1y" } else { "never" };
+        args.extend(["--quick-gen-key", uid, algo, usage, expire]);
+        self.run(&args);
+        let colons = String::from_utf8(self.run(&["--with-colons", "--fingerprint", uid]).stdout)
+            .expect("utf-8");
+        let fpr = colons
+            .lines()
+            .find_map(|l| l.strip_prefix("fpr:::::::::"))
+            .and_then(|l| l.split(':').next())
+            .expect("fingerprint")
+            .to_string();
+        let mut export = vec!["--export"];
+        if armor {
+            export.push("--armor");
+        }
+        export.push(&fpr);
+        let file = self
+            .home
+            .path()
+            .join(format!("{fpr}.{}", if armor { "asc" } else { "gpg" }));
+        std::fs::write(&file, self.run(&export).stdout).expect("write key");
+        (file.display().to_string(), fpr)
+    }
+
+    /// Revokes a key with the certificate GnuPG made with it, and exports
+    /// it again to `file`.
+    fn revoke(&self, fpr: &str, file: &str) {
+        let rev = self
+            .home
+            .path()
+            .join("openpgp-revocs.d")
+            .join(format!("{fpr}.rev"));
+        let text = std::fs::read_to_string(&rev).expect("revocation certificate");
+        // GnuPG guards the certificate against an import by mistake.
+        std::fs::write(&rev, text.replace(":-----BEGIN", "-----BEGIN")).expect("write");
+        self.run(&["--import", &rev.display().to_string()]);
+        std::fs::write(file, self.run(&["--export", "--armor", fpr]).stdout).expect("write");
+    }
+
+    /// `gpg --decrypt FILE`, as a custodian does.
+    fn decrypt(&self, file: &std::path::Path) -> String {
+        let f = file.display().to_string();
+        String::from_utf8(self.run(&["--decrypt", &f]).stdout).expect("utf-8")
+    }
+}
+
+impl Drop for Gpg {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("gpgconf")
+            .args(["--kill", "all"])
+            .env("GNUPGHOME", self.home.path())
+            .output();
+    }
+}
+
+/// Runs `tde ARGS --json` with `input` on standard input.
+fn json_with_stdin(env: &Env, args: &[&str], input: &str) -> (i32, serde_json::Value) {
+    let (rc, v, _) = json_stdin_stderr(env, args, input);
+    (rc, v)
+}
+
+/// [`json_with_stdin`], also giving what `tde` said on standard error.
+fn json_stdin_stderr(env: &Env, args: &[&str], input: &str) -> (i32, serde_json::Value, String) {
+    use std::io::Write as _;
+    let mut c = env
+        .cmd(args)
+        .arg("--json")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run");
+    c.stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write");
+    let out = c.wait_with_output().expect("wait");
+    let (rc, v) = parse(&out, args);
+    (rc, v, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Vault's `-pgp-keys`: at `tde init` and at a re-split, each share is
+/// encrypted to one custodian's OpenPGP key (made by GnuPG, RSA and
+/// Curve25519, armored and binary), so no share is ever shown or logged in
+/// clear; custodians decrypt with `gpg` and unseal. Keys that cannot take
+/// a share (sign-only, expired, not a key, too few) are refused before
+/// anything is created, by the CLI and by the daemon itself.
+#[test]
+fn shares_encrypted_to_custodian_keys_unseal_once_gpg_decrypts_them() {
+    let Some(gpg) = Gpg::new() else {
+        return skip("no gpg (Debian: gnupg)");
+    };
+    let (alice, alice_fpr) = gpg.key(
+        "Alice <alice@example.org>",
+        "rsa3072",
+        "default",
+        None,
+        true,
+    );
+    gpg.run(&["--quick-add-key", &alice_fpr, "rsa3072", "encr", "never"]);
+    let (alice, alice_fpr) = {
+        // Exported again, now with its encryption subkey.
+        let out = gpg.run(&["--export", "--armor", &alice_fpr]).stdout;
+        std::fs::write(&alice, out).expect("write");
+        (alice, alice_fpr)
+    };
+    let (bob, bob_fpr) = gpg.key(
+        "Bob <bob@example.org>",
+        "futuredefault",
+        "default",
+        None,
+        false,
+    );
+    let (carol, _) = gpg.key("Carol <carol@example.org>", "ed25519", "sign", None, true);
+    let (old, _) = gpg.key(
+        "Old <old@example.org>",
+        "futuredefault",
+        "default",
+        Some("20200101T000000!"),
+        true,
+    );
+    let (revoked, revoked_fpr) = gpg.key(
+        "Gone <gone@example.org>",
+        "futuredefault",
+        "default",
+        None,
+        true,
+    );
+    gpg.revoke(&revoked_fpr, &revoked);
+    let env = Env::new("");
+    let junk = env.dir.path().join("junk.asc");
+    std::fs::write(&junk, "-----BEGIN PGP PUBLIC KEY BLOCK-----\n\nAAAA\n").expect("write");
+    let junk = junk.display().to_string();
+
+    let init = |keys: &str, dir: &str| {
+        env.json(&[
+            "init",
+            "--shares",
+            "3",
+            "--threshold",
+            "2",
+            "--pgp-keys",
+            keys,
+            "--share-dir",
+            dir,
+        ])
+    };
+    let dir = env.dir.path().join("shares");
+    let d = dir.display().to_string();
+    for (keys, why) in [
+        (
+            format!("{alice},{carol},{bob}"),
+            "has no valid encryption subkey",
+        ),
+        (format!("{alice},{bob},{old}"), "has expired"),
+        (format!("{revoked},{bob},{alice}"), "is revoked"),
+        (format!("{junk},{bob},{alice}"), "not an OpenPGP public key"),
+        (format!("{alice},{bob}"), "give one public key per share"),
+    ] {
+        let (rc, v) = init(&keys, &d);
+        assert_eq!(rc, 2, "{keys}: {v}");
+        let msg = v["error"]["message"].as_str().expect("message");
+        assert!(msg.contains(why), "{keys}: {msg}");
+        assert!(!env.db().exists(), "a refused init created a store");
+    }
+
+    // Shares 1 and 3 to Alice (RSA), 2 to Bob (Curve25519).
+    let (rc, v) = init(&format!("{alice},{bob},{alice}"), &d);
+    assert_eq!(rc, 0, "{v}");
+    assert_eq!(
+        v["pgp_fingerprints"],
+        serde_json::json!([alice_fpr, bob_fpr, alice_fpr])
+    );
+    let sealed: Vec<&str> = v["shares"]
+        .as_array()
+        .expect("shares")
+        .iter()
+        .map(|s| s.as_str().expect("share"))
+        .collect();
+    assert_eq!(sealed.len(), 3);
+    let clear: Vec<String> = (1..=3)
+        .map(|i| {
+            let f = dir.join(format!("share-{i}.asc"));
+            assert_eq!(std::fs::read_to_string(&f).expect("file"), sealed[i - 1]);
+            gpg.decrypt(&f)
+        })
+        .collect();
+    for (c, s) in clear.iter().zip(&sealed) {
+        assert!(s.starts_with("-----BEGIN PGP MESSAGE-----"), "{s}");
+        assert!(c.starts_with("tde-share-1-"), "gpg gave back a share");
+        assert!(
+            !v.to_string().contains(c.trim()),
+            "a clear share in the output"
+        );
+    }
+
+    let daemon = env.serve();
+    // An encrypted share given as it is: told to decrypt it, nothing sent.
+    let (rc, v) = json_with_stdin(&env, &["unseal"], sealed[0]);
+    assert_eq!(rc, 2, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .expect("msg")
+            .contains("gpg --decrypt"),
+        "{v}"
+    );
+    assert_eq!(env.status()["progress"], 0);
+    // `gpg --decrypt share-N.asc | tde unseal`.
+    json_with_stdin(&env, &["unseal"], &clear[1]);
+    let (rc, v) = json_with_stdin(&env, &["unseal"], &clear[2]);
+    assert_eq!((rc, v["sealed"].as_bool()), (0, Some(false)), "{v}");
+
+    // The daemon checks the keys itself: an officer's raw request with a
+    // sign-only key is refused before a re-split starts.
+    let mut raw = Raw::connect(&env.admin_socket());
+    assert!(matches!(
+        raw.call(&tde_protocol::Request::Login {
+            operator: "admin".into(),
+            password: tde_protocol::SecretBytes::from_slice(PASSWORD.as_bytes()),
+        }),
+        tde_protocol::Response::LoggedIn { .. }
+    ));
+    let sign_only = std::fs::read(&carol).expect("read");
+    match raw.call(&tde_protocol::Request::ResplitInit {
+        threshold: 2,
+        shares: 2,
+        custodian_keys: vec![std::fs::read(&bob).expect("read"), sign_only],
+    }) {
+        tde_protocol::Response::Error { code, message } => {
+            assert_eq!(code, tde_protocol::ErrorCode::InvalidArgument);
+            assert!(
+                message.contains("custodian key 2") && message.contains("encryption"),
+                "{message}"
+            );
+        }
+        r => panic!("a sign-only custodian key was taken: {r:?}"),
+    }
+    assert_eq!(env.ok(&["resplit"])["nonce"], "", "no re-split started");
+
+    // A re-split to Bob and Alice: the daemon encrypts, the custodian who
+    // gives the last share sees only messages.
+    let st = env.ok(&[
+        "resplit",
+        "--init",
+        "--shares",
+        "2",
+        "--threshold",
+        "2",
+        "--pgp-keys",
+        &format!("{bob},{alice}"),
+    ]);
+    let nonce = st["nonce"].as_str().expect("nonce").to_string();
+    assert_eq!(
+        st["pgp_fingerprints"],
+        serde_json::json!([bob_fpr, alice_fpr])
+    );
+    assert_eq!(
+        env.ok(&["resplit"])["pgp_fingerprints"],
+        st["pgp_fingerprints"]
+    );
+    // The custodian sees where the new shares go before giving a share.
+    let (rc, v, said) = json_stdin_stderr(&env, &["resplit", "--nonce", &nonce], &clear[0]);
+    assert_eq!((rc, v["progress"].as_u64()), (0, Some(1)), "{v}");
+    assert!(
+        said.contains(&format!("check them: {bob_fpr}, {alice_fpr}")),
+        "{said}"
+    );
+    let new_dir = env.dir.path().join("new-shares");
+    let nd = new_dir.display().to_string();
+    let (rc, v) = json_with_stdin(
+        &env,
+        &["resplit", "--nonce", &nonce, "--share-dir", &nd],
+        &clear[2],
+    );
+    assert_eq!(rc, 0, "{v}");
+    assert_eq!(
+        v["pgp_fingerprints"],
+        serde_json::json!([bob_fpr, alice_fpr])
+    );
+    let new: Vec<String> = (1..=2)
+        .map(|i| gpg.decrypt(&new_dir.join(format!("share-{i}.asc"))))
+        .collect();
+    for n in &new {
+        assert!(n.starts_with("tde-share-1-") && !clear.contains(n));
+        assert!(
+            !v.to_string().contains(n.trim()),
+            "a clear new share in the output"
+        );
+    }
+
+    // No share in clear in the daemon's log or the audit log; the audit
+    // names the custodian keys.
+    let log = std::fs::read_to_string(env.log()).expect("log");
+    let recs = audit(&env.db());
+    for s in clear.iter().chain(&new) {
+        assert!(!log.contains(s.trim()), "a share in the daemon's log");
+        assert!(
+            !recs.iter().any(|r| r.to_string().contains(s.trim())),
+            "a share in the audit log"
+        );
+    }
+    assert!(
+        recs.iter().any(|r| r["op"] == "resplit_init"
+            && r["detail"].as_str().is_some_and(|d| d.contains(&bob_fpr)))
+    );
+
+    // Over the wire too, a completed re-split with custodian keys carries
+    // no clear share: only the messages (here, the next custodian set,
+    // two each for Bob and Alice, approved by the shares just made).
+    let st = env.ok(&[
+        "resplit",
+        "--init",
+        "--shares",
+        "4",
+        "--threshold",
+        "2",
+        "--pgp-keys",
+        &format!("{bob},{alice},{bob},{alice}"),
+    ]);
+    let nonce = st["nonce"].as_str().expect("nonce").to_string();
+    let mut give = |share: &str| {
+        raw.call(&tde_protocol::Request::ResplitUpdate {
+            nonce: nonce.clone(),
+            share: tde_protocol::SecretBytes::from_slice(share.trim().as_bytes()),
+        })
+    };
+    give(&new[0]);
+    let last = match give(&new[1]) {
+        tde_protocol::Response::Resplit(r) => r,
+        r => panic!("{r:?}"),
+    };
+    assert!(last.new_shares.is_empty(), "clear shares on the wire");
+    assert_eq!(
+        last.fingerprints,
+        [&bob_fpr, &alice_fpr, &bob_fpr, &alice_fpr].map(String::as_str)
+    );
+    let newest: Vec<String> = last
+        .encrypted_shares
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let f = env.dir.path().join(format!("wire-share-{i}.asc"));
+            std::fs::write(&f, m).expect("write");
+            gpg.decrypt(&f)
+        })
+        .collect();
+    assert_eq!(newest.len(), 4);
+
+    // After a restart: the earlier shares fail, the decrypted newest unseal.
+    daemon.stop();
+    let _daemon = env.serve();
+    for old in [&clear[0], &new[0]] {
+        env.refused(&["unseal", old.trim()], "INVALID_SHARE");
+    }
+    json_with_stdin(&env, &["unseal"], &newest[0]);
+    let (rc, v) = json_with_stdin(&env, &["unseal"], &newest[1]);
+    assert_eq!((rc, v["sealed"].as_bool()), (0, Some(false)), "{v}");
+}

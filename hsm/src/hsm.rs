@@ -1113,10 +1113,16 @@ impl Hsm {
     /// shares are checked against the sealed root, a new unseal key seals
     /// it, and the new shares are returned; shares that do not open the
     /// root end the attempt.
+    ///
+    /// `prepare` sees the new shares (text form) before anything is
+    /// written, for the caller to make what it hands out (each encrypted
+    /// to a custodian's key): if it fails, the attempt ends, the root
+    /// stays sealed under the current shares and they still unseal.
     pub fn resplit_update(
         &self,
         nonce: &str,
         share_text: &[u8],
+        prepare: &mut dyn FnMut(&[SecretBuf]) -> Result<(), String>,
     ) -> Result<ResplitProgress, HsmError> {
         let share = Share::parse(share_text)?;
         let meta = self.unsealed_meta()?;
@@ -1164,7 +1170,16 @@ impl Hsm {
             )
         })?;
         let new = UnsealKey::generate()?;
-        let shares = seal::split(&new, &meta.store_id, r.threshold, r.shares)?;
+        let shares: Vec<SecretBuf> = seal::split(&new, &meta.store_id, r.threshold, r.shares)?
+            .iter()
+            .map(Share::to_text)
+            .collect();
+        prepare(&shares).map_err(|e| {
+            HsmError::InvalidArgument(format!(
+                "the new shares could not be prepared ({e}): the re-split is cancelled, \
+                 nothing changed and the current shares still unseal"
+            ))
+        })?;
         let resealed = seal::seal_root(&new, &root, &meta.store_id)?;
         let mut st = self.write();
         let State::Unsealed(m, _) = &mut *st else {
@@ -1181,7 +1196,7 @@ impl Hsm {
         m.shares = r.shares;
         Ok(ResplitProgress::Done {
             threshold: r.threshold,
-            shares: shares.iter().map(Share::to_text).collect(),
+            shares,
         })
     }
 

@@ -17,6 +17,7 @@ use tde_protocol::{
 };
 
 use crate::audit::{Actor, AuditLog, AuditRecord};
+use crate::custodian::CustodianKey;
 use crate::policy::Policies;
 use crate::store::{Registration, RegistryWrite, SqliteStore};
 
@@ -120,6 +121,8 @@ pub struct Service {
     pub quorum_timeout_seconds: AtomicU64,
     /// Requests waiting for approvals.
     pub approvals: Approvals,
+    /// The custodian keys of the re-split in progress, by its nonce.
+    pub resplit_custodians: Mutex<Option<(String, Vec<CustodianKey>)>>,
 }
 
 /// A destructive request that dual control holds back.
@@ -272,7 +275,7 @@ impl Tokens {
             text.push_str(&format!("{b:02x}"));
         }
         let now = Instant::now();
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = lock(&self.map);
         map.retain(|_, (_, until)| *until > now);
         if map.len() >= MAX_TOKENS {
             return Err((
@@ -286,7 +289,7 @@ impl Tokens {
 
     fn login(&self, token: &[u8]) -> Result<OperatorSession, (ErrorCode, String)> {
         let key = Self::digest(token);
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = lock(&self.map);
         match map.get(&key) {
             Some((s, until)) if *until > Instant::now() => Ok(s.clone()),
             Some(_) => {
@@ -306,7 +309,7 @@ impl Tokens {
     }
 
     fn revoke(&self, token: &[u8]) {
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = lock(&self.map);
         map.remove(&Self::digest(token));
     }
 }
@@ -364,7 +367,7 @@ impl RefusalBudget {
         }
         let rate = f64::from(per_second);
         let now = Instant::now();
-        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut peers = lock(&self.peers);
         let b = peers.entry(uid).or_insert(Bucket {
             tokens: rate,
             last: now,
@@ -386,7 +389,7 @@ impl RefusalBudget {
     pub fn take_not_recorded(&self) -> Vec<(u32, u64)> {
         let rate = f64::from(self.per_second.load(Ordering::Relaxed));
         let now = Instant::now();
-        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut peers = lock(&self.peers);
         let out = peers
             .iter_mut()
             .filter(|(_, b)| b.not_recorded > 0)
@@ -471,7 +474,7 @@ impl WatchSlots {
     }
 
     fn take(&self, uid: u32) -> Option<WatchSlot> {
-        let mut taken = self.taken.lock().unwrap_or_else(|p| p.into_inner());
+        let mut taken = lock(&self.taken);
         let n = taken.entry(uid).or_default();
         if *n >= self.max() {
             return None;
@@ -486,7 +489,7 @@ impl WatchSlots {
 
 impl Drop for WatchSlot {
     fn drop(&mut self) {
-        let mut taken = self.taken.lock().unwrap_or_else(|p| p.into_inner());
+        let mut taken = lock(&self.taken);
         if let Some(n) = taken.get_mut(&self.uid) {
             *n -= 1;
             if *n == 0 {
@@ -648,15 +651,61 @@ fn is_mutating(req: &Request) -> bool {
     )
 }
 
-/// The wire form of a re-split's state.
-fn resplit_info(s: &tde_hsm::ResplitStatus) -> tde_protocol::ResplitInfo {
+/// Locks `m`, a poisoned lock included (its holder panicked; the state it
+/// guards stays consistent between statements).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The custodian keys given to a re-split of `shares` new shares: none, or
+/// one per share, each a usable OpenPGP key, checked before anything starts.
+fn custodian_keys_for(
+    keys: &[Vec<u8>],
+    shares: u8,
+) -> Result<Vec<CustodianKey>, (ErrorCode, String)> {
+    if !keys.is_empty() && keys.len() != usize::from(shares) {
+        return Err((
+            ErrorCode::InvalidArgument,
+            format!(
+                "{} custodian keys for {shares} new shares: give one key per share",
+                keys.len()
+            ),
+        ));
+    }
+    keys.iter()
+        .enumerate()
+        .map(|(i, k)| {
+            CustodianKey::parse(k).map_err(|e| {
+                (
+                    ErrorCode::InvalidArgument,
+                    format!("custodian key {}: {e}", i + 1),
+                )
+            })
+        })
+        .collect()
+}
+
+/// The wire form of a re-split's state, with its custodian keys.
+fn resplit_info(
+    s: &tde_hsm::ResplitStatus,
+    fingerprints: Vec<String>,
+) -> tde_protocol::ResplitInfo {
     tde_protocol::ResplitInfo {
         nonce: s.nonce.clone(),
         progress: s.progress.into(),
         needed: s.needed.into(),
         threshold: s.threshold.into(),
         shares: s.shares.into(),
-        new_shares: Vec::new(),
+        fingerprints,
+        ..Default::default()
+    }
+}
+
+/// The fingerprints of the custodian keys of the re-split `nonce`.
+fn fingerprints_of(slot: &Option<(String, Vec<CustodianKey>)>, nonce: &str) -> Vec<String> {
+    match slot {
+        Some((n, keys)) if n == nonce => keys.iter().map(|k| k.fingerprint().to_string()).collect(),
+        _ => Vec::new(),
     }
 }
 
@@ -788,11 +837,7 @@ impl Service {
     fn pending(
         &self,
     ) -> std::sync::MutexGuard<'_, (u64, std::collections::BTreeMap<u64, Pending>)> {
-        let mut g = self
-            .approvals
-            .inner
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut g = lock(&self.approvals.inner);
         self.expire(&mut g.1);
         g
     }
@@ -1485,28 +1530,71 @@ impl Service {
                 self.key_changes.bump();
                 Ok(Response::Done)
             }
-            Request::ResplitInit { threshold, shares } => {
+            Request::ResplitInit {
+                threshold,
+                shares,
+                custodian_keys,
+            } => {
                 let (t, n) = (
                     u8::try_from(*threshold).unwrap_or(u8::MAX),
                     u8::try_from(*shares).unwrap_or(u8::MAX),
                 );
+                let keys = custodian_keys_for(custodian_keys, n)?;
+                // Held across the HSM call: the attempt and its keys change together.
+                let mut slot = lock(&self.resplit_custodians);
                 let s = hsm(h.resplit_init(by()?, t, n))?;
-                rec.detail = Some(format!("new shares {t} of {n}, attempt {}", s.nonce));
-                Ok(Response::Resplit(resplit_info(&s)))
+                *slot = Some((s.nonce.clone(), keys));
+                let fingerprints = fingerprints_of(&slot, &s.nonce);
+                let mut detail = format!("new shares {t} of {n}, attempt {}", s.nonce);
+                if !fingerprints.is_empty() {
+                    detail.push_str(&format!(
+                        ", each encrypted to a custodian key: {}",
+                        fingerprints.join(", ")
+                    ));
+                }
+                rec.detail = Some(detail);
+                Ok(Response::Resplit(resplit_info(&s, fingerprints)))
             }
             Request::ResplitUpdate { nonce, share } => {
-                match hsm(h.resplit_update(nonce, share.expose()))? {
+                // Held across the HSM call, so the shares that complete an
+                // attempt with custodian keys are always encrypted to them.
+                let slot = lock(&self.resplit_custodians);
+                let custodians = match &*slot {
+                    Some((n, keys)) if n == nonce => keys.as_slice(),
+                    _ => &[],
+                };
+                let fingerprints = fingerprints_of(&slot, nonce);
+                let mut encrypted = Vec::new();
+                let mut prepare = |new: &[tde_hsm::secret::SecretBuf]| {
+                    encrypted = custodians
+                        .iter()
+                        .zip(new)
+                        .map(|(k, s)| k.encrypt(s.expose()).map_err(|e| e.to_string()))
+                        .collect::<Result<_, _>>()?;
+                    Ok(())
+                };
+                let progress = h.resplit_update(nonce, share.expose(), &mut prepare);
+                drop(slot);
+                match hsm(progress)? {
                     tde_hsm::ResplitProgress::Waiting(s) => {
                         rec.detail = Some(format!(
                             "attempt {}: {}/{} current shares",
                             s.nonce, s.progress, s.needed
                         ));
-                        Ok(Response::Resplit(resplit_info(&s)))
+                        Ok(Response::Resplit(resplit_info(&s, fingerprints)))
                     }
                     tde_hsm::ResplitProgress::Done { threshold, shares } => {
                         rec.detail = Some(format!(
-                            "attempt {nonce} done: the root is sealed under new shares ({threshold} of {}); the old ones are void",
-                            shares.len()
+                            "attempt {nonce} done: the root is sealed under new shares ({threshold} of {}){}; the old ones are void",
+                            shares.len(),
+                            if fingerprints.is_empty() {
+                                String::new()
+                            } else {
+                                format!(
+                                    ", each encrypted to its custodian key ({})",
+                                    fingerprints.join(", ")
+                                )
+                            }
                         ));
                         Ok(Response::Resplit(tde_protocol::ResplitInfo {
                             nonce: nonce.clone(),
@@ -1514,17 +1602,29 @@ impl Service {
                             needed: threshold.into(),
                             threshold: threshold.into(),
                             shares: u32::try_from(shares.len()).unwrap_or(u32::MAX),
-                            new_shares: shares
-                                .iter()
-                                .map(|s| SecretBytes::from_slice(s.expose()))
-                                .collect(),
+                            // Encrypted, the clear shares never leave.
+                            new_shares: if fingerprints.is_empty() {
+                                shares
+                                    .iter()
+                                    .map(|s| SecretBytes::from_slice(s.expose()))
+                                    .collect()
+                            } else {
+                                Vec::new()
+                            },
+                            fingerprints,
+                            encrypted_shares: encrypted,
                         }))
                     }
                 }
             }
             Request::ResplitStatus => Ok(Response::Resplit(
                 h.resplit_status()
-                    .map(|s| resplit_info(&s))
+                    .map(|s| {
+                        resplit_info(
+                            &s,
+                            fingerprints_of(&lock(&self.resplit_custodians), &s.nonce),
+                        )
+                    })
                     .unwrap_or_default(),
             )),
             Request::ResplitCancel => {

@@ -9,11 +9,13 @@
 //! - [`audit`]: the hash-chained audit log with group commit.
 //! - [`store`]: the SQLite key store and its migrations.
 //! - [`config`]: figment configuration (TOML + `TDE_` environment).
+//! - [`custodian`]: unseal shares encrypted to custodians' OpenPGP keys.
 //! - [`sys`]: process hardening (no core dumps, mlock).
 #![forbid(unsafe_code)]
 
 pub mod audit;
 pub mod config;
+pub mod custodian;
 pub mod handler;
 pub mod policy;
 pub mod reload;

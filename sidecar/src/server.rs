@@ -453,6 +453,7 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
         quorum_approvals: cfg.quorum.approvals.into(),
         quorum_timeout_seconds: cfg.quorum.timeout_seconds.into(),
         approvals: Default::default(),
+        resplit_custodians: Default::default(),
     });
     let live = Arc::new(Live::new(reload, cfg.clone()));
     {

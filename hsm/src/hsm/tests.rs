@@ -709,6 +709,11 @@ fn roles_are_checked_by_the_hsm() {
     assert!(!h.status().sealed && !h.status().zeroized);
 }
 
+/// A re-split's `prepare` that takes the new shares as they are.
+fn accept(_: &[SecretBuf]) -> Result<(), String> {
+    Ok(())
+}
+
 /// Issue 12: a re-split of the unseal shares (Vault's `operator rekey`):
 /// approved by a threshold of the current shares, no key touched, the old
 /// shares void afterwards, the new ones unseal.
@@ -721,7 +726,7 @@ fn resplit_makes_new_shares_and_voids_the_old() {
         .generate_data_key(Caller::Client, "pg", &ctx("a"))
         .expect("gen");
     assert!(matches!(
-        h.resplit_update("none", shares[0].expose()),
+        h.resplit_update("none", shares[0].expose(), &mut accept),
         Err(HsmError::InvalidArgument(_))
     ));
     for (t, n) in [(1, 3), (4, 3), (2, 40)] {
@@ -736,23 +741,30 @@ fn resplit_makes_new_shares_and_voids_the_old() {
         (0, 3, 2, 3)
     );
     assert!(matches!(
-        h.resplit_update("0000", shares[0].expose()),
+        h.resplit_update("0000", shares[0].expose(), &mut accept),
         Err(HsmError::InvalidArgument(_))
     ));
     let nonce = st.nonce.clone();
-    match h.resplit_update(&nonce, shares[0].expose()).expect("1") {
+    match h
+        .resplit_update(&nonce, shares[0].expose(), &mut accept)
+        .expect("1")
+    {
         ResplitProgress::Waiting(s) => assert_eq!(s.progress, 1),
         ResplitProgress::Done { .. } => panic!("done after one share"),
     }
     assert!(matches!(
-        h.resplit_update(&nonce, shares[0].expose()),
+        h.resplit_update(&nonce, shares[0].expose(), &mut accept),
         Err(HsmError::InvalidShare(_))
     ));
     assert!(matches!(
-        h.resplit_update(&nonce, shares[3].expose()).expect("2"),
+        h.resplit_update(&nonce, shares[3].expose(), &mut accept)
+            .expect("2"),
         ResplitProgress::Waiting(_)
     ));
-    let new = match h.resplit_update(&nonce, shares[4].expose()).expect("3") {
+    let new = match h
+        .resplit_update(&nonce, shares[4].expose(), &mut accept)
+        .expect("3")
+    {
         ResplitProgress::Done { threshold, shares } => {
             assert_eq!(threshold, 2);
             shares
@@ -774,4 +786,44 @@ fn resplit_makes_new_shares_and_voids_the_old() {
     h.unseal(new[2].expose()).expect("new 1");
     assert!(!h.unseal(new[0].expose()).expect("new 2").sealed);
     assert!(dec(&h, Caller::Client, &g.ciphertext, &ctx("a")).is_ok());
+}
+
+/// Issue 12: when the new shares cannot be prepared (a custodian key that
+/// cannot take one), nothing is written: the attempt ends, the current
+/// shares still unseal and the recorded threshold stays.
+#[test]
+fn a_resplit_whose_shares_cannot_be_prepared_changes_nothing() {
+    let (_s, h, shares) = unsealed();
+    let a = admin(&h);
+    let nonce = h.resplit_init(&a, 2, 2).expect("init").nonce;
+    for s in &shares[..2] {
+        assert!(matches!(
+            h.resplit_update(&nonce, s.expose(), &mut accept)
+                .expect("give"),
+            ResplitProgress::Waiting(_)
+        ));
+    }
+    let mut seen = Vec::new();
+    let mut refuse = |new: &[SecretBuf]| {
+        seen = new.iter().map(|s| s.expose().to_vec()).collect();
+        Err("custodian key 2 refused".to_string())
+    };
+    let e = h
+        .resplit_update(&nonce, shares[2].expose(), &mut refuse)
+        .expect_err("prepare failed");
+    assert!(
+        matches!(&e, HsmError::InvalidArgument(m) if m.contains("custodian key 2 refused") && m.contains("still unseal")),
+        "{e}"
+    );
+    assert_eq!(seen.len(), 2, "prepare saw the two new shares");
+    assert!(h.resplit_status().is_none(), "the attempt ended");
+    assert_eq!((h.status().threshold, h.status().shares), (3, 5));
+    h.seal(&admin(&h)).expect("seal");
+    for new in &seen {
+        assert!(matches!(h.unseal(new), Err(HsmError::InvalidShare(_))));
+    }
+    for s in &shares[2..5] {
+        h.unseal(s.expose()).expect("a current share");
+    }
+    assert!(!h.status().sealed);
 }

@@ -237,13 +237,17 @@ impl Client {
         expect!(self, Request::TokenRevoke { token }, Response::Done => ())
     }
 
-    /// Starts a re-split of the unseal shares (a crypto officer).
+    /// Starts a re-split of the unseal shares (a crypto officer); with
+    /// `custodian_keys` (OpenPGP public keys, one per new share), each new
+    /// share comes back encrypted to its key.
     pub fn resplit_init(
         &mut self,
         threshold: u32,
         shares: u32,
+        custodian_keys: Vec<Vec<u8>>,
     ) -> Result<ResplitInfo, ClientError> {
-        expect!(self, Request::ResplitInit { threshold, shares }, Response::Resplit(r) => r)
+        expect!(self, Request::ResplitInit { threshold, shares, custodian_keys },
+            Response::Resplit(r) => r)
     }
 
     /// Gives one current share to the re-split `nonce`.

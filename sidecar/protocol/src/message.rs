@@ -120,6 +120,14 @@ pub mod tag {
     pub const APPROVED_BY: u8 = 52;
     /// When a request stops waiting, Unix seconds (u64).
     pub const EXPIRES: u8 = 53;
+    /// A custodian's OpenPGP public key, binary or armored (bytes;
+    /// repeated, one per new share).
+    pub const CUSTODIAN_KEY: u8 = 54;
+    /// A custodian key's fingerprint, upper-case hex (string; repeated).
+    pub const FINGERPRINT: u8 = 55;
+    /// A new share encrypted to a custodian key: an ASCII-armored OpenPGP
+    /// message (string; repeated).
+    pub const ENCRYPTED_SHARE: u8 = 56;
 }
 
 /// Operation codes.
@@ -398,6 +406,9 @@ pub enum Request {
         threshold: u32,
         /// New number of shares.
         shares: u32,
+        /// Custodians' OpenPGP public keys, one per new share (share N
+        /// is encrypted to key N), or none: the shares come back in clear.
+        custodian_keys: Vec<Vec<u8>>,
     },
     /// See [`Op::ResplitUpdate`].
     ResplitUpdate {
@@ -595,8 +606,14 @@ pub struct ResplitInfo {
     pub threshold: u32,
     /// New number of shares.
     pub shares: u32,
-    /// The new shares, once done.
+    /// The new shares, once done (in clear: no custodian keys given).
     pub new_shares: Vec<SecretBytes>,
+    /// Fingerprints of the custodian keys the new shares are encrypted
+    /// to, in share order (empty: none given).
+    pub fingerprints: Vec<String>,
+    /// The new shares, once done, each encrypted to its custodian key
+    /// (ASCII-armored OpenPGP messages, in share order).
+    pub encrypted_shares: Vec<String>,
 }
 
 /// A request waiting for other crypto officers' approvals (dual control).
@@ -625,6 +642,18 @@ pub const MAX_APPROVALS: usize = 256;
 
 /// Most shares a re-split answer carries.
 pub const MAX_NEW_SHARES: usize = 32;
+
+/// Largest custodian public key (`CUSTODIAN_KEY`), armored or binary. A key
+/// exported with `gpg --export --export-options export-minimal` is a few
+/// KiB; third-party signatures can make one far larger.
+pub const MAX_CUSTODIAN_KEY: usize = 64 * 1024;
+
+/// Largest encrypted share (`ENCRYPTED_SHARE`): a session key encrypted to
+/// an RSA key of 16384 bits, armored, is under 4 KiB.
+pub const MAX_ENCRYPTED_SHARE: usize = 16 * 1024;
+
+/// Longest fingerprint (`FINGERPRINT`): 64 hex digits for a v6 key.
+pub const MAX_FINGERPRINT: usize = 64;
 
 /// Seal state and identity of the server.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -860,6 +889,7 @@ struct Fields {
     shares: Option<u32>,
     token: Option<SecretBytes>,
     token_ttl: Option<u64>,
+    custodian_keys: Vec<Vec<u8>>,
 }
 
 impl Fields {
@@ -921,6 +951,13 @@ impl Fields {
                 )?,
                 tag::THRESHOLD => once(&mut f.threshold, as_u32(v, "threshold")?, "threshold")?,
                 tag::SHARES => once(&mut f.shares, as_u32(v, "shares")?, "shares")?,
+                tag::CUSTODIAN_KEY => {
+                    if f.custodian_keys.len() >= MAX_NEW_SHARES {
+                        return Err(DecodeError::InvalidValue("too many custodian keys"));
+                    }
+                    f.custodian_keys
+                        .push(capped(v, "custodian_key", MAX_CUSTODIAN_KEY)?.to_vec());
+                }
                 tag::ROLE => once(
                     &mut f.role,
                     as_str(capped(v, "role", MAX_NAME)?, "role")?,
@@ -1127,8 +1164,15 @@ impl Request {
             Request::TokenLogin { token } | Request::TokenRevoke { token } => {
                 w.bytes(TOKEN, token.expose());
             }
-            Request::ResplitInit { threshold, shares } => {
+            Request::ResplitInit {
+                threshold,
+                shares,
+                custodian_keys,
+            } => {
                 w.u32(THRESHOLD, *threshold).u32(SHARES, *shares);
+                for k in custodian_keys {
+                    w.bytes(CUSTODIAN_KEY, k);
+                }
             }
             Request::Approve { id } | Request::ApprovalStatus { id } => {
                 w.u64(APPROVAL_ID, *id);
@@ -1265,10 +1309,11 @@ impl Request {
                 token: required(read(&[TOKEN])?.token, "token")?,
             },
             Op::ResplitInit => {
-                let f = read(&[THRESHOLD, SHARES])?;
+                let f = read(&[THRESHOLD, SHARES, CUSTODIAN_KEY])?;
                 Request::ResplitInit {
                     threshold: required(f.threshold, "threshold")?,
                     shares: required(f.shares, "shares")?,
+                    custodian_keys: f.custodian_keys,
                 }
             }
             Op::ResplitUpdate => {
@@ -1634,7 +1679,8 @@ fn take_resplit(body: &[u8]) -> Result<ResplitInfo, DecodeError> {
     let mut seen = [false; 256];
     let mut rd = Reader::new(body);
     while let Some((t, v)) = rd.next_field()? {
-        if t != SHARE && std::mem::replace(&mut seen[usize::from(t)], true) {
+        let repeated = matches!(t, SHARE | FINGERPRINT | ENCRYPTED_SHARE);
+        if !repeated && std::mem::replace(&mut seen[usize::from(t)], true) {
             return Err(DecodeError::DuplicateField("resplit"));
         }
         match t {
@@ -1649,6 +1695,20 @@ fn take_resplit(body: &[u8]) -> Result<ResplitInfo, DecodeError> {
                 }
                 r.new_shares
                     .push(SecretBytes::from_slice(capped(v, "share", MAX_SECRET)?));
+            }
+            FINGERPRINT => {
+                if r.fingerprints.len() >= MAX_NEW_SHARES {
+                    return Err(DecodeError::DuplicateField("fingerprint"));
+                }
+                let v = capped(v, "fingerprint", MAX_FINGERPRINT)?;
+                r.fingerprints.push(as_str(v, "fingerprint")?);
+            }
+            ENCRYPTED_SHARE => {
+                if r.encrypted_shares.len() >= MAX_NEW_SHARES {
+                    return Err(DecodeError::DuplicateField("encrypted_share"));
+                }
+                let v = capped(v, "encrypted_share", MAX_ENCRYPTED_SHARE)?;
+                r.encrypted_shares.push(as_str(v, "encrypted_share")?);
             }
             other => return Err(unexpected("resplit", other)),
         }
@@ -1770,6 +1830,12 @@ impl Response {
                     .u32(NEW_THRESHOLD, r.threshold);
                 for s in &r.new_shares {
                     w.bytes(SHARE, s.expose());
+                }
+                for f in &r.fingerprints {
+                    w.str(FINGERPRINT, f);
+                }
+                for s in &r.encrypted_shares {
+                    w.str(ENCRYPTED_SHARE, s);
                 }
             }
             Response::Token { token, ttl } => {

@@ -6,7 +6,7 @@ use proptest::option;
 use proptest::prelude::*;
 use tde_protocol::{
     DekRef, ErrorCode, Frame, KeyInfo, KeyReference, KeyVersionInfo, OperatorInfo, Request,
-    Response, SecretBytes, StatusInfo,
+    ResplitInfo, Response, SecretBytes, StatusInfo,
 };
 
 fn secret() -> impl Strategy<Value = SecretBytes> {
@@ -58,6 +58,16 @@ fn request() -> impl Strategy<Value = Request> {
         }),
         Just(()).prop_map(|_| Request::KeyList),
         name().prop_map(|key| Request::KeyDescribe { key }),
+        (
+            any::<u32>(),
+            any::<u32>(),
+            vec(vec(any::<u8>(), 0..300), 0..4)
+        )
+            .prop_map(|(threshold, shares, custodian_keys)| Request::ResplitInit {
+                threshold,
+                shares,
+                custodian_keys
+            }),
         name().prop_map(|key| Request::KeyRotate { key }),
         (name(), name()).prop_map(|(key, operator)| Request::KeyShare { key, operator }),
         (name(), name()).prop_map(|(key, operator)| Request::KeyUnshare { key, operator }),
@@ -247,6 +257,26 @@ fn response() -> impl Strategy<Value = (u16, Response)> {
             Op::WatchKey as u16,
             Response::KeyPrimary { key, version }
         )),
+        (
+            name(),
+            any::<[u32; 4]>(),
+            vec(secret(), 0..3),
+            vec("[0-9A-F]{40}", 0..3),
+            vec(".{0,200}", 0..3)
+        )
+            .prop_map(|(nonce, n, new_shares, fingerprints, encrypted_shares)| (
+                Op::ResplitUpdate as u16,
+                Response::Resplit(ResplitInfo {
+                    nonce,
+                    progress: n[0],
+                    needed: n[1],
+                    threshold: n[2],
+                    shares: n[3],
+                    new_shares,
+                    fingerprints,
+                    encrypted_shares,
+                })
+            )),
         (prop::sample::select(ErrorCode::ALL), name())
             .prop_map(|(code, message)| (Op::Decrypt as u16, Response::Error { code, message })),
     ]
