@@ -492,26 +492,10 @@ fn rotation_periods_need_units_and_respect_the_minimum() {
 /// form still works but warns; an empty input sends nothing.
 #[test]
 fn unseal_shares_come_from_stdin_and_arguments_warn() {
-    use std::io::Write as _;
     let env = Env::new("");
     let shares = env.init();
     let _daemon = env.serve();
-    let piped = |args: &[&str], input: &str| {
-        let mut c = env
-            .cmd(args)
-            .arg("--json")
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn");
-        c.stdin
-            .take()
-            .expect("stdin")
-            .write_all(input.as_bytes())
-            .expect("write");
-        c.wait_with_output().expect("wait")
-    };
+    let piped = |args: &[&str], input: &str| env.piped(args, input);
     let out = piped(&["unseal"], "\n");
     assert_eq!(out.status.code(), Some(2), "an empty share is not sent");
     let out = piped(&["unseal"], &format!("{}\n", shares[0]));

@@ -236,19 +236,8 @@ fn a_resplit_makes_new_shares_that_unseal_while_the_old_fail() {
     );
     // A share from standard input, as custodians give them.
     let give = |share: &str| {
-        use std::io::Write as _;
-        let mut c = env
-            .cmd(&["resplit", "--nonce", &nonce, "--json"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("run");
-        c.stdin
-            .take()
-            .expect("stdin")
-            .write_all(format!("{share}\n").as_bytes())
-            .expect("share");
-        parse(&c.wait_with_output().expect("wait"), &["resplit"])
+        let args = ["resplit", "--nonce", &nonce];
+        parse(&env.piped(&args, &format!("{share}\n")), &args)
     };
     let (rc, v) = give(&shares[4]);
     assert_eq!((rc, v["progress"].as_u64()), (0, Some(1)), "{v}");
@@ -530,29 +519,7 @@ impl Drop for Gpg {
 
 /// Runs `tde ARGS --json` with `input` on standard input.
 fn json_with_stdin(env: &Env, args: &[&str], input: &str) -> (i32, serde_json::Value) {
-    let (rc, v, _) = json_stdin_stderr(env, args, input);
-    (rc, v)
-}
-
-/// [`json_with_stdin`], also giving what `tde` said on standard error.
-fn json_stdin_stderr(env: &Env, args: &[&str], input: &str) -> (i32, serde_json::Value, String) {
-    use std::io::Write as _;
-    let mut c = env
-        .cmd(args)
-        .arg("--json")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run");
-    c.stdin
-        .take()
-        .expect("stdin")
-        .write_all(input.as_bytes())
-        .expect("write");
-    let out = c.wait_with_output().expect("wait");
-    let (rc, v) = parse(&out, args);
-    (rc, v, String::from_utf8_lossy(&out.stderr).into_owned())
+    parse(&env.piped(args, input), args)
 }
 
 /// Vault's `-pgp-keys`: at `tde init` and at a re-split, each share is
@@ -736,7 +703,10 @@ fn shares_encrypted_to_custodian_keys_unseal_once_gpg_decrypts_them() {
         st["pgp_fingerprints"]
     );
     // The custodian sees where the new shares go before giving a share.
-    let (rc, v, said) = json_stdin_stderr(&env, &["resplit", "--nonce", &nonce], &clear[0]);
+    let args = ["resplit", "--nonce", &nonce];
+    let out = env.piped(&args, &clear[0]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    let (rc, v) = parse(&out, &args);
     assert_eq!((rc, v["progress"].as_u64()), (0, Some(1)), "{v}");
     assert!(
         said.contains(&format!("check them: {bob_fpr}, {alice_fpr}")),

@@ -1539,6 +1539,8 @@ impl Service {
                     u8::try_from(*threshold).unwrap_or(u8::MAX),
                     u8::try_from(*shares).unwrap_or(u8::MAX),
                 );
+                // The role first: keys are parsed for an officer only.
+                hsm(h.authorize(by()?, Permission::Custody))?;
                 let keys = custodian_keys_for(custodian_keys, n)?;
                 // Held across the HSM call: the attempt and its keys change together.
                 let mut slot = lock(&self.resplit_custodians);
@@ -1566,6 +1568,13 @@ impl Service {
                 let fingerprints = fingerprints_of(&slot, nonce);
                 let mut encrypted = Vec::new();
                 let mut prepare = |new: &[tde_hsm::secret::SecretBuf]| {
+                    if !custodians.is_empty() && custodians.len() != new.len() {
+                        return Err(format!(
+                            "{} custodian keys for {} new shares",
+                            custodians.len(),
+                            new.len()
+                        ));
+                    }
                     encrypted = custodians
                         .iter()
                         .zip(new)

@@ -161,6 +161,26 @@ operations = ["generate_data_key", "decrypt", "re_encrypt", "generate_random"]
         parse(&out, args)
     }
 
+    /// Runs `tde ARGS --json` with `input` on standard input (as a
+    /// custodian pipes a share in).
+    pub fn piped(&self, args: &[&str], input: &str) -> Output {
+        use std::io::Write as _;
+        let mut c = self
+            .cmd(args)
+            .arg("--json")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run tde");
+        c.stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("write");
+        c.wait_with_output().expect("wait")
+    }
+
     /// Like `json`, expecting success.
     pub fn ok(&self, args: &[&str]) -> Value {
         let (code, v) = self.json(args);
