@@ -277,7 +277,8 @@ pub struct InitArgs {
     /// production.
     #[arg(long)]
     pub dev: bool,
-    /// Also write each share to DIR/share-N (mode 0600).
+    /// Also write each share to DIR/share-N (mode 0600; share-N.asc when
+    /// encrypted to custodian keys).
     #[arg(long)]
     pub share_dir: Option<PathBuf>,
     /// Do not ask for confirmation on a terminal.
