@@ -14,7 +14,6 @@
 //! the newest such subkey, as GnuPG chooses.
 
 use std::io::Cursor;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use pgp::composed::{
     ArmorOptions, Deserializable, MessageBuilder, SignedPublicKey, SignedPublicSubKey,
@@ -70,12 +69,6 @@ impl std::fmt::Debug for CustodianKey {
     }
 }
 
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// The newest of `sigs` by creation time.
 fn newest<'a>(sigs: impl Iterator<Item = &'a Signature>) -> Option<&'a Signature> {
     sigs.max_by_key(|s| s.created().map_or(0, |t| t.as_secs()))
@@ -85,7 +78,7 @@ fn newest<'a>(sigs: impl Iterator<Item = &'a Signature>) -> Option<&'a Signature
 fn expired(created: u32, sig: &Signature) -> bool {
     sig.key_expiration_time()
         .map(std::time::Duration::from)
-        .is_some_and(|d| d.as_secs() != 0 && u64::from(created) + d.as_secs() <= now())
+        .is_some_and(|d| d.as_secs() != 0 && u64::from(created) + d.as_secs() <= tde_hsm::now())
 }
 
 impl CustodianKey {
@@ -179,12 +172,6 @@ impl CustodianKey {
         &self.fingerprint
     }
 
-    /// The first user id, for people (`Alice <alice@example.org>`).
-    pub fn user_id(&self) -> Option<String> {
-        let u = self.cert.details.users.first()?;
-        Some(String::from_utf8_lossy(u.id.id()).into_owned())
-    }
-
     /// The certificate in binary form (for the wire: smaller than armor).
     pub fn to_bytes(&self) -> Result<Vec<u8>, CustodianKeyError> {
         self.cert
@@ -260,7 +247,6 @@ mod tests {
         let public = SignedPublicKey::from(sk.clone()).to_bytes().expect("bytes");
         let k = CustodianKey::parse(&public).expect("usable");
         assert_eq!(k.fingerprint(), format!("{:X}", sk.fingerprint()));
-        assert_eq!(k.user_id().as_deref(), Some("Custodian <c@example.org>"));
         let share = b"tde-share-1-AAAA";
         let msg = k.encrypt(share).expect("encrypt");
         assert!(msg.starts_with("-----BEGIN PGP MESSAGE-----"), "{msg}");
