@@ -5,7 +5,7 @@
 //! The message is a standard OpenPGP message (RFC 9580, section 10.3): a
 //! public-key encrypted session key for the custodian's encryption subkey,
 //! then a SEIPD v1 packet (AES-256 with the modification detection code,
-//! RFC 9580 section 5.13.1), which every GnuPG since 1.4 decrypts:
+//! RFC 9580 section 5.13.1), which GnuPG decrypts:
 //! `gpg --decrypt share-1.asc | tde unseal`.
 //!
 //! A key is checked before it is used: exactly one certificate, self
