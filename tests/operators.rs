@@ -473,17 +473,23 @@ impl Gpg {
             .and_then(|l| l.split(':').next())
             .expect("fingerprint")
             .to_string();
-        let mut export = vec!["--export"];
-        if armor {
-            export.push("--armor");
-        }
-        export.push(&fpr);
         let file = self
             .home
             .path()
             .join(format!("{fpr}.{}", if armor { "asc" } else { "gpg" }));
-        std::fs::write(&file, self.run(&export).stdout).expect("write key");
-        (file.display().to_string(), fpr)
+        let file = file.display().to_string();
+        self.export(&fpr, &file, armor);
+        (file, fpr)
+    }
+
+    /// Writes the public key `fpr` to `file` (`gpg --export`).
+    fn export(&self, fpr: &str, file: &str, armor: bool) {
+        let args: &[&str] = if armor {
+            &["--export", "--armor", fpr]
+        } else {
+            &["--export", fpr]
+        };
+        std::fs::write(file, self.run(args).stdout).expect("write key");
     }
 
     /// Revokes a key with the certificate GnuPG made with it, and exports
@@ -498,7 +504,7 @@ impl Gpg {
         // GnuPG guards the certificate against an import by mistake.
         std::fs::write(&rev, text.replace(":-----BEGIN", "-----BEGIN")).expect("write");
         self.run(&["--import", &rev.display().to_string()]);
-        std::fs::write(file, self.run(&["--export", "--armor", fpr]).stdout).expect("write");
+        self.export(fpr, file, true);
     }
 
     /// `gpg --decrypt FILE`, as a custodian does.
@@ -540,13 +546,9 @@ fn shares_encrypted_to_custodian_keys_unseal_once_gpg_decrypts_them() {
         None,
         true,
     );
+    // An RSA encryption subkey, and the key exported again with it.
     gpg.run(&["--quick-add-key", &alice_fpr, "rsa3072", "encr", "never"]);
-    let (alice, alice_fpr) = {
-        // Exported again, now with its encryption subkey.
-        let out = gpg.run(&["--export", "--armor", &alice_fpr]).stdout;
-        std::fs::write(&alice, out).expect("write");
-        (alice, alice_fpr)
-    };
+    gpg.export(&alice_fpr, &alice, true);
     let (bob, bob_fpr) = gpg.key(
         "Bob <bob@example.org>",
         "futuredefault",

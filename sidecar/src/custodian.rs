@@ -36,8 +36,8 @@ pub enum CustodianKeyError {
     /// Not one OpenPGP public key.
     #[error("not an OpenPGP public key ({0})")]
     Parse(String),
-    /// A self-signature does not verify.
-    #[error("its self-signature does not verify ({0})")]
+    /// No self-signature verifies.
+    #[error("no self-signature of key {0} verifies")]
     BadSignature(String),
     /// Revoked by its owner.
     #[error("key {0} is revoked")]
@@ -74,6 +74,12 @@ fn newest<'a>(sigs: impl Iterator<Item = &'a Signature>) -> Option<&'a Signature
     sigs.max_by_key(|s| s.created().map_or(0, |t| t.as_secs()))
 }
 
+/// True when the binding `sig` lets a key of `algorithm` encrypt.
+fn encrypts(sig: &Signature, algorithm: pgp::crypto::public_key::PublicKeyAlgorithm) -> bool {
+    let flags = sig.key_flags();
+    (flags.encrypt_comms() || flags.encrypt_storage()) && algorithm.can_encrypt()
+}
+
 /// True when a key created at `created` with the binding `sig` has expired.
 fn expired(created: u32, sig: &Signature) -> bool {
     sig.key_expiration_time()
@@ -91,7 +97,6 @@ impl CustodianKey {
             .map_err(|e| CustodianKeyError::Parse(e.to_string()))?;
         let primary = &cert.primary_key;
         let fingerprint = format!("{:X}", primary.fingerprint());
-        let bad = |e: pgp::errors::Error| CustodianKeyError::BadSignature(e.to_string());
 
         // Revocations by the key itself (a third party's are not checked here).
         if cert
@@ -114,13 +119,7 @@ impl CustodianKey {
                 .filter(move |s| s.verify_certification(primary, Tag::UserId, &u.id).is_ok())
         });
         let Some(own) = newest(direct.chain(certs)) else {
-            // The error of the first user id's signature says why.
-            if let Some(u) = cert.details.users.first() {
-                u.verify_bindings(primary).map_err(bad)?;
-            }
-            return Err(CustodianKeyError::BadSignature(
-                "no self-signature verifies".into(),
-            ));
+            return Err(CustodianKeyError::BadSignature(fingerprint));
         };
         if expired(primary.created_at().as_secs(), own) {
             return Err(CustodianKeyError::Expired(fingerprint));
@@ -138,9 +137,7 @@ impl CustodianKey {
             }
             let binding =
                 newest(valid().filter(|s| s.typ() == Some(SignatureType::SubkeyBinding)))?;
-            let flags = binding.key_flags();
-            let ok = (flags.encrypt_comms() || flags.encrypt_storage())
-                && sk.key.algorithm().can_encrypt()
+            let ok = encrypts(binding, sk.key.algorithm())
                 && !expired(sk.key.created_at().as_secs(), binding);
             ok.then_some((i, sk.key.created_at().as_secs()))
         };
@@ -151,13 +148,8 @@ impl CustodianKey {
             .filter_map(usable)
             .max_by_key(|&(_, created)| created)
             .map(|(i, _)| i);
-        if subkey.is_none() {
-            let flags = own.key_flags();
-            if !((flags.encrypt_comms() || flags.encrypt_storage())
-                && primary.algorithm().can_encrypt())
-            {
-                return Err(CustodianKeyError::NoEncryptionKey(fingerprint));
-            }
+        if subkey.is_none() && !encrypts(own, primary.algorithm()) {
+            return Err(CustodianKeyError::NoEncryptionKey(fingerprint));
         }
         Ok(CustodianKey {
             cert,

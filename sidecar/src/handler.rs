@@ -701,12 +701,21 @@ fn resplit_info(
     }
 }
 
-/// The fingerprints of the custodian keys of the re-split `nonce`.
-fn fingerprints_of(slot: &Option<(String, Vec<CustodianKey>)>, nonce: &str) -> Vec<String> {
+/// The custodian keys of the re-split `nonce` (none: its shares go out in
+/// clear).
+fn custodians_of<'a>(
+    slot: &'a Option<(String, Vec<CustodianKey>)>,
+    nonce: &str,
+) -> &'a [CustodianKey] {
     match slot {
-        Some((n, keys)) if n == nonce => keys.iter().map(|k| k.fingerprint().to_string()).collect(),
-        _ => Vec::new(),
+        Some((n, keys)) if n == nonce => keys,
+        _ => &[],
     }
+}
+
+/// The fingerprints of `keys`, in order.
+fn fingerprints(keys: &[CustodianKey]) -> Vec<String> {
+    keys.iter().map(|k| k.fingerprint().to_string()).collect()
 }
 
 /// The context for an audit record: only one within the limits, so a peer
@@ -1542,11 +1551,11 @@ impl Service {
                 // The role first: keys are parsed for an officer only.
                 hsm(h.authorize(by()?, Permission::Custody))?;
                 let keys = custodian_keys_for(custodian_keys, n)?;
+                let fingerprints = fingerprints(&keys);
                 // Held across the HSM call: the attempt and its keys change together.
                 let mut slot = lock(&self.resplit_custodians);
                 let s = hsm(h.resplit_init(by()?, t, n))?;
                 *slot = Some((s.nonce.clone(), keys));
-                let fingerprints = fingerprints_of(&slot, &s.nonce);
                 let mut detail = format!("new shares {t} of {n}, attempt {}", s.nonce);
                 if !fingerprints.is_empty() {
                     detail.push_str(&format!(
@@ -1561,11 +1570,8 @@ impl Service {
                 // Held across the HSM call, so the shares that complete an
                 // attempt with custodian keys are always encrypted to them.
                 let slot = lock(&self.resplit_custodians);
-                let custodians = match &*slot {
-                    Some((n, keys)) if n == nonce => keys.as_slice(),
-                    _ => &[],
-                };
-                let fingerprints = fingerprints_of(&slot, nonce);
+                let custodians = custodians_of(&slot, nonce);
+                let fingerprints = fingerprints(custodians);
                 let mut encrypted = Vec::new();
                 let mut prepare = |new: &[tde_hsm::secret::SecretBuf]| {
                     if !custodians.is_empty() && custodians.len() != new.len() {
@@ -1631,7 +1637,7 @@ impl Service {
                     .map(|s| {
                         resplit_info(
                             &s,
-                            fingerprints_of(&lock(&self.resplit_custodians), &s.nonce),
+                            fingerprints(custodians_of(&lock(&self.resplit_custodians), &s.nonce)),
                         )
                     })
                     .unwrap_or_default(),
