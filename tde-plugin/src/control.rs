@@ -100,10 +100,16 @@ impl Server {
     /// Listens on `backing/tde.ctl` for requests to `rekey`.
     pub fn start(backing: &Path, rekey: Arc<Rekey>) -> anyhow::Result<Server> {
         let path = socket_path(backing);
-        let _ = std::fs::remove_file(&path);
+        // Bound under a temporary name (a hidden `tde.` name too) and
+        // renamed into place once private: `tde.ctl` never exists with the
+        // umask's wider mode, and once it exists it answers.
+        let tmp = path.with_extension(format!("ctl.{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
         let listener =
-            UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+            UnixListener::bind(&tmp).with_context(|| format!("binding {}", tmp.display()))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&tmp, &path)
+            .with_context(|| format!("putting the control socket at {}", path.display()))?;
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
@@ -156,7 +162,7 @@ fn serve(listener: &UnixListener, rekey: &Rekey, stop: &AtomicBool) {
 
 /// Whether the peer may use the control socket: the mount's own user or
 /// root (the socket is mode 0600 too; this holds even if its mode is
-/// changed, or was wider for a moment after bind).
+/// changed afterwards).
 fn peer_allowed(s: &UnixStream) -> anyhow::Result<()> {
     let cred = rustix::net::sockopt::socket_peercred(s)?;
     let own = rustix::process::geteuid();

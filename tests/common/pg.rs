@@ -531,7 +531,9 @@ impl Env {
             log,
         };
         let deadline = Instant::now() + Duration::from_secs(60);
-        while !is_mountpoint(mountpoint) {
+        // Up: mounted, and its control socket in place (started just after).
+        let control = backing.join(tde_plugin::control::CONTROL_SOCKET);
+        while !(is_mountpoint(mountpoint) && control.exists()) {
             if let Some(st) = m.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 m.child = None;
                 panic!(
