@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::audit_key::{self, AuditKeyRecord, AuditKeyVersion, AuditPublicKey, AuditSignature};
 use crate::error::HsmError;
 use crate::manifest::{self, Manifest};
 use crate::mek::{MekRecord, MekVersion, VersionState, validate_name};
@@ -19,7 +20,8 @@ use crate::random;
 use crate::seal::{self, RootFormat, STORE_ID_LEN, Sealer, Share};
 use crate::secret::{DataKey, MasterKeyMaterial, RootKey, SecretBuf, UnsealKey};
 use crate::store::{
-    KIND_MANIFEST, KIND_MASTER_KEY, KIND_OPERATOR, ObjectStore, StoreMeta, StoreOp, StoredObject,
+    KIND_AUDIT_KEY, KIND_MANIFEST, KIND_MASTER_KEY, KIND_OPERATOR, ObjectStore, StoreMeta, StoreOp,
+    StoredObject,
 };
 use crate::wrap::{self, Context, VersionKeys, WrappedKey};
 
@@ -67,6 +69,9 @@ pub enum HsmEvent {
     /// many objects. Expected once per store; another one means someone
     /// put back an old root (see THREAT-MODEL.md).
     StoreUpgraded(usize),
+    /// The audit signing key got a version: its first at the first unseal
+    /// of a store that had none.
+    AuditKeyCreated(u32),
     /// The rotation policy made a new primary version.
     AutoRotated {
         /// Key.
@@ -354,6 +359,10 @@ struct Unsealed {
     operators: BTreeMap<String, (OperatorRecord, u64)>,
     tampered_keys: BTreeSet<String>,
     tampered_operators: BTreeSet<String>,
+    /// The audit signing key and its revision (`None` if it is missing or
+    /// failed authentication).
+    audit_key: Option<(AuditKeyRecord, u64)>,
+    tampered_audit_key: bool,
     /// Login generations (0 when never moved on); see
     /// [`OperatorSession`]. In memory: a seal ends every session anyway.
     generations: BTreeMap<String, u64>,
@@ -655,6 +664,8 @@ impl Hsm {
             operators: BTreeMap::new(),
             tampered_keys: BTreeSet::new(),
             tampered_operators: BTreeSet::new(),
+            audit_key: None,
+            tampered_audit_key: false,
             generations: BTreeMap::new(),
         };
         match (list, format) {
@@ -703,6 +714,10 @@ impl Hsm {
                 for (name, (_, rev)) in &u.operators {
                     list.entries.insert((KIND_OPERATOR, name.clone()), *rev);
                 }
+                if let Some((_, rev)) = &u.audit_key {
+                    list.entries
+                        .insert((KIND_AUDIT_KEY, audit_key::ID.to_string()), *rev);
+                }
                 list.revision = 1;
                 let blob =
                     u.sealer
@@ -716,7 +731,21 @@ impl Hsm {
                 u.manifest = list;
             }
         }
-        let tampered = !u.tampered_keys.is_empty() || !u.tampered_operators.is_empty();
+        if u.audit_key.is_none() && !u.tampered_audit_key {
+            // A store made before audit signing: its first version now. If
+            // the write fails, the next unseal tries again; until then
+            // checkpoints cannot be signed (and say so).
+            match self.create_audit_key(&mut u) {
+                Ok(v) => self.event(HsmEvent::AuditKeyCreated(v)),
+                Err(e) => self.event(HsmEvent::TamperDetected {
+                    kind: "audit_key",
+                    id: audit_key::ID.into(),
+                    why: format!("could not be created: {e}"),
+                }),
+            }
+        }
+        let tampered =
+            !u.tampered_keys.is_empty() || !u.tampered_operators.is_empty() || u.tampered_audit_key;
         *st = State::Unsealed(meta, Box::new(u));
         drop(st);
         if tampered && self.policy.zeroize_on_store_tamper {
@@ -737,6 +766,17 @@ impl Hsm {
                     Some(e) => {
                         u.keys.insert(obj.id, e);
                     }
+                    None => {
+                        self.mark_tampered(u, obj.kind, &obj.id, "failed authentication".into())
+                    }
+                }
+            }
+            KIND_AUDIT_KEY => {
+                let rec = opened
+                    .and_then(|pt| AuditKeyRecord::decode(pt.expose()).ok())
+                    .filter(|_| obj.id == audit_key::ID);
+                match rec {
+                    Some(r) => u.audit_key = Some((r, obj.revision)),
                     None => {
                         self.mark_tampered(u, obj.kind, &obj.id, "failed authentication".into())
                     }
@@ -765,6 +805,10 @@ impl Hsm {
             KIND_MASTER_KEY => ("master_key", u.tampered_keys.insert(id.to_string())),
             KIND_OPERATOR => ("operator", u.tampered_operators.insert(id.to_string())),
             KIND_MANIFEST => ("manifest", true),
+            KIND_AUDIT_KEY => (
+                "audit_key",
+                !std::mem::replace(&mut u.tampered_audit_key, true),
+            ),
             _ => ("unknown", true),
         };
         if fresh {
@@ -894,6 +938,67 @@ impl Hsm {
     fn end_sessions(&self, u: &mut Unsealed, name: &str) {
         let next = self.epochs.fetch_add(1, Ordering::SeqCst);
         u.generations.insert(name.to_string(), next);
+    }
+
+    /// Makes and writes version 1 of the audit signing key.
+    fn create_audit_key(&self, u: &mut Unsealed) -> Result<u32, HsmError> {
+        let record = AuditKeyRecord {
+            versions: vec![AuditKeyVersion::generate(1, now())?],
+        };
+        self.write_object(
+            u,
+            KIND_AUDIT_KEY,
+            audit_key::ID,
+            1,
+            record.encode().expose(),
+        )?;
+        u.audit_key = Some((record, 1));
+        Ok(1)
+    }
+
+    fn audit_key(u: &Unsealed) -> Result<&(AuditKeyRecord, u64), HsmError> {
+        if u.tampered_audit_key {
+            return Err(HsmError::Tampered("the audit signing key".into()));
+        }
+        u.audit_key
+            .as_ref()
+            .ok_or(HsmError::Internal("the audit signing key is missing"))
+    }
+
+    /// Signs an audit checkpoint with the newest audit signing key version
+    /// (see [`audit_key`]). The daemon alone calls it, with statements it
+    /// builds itself; no request reaches it with bytes of its own.
+    pub fn audit_sign(&self, message: &[u8]) -> Result<AuditSignature, HsmError> {
+        let st = self.read();
+        Self::audit_key(Self::unsealed(&st)?)?.0.sign(message)
+    }
+
+    /// The public keys of every audit signing key version (public, so no
+    /// session is needed; the HSM must be unsealed to read them).
+    pub fn audit_public_keys(&self) -> Result<Vec<AuditPublicKey>, HsmError> {
+        let st = self.read();
+        Ok(Self::audit_key(Self::unsealed(&st)?)?.0.public_keys())
+    }
+
+    /// Rotates the audit signing key: a new version signs from now on and
+    /// the previous seed is destroyed (its public key stays).
+    pub fn audit_key_rotate(&self, by: &OperatorSession) -> Result<AuditPublicKey, HsmError> {
+        self.authorize(by, Permission::ManageKeys)?;
+        let mut st = self.write();
+        let u = Self::unsealed_mut(&mut st)?;
+        let (current, revision) = Self::audit_key(u)?;
+        let mut next = AuditKeyRecord::decode(current.encode().expose())?;
+        let revision = revision + 1;
+        let public = next.rotate(now())?;
+        self.write_object(
+            u,
+            KIND_AUDIT_KEY,
+            audit_key::ID,
+            revision,
+            next.encode().expose(),
+        )?;
+        u.audit_key = Some((next, revision));
+        Ok(public)
     }
 
     fn put_op(kind: u8, id: &str, revision: u64, blob: Vec<u8>) -> StoreOp {

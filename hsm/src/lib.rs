@@ -13,6 +13,8 @@
 //! - `wrap`: the wrapped data-key format and the wrap/unwrap mechanism.
 //! - `seal`: unseal shares, the sealed root, sealed objects.
 //! - `manifest`: the sealed list of every object's current revision.
+//! - [`audit_key`]: the Ed25519 key that signs audit checkpoints, and the
+//!   offline check of its signatures.
 //! - `operator`: roles and Argon2id password hashing.
 //! - `crypto`: AES-256-GCM-SIV and HKDF/HMAC-SHA256, nothing else.
 //! - [`secret`]: key types (zeroizing, redacting, not `Clone`).
@@ -46,6 +48,7 @@ macro_rules! internal_modules {
 
 internal_modules!(codec, crypto, manifest, mek, operator, seal, wrap);
 
+pub mod audit_key;
 pub mod error;
 pub mod fuzz;
 pub mod hsm;
@@ -53,6 +56,7 @@ pub mod random;
 pub mod secret;
 pub mod store;
 
+pub use audit_key::{AuditPublicKey, AuditSignature};
 pub use error::HsmError;
 pub use hsm::{
     Caller, GeneratedDataKey, Hsm, HsmEvent, InitOutput, KeyInfo, OperatorInfo, OperatorSession,

@@ -72,6 +72,11 @@ secret_key! {
     UnsealKey
 }
 secret_key! {
+    /// The 32-byte private seed of an Ed25519 audit signing key version
+    /// (RFC 8032 section 5.1.5). Never leaves the HSM.
+    AuditSigningSeed
+}
+secret_key! {
     /// A key derived with HKDF for one purpose (sealing, wrapping, context
     /// checks).
     DerivedKey
@@ -125,6 +130,7 @@ mod tests {
             format!("{:?}", RootKey::from_slice(&bytes).expect("key")),
             format!("{:?}", UnsealKey::from_slice(&bytes).expect("key")),
             format!("{:?}", DerivedKey::from_slice(&bytes).expect("key")),
+            format!("{:?}", AuditSigningSeed::from_slice(&bytes).expect("key")),
             format!("{:#?}", DataKey::from_slice(&bytes).expect("key")),
             format!("{:?}", SecretBuf::new(bytes.clone())),
         ];

@@ -13,6 +13,8 @@ pub const KIND_MASTER_KEY: u8 = 1;
 pub const KIND_OPERATOR: u8 = 2;
 /// Object kind: the store manifest (see [`crate::manifest`]).
 pub const KIND_MANIFEST: u8 = 3;
+/// Object kind: the audit signing key (see [`crate::audit_key`]).
+pub const KIND_AUDIT_KEY: u8 = 4;
 
 /// Public facts about a store (not secret, not sealed).
 #[derive(Debug, Clone, PartialEq, Eq)]

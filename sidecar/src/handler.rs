@@ -1234,6 +1234,13 @@ impl Service {
                         "a manifest of {objects} objects created and the root resealed as v2 (expected once per store: a second one means an old root was put back)"
                     ));
                 }
+                HsmEvent::AuditKeyCreated(version) => {
+                    rec.op = "audit_key_created".into();
+                    rec.key_version = Some(version);
+                    rec.detail = Some(format!(
+                        "audit signing key version {version} created (Ed25519; `tde audit pubkey` prints it)"
+                    ));
+                }
                 HsmEvent::AutoRotated { key, version } => {
                     rec.op = "auto_rotate".into();
                     rec.key = Some(key);

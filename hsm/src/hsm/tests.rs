@@ -546,6 +546,7 @@ fn a_store_without_manifest_gets_one_at_unseal() {
         .expect("dek")
         .ciphertext;
     h.seal(&a).expect("seal");
+    h.take_events();
     // Make it a store from before manifests: no manifest, a V1 root.
     let meta = s.meta().expect("meta").expect("some");
     let parsed: Vec<Share> = shares[..3]
@@ -563,7 +564,11 @@ fn a_store_without_manifest_gets_one_at_unseal() {
     reunseal(&h, &shares);
     let a = admin(&h);
     let events = h.take_events();
-    assert_eq!(events, [HsmEvent::StoreUpgraded(2)], "an admin and a key");
+    assert_eq!(
+        events,
+        [HsmEvent::StoreUpgraded(3)],
+        "an admin, a key and the audit key"
+    );
     assert!(dec(&h, Caller::Client, &wrapped, &ctx("a")).is_ok());
     assert!(row(&s, KIND_MANIFEST, manifest::ID).is_some());
     let sealed = s.sealed_root().expect("root").expect("some");
@@ -826,4 +831,64 @@ fn a_resplit_whose_shares_cannot_be_prepared_changes_nothing() {
         h.unseal(s.expose()).expect("a current share");
     }
     assert!(!h.status().sealed);
+}
+
+#[test]
+fn the_audit_key_signs_rotates_and_is_sealed_like_the_rest() {
+    let (s, h, shares) = setup(3, 5);
+    assert!(matches!(h.audit_sign(b"x"), Err(HsmError::Sealed)));
+    reunseal(&h, &shares);
+    assert_eq!(h.take_events(), [HsmEvent::AuditKeyCreated(1)]);
+    let sig = h.audit_sign(b"checkpoint 1").expect("sign");
+    let keys = h.audit_public_keys().expect("keys");
+    assert_eq!((sig.version, keys.len()), (1, 1));
+    assert!(audit_key::verify(
+        &keys[0].public,
+        b"checkpoint 1",
+        &sig.signature
+    ));
+
+    let a = admin(&h);
+    let (bob, carol) = user_and_auditor(&h, &a);
+    for who in [&bob, &carol] {
+        assert!(matches!(
+            h.audit_key_rotate(who),
+            Err(HsmError::PermissionDenied(_))
+        ));
+    }
+    let v2 = h.audit_key_rotate(&a).expect("rotate");
+    assert!(v2.active && v2.version == 2);
+    let sig2 = h.audit_sign(b"checkpoint 2").expect("sign");
+    assert_eq!(sig2.version, 2);
+
+    // Across a seal the same keys come back, and no new one is made.
+    h.seal(&a).expect("seal");
+    reunseal(&h, &shares);
+    assert!(h.take_events().is_empty());
+    let after = h.audit_public_keys().expect("keys");
+    assert_eq!(after.len(), 2);
+    assert_eq!(after[0].public, keys[0].public);
+    assert!(audit_key::verify(
+        &after[1].public,
+        b"checkpoint 2",
+        &sig2.signature
+    ));
+
+    // A rolled-back audit key row (version 1 only, seed and all) is
+    // tampering: it cannot come back to sign.
+    let a = admin(&h);
+    let old = row(&s, KIND_AUDIT_KEY, audit_key::ID).expect("row");
+    h.audit_key_rotate(&a).expect("rotate");
+    h.seal(&a).expect("seal");
+    s.objects
+        .lock()
+        .expect("lock")
+        .insert((KIND_AUDIT_KEY, audit_key::ID.to_string()), old);
+    reunseal(&h, &shares);
+    assert!(
+        tamper_whys(&h)
+            .iter()
+            .any(|w| w.starts_with("audit_key audit"))
+    );
+    assert!(matches!(h.audit_sign(b"x"), Err(HsmError::Tampered(_))));
 }
