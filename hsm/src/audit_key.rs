@@ -107,8 +107,13 @@ impl AuditKeyRecord {
             .collect()
     }
 
-    /// Signs `message` (after [`SIGNATURE_DOMAIN`]) with the newest version.
-    pub(crate) fn sign(&self, message: &[u8]) -> Result<AuditSignature, HsmError> {
+    /// Signs the message `message(version)` makes for the newest version
+    /// (after [`SIGNATURE_DOMAIN`]), so the message can name the version
+    /// that signs it.
+    pub(crate) fn sign(
+        &self,
+        message: &dyn Fn(u32) -> Vec<u8>,
+    ) -> Result<AuditSignature, HsmError> {
         let v = self
             .versions
             .last()
@@ -116,9 +121,8 @@ impl AuditKeyRecord {
         let seed = v.seed.as_ref().ok_or(HsmError::Internal(
             "the newest audit key version has no seed",
         ))?;
-        let mut signed = Vec::with_capacity(SIGNATURE_DOMAIN.len() + message.len());
-        signed.extend_from_slice(SIGNATURE_DOMAIN);
-        signed.extend_from_slice(message);
+        let mut signed = SIGNATURE_DOMAIN.to_vec();
+        signed.extend_from_slice(&message(v.version));
         let sig = pair(seed)?.sign(&signed);
         Ok(AuditSignature {
             version: v.version,
@@ -236,7 +240,7 @@ mod tests {
                 seed: Some(seed),
             }],
         };
-        let sig = rec.sign(b"checkpoint").expect("sign");
+        let sig = rec.sign(&|_| b"checkpoint".to_vec()).expect("sign");
         assert_eq!(sig.version, 1);
         assert!(verify(&public, b"checkpoint", &sig.signature));
         assert!(!verify(&public, b"checkpoinT", &sig.signature));
@@ -256,11 +260,11 @@ mod tests {
         let mut rec = AuditKeyRecord {
             versions: vec![AuditKeyVersion::generate(1, 1).expect("gen")],
         };
-        let first = rec.sign(b"m").expect("sign");
+        let first = rec.sign(&|_| b"m".to_vec()).expect("sign");
         let v2 = rec.rotate(2).expect("rotate");
         assert_eq!(v2.version, 2);
         assert!(rec.versions[0].seed.is_none());
-        let second = rec.sign(b"m").expect("sign");
+        let second = rec.sign(&|_| b"m".to_vec()).expect("sign");
         assert_eq!(second.version, 2);
         let keys = rec.public_keys();
         assert!(verify(&keys[0].public, b"m", &first.signature));

@@ -966,9 +966,11 @@ impl Hsm {
     }
 
     /// Signs an audit checkpoint with the newest audit signing key version
-    /// (see [`audit_key`]). The daemon alone calls it, with statements it
-    /// builds itself; no request reaches it with bytes of its own.
-    pub fn audit_sign(&self, message: &[u8]) -> Result<AuditSignature, HsmError> {
+    /// (see [`audit_key`]): `message(version)` makes the statement naming
+    /// the version that signs it. The daemon alone calls it, with
+    /// statements it builds itself; no request reaches it with bytes of its
+    /// own.
+    pub fn audit_sign(&self, message: &dyn Fn(u32) -> Vec<u8>) -> Result<AuditSignature, HsmError> {
         let st = self.read();
         Self::audit_key(Self::unsealed(&st)?)?.0.sign(message)
     }

@@ -42,6 +42,8 @@ pub struct Config {
     pub mounts: MountsConfig,
     /// Dual control.
     pub quorum: QuorumConfig,
+    /// Audit evidence: checkpoints, retention, sinks.
+    pub audit: AuditConfig,
     /// Data-socket client policies.
     pub clients: Vec<ClientPolicy>,
 }
@@ -57,6 +59,33 @@ pub struct QuorumConfig {
     pub approvals: u32,
     /// How long a request waits for them, seconds.
     pub timeout_seconds: u64,
+}
+
+/// `[audit]`: checkpoints signed by the HSM's audit key (see
+/// `docs/COMPLIANCE.md`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// The node id in every record and checkpoint; empty: the host name.
+    pub node: String,
+    /// A signed checkpoint after this many records.
+    pub checkpoint_records: u64,
+    /// ... and at least this often (seconds) while records are written.
+    pub checkpoint_seconds: u64,
+}
+
+impl AuditConfig {
+    /// The node id: `node`, or the host name.
+    pub fn node_id(&self) -> String {
+        if !self.node.is_empty() {
+            return self.node.clone();
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".into())
+    }
 }
 
 /// `[store]`.
@@ -187,6 +216,11 @@ impl Default for Config {
                 approvals: 0,
                 timeout_seconds: 900,
             },
+            audit: AuditConfig {
+                node: String::new(),
+                checkpoint_records: 10_000,
+                checkpoint_seconds: 60,
+            },
             clients: Vec::new(),
         }
     }
@@ -281,6 +315,16 @@ impl Config {
                 "mounts.on_seal must be keep or wipe, not {:?}",
                 self.mounts.on_seal
             ));
+        }
+        if self.audit.checkpoint_records == 0 || self.audit.checkpoint_seconds == 0 {
+            return Err(
+                "audit.checkpoint_records and audit.checkpoint_seconds must be above 0".into(),
+            );
+        }
+        if self.audit.node.len() > 255 || self.audit.node.chars().any(char::is_control) {
+            return Err(
+                "audit.node must be at most 255 characters, none of them control characters".into(),
+            );
         }
         for c in &self.clients {
             c.validate()?;

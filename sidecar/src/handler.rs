@@ -45,8 +45,8 @@ impl SocketKind {
     }
 }
 
-/// The kernel's view of the peer (SO_PEERCRED).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The kernel's view of the peer (SO_PEERCRED), and its executable.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
     /// uid.
     pub uid: u32,
@@ -54,6 +54,8 @@ pub struct Peer {
     pub gid: u32,
     /// pid, when the kernel reports one.
     pub pid: Option<i32>,
+    /// `/proc/PID/exe` when it connected, if readable.
+    pub exe: Option<Arc<str>>,
 }
 
 /// Per-connection state of the admin socket.
@@ -988,7 +990,9 @@ impl Service {
             uid: Some(peer.uid),
             gid: Some(peer.gid),
             pid: peer.pid,
+            exe: peer.exe.clone(),
             operator: session.operator.as_ref().map(|s| s.name().to_string()),
+            role: session.operator.as_ref().map(|s| s.role().name()),
         };
         let blob: Blob<'_> = match &req {
             Request::Decrypt { ciphertext, .. } | Request::ReEncrypt { ciphertext, .. } => {
@@ -1017,7 +1021,7 @@ impl Service {
         // A login changes the session only once its record is durable.
         let mut next = session.clone();
         let mut outcome = match socket {
-            SocketKind::Data => self.data(&policies, peer, &req, &blob, &mut rec),
+            SocketKind::Data => self.data(&policies, &peer, &req, &blob, &mut rec),
             SocketKind::Admin => self.admin(&mut next, &req, &blob, &mut rec),
         };
         if let (
@@ -1172,6 +1176,7 @@ impl Service {
             uid: Some(peer.uid),
             gid: Some(peer.gid),
             pid: peer.pid,
+            exe: peer.exe.clone(),
             ..Actor::default()
         };
         rec.result = "error";
@@ -1257,7 +1262,7 @@ impl Service {
     fn data(
         &self,
         policies: &Policies,
-        peer: Peer,
+        peer: &Peer,
         req: &Request,
         blob: &Blob<'_>,
         rec: &mut AuditRecord,

@@ -22,7 +22,7 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, mpsc, watch};
 
-use crate::audit::{AuditLog, AuditRecord};
+use crate::audit::{AuditLog, AuditRecord, AuditSettings};
 use crate::config::{Config, parse_mode};
 use crate::handler::{
     Handled, Peer, RefusalBudget, Reloader, Service, Session, SocketKind, WatchSlots,
@@ -136,7 +136,7 @@ impl Connection {
     /// Handles one request; `None` when the peer left during a watch (its
     /// request is audited, not answered).
     async fn handle(&mut self, frame: Frame) -> Option<Response> {
-        let (kind, peer, id) = (self.kind, self.peer, frame.header.request_id);
+        let (kind, peer, id) = (self.kind, self.peer.clone(), frame.header.request_id);
         let mut sess = std::mem::take(&mut self.session);
         let joined = self
             .blocking(move |svc| {
@@ -202,7 +202,7 @@ impl Connection {
 
     /// Audits and answers a frame whose length prefix is out of bounds.
     async fn refuse_malformed(&mut self, e: DecodeError) {
-        let (kind, peer) = (self.kind, self.peer);
+        let (kind, peer) = (self.kind, self.peer.clone());
         let (code, why) = (e.code(), e.to_string());
         let why2 = why.clone();
         self.blocking(move |svc| svc.audit_malformed(kind, peer, 0, code, &why2))
@@ -317,6 +317,10 @@ async fn accept_loop(
                 uid: c.uid(),
                 gid: c.gid(),
                 pid: c.pid(),
+                exe: c
+                    .pid()
+                    .and_then(|p| std::fs::read_link(format!("/proc/{p}/exe")).ok())
+                    .map(|p| Arc::from(p.to_string_lossy().as_ref())),
             },
             Err(e) => {
                 tracing::warn!(error = %e, "no peer credentials; closing");
@@ -433,7 +437,15 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
         zeroize_on_store_tamper: cfg.tamper.zeroize_on_store_tamper,
     };
     let hsm = Arc::new(Hsm::open(store.clone(), policy)?);
-    let (audit, writer) = AuditLog::start(&store_path)?;
+    let (audit, writer, findings) = AuditLog::start(
+        &store_path,
+        AuditSettings {
+            node: cfg.audit.node_id(),
+            checkpoint_records: cfg.audit.checkpoint_records,
+            checkpoint_interval: Duration::from_secs(cfg.audit.checkpoint_seconds),
+        },
+        hsm.clone(),
+    )?;
     let svc = Arc::new(Service {
         hsm: hsm.clone(),
         audit: audit.clone(),
@@ -469,6 +481,14 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
         std::process::id()
     ));
     audit.append(start)?;
+    for why in findings {
+        tracing::error!(%why, "audit log tampering found at start");
+        let mut rec = AuditRecord::new("internal", "tamper_detected");
+        rec.result = "error";
+        rec.error_code = Some(tde_protocol::ErrorCode::Tampered.name());
+        rec.detail = Some(why);
+        audit.append(rec)?;
+    }
     if hsm.status().dev && !hsm.status().zeroized {
         let r = dev_unseal(&cfg, &hsm);
         let mut rec = AuditRecord::new("internal", "dev_auto_unseal");

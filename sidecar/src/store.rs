@@ -16,6 +16,7 @@ use tde_protocol::Context;
 const MIGRATIONS: &[&str] = &[
     include_str!("../../sql/sqlite/001_init.sql"),
     include_str!("../../sql/sqlite/002_registry.sql"),
+    include_str!("../../sql/sqlite/003_audit_evidence.sql"),
 ];
 
 /// A registry change: the registration of `(key, context, location)`

@@ -836,10 +836,13 @@ fn a_resplit_whose_shares_cannot_be_prepared_changes_nothing() {
 #[test]
 fn the_audit_key_signs_rotates_and_is_sealed_like_the_rest() {
     let (s, h, shares) = setup(3, 5);
-    assert!(matches!(h.audit_sign(b"x"), Err(HsmError::Sealed)));
+    assert!(matches!(
+        h.audit_sign(&|_| b"x".to_vec()),
+        Err(HsmError::Sealed)
+    ));
     reunseal(&h, &shares);
     assert_eq!(h.take_events(), [HsmEvent::AuditKeyCreated(1)]);
-    let sig = h.audit_sign(b"checkpoint 1").expect("sign");
+    let sig = h.audit_sign(&|_| b"checkpoint 1".to_vec()).expect("sign");
     let keys = h.audit_public_keys().expect("keys");
     assert_eq!((sig.version, keys.len()), (1, 1));
     assert!(audit_key::verify(
@@ -858,7 +861,7 @@ fn the_audit_key_signs_rotates_and_is_sealed_like_the_rest() {
     }
     let v2 = h.audit_key_rotate(&a).expect("rotate");
     assert!(v2.active && v2.version == 2);
-    let sig2 = h.audit_sign(b"checkpoint 2").expect("sign");
+    let sig2 = h.audit_sign(&|_| b"checkpoint 2".to_vec()).expect("sign");
     assert_eq!(sig2.version, 2);
 
     // Across a seal the same keys come back, and no new one is made.
@@ -890,5 +893,8 @@ fn the_audit_key_signs_rotates_and_is_sealed_like_the_rest() {
             .iter()
             .any(|w| w.starts_with("audit_key audit"))
     );
-    assert!(matches!(h.audit_sign(b"x"), Err(HsmError::Tampered(_))));
+    assert!(matches!(
+        h.audit_sign(&|_| b"x".to_vec()),
+        Err(HsmError::Tampered(_))
+    ));
 }
