@@ -128,7 +128,41 @@ pub mod tag {
     /// A new share encrypted to a custodian key: an ASCII-armored OpenPGP
     /// message (string; repeated).
     pub const ENCRYPTED_SHARE: u8 = 56;
+    /// Audit records at or after this time, Unix milliseconds (u64).
+    pub const SINCE_MS: u8 = 57;
+    /// Audit records before this time, Unix milliseconds (u64).
+    pub const UNTIL_MS: u8 = 58;
+    /// First audit sequence number of a range (u64).
+    pub const FIRST_SEQ: u8 = 59;
+    /// Last audit sequence number of a range; in a page, the log's newest
+    /// (u64).
+    pub const LAST_SEQ: u8 = 60;
+    /// Most audit records to return (u32).
+    pub const LIMIT: u8 = 61;
+    /// Return the newest matching audit records (bool).
+    pub const NEWEST: u8 = 62;
+    /// Audit filter: operator, client policy or `uid:N` (string).
+    pub const ACTOR: u8 = 63;
+    /// Audit filter: operation name (string).
+    pub const OPERATION: u8 = 64;
+    /// Audit filter: `ok`, `error` or `pending` (string).
+    pub const RESULT: u8 = 65;
+    /// One audit record, its stored JSON verbatim (string; repeated).
+    pub const RECORD: u8 = 66;
+    /// The store id, hex (string).
+    pub const STORE_ID: u8 = 67;
+    /// The node id (string).
+    pub const NODE: u8 = 68;
+    /// One signed audit checkpoint line (string; repeated).
+    pub const CHECKPOINT: u8 = 69;
+    /// An audit signing key version (record; repeated).
+    pub const AUDIT_KEY: u8 = 70;
+    /// An Ed25519 public key, 32 bytes (bytes).
+    pub const PUBLIC_KEY: u8 = 71;
 }
+
+mod audit;
+pub use audit::{AuditKeyInfo, AuditPage, AuditQuery, AuditRange, MAX_RECORD, MAX_RECORDS};
 
 /// Operation codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -213,6 +247,20 @@ pub enum Op {
     RegisterDeks = 0x0105,
     /// Wait until a key's primary version differs from a known one.
     WatchKey = 0x0106,
+    /// List audit records with filters (auditors and officers).
+    AuditList = 0x0601,
+    /// Start an export: fix its range and sign a checkpoint over it.
+    AuditExport = 0x0602,
+    /// Read a page of an export's range, verbatim.
+    AuditRead = 0x0603,
+    /// Record that an export's range left the host (it may be pruned).
+    AuditExportDone = 0x0604,
+    /// Delete exported records before a time, leaving a checkpoint.
+    AuditPrune = 0x0605,
+    /// The audit signing key's public keys.
+    AuditPubkey = 0x0606,
+    /// Rotate the audit signing key (officers).
+    AuditKeyRotate = 0x0607,
 }
 
 impl Op {
@@ -257,6 +305,13 @@ impl Op {
         Op::KeyUnshare,
         Op::RegisterDeks,
         Op::WatchKey,
+        Op::AuditList,
+        Op::AuditExport,
+        Op::AuditRead,
+        Op::AuditExportDone,
+        Op::AuditPrune,
+        Op::AuditPubkey,
+        Op::AuditKeyRotate,
     ];
 
     /// The operation for a wire code.
@@ -306,6 +361,13 @@ impl Op {
             Op::KeyUnshare => "key_unshare",
             Op::RegisterDeks => "register_deks",
             Op::WatchKey => "watch_key",
+            Op::AuditList => "audit_list",
+            Op::AuditExport => "audit_export",
+            Op::AuditRead => "audit_read",
+            Op::AuditExportDone => "audit_export_done",
+            Op::AuditPrune => "audit_prune",
+            Op::AuditPubkey => "audit_pubkey",
+            Op::AuditKeyRotate => "audit_key_rotate",
         }
     }
 
@@ -566,6 +628,20 @@ pub enum Request {
         /// How long to wait at most (capped by the server).
         timeout_ms: u32,
     },
+    /// See [`Op::AuditList`].
+    AuditList(AuditQuery),
+    /// See [`Op::AuditExport`]: since, until, first and last.
+    AuditExport(AuditQuery),
+    /// See [`Op::AuditRead`]: first and last.
+    AuditRead(AuditQuery),
+    /// See [`Op::AuditExportDone`]: first and last.
+    AuditExportDone(AuditQuery),
+    /// See [`Op::AuditPrune`]: until (the records before it).
+    AuditPrune(AuditQuery),
+    /// See [`Op::AuditPubkey`].
+    AuditPubkey,
+    /// See [`Op::AuditKeyRotate`].
+    AuditKeyRotate,
 }
 
 /// One registered data key version.
@@ -810,6 +886,12 @@ pub enum Response {
         /// Its primary version.
         version: u32,
     },
+    /// Answer to audit-list and audit-read.
+    AuditPage(AuditPage),
+    /// Answer to audit-export, audit-export-done and audit-prune.
+    AuditRange(AuditRange),
+    /// Answer to audit-pubkey and audit-key-rotate.
+    AuditKeys(Vec<AuditKeyInfo>),
     /// Any failure.
     Error {
         /// What kind of failure.
@@ -1105,6 +1187,13 @@ impl Request {
             Request::KeyUnshare { .. } => Op::KeyUnshare,
             Request::RegisterDeks { .. } => Op::RegisterDeks,
             Request::WatchKey { .. } => Op::WatchKey,
+            Request::AuditList(_) => Op::AuditList,
+            Request::AuditExport(_) => Op::AuditExport,
+            Request::AuditRead(_) => Op::AuditRead,
+            Request::AuditExportDone(_) => Op::AuditExportDone,
+            Request::AuditPrune(_) => Op::AuditPrune,
+            Request::AuditPubkey => Op::AuditPubkey,
+            Request::AuditKeyRotate => Op::AuditKeyRotate,
         }
     }
 
@@ -1120,7 +1209,14 @@ impl Request {
             | Request::ResplitCancel
             | Request::ApprovalList
             | Request::OperatorList
+            | Request::AuditPubkey
+            | Request::AuditKeyRotate
             | Request::KeyList => {}
+            Request::AuditList(q)
+            | Request::AuditExport(q)
+            | Request::AuditRead(q)
+            | Request::AuditExportDone(q)
+            | Request::AuditPrune(q) => q.encode(&mut w),
             Request::GenerateDataKey { key, context } => {
                 w.str(KEY_NAME, key);
                 put_context(&mut w, context);
@@ -1474,6 +1570,29 @@ impl Request {
                     version: required(f.version, "version")?,
                     timeout_ms: required(f.timeout_ms, "timeout_ms")?,
                 }
+            }
+            Op::AuditList => {
+                Request::AuditList(AuditQuery::decode(body, what, audit::LIST_FIELDS)?)
+            }
+            Op::AuditExport => {
+                Request::AuditExport(AuditQuery::decode(body, what, audit::EXPORT_FIELDS)?)
+            }
+            Op::AuditRead => {
+                Request::AuditRead(AuditQuery::decode(body, what, audit::READ_FIELDS)?)
+            }
+            Op::AuditExportDone => {
+                Request::AuditExportDone(AuditQuery::decode(body, what, audit::READ_FIELDS)?)
+            }
+            Op::AuditPrune => {
+                Request::AuditPrune(AuditQuery::decode(body, what, audit::PRUNE_FIELDS)?)
+            }
+            Op::AuditPubkey => {
+                read(&[])?;
+                Request::AuditPubkey
+            }
+            Op::AuditKeyRotate => {
+                read(&[])?;
+                Request::AuditKeyRotate
             }
         })
     }
@@ -1863,6 +1982,9 @@ impl Response {
             Response::KeyPrimary { key, version } => {
                 w.str(KEY_NAME, key).u32(KEY_VERSION, *version);
             }
+            Response::AuditPage(p) => audit::put_page(&mut w, p),
+            Response::AuditRange(r) => audit::put_range(&mut w, r),
+            Response::AuditKeys(k) => audit::put_key_list(&mut w, k),
             Response::Error { message, .. } => {
                 // Within what a decoder accepts, whatever built it.
                 w.str(MESSAGE, truncate(message, MAX_TEXT));
@@ -2041,6 +2163,13 @@ impl Response {
                     key: required(f.key, "key")?,
                     version: required(f.version, "version")?,
                 }
+            }
+            Op::AuditList | Op::AuditRead => Response::AuditPage(audit::take_page(body, what)?),
+            Op::AuditExport | Op::AuditExportDone | Op::AuditPrune => {
+                Response::AuditRange(audit::take_range(body, what)?)
+            }
+            Op::AuditPubkey | Op::AuditKeyRotate => {
+                Response::AuditKeys(audit::take_key_list(body, what)?)
             }
         })
     }

@@ -5,8 +5,9 @@ use proptest::collection::{btree_map, vec};
 use proptest::option;
 use proptest::prelude::*;
 use tde_protocol::{
-    DekRef, ErrorCode, Frame, KeyInfo, KeyReference, KeyVersionInfo, OperatorInfo, Request,
-    ResplitInfo, Response, SecretBytes, StatusInfo,
+    AuditKeyInfo, AuditPage, AuditQuery, AuditRange, DekRef, ErrorCode, Frame, KeyInfo,
+    KeyReference, KeyVersionInfo, OperatorInfo, Request, ResplitInfo, Response, SecretBytes,
+    StatusInfo,
 };
 
 fn secret() -> impl Strategy<Value = SecretBytes> {
@@ -123,7 +124,69 @@ fn request() -> impl Strategy<Value = Request> {
                 timeout_ms,
             }
         }),
+        audit_query().prop_map(Request::AuditList),
+        audit_query().prop_map(|q| Request::AuditExport(AuditQuery {
+            since_ms: q.since_ms,
+            until_ms: q.until_ms,
+            first_seq: q.first_seq,
+            last_seq: q.last_seq,
+            ..AuditQuery::default()
+        })),
+        (option::of(any::<u64>()), option::of(any::<u64>())).prop_map(|(first_seq, last_seq)| {
+            Request::AuditRead(AuditQuery {
+                first_seq,
+                last_seq,
+                ..AuditQuery::default()
+            })
+        }),
+        option::of(any::<u64>()).prop_map(|until_ms| Request::AuditPrune(AuditQuery {
+            until_ms,
+            ..AuditQuery::default()
+        })),
+        Just(()).prop_map(|_| Request::AuditPubkey),
+        Just(()).prop_map(|_| Request::AuditKeyRotate),
     ]
+}
+
+fn audit_query() -> impl Strategy<Value = AuditQuery> {
+    (
+        vec(option::of(any::<u64>()), 4),
+        option::of(any::<u32>()),
+        any::<bool>(),
+        vec(option::of(name()), 4),
+        context(),
+    )
+        .prop_map(|(n, limit, newest, s, context)| AuditQuery {
+            since_ms: n[0],
+            until_ms: n[1],
+            first_seq: n[2],
+            last_seq: n[3],
+            limit,
+            newest,
+            actor: s[0].clone(),
+            operation: s[1].clone(),
+            key: s[2].clone(),
+            context,
+            result: s[3].clone(),
+        })
+}
+
+fn audit_keys() -> impl Strategy<Value = Vec<AuditKeyInfo>> {
+    vec(
+        (
+            any::<u32>(),
+            any::<u64>(),
+            vec(any::<u8>(), 32),
+            any::<bool>(),
+        )
+            .prop_map(|(version, created, public, active)| AuditKeyInfo {
+                version,
+                created,
+                public,
+                active,
+            }),
+        0..3,
+    )
 }
 
 fn key_info() -> impl Strategy<Value = KeyInfo> {
@@ -279,6 +342,35 @@ fn response() -> impl Strategy<Value = (u16, Response)> {
             )),
         (prop::sample::select(ErrorCode::ALL), name())
             .prop_map(|(code, message)| (Op::Decrypt as u16, Response::Error { code, message })),
+        (vec(".{0,300}", 0..4), vec(".{0,300}", 0..2), any::<u64>()).prop_map(
+            |(records, checkpoints, head)| (
+                Op::AuditRead as u16,
+                Response::AuditPage(AuditPage {
+                    records,
+                    checkpoints,
+                    head
+                })
+            )
+        ),
+        (
+            name(),
+            name(),
+            any::<[u64; 2]>(),
+            vec(".{0,300}", 0..3),
+            audit_keys()
+        )
+            .prop_map(|(store, node, seqs, checkpoints, keys)| (
+                Op::AuditExport as u16,
+                Response::AuditRange(AuditRange {
+                    store,
+                    node,
+                    first_seq: seqs[0],
+                    last_seq: seqs[1],
+                    checkpoints,
+                    keys
+                })
+            )),
+        audit_keys().prop_map(|k| (Op::AuditPubkey as u16, Response::AuditKeys(k))),
     ]
 }
 
