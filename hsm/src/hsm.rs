@@ -197,6 +197,11 @@ pub enum Permission {
     Custody,
     /// Approve another officer's destructive request (dual control).
     Approve,
+    /// List and export the audit log, read its public keys.
+    ReadAudit,
+    /// Delete exported audit records (the auditor's alone: whoever manages
+    /// keys cannot remove the evidence of it).
+    PruneAudit,
 }
 
 impl Permission {
@@ -209,8 +214,9 @@ impl Permission {
             | Permission::Configure
             | Permission::Custody
             | Permission::Approve => &[Role::CryptoOfficer],
-            Permission::Read => &[Role::CryptoOfficer, Role::Auditor],
+            Permission::Read | Permission::ReadAudit => &[Role::CryptoOfficer, Role::Auditor],
             Permission::UseKeys => &[Role::CryptoUser],
+            Permission::PruneAudit => &[Role::Auditor],
         }
     }
 
@@ -224,6 +230,8 @@ impl Permission {
             Permission::Configure => "reload the configuration",
             Permission::Custody => "re-split the unseal shares",
             Permission::Approve => "approve requests",
+            Permission::ReadAudit => "read the audit log",
+            Permission::PruneAudit => "prune the audit log",
         }
     }
 }

@@ -18,8 +18,10 @@
 //! # Layout
 //! - this module: records, the writer, checkpoints in the store, reads.
 //! - [`checkpoint`]: the signed checkpoint statement and public key PEM.
+//! - [`query`]: reading for `tde audit` (lists, export pages, pruning).
 
 pub mod checkpoint;
+pub mod query;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -355,7 +357,8 @@ fn log_line(r: &AuditRecord) {
     }
 }
 
-fn now_ms() -> u64 {
+/// Unix milliseconds now.
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)

@@ -17,6 +17,8 @@ use tde_protocol::{
 };
 
 use crate::audit::{Actor, AuditLog, AuditRecord};
+
+mod audit_ops;
 use crate::custodian::CustodianKey;
 use crate::policy::Policies;
 use crate::store::{Registration, RegistryWrite, SqliteStore};
@@ -650,6 +652,10 @@ fn is_mutating(req: &Request) -> bool {
             | Request::ResplitUpdate { .. }
             | Request::ResplitCancel
             | Request::Approve { .. }
+            | Request::AuditExport(_)
+            | Request::AuditExportDone(_)
+            | Request::AuditPrune(_)
+            | Request::AuditKeyRotate
     )
 }
 
@@ -1702,6 +1708,13 @@ impl Service {
                     )),
                 }
             }
+            Request::AuditList(_)
+            | Request::AuditExport(_)
+            | Request::AuditRead(_)
+            | Request::AuditExportDone(_)
+            | Request::AuditPrune(_)
+            | Request::AuditPubkey
+            | Request::AuditKeyRotate => self.audit_op(by()?, req, rec),
             Request::OperatorAdd {
                 operator,
                 role: r,

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use crate::frame::{read_frame, write_frame};
 use crate::message::{
-    ApprovalInfo, Context, DekRef, KeyInfo, OperatorInfo, ResplitInfo, StatusInfo,
+    ApprovalInfo, AuditKeyInfo, AuditPage, AuditQuery, AuditRange, Context, DekRef, KeyInfo, OperatorInfo, ResplitInfo, StatusInfo,
 };
 use crate::{ErrorCode, Op, Request, Response, SecretBytes};
 
@@ -292,6 +292,55 @@ impl Client {
             Response::Approvals(mut a) if a.len() == 1 => Ok(a.remove(0)),
             _ => Err(unexpected(req.op())),
         }
+    }
+
+    /// Audit records matching `q` (`audit_list`).
+    pub fn audit_list(&mut self, q: AuditQuery) -> Result<AuditPage, ClientError> {
+        expect!(self, Request::AuditList(q), Response::AuditPage(p) => p)
+    }
+
+    /// Starts an export: its range, anchor checkpoints and keys.
+    pub fn audit_export(&mut self, q: AuditQuery) -> Result<AuditRange, ClientError> {
+        expect!(self, Request::AuditExport(q), Response::AuditRange(r) => r)
+    }
+
+    /// One page of records from `first` up to `last`, verbatim.
+    pub fn audit_read(&mut self, first: u64, last: u64) -> Result<AuditPage, ClientError> {
+        let q = AuditQuery {
+            first_seq: Some(first),
+            last_seq: Some(last),
+            ..AuditQuery::default()
+        };
+        expect!(self, Request::AuditRead(q), Response::AuditPage(p) => p)
+    }
+
+    /// Records that the export of `first..=last` is complete.
+    pub fn audit_export_done(&mut self, first: u64, last: u64) -> Result<AuditRange, ClientError> {
+        let q = AuditQuery {
+            first_seq: Some(first),
+            last_seq: Some(last),
+            ..AuditQuery::default()
+        };
+        expect!(self, Request::AuditExportDone(q), Response::AuditRange(r) => r)
+    }
+
+    /// Prunes exported records before `before_ms`; the range removed.
+    pub fn audit_prune(&mut self, before_ms: u64) -> Result<AuditRange, ClientError> {
+        let q = AuditQuery {
+            until_ms: Some(before_ms),
+            ..AuditQuery::default()
+        };
+        expect!(self, Request::AuditPrune(q), Response::AuditRange(r) => r)
+    }
+
+    /// The audit signing key's versions.
+    pub fn audit_pubkey(&mut self) -> Result<Vec<AuditKeyInfo>, ClientError> {
+        expect!(self, Request::AuditPubkey, Response::AuditKeys(k) => k)
+    }
+
+    /// Rotates the audit signing key; every version after.
+    pub fn audit_key_rotate(&mut self) -> Result<Vec<AuditKeyInfo>, ClientError> {
+        expect!(self, Request::AuditKeyRotate, Response::AuditKeys(k) => k)
     }
 
     /// Re-reads the daemon's configuration; returns what changed.
