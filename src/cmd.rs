@@ -71,7 +71,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 /// An answer the command has printed itself that exits non-zero (`tde
 /// policy check` refusing: 1; `tde status` sealed: 2), nothing more said.
 #[derive(Debug)]
-struct Answered(u8);
+pub(crate) struct Answered(pub(crate) u8);
 
 impl std::fmt::Display for Answered {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -146,6 +146,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Operator(o) => operator(&cli, &cfg, o),
         Command::Key(k) => key(&cli, &cfg, k),
         Command::Policy(crate::PolicyCmd::Check(a)) => policy_check(&cli, &cfg, a),
+        Command::Audit(a) => crate::audit_cmd::run(&cli, &cfg, a),
         Command::Datakey(d) => datakey(&cli, &cfg, d),
         Command::Mount(m) => mount(&cli, &cfg, m),
         Command::Rekey(r) => rekey(&cli, r),
@@ -659,7 +660,7 @@ fn new_password(file: Option<&Path>, whom: &str) -> anyhow::Result<Zeroizing<Str
 /// A connection logged in as the operator: with the saved session token
 /// (`tde login`) when no password was given and the token is this
 /// operator's for this socket, else with the password.
-fn admin_login(cli: &Cli, cfg: &Config) -> anyhow::Result<Client> {
+pub(crate) fn admin_login(cli: &Cli, cfg: &Config) -> anyhow::Result<Client> {
     let socket = admin_path(cli, cfg);
     let mut c = Client::connect(&socket)?;
     let password_given = cli.password_file.is_some() || std::env::var_os("TDE_PASSWORD").is_some();
@@ -817,7 +818,7 @@ fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn emit(cli: &Cli, value: Value, human: impl FnOnce() -> String) {
+pub(crate) fn emit(cli: &Cli, value: Value, human: impl FnOnce() -> String) {
     if cli.json {
         println!("{value}");
     } else {
@@ -1943,7 +1944,7 @@ fn policy_check(cli: &Cli, cfg: &Config, a: &crate::PolicyCheckArgs) -> anyhow::
 
 // ---------------------------------------------------------------- data keys
 
-fn parse_context(entries: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+pub(crate) fn parse_context(entries: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
     let mut ctx = BTreeMap::new();
     for e in entries {
         let (k, v) = e

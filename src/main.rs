@@ -5,6 +5,7 @@
 // The doc comments of clap types are the help text; flattened groups have none.
 #![allow(missing_docs)]
 
+mod audit_cmd;
 mod cmd;
 mod demo;
 
@@ -126,6 +127,10 @@ pub enum Command {
     /// Data-socket client policies: which would allow a request, and why.
     #[command(subcommand)]
     Policy(PolicyCmd),
+    /// The audit log: list, follow, export for auditors, verify an export
+    /// offline, prune what was exported, print the signing keys.
+    #[command(subcommand)]
+    Audit(AuditCmd),
     /// Data-key operations (like `aws kms generate-data-key`).
     #[command(subcommand)]
     Datakey(DatakeyCmd),
@@ -420,6 +425,124 @@ pub enum KeyCmd {
         #[arg(long)]
         force: bool,
     },
+}
+
+/// `tde audit`.
+#[derive(Subcommand, Debug)]
+pub enum AuditCmd {
+    /// List records (the newest 100 unless told otherwise).
+    List {
+        #[command(flatten)]
+        filter: AuditFilter,
+        /// Most records.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// The oldest matching records instead of the newest.
+        #[arg(long)]
+        oldest: bool,
+    },
+    /// Show the newest records, and with -f follow new ones as they come.
+    Tail {
+        #[command(flatten)]
+        filter: AuditFilter,
+        /// Records shown first.
+        #[arg(short = 'n', long, default_value_t = 10)]
+        lines: u32,
+        /// Keep following (Ctrl-C stops).
+        #[arg(short = 'f', long)]
+        follow: bool,
+    },
+    /// Export a range to a directory: the records, a rendering, a manifest
+    /// with every checkpoint over them and the public keys.
+    Export(AuditExportArgs),
+    /// Check an export offline (no sidecar, no store). Exits 0 if it
+    /// verifies, 1 if not.
+    Verify(AuditVerifyArgs),
+    /// Delete exported records older than a time (auditors), leaving a
+    /// signed checkpoint that later exports chain from.
+    Prune {
+        /// Records before this time (RFC 3339, or an age like 90d).
+        #[arg(long)]
+        before: String,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Print the audit signing key's public keys (PEM), to pin them.
+    Pubkey {
+        /// Write them to this file too.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Rotate the audit signing key (crypto officers).
+    RotateKey,
+}
+
+/// Filters of `tde audit list` and `tail`.
+#[derive(Args, Debug)]
+pub struct AuditFilter {
+    /// Records at or after (RFC 3339, or an age like 2h).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Records before (RFC 3339, or an age).
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Operator, client policy, or uid:N.
+    #[arg(long)]
+    pub actor: Option<String>,
+    /// Operation (decrypt, key_rotate, login, ...).
+    #[arg(long)]
+    pub operation: Option<String>,
+    /// Master key.
+    #[arg(long)]
+    pub key: Option<String>,
+    /// ok, error or pending.
+    #[arg(long)]
+    pub result: Option<String>,
+    #[command(flatten)]
+    pub ctx: ContextArgs,
+}
+
+/// `tde audit export`.
+#[derive(Args, Debug)]
+pub struct AuditExportArgs {
+    /// Directory to create.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Records at or after (RFC 3339, or an age like 24h).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Records before (RFC 3339, or an age).
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Start right after the previous export in this directory.
+    #[arg(long, conflicts_with = "since")]
+    pub after: Option<PathBuf>,
+    /// jsonl, csv or ocsf (records.jsonl is always there: it is what
+    /// verify checks the rendering against).
+    #[arg(long, default_value = "jsonl")]
+    pub format: String,
+}
+
+/// `tde audit verify`.
+#[derive(Args, Debug)]
+pub struct AuditVerifyArgs {
+    /// The export directory.
+    pub dir: PathBuf,
+    /// The export before it: this one must continue it (no gap, no fork).
+    #[arg(long)]
+    pub previous: Option<PathBuf>,
+    /// Public keys to trust (PEM, from `tde audit pubkey`); without, the
+    /// export's own keys are used and the verdict says so.
+    #[arg(long)]
+    pub pubkey: Option<PathBuf>,
+    /// A file sink's copy of the log to compare with.
+    #[arg(long)]
+    pub sink: Option<PathBuf>,
+    /// Records allowed after the last checkpoint (an export made by tde
+    /// signs its whole range).
+    #[arg(long, default_value_t = 0)]
+    pub max_unsigned: u64,
 }
 
 /// `tde policy`.

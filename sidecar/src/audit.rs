@@ -19,8 +19,10 @@
 //! - this module: records, the writer, checkpoints in the store, reads.
 //! - [`checkpoint`]: the signed checkpoint statement and public key PEM.
 //! - [`query`]: reading for `tde audit` (lists, export pages, pruning).
+//! - [`export`]: the export's files and renderings, and offline verify.
 
 pub mod checkpoint;
+pub mod export;
 pub mod query;
 
 use std::collections::BTreeMap;

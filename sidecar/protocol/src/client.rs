@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use crate::frame::{read_frame, write_frame};
 use crate::message::{
-    ApprovalInfo, AuditKeyInfo, AuditPage, AuditQuery, AuditRange, Context, DekRef, KeyInfo, OperatorInfo, ResplitInfo, StatusInfo,
+    ApprovalInfo, AuditKeyInfo, AuditPage, AuditQuery, AuditRange, Context, DekRef, KeyInfo,
+    OperatorInfo, ResplitInfo, StatusInfo,
 };
 use crate::{ErrorCode, Op, Request, Response, SecretBytes};
 

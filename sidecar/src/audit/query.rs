@@ -33,10 +33,12 @@ fn u(v: i64) -> u64 {
 /// The oldest and newest sequence numbers present (`None` when empty).
 pub fn bounds(conn: &Connection) -> rusqlite::Result<Option<(u64, u64)>> {
     conn.query_row("SELECT min(seq), max(seq) FROM audit", [], |r| {
-        Ok(match (r.get::<_, Option<i64>>(0)?, r.get::<_, Option<i64>>(1)?) {
-            (Some(a), Some(b)) => Some((u(a), u(b))),
-            _ => None,
-        })
+        Ok(
+            match (r.get::<_, Option<i64>>(0)?, r.get::<_, Option<i64>>(1)?) {
+                (Some(a), Some(b)) => Some((u(a), u(b))),
+                _ => None,
+            },
+        )
     })
 }
 
@@ -135,7 +137,11 @@ pub fn read_page(conn: &Connection, first: u64, last: u64) -> rusqlite::Result<A
     let mut st = conn.prepare_cached(
         "SELECT seq, record FROM audit WHERE seq >= ?1 AND seq <= ?2 ORDER BY seq LIMIT ?3",
     )?;
-    let mut rows = st.query(params![i(first), i(last), i(tde_protocol::message::MAX_RECORDS as u64)])?;
+    let mut rows = st.query(params![
+        i(first),
+        i(last),
+        i(tde_protocol::message::MAX_RECORDS as u64)
+    ])?;
     let mut page = AuditPage::default();
     let mut bytes = 0;
     let mut end = None;

@@ -13,7 +13,10 @@ use crate::audit::{AuditRecord, checkpoints_in};
 const PRUNE_BATCH: u64 = 10_000;
 
 fn db(e: rusqlite::Error) -> (ErrorCode, String) {
-    (ErrorCode::StoreFailed, format!("reading the audit log: {e}"))
+    (
+        ErrorCode::StoreFailed,
+        format!("reading the audit log: {e}"),
+    )
 }
 
 fn audit_failed(e: AuditError) -> (ErrorCode, String) {
@@ -111,7 +114,9 @@ impl Service {
                 if !exported {
                     return Err((
                         ErrorCode::InvalidArgument,
-                        format!("records {first}..={last} were not exported (no export checkpoint over them)"),
+                        format!(
+                            "records {first}..={last} were not exported (no export checkpoint over them)"
+                        ),
                     ));
                 }
                 query::record_export(&conn, first, last, crate::audit::now_ms(), by.name())
