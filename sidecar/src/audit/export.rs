@@ -777,7 +777,7 @@ fn walk(
     if let (Some(h), Some((f, r, n))) = (rendering.header(), rendered.as_mut()) {
         let line = read_line(r).map_err(|e| problem("file", None, format!("{f}: {e}")))?;
         *n += 1;
-        if line.as_deref() != Some(h.as_bytes()) {
+        if line.as_deref().map(|l| l.strip_suffix(b"\n").unwrap_or(l)) != Some(h.as_bytes()) {
             return Err(problem(
                 "file",
                 None,
