@@ -926,6 +926,12 @@ fn status_json(s: &StatusInfo) -> Value {
         "dev_mode": s.dev_mode,
         "key_count": s.key_count,
         "version": s.server_version,
+        "audit_sinks": s.audit_sinks.iter().map(|k| json!({
+            "name": k.name,
+            "delivered": k.delivered,
+            "lag": k.lag,
+            "error": k.error,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -949,6 +955,18 @@ fn status_human(s: &StatusInfo) -> String {
     );
     if s.dev_mode {
         out.push_str("\nmode:       DEV (single local share; not for production)");
+    }
+    for k in &s.audit_sinks {
+        out.push_str(&format!(
+            "\naudit sink: {} given up to record {}, {} behind{}",
+            k.name,
+            k.delivered,
+            k.lag,
+            k.error
+                .as_ref()
+                .map(|e| format!(", FAILING: {e}"))
+                .unwrap_or_default()
+        ));
     }
     out
 }

@@ -669,3 +669,256 @@ fn a_store_tail_deleted_while_stopped_is_reported() {
     );
     assert!(msg.contains(&format!("{}..={last1}", cut + 1)), "{msg}");
 }
+
+/// Every record and checkpoint in the store, as (seq or checkpoint id,
+/// line), from the store itself.
+fn store_lines(db: &Path) -> (Vec<String>, Vec<String>) {
+    let conn = tde_sidecar::store::connect(db).expect("db");
+    let read = |sql: &str| -> Vec<String> {
+        let mut st = conn.prepare(sql).expect("prepare");
+        st.query_map([], |r| r.get::<_, String>(0))
+            .expect("query")
+            .map(|r| r.expect("row"))
+            .collect()
+    };
+    (
+        read("SELECT record FROM audit ORDER BY seq"),
+        read("SELECT body FROM audit_checkpoint ORDER BY id"),
+    )
+}
+
+fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !ok() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// A syslog daemon's socket: every datagram, as text.
+fn syslog_listener(path: &Path) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    let sock = std::os::unix::net::UnixDatagram::bind(path).expect("bind");
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o666))
+        .expect("chmod");
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let out = got.clone();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 256 * 1024];
+        while let Ok(n) = sock.recv(&mut buf) {
+            out.lock()
+                .expect("lock")
+                .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    });
+    got
+}
+
+#[test]
+fn file_and_syslog_sinks_get_every_record_and_checkpoint() {
+    let sinks = tempfile::tempdir().expect("tmp");
+    let file = sinks.path().join("audit.jsonl");
+    let log_sock = sinks.path().join("log.sock");
+    let env = Env::new(&format!(
+        "[audit]\ncheckpoint_records = 20\n[audit.file]\npath = \"{}\"\n[audit.syslog]\nsocket = \"{}\"\nfacility = \"local3\"\n",
+        file.display(),
+        log_sock.display()
+    ));
+    let syslog = syslog_listener(&log_sock);
+    let shares = env.init();
+    let daemon = env.serve();
+    env.unseal(&shares[..3]);
+    env.ok(&["key", "create", "pg-main"]);
+    env.ok_new_password(
+        &["operator", "add", "carol", "--role", "auditor"],
+        AUDITOR_PW,
+    );
+    env.ok_new_password(
+        &["operator", "add", "bob", "--role", "crypto_user"],
+        USER_PW,
+    );
+    env.ok(&["key", "share", "pg-main", "bob"]);
+    traffic(&env, 10);
+
+    // logrotate: the file is moved away, then SIGHUP; the sink writes a
+    // new file from there.
+    let rotated = sinks.path().join("audit.jsonl.1");
+    wait_for("the file sink catches up", || {
+        let (records, _) = store_lines(&env.db());
+        std::fs::read_to_string(&file)
+            .map(|t| {
+                t.lines()
+                    .filter(|l| !l.contains("\"type\":\"checkpoint\""))
+                    .count()
+            })
+            .unwrap_or(0)
+            == records.len()
+    });
+    std::fs::rename(&file, &rotated).expect("rotate");
+    let pid = rustix::process::Pid::from_raw(daemon.pid() as i32).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::HUP).expect("hup");
+    wait_for("a new file after SIGHUP", || file.exists());
+    traffic(&env, 3);
+
+    // A syslog daemon that goes away: requests go on, the sink reports
+    // it, and catches up when it is back.
+    let (rc, st) = env.json(&["status"]);
+    assert_eq!(rc, 0, "{st}");
+    assert_eq!(st["audit_sinks"].as_array().map(Vec::len), Some(2), "{st}");
+    std::fs::remove_file(&log_sock).expect("rm");
+    traffic(&env, 2);
+    wait_for("the syslog sink says it fails", || {
+        let (_, st) = env.json(&["status"]);
+        st["audit_sinks"].as_array().into_iter().flatten().any(|k| {
+            k["name"].as_str().is_some_and(|n| n.starts_with("syslog:"))
+                && k["error"].is_string()
+                && k["lag"].as_u64() > Some(0)
+        })
+    });
+    let syslog = {
+        let before = syslog.lock().expect("lock").clone();
+        let again = syslog_listener(&log_sock);
+        again.lock().expect("lock").extend(before);
+        again
+    };
+    wait_for("the syslog sink catches up", || {
+        let (_, st) = env.json(&["status"]);
+        st["audit_sinks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .all(|k| k["error"].is_null() && k["lag"] == 0)
+    });
+    // An export whose newest records were removed with their checkpoint:
+    // the sink's copy of the export checkpoint says where it ended.
+    let e0 = env.dir.path().join("before-cut");
+    export(&env, &e0, &[]);
+    let t = env.dir.path().join("cut-export");
+    copy_dir(&e0, &t);
+    let mut m = manifest(&t);
+    let orig = lines(&t.join(export::RECORDS));
+    let keep = orig.len() - 2;
+    write_lines(&t.join(export::RECORDS), &orig[..keep]);
+    m.last_seq -= 2;
+    m.count -= 2;
+    let mut prev: [u8; 32] = hex::decode(&m.anchor).expect("hex").try_into().expect("32");
+    for l in &orig[..keep] {
+        prev = chain_hash(&prev, l.as_bytes());
+    }
+    m.head = hex::encode(prev);
+    m.checkpoints.retain(|c| c.last_seq <= m.last_seq);
+    save_manifest(&t, &m);
+    fix_digests(&t);
+    let (_, alone) = verify(&t, &["--max-unsigned", "1000"]);
+    assert_eq!(
+        alone["ok"], true,
+        "alone nothing says more records were there: {alone}"
+    );
+    wait_for("the live sink has the export checkpoint", || {
+        std::fs::read_to_string(&file).is_ok_and(|s| s.contains("\"reason\":\"export\""))
+    });
+    let msg = fails(
+        &t,
+        &[
+            "--max-unsigned",
+            "1000",
+            "--sink",
+            file.to_str().expect("utf8"),
+        ],
+        "removed",
+        Some(m.last_seq + 1),
+    );
+    assert!(msg.contains("the sink's export checkpoint"), "{msg}");
+    daemon.stop();
+
+    // The file sink: every record once, in order, and every checkpoint,
+    // across the rotation.
+    let (records, checkpoints) = store_lines(&env.db());
+    let mut sink_lines = lines(&rotated);
+    sink_lines.extend(lines(&file));
+    let (sink_checkpoints, sink_records): (Vec<String>, Vec<String>) = sink_lines
+        .into_iter()
+        .partition(|l| l.contains("\"type\":\"checkpoint\""));
+    assert_eq!(
+        sink_records, records,
+        "the file sink holds every record, in order"
+    );
+    assert_eq!(sink_checkpoints, checkpoints, "and every checkpoint");
+    assert!(
+        checkpoints
+            .iter()
+            .any(|c| c.contains("\"reason\":\"shutdown\""))
+    );
+    assert!(
+        !lines(&file).is_empty(),
+        "records after SIGHUP went to the new file"
+    );
+
+    // Syslog: RFC 5424 with the facility asked for, every record and
+    // checkpoint (some twice after the outage: at least once).
+    let got = syslog.lock().expect("lock").clone();
+    let mut seqs = std::collections::BTreeSet::new();
+    let mut cks = 0;
+    for m in &got {
+        let pri: u16 = m[1..m.find('>').expect(">")].parse().expect("pri");
+        assert_eq!(pri / 8, 19, "local3: {m}");
+        assert!(m[m.find('>').expect(">") + 1..].starts_with("1 "), "{m}");
+        let json = &m[m.find(" - ").expect("msg") + 3..];
+        let v: Value = serde_json::from_str(json).expect("json");
+        if v["type"] == "checkpoint" {
+            cks += 1;
+        } else {
+            seqs.insert(v["seq"].as_u64().expect("seq"));
+        }
+    }
+    let all: std::collections::BTreeSet<u64> = records
+        .iter()
+        .map(|r| {
+            serde_json::from_str::<Value>(r).expect("json")["seq"]
+                .as_u64()
+                .expect("seq")
+        })
+        .collect();
+    assert_eq!(seqs, all, "syslog received every record");
+    assert!(cks >= checkpoints.len(), "and every checkpoint");
+
+    // The store's tail deleted while the daemon is down: the sink's copy
+    // names what is missing.
+    let sink_copy = sinks.path().join("sink-copy.jsonl");
+    let mut all_lines = lines(&rotated);
+    all_lines.extend(lines(&file));
+    write_lines(&sink_copy, &all_lines);
+    let last = all.iter().max().copied().expect("records");
+    let cut = last - 5;
+    {
+        let conn = tde_sidecar::store::connect(&env.db()).expect("db");
+        conn.execute("DELETE FROM audit WHERE seq > ?1", [cut as i64])
+            .expect("delete");
+        conn.execute(
+            "DELETE FROM audit_checkpoint WHERE last_seq > ?1",
+            [cut as i64],
+        )
+        .expect("delete");
+    }
+    let _daemon = env.serve();
+    env.unseal(&shares[..3]);
+    traffic(&env, 1);
+    let e = env.dir.path().join("after-cut");
+    export(&env, &e, &[]);
+    passes(&e, &[]);
+    let msg = fails(
+        &e,
+        &["--sink", sink_copy.to_str().expect("utf8")],
+        "sink",
+        Some(cut + 1),
+    );
+    assert!(
+        msg.contains(&format!("record {} differs from the sink's copy", cut + 1)),
+        "{msg}"
+    );
+    // The live file sink saw both versions of those records.
+    let msg = fails(&e, &["--sink", file.to_str().expect("utf8")], "sink", None);
+    assert!(
+        msg.contains("two versions") || msg.contains("differs"),
+        "{msg}"
+    );
+}

@@ -351,6 +351,35 @@ fn sample_requests() -> Vec<tde_protocol::Request> {
         Request::ApprovalList,
         Request::Approve { id: 1 },
         Request::ApprovalStatus { id: 1 },
+        Request::AuditList(tde_protocol::AuditQuery {
+            since_ms: Some(1_796_000_000_000),
+            limit: Some(10),
+            newest: true,
+            actor: Some("uid:101".into()),
+            operation: Some("decrypt".into()),
+            context: ctx.clone(),
+            ..Default::default()
+        }),
+        Request::AuditExport(tde_protocol::AuditQuery {
+            until_ms: Some(1_796_000_000_000),
+            ..Default::default()
+        }),
+        Request::AuditRead(tde_protocol::AuditQuery {
+            first_seq: Some(1),
+            last_seq: Some(1000),
+            ..Default::default()
+        }),
+        Request::AuditExportDone(tde_protocol::AuditQuery {
+            first_seq: Some(1),
+            last_seq: Some(1000),
+            ..Default::default()
+        }),
+        Request::AuditPrune(tde_protocol::AuditQuery {
+            until_ms: Some(1_796_000_000_000),
+            ..Default::default()
+        }),
+        Request::AuditPubkey,
+        Request::AuditKeyRotate,
     ]
 }
 

@@ -20,10 +20,12 @@
 //! - [`checkpoint`]: the signed checkpoint statement and public key PEM.
 //! - [`query`]: reading for `tde audit` (lists, export pages, pruning).
 //! - [`export`]: the export's files and renderings, and offline verify.
+//! - [`sink`]: the file and syslog sinks that follow the store.
 
 pub mod checkpoint;
 pub mod export;
 pub mod query;
+pub mod sink;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -182,6 +184,8 @@ pub struct AuditSettings {
     pub checkpoint_records: u64,
     /// A checkpoint at least this often while records are written.
     pub checkpoint_interval: Duration,
+    /// Told of every commit (the sinks wait on it).
+    pub wake: Arc<sink::Wake>,
 }
 
 /// Which records a requested checkpoint covers.
@@ -593,6 +597,7 @@ impl Writer {
                 self.seq = new_seq;
                 self.prev = new_prev;
                 self.last_ms = now;
+                self.settings.wake.committed(new_seq);
             }
             Err(e) => {
                 tracing::error!(error = %e, records = batch.len(), "audit commit failed; refusing the operations");
@@ -704,6 +709,7 @@ impl Writer {
         if matches!(cover, Cover::Head) {
             self.signed_to = last;
         }
+        self.settings.wake.committed(self.seq);
         Ok(Some(c))
     }
 }
@@ -1079,6 +1085,7 @@ mod tests_support {
             node: "node-1".into(),
             checkpoint_records: records,
             checkpoint_interval: Duration::from_secs(3600),
+            wake: Default::default(),
         }
     }
 }

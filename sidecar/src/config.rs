@@ -72,6 +72,40 @@ pub struct AuditConfig {
     pub checkpoint_records: u64,
     /// ... and at least this often (seconds) while records are written.
     pub checkpoint_seconds: u64,
+    /// A JSON-lines file sink.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<FileSinkConfig>,
+    /// A syslog sink (RFC 5424 over a local datagram socket).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub syslog: Option<SyslogSinkConfig>,
+}
+
+/// `[audit.file]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FileSinkConfig {
+    /// The file (created 0600; reopened on SIGHUP for logrotate).
+    pub path: PathBuf,
+}
+
+/// `[audit.syslog]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SyslogSinkConfig {
+    /// The local syslog socket.
+    #[serde(default = "default_syslog_socket")]
+    pub socket: PathBuf,
+    /// `authpriv` (default), `auth`, `daemon`, `user`, `local0`..`local7`.
+    #[serde(default = "default_syslog_facility")]
+    pub facility: String,
+}
+
+fn default_syslog_socket() -> PathBuf {
+    PathBuf::from("/dev/log")
+}
+
+fn default_syslog_facility() -> String {
+    "authpriv".into()
 }
 
 impl AuditConfig {
@@ -220,6 +254,8 @@ impl Default for Config {
                 node: String::new(),
                 checkpoint_records: 10_000,
                 checkpoint_seconds: 60,
+                file: None,
+                syslog: None,
             },
             clients: Vec::new(),
         }
@@ -321,6 +357,14 @@ impl Config {
                 "audit.checkpoint_records and audit.checkpoint_seconds must be above 0".into(),
             );
         }
+        if let Some(s) = &self.audit.syslog
+            && crate::audit::sink::facility(&s.facility).is_none()
+        {
+            return Err(format!(
+                "audit.syslog.facility {:?} is not auth, authpriv, daemon, user or local0..local7",
+                s.facility
+            ));
+        }
         if self.audit.node.len() > 255 || self.audit.node.chars().any(char::is_control) {
             return Err(
                 "audit.node must be at most 255 characters, none of them control characters".into(),
@@ -346,6 +390,30 @@ impl Config {
             .path
             .clone()
             .unwrap_or_else(|| self.data_dir.join("data.sock"))
+    }
+
+    /// The configured audit sinks.
+    pub fn audit_sinks(&self) -> Vec<crate::audit::sink::SinkKind> {
+        use crate::audit::sink::{SinkKind, facility};
+        let mut out = Vec::new();
+        if let Some(f) = &self.audit.file {
+            out.push(SinkKind::File(f.path.clone()));
+        }
+        if let Some(s) = &self.audit.syslog {
+            out.push(SinkKind::Syslog {
+                socket: s.socket.clone(),
+                facility: facility(&s.facility).unwrap_or(10),
+                app_name: "tde".into(),
+                // RFC 5424 HOSTNAME: printable ASCII, no spaces.
+                hostname: self
+                    .audit
+                    .node_id()
+                    .chars()
+                    .map(|c| if c.is_ascii_graphic() { c } else { '-' })
+                    .collect(),
+            });
+        }
+        out
     }
 
     /// The admin socket path.

@@ -127,6 +127,8 @@ pub struct Service {
     pub approvals: Approvals,
     /// The custodian keys of the re-split in progress, by its nonce.
     pub resplit_custodians: Mutex<Option<(String, Vec<CustodianKey>)>>,
+    /// The audit sinks (file, syslog).
+    pub sinks: Arc<crate::audit::sink::Sinks>,
 }
 
 /// A destructive request that dual control holds back.
@@ -623,6 +625,7 @@ pub fn status_info(hsm: &Hsm) -> StatusInfo {
         dev_mode: s.dev,
         key_count: u32::try_from(s.key_count).unwrap_or(u32::MAX),
         server_version: env!("CARGO_PKG_VERSION").to_string(),
+        audit_sinks: Vec::new(),
     }
 }
 
@@ -1514,7 +1517,22 @@ impl Service {
             })
         };
         match req {
-            Request::Status => Ok(Response::Status(status_info(h))),
+            Request::Status => {
+                let mut s = status_info(h);
+                let head = self.sinks.head();
+                s.audit_sinks = self
+                    .sinks
+                    .states()
+                    .iter()
+                    .map(|k| tde_protocol::AuditSinkInfo {
+                        name: k.name.clone(),
+                        delivered: k.delivered(),
+                        lag: head.saturating_sub(k.delivered()),
+                        error: k.error(),
+                    })
+                    .collect();
+                Ok(Response::Status(s))
+            }
             Request::Unseal { share } => {
                 let s = hsm(h.unseal(share.expose()))?;
                 if !s.sealed {

@@ -22,6 +22,7 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, mpsc, watch};
 
+use crate::audit::sink::{Sinks, Wake};
 use crate::audit::{AuditLog, AuditRecord, AuditSettings};
 use crate::config::{Config, parse_mode};
 use crate::handler::{
@@ -437,15 +438,21 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
         zeroize_on_store_tamper: cfg.tamper.zeroize_on_store_tamper,
     };
     let hsm = Arc::new(Hsm::open(store.clone(), policy)?);
+    let wake = Arc::new(Wake::default());
     let (audit, writer, findings) = AuditLog::start(
         &store_path,
         AuditSettings {
             node: cfg.audit.node_id(),
             checkpoint_records: cfg.audit.checkpoint_records,
             checkpoint_interval: Duration::from_secs(cfg.audit.checkpoint_seconds),
+            wake: wake.clone(),
         },
         hsm.clone(),
     )?;
+    // Started before the first record, so a new sink gets everything from
+    // this start on.
+    let sinks =
+        Arc::new(Sinks::start(&store_path, cfg.audit_sinks(), wake).map_err(anyhow::Error::msg)?);
     let svc = Arc::new(Service {
         hsm: hsm.clone(),
         audit: audit.clone(),
@@ -466,6 +473,7 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
         quorum_timeout_seconds: cfg.quorum.timeout_seconds.into(),
         approvals: Default::default(),
         resplit_custodians: Default::default(),
+        sinks: sinks.clone(),
     });
     let live = Arc::new(Live::new(reload, cfg.clone()));
     {
@@ -593,6 +601,8 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
     drop(svc);
     drop(audit);
     tokio::task::spawn_blocking(move || writer.join()).await?;
+    // The shutdown checkpoint is in the store: the sinks get it too.
+    tokio::task::spawn_blocking(move || sinks.stop()).await?;
     for p in [&data_path, &admin_path] {
         let _ = std::fs::remove_file(p);
     }
@@ -603,6 +613,8 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
 
 /// SIGHUP: reloads and audits it (which logs it).
 fn reload_on_signal(svc: &Service, live: &Live) {
+    // logrotate moved the file sink's file: write to a new one.
+    svc.sinks.reopen();
     let mut rec = AuditRecord::new("internal", "reload");
     match live.reload(svc) {
         Ok(summary) => rec.detail = Some(format!("SIGHUP: configuration reloaded: {summary}")),

@@ -36,8 +36,8 @@ pub use duration::{duration_text, parse_duration};
 pub use error::{DecodeError, ErrorCode};
 pub use frame::{Frame, FrameKind, Header, MAX_FRAME_LEN, PROTOCOL_VERSION};
 pub use message::{
-    ApprovalInfo, AuditKeyInfo, AuditPage, AuditQuery, AuditRange, Context, DekRef, KeyInfo,
-    KeyReference, KeyVersionInfo, Op, OperatorInfo, Request, ResplitInfo, Response, StatusInfo,
-    context_display,
+    ApprovalInfo, AuditKeyInfo, AuditPage, AuditQuery, AuditRange, AuditSinkInfo, Context, DekRef,
+    KeyInfo, KeyReference, KeyVersionInfo, Op, OperatorInfo, Request, ResplitInfo, Response,
+    StatusInfo, context_display,
 };
 pub use secret::SecretBytes;

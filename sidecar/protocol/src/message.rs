@@ -159,6 +159,10 @@ pub mod tag {
     pub const AUDIT_KEY: u8 = 70;
     /// An Ed25519 public key, 32 bytes (bytes).
     pub const PUBLIC_KEY: u8 = 71;
+    /// An audit sink's state in a status (record; repeated).
+    pub const AUDIT_SINK: u8 = 72;
+    /// Records an audit sink has still to be given (u64).
+    pub const LAG: u8 = 73;
 }
 
 mod audit;
@@ -752,6 +756,21 @@ pub struct StatusInfo {
     pub key_count: u32,
     /// Server version string.
     pub server_version: String,
+    /// The audit sinks (admin socket only).
+    pub audit_sinks: Vec<AuditSinkInfo>,
+}
+
+/// An audit sink as `tde status` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditSinkInfo {
+    /// `file:PATH` or `syslog:SOCKET`.
+    pub name: String,
+    /// The last record it was given.
+    pub delivered: u64,
+    /// Records it has still to be given.
+    pub lag: u64,
+    /// Why its last attempt failed, while it fails.
+    pub error: Option<String>,
 }
 
 /// One version of a master key.
@@ -1751,6 +1770,35 @@ fn put_status(w: &mut Writer, s: &StatusInfo) {
         .bool(DEV_MODE, s.dev_mode)
         .u32(KEY_COUNT, s.key_count)
         .str(SERVER_VERSION, &s.server_version);
+    for k in &s.audit_sinks {
+        let mut r = Writer::new();
+        r.str(DESCRIPTION, truncate(&k.name, MAX_TEXT))
+            .u64(LAST_SEQ, k.delivered)
+            .u64(LAG, k.lag);
+        if let Some(e) = &k.error {
+            r.str(MESSAGE, truncate(e, MAX_TEXT));
+        }
+        w.record(AUDIT_SINK, &r);
+    }
+}
+
+fn take_sink(v: &[u8]) -> Result<AuditSinkInfo, DecodeError> {
+    let mut k = AuditSinkInfo::default();
+    let mut seen = [false; 256];
+    let mut r = Reader::new(v);
+    while let Some((t, v)) = r.next_field()? {
+        if std::mem::replace(&mut seen[usize::from(t)], true) {
+            return Err(DecodeError::DuplicateField("audit_sink"));
+        }
+        match t {
+            DESCRIPTION => k.name = as_str(capped(v, "name", MAX_TEXT)?, "name")?,
+            LAST_SEQ => k.delivered = as_u64(v, "last_seq")?,
+            LAG => k.lag = as_u64(v, "lag")?,
+            MESSAGE => k.error = Some(as_str(capped(v, "message", MAX_TEXT)?, "message")?),
+            other => return Err(unexpected("audit_sink", other)),
+        }
+    }
+    Ok(k)
 }
 
 fn take_approvals(body: &[u8]) -> Result<Response, DecodeError> {
@@ -1840,6 +1888,13 @@ fn take_status(body: &[u8]) -> Result<StatusInfo, DecodeError> {
     let mut seen = [false; 256];
     let mut r = Reader::new(body);
     while let Some((t, v)) = r.next_field()? {
+        if t == AUDIT_SINK {
+            if s.audit_sinks.len() >= 16 {
+                return Err(DecodeError::InvalidValue("too many audit sinks"));
+            }
+            s.audit_sinks.push(take_sink(v)?);
+            continue;
+        }
         if std::mem::replace(&mut seen[usize::from(t)], true) {
             return Err(DecodeError::DuplicateField("status"));
         }

@@ -252,8 +252,19 @@ fn key_info() -> impl Strategy<Value = KeyInfo> {
 
 fn response() -> impl Strategy<Value = (u16, Response)> {
     use tde_protocol::Op;
-    let status =
-        (any::<[bool; 4]>(), any::<[u32; 4]>(), name()).prop_map(|(b, n, server_version)| {
+    let sinks = vec(
+        (name(), any::<[u64; 2]>(), option::of(name())).prop_map(|(name, n, error)| {
+            tde_protocol::AuditSinkInfo {
+                name,
+                delivered: n[0],
+                lag: n[1],
+                error,
+            }
+        }),
+        0..3,
+    );
+    let status = (any::<[bool; 4]>(), any::<[u32; 4]>(), name(), sinks).prop_map(
+        |(b, n, server_version, audit_sinks)| {
             Response::Status(StatusInfo {
                 initialized: b[0],
                 sealed: b[1],
@@ -264,8 +275,10 @@ fn response() -> impl Strategy<Value = (u16, Response)> {
                 progress: n[2],
                 key_count: n[3],
                 server_version,
+                audit_sinks,
             })
-        });
+        },
+    );
     prop_oneof![
         status.prop_map(|r| (Op::Status as u16, r)),
         (name(), any::<u32>(), secret(), vec(any::<u8>(), 0..100)).prop_map(

@@ -199,7 +199,9 @@ pub fn prunable(conn: &Connection, before_ms: u64) -> rusqlite::Result<Option<(u
             covered = covered.max(b);
         }
     }
-    let last = by_time.min(covered);
+    // Never what a sink has not been given yet.
+    let sinks: Option<i64> = conn.query_row("SELECT min(seq) FROM audit_sink", [], |r| r.get(0))?;
+    let last = by_time.min(covered).min(sinks.map_or(u64::MAX, u));
     Ok((last >= lo).then_some((lo, last)))
 }
 
