@@ -922,3 +922,125 @@ fn file_and_syslog_sinks_get_every_record_and_checkpoint() {
         "{msg}"
     );
 }
+
+/// A tmpfs mounted for one test, unmounted however the test ends.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(dir).expect("mkdir");
+        let ok = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_fails_key_operations_closed_and_they_come_back_without_a_gap() {
+    if !rustix::process::geteuid().is_root() {
+        skip("needs root to mount a small tmpfs");
+        return;
+    }
+    let env = Env::new("");
+    let disk = env.dir.path().join("small-disk");
+    let Some(_tmpfs) = Tmpfs::mount(&disk, "1536k") else {
+        skip("cannot mount a tmpfs here");
+        return;
+    };
+    let db = disk.join("tde.db");
+    let mut text = std::fs::read_to_string(&env.config).expect("config");
+    text = text.replacen(
+        "[log]",
+        &format!("[store]\npath = \"{}\"\n[log]", db.display()),
+        1,
+    );
+    std::fs::write(&env.config, text).expect("config");
+    let shares = env.init();
+    let _daemon = env.serve();
+    env.unseal(&shares[..3]);
+    env.ok(&["key", "create", "pg-main"]);
+
+    // Fill the disk to the last byte.
+    let filler = disk.join("filler");
+    {
+        use std::io::Write as _;
+        let mut f = std::fs::File::create(&filler).expect("filler");
+        let block = vec![0u8; 4096];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.sync_all();
+    }
+    // Key operations fail closed: no data key without its record. SQLite
+    // reuses WAL space it already has, so a few may still fit.
+    let mut raw = Raw::connect(&env.data_socket());
+    let generate = Request::GenerateDataKey {
+        key: "pg-main".into(),
+        context: ctx(&[("tablespace", "full")]),
+    };
+    let mut refused = None;
+    for _ in 0..20_000 {
+        match raw.call(&generate) {
+            Response::DataKey { .. } => continue,
+            Response::Error { code, message } => {
+                refused = Some((code, message));
+                break;
+            }
+            r => panic!("unexpected {r:?}"),
+        }
+    }
+    let (code, message) = refused.expect("a full disk refuses key operations");
+    assert_eq!(code, ErrorCode::AuditFailed, "{message}");
+    assert!(
+        message.contains("audit record could not be written") && message.contains("full"),
+        "a clear error: {message}"
+    );
+    // Still refused while the disk stays full.
+    assert!(matches!(
+        raw.call(&generate),
+        Response::Error {
+            code: ErrorCode::AuditFailed,
+            ..
+        }
+    ));
+    let (rc, v) = env.json(&["datakey", "generate", "--key", "pg-main"]);
+    assert_eq!(
+        (rc, v["error"]["code"].as_str()),
+        (1, Some("AUDIT_FAILED")),
+        "{v}"
+    );
+
+    // Space comes back: so does the service, by itself.
+    std::fs::remove_file(&filler).expect("free");
+    match raw.call(&generate) {
+        Response::DataKey { .. } => {}
+        r => panic!("not back after space returned: {r:?}"),
+    }
+    env.ok(&["datakey", "generate", "--key", "pg-main"]);
+    // No gap: the chain verifies from the first record to the last, and
+    // every record's number follows the one before.
+    let records = audit(&db);
+    for (i, r) in records.iter().enumerate() {
+        assert_eq!(r["seq"].as_u64(), Some(i as u64 + 1));
+    }
+    assert!(records.iter().all(|r| r["error_code"] != "AUDIT_FAILED"));
+    let e = env.dir.path().join("after-full");
+    env.ok(&["audit", "export", "--out", e.to_str().expect("utf8")]);
+    passes(&e, &[]);
+}
