@@ -4,6 +4,7 @@ use std::collections::BTreeSet;
 use std::io::{BufWriter, IsTerminal, Write};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
@@ -295,24 +296,13 @@ fn export(cli: &Cli, cfg: &Config, a: &AuditExportArgs) -> anyhow::Result<()> {
     let total = last - first + 1;
     let mut progress = Progress::new(cli, total);
 
-    let create = |name: &str| -> anyhow::Result<BufWriter<std::fs::File>> {
-        let path = a.out.join(name);
-        Ok(BufWriter::with_capacity(
-            1 << 20,
-            std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?,
-        ))
-    };
-    let mut records = create(RECORDS)?;
-    let mut rendered = match rendering.file() {
-        Some(f) => {
-            let mut w = create(f)?;
-            if let Some(h) = rendering.header() {
-                writeln!(w, "{h}")?;
-            }
-            Some(w)
-        }
-        None => None,
-    };
+    // One thread per file, rendering and hashing as it writes, while this
+    // one reads the next page from the sidecar.
+    let writers: Vec<(&str, FileWriter)> = [(RECORDS, Rendering::Jsonl)]
+        .into_iter()
+        .chain(rendering.file().map(|f| (f, rendering)))
+        .map(|(name, r)| Ok((name, FileWriter::start(&a.out.join(name), r, &range.store)?)))
+        .collect::<anyhow::Result<_>>()?;
     let mut lines: BTreeSet<String> = range.checkpoints.iter().cloned().collect();
     let mut next = first;
     let mut done = 0u64;
@@ -321,24 +311,25 @@ fn export(cli: &Cli, cfg: &Config, a: &AuditExportArgs) -> anyhow::Result<()> {
         if page.records.is_empty() {
             bail!("the sidecar returned no records from {next} (pruned during the export?)");
         }
-        for r in &page.records {
-            records.write_all(r.as_bytes())?;
-            records.write_all(b"\n")?;
-            if let Some(w) = rendered.as_mut() {
-                w.write_all(rendering.render(&range.store, r).as_bytes())?;
-                w.write_all(b"\n")?;
-            }
-        }
-        lines.extend(page.checkpoints);
         done += page.records.len() as u64;
         next = first + done;
+        let records = Arc::new(page.records);
+        for (_, w) in &writers {
+            w.send(records.clone())?;
+        }
+        lines.extend(page.checkpoints);
         progress.at(done);
     }
-    progress.done();
-    for mut w in [Some(records), rendered].into_iter().flatten() {
-        w.flush()?;
-        w.get_ref().sync_all()?;
+    let mut files = Vec::new();
+    for (name, w) in writers {
+        let (sha256, bytes) = w.finish()?;
+        files.push(FileDigest {
+            name: name.into(),
+            sha256,
+            bytes,
+        });
     }
+    progress.done();
     let mut checkpoints: Vec<Checkpoint> = lines
         .iter()
         .filter_map(|l| Checkpoint::parse(l).ok())
@@ -356,15 +347,6 @@ fn export(cli: &Cli, cfg: &Config, a: &AuditExportArgs) -> anyhow::Result<()> {
         .filter(|(_, v, _)| used.contains(v))
         .map(|(_, version, pem)| ManifestKey { version, pem })
         .collect();
-    let mut files = Vec::new();
-    for name in [Some(RECORDS), rendering.file()].into_iter().flatten() {
-        let (sha256, bytes) = export::file_digest(&a.out.join(name))?;
-        files.push(FileDigest {
-            name: name.into(),
-            sha256,
-            bytes,
-        });
-    }
     let m = Manifest {
         format: export::FORMAT.into(),
         store: range.store.clone(),
@@ -402,6 +384,66 @@ fn export(cli: &Cli, cfg: &Config, a: &AuditExportArgs) -> anyhow::Result<()> {
         },
     );
     Ok(())
+}
+
+/// A file of an export written on its own thread: pages of records in,
+/// each rendered as a line; its SHA-256 and size out.
+struct FileWriter {
+    tx: std::sync::mpsc::SyncSender<Arc<Vec<String>>>,
+    thread: std::thread::JoinHandle<anyhow::Result<(String, u64)>>,
+}
+
+impl FileWriter {
+    fn start(path: &Path, rendering: Rendering, store: &str) -> anyhow::Result<FileWriter> {
+        use sha2::Digest as _;
+        let f =
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Arc<Vec<String>>>(4);
+        let (path, store) = (path.to_path_buf(), store.to_string());
+        let thread = std::thread::spawn(move || {
+            let mut w = BufWriter::with_capacity(1 << 20, f);
+            let mut h = sha2::Sha256::new();
+            let mut bytes = 0u64;
+            let mut put = |line: &str| -> std::io::Result<()> {
+                for part in [line.as_bytes(), b"\n"] {
+                    w.write_all(part)?;
+                    h.update(part);
+                    bytes += part.len() as u64;
+                }
+                Ok(())
+            };
+            if let Some(header) = rendering.header() {
+                put(&header)?;
+            }
+            for page in rx {
+                for r in page.iter() {
+                    match rendering {
+                        Rendering::Jsonl => put(r)?,
+                        other => put(&other.render(&store, r))?,
+                    }
+                }
+            }
+            w.flush()?;
+            w.get_ref()
+                .sync_all()
+                .with_context(|| format!("writing {}", path.display()))?;
+            Ok((hex::encode(h.finalize()), bytes))
+        });
+        Ok(FileWriter { tx, thread })
+    }
+
+    fn send(&self, page: Arc<Vec<String>>) -> anyhow::Result<()> {
+        self.tx
+            .send(page)
+            .map_err(|_| anyhow::anyhow!("an export file's writer stopped"))
+    }
+
+    fn finish(self) -> anyhow::Result<(String, u64)> {
+        drop(self.tx);
+        self.thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("an export file's writer failed"))?
+    }
 }
 
 fn read_manifest(dir: &Path) -> anyhow::Result<Manifest> {

@@ -1044,3 +1044,69 @@ fn a_full_disk_fails_key_operations_closed_and_they_come_back_without_a_gap() {
     env.ok(&["audit", "export", "--out", e.to_str().expect("utf8")]);
     passes(&e, &[]);
 }
+
+#[test]
+fn retention_prunes_exported_records_and_routine_reads_are_summarized() {
+    let env = Env::new("[audit]\nretention = \"1s\"\nroutine_reads = \"summarize\"\n");
+    let shares = env.init();
+    let _daemon = env.serve();
+    env.unseal(&shares[..3]);
+    env.ok(&["key", "create", "pg-main"]);
+    env.ok_new_password(
+        &["operator", "add", "carol", "--role", "auditor"],
+        AUDITOR_PW,
+    );
+    env.ok_new_password(
+        &["operator", "add", "bob", "--role", "crypto_user"],
+        USER_PW,
+    );
+    env.ok(&["key", "share", "pg-main", "bob"]);
+    for _ in 0..5 {
+        env.status();
+    }
+    traffic(&env, 3);
+    // Nothing was exported: retention keeps everything.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    assert_eq!(audit(&env.db())[0]["seq"], 1);
+    let e = env.dir.path().join("e");
+    let x = export(&env, &e, &[]);
+    let last = x["last_seq"].as_u64().expect("last");
+    wait_for("retention prunes the exported records", || {
+        audit(&env.db())[0]["seq"].as_u64() == Some(last + 1)
+    });
+    let records = audit(&env.db());
+    // Pruned by the daemon, from the first record to the export's last
+    // (in one go, or as they aged past the second).
+    let prunes: Vec<&str> = records
+        .iter()
+        .filter(|r| r["op"] == "audit_prune" && r["socket"] == "internal")
+        .filter_map(|r| r["detail"].as_str())
+        .collect();
+    assert!(prunes[0].contains("records 1..="), "{prunes:?}");
+    assert!(
+        prunes.last().is_some_and(|p| p.contains(&format!("..={last} pruned"))),
+        "{prunes:?}"
+    );
+    // The status reads: counted, not recorded one by one; key use still is.
+    let exported = lines(&e.join(export::RECORDS));
+    let all: Vec<Value> = exported
+        .iter()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .chain(records.clone())
+        .collect();
+    assert_eq!(count(&all, "status", "ok"), 0);
+    assert!(count(&all, "decrypt", "ok") >= 3);
+    // ... in `routine_reads` records, one per peer per tick, that add up.
+    let summarized: u64 = all
+        .iter()
+        .filter(|r| r["op"] == "routine_reads")
+        .filter_map(|r| r["detail"].as_str())
+        .filter(|d| d.contains(" successful status requests on the admin socket"))
+        .filter_map(|d| d.split(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert!(summarized >= 5, "{summarized} status reads summarized");
+    // The next export verifies from the prune's checkpoint.
+    let e2 = env.dir.path().join("e2");
+    export(&env, &e2, &[]);
+    passes(&e2, &["--previous", e.to_str().expect("utf8")]);
+}

@@ -20,11 +20,13 @@
 //! - [`checkpoint`]: the signed checkpoint statement and public key PEM.
 //! - [`query`]: reading for `tde audit` (lists, export pages, pruning).
 //! - [`export`]: the export's files and renderings, and offline verify.
+//! - [`render`]: the CSV and OCSF renderings of records.
 //! - [`sink`]: the file and syslog sinks that follow the store.
 
 pub mod checkpoint;
 pub mod export;
 pub mod query;
+pub mod render;
 pub mod sink;
 
 use std::collections::BTreeMap;

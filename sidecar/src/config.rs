@@ -72,6 +72,13 @@ pub struct AuditConfig {
     pub checkpoint_records: u64,
     /// ... and at least this often (seconds) while records are written.
     pub checkpoint_seconds: u64,
+    /// Prune exported records older than this (`365d`, `90d`, `12h`) by
+    /// itself; empty: keep them until `tde audit prune`.
+    pub retention: String,
+    /// Successful `status` reads and `watch_key` long polls: `record` (one
+    /// record each) or `summarize` (counted, one `routine_reads` record per
+    /// peer per minute). Key use is always recorded one by one.
+    pub routine_reads: String,
     /// A JSON-lines file sink.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<FileSinkConfig>,
@@ -109,6 +116,21 @@ fn default_syslog_facility() -> String {
 }
 
 impl AuditConfig {
+    /// `retention` in milliseconds (0: none).
+    pub fn retention_ms(&self) -> Result<u64, String> {
+        if self.retention.is_empty() {
+            return Ok(0);
+        }
+        humantime::parse_duration(&self.retention)
+            .map(|d| d.as_millis() as u64)
+            .map_err(|e| {
+                format!(
+                    "audit.retention {:?}: {e} (like 365d or 12h)",
+                    self.retention
+                )
+            })
+    }
+
     /// The node id: `node`, or the host name.
     pub fn node_id(&self) -> String {
         if !self.node.is_empty() {
@@ -254,6 +276,8 @@ impl Default for Config {
                 node: String::new(),
                 checkpoint_records: 10_000,
                 checkpoint_seconds: 60,
+                retention: String::new(),
+                routine_reads: "record".into(),
                 file: None,
                 syslog: None,
             },
@@ -363,6 +387,13 @@ impl Config {
             return Err(format!(
                 "audit.syslog.facility {:?} is not auth, authpriv, daemon, user or local0..local7",
                 s.facility
+            ));
+        }
+        self.audit.retention_ms()?;
+        if !matches!(self.audit.routine_reads.as_str(), "record" | "summarize") {
+            return Err(format!(
+                "audit.routine_reads must be record or summarize, not {:?}",
+                self.audit.routine_reads
             ));
         }
         if self.audit.node.len() > 255 || self.audit.node.chars().any(char::is_control) {

@@ -129,6 +129,13 @@ pub struct Service {
     pub resplit_custodians: Mutex<Option<(String, Vec<CustodianKey>)>>,
     /// The audit sinks (file, syslog).
     pub sinks: Arc<crate::audit::sink::Sinks>,
+    /// `audit.retention`, milliseconds (0: none).
+    pub audit_retention_ms: AtomicU64,
+    /// `audit.routine_reads = "summarize"`.
+    pub summarize_routine: AtomicBool,
+    /// Successful routine reads not recorded one by one, by (operation,
+    /// socket, uid), until the next summary.
+    pub routine_reads: Mutex<std::collections::BTreeMap<(String, &'static str, u32), u64>>,
 }
 
 /// A destructive request that dual control holds back.
@@ -1125,6 +1132,16 @@ impl Service {
                 Response::Error { code, message }
             }
         };
+        if rec.result == "ok"
+            && matches!(rec.op.as_str(), "status" | "watch_key")
+            && self.summarize_routine.load(Ordering::Relaxed)
+        {
+            *lock(&self.routine_reads)
+                .entry((rec.op.clone(), rec.socket, uid))
+                .or_default() += 1;
+            *session = next;
+            return response;
+        }
         let logged = self.audit.append(rec);
         self.drain_events();
         match logged {
@@ -1209,6 +1226,23 @@ impl Service {
             ));
             if let Err(err) = self.audit.append(rec) {
                 tracing::error!(error = %err, "could not audit unrecorded refusals");
+            }
+        }
+    }
+
+    /// Writes one `routine_reads` record per (operation, socket, uid) for
+    /// the reads `audit.routine_reads = "summarize"` counted since the
+    /// last call.
+    pub fn record_routine_reads(&self) {
+        let counts = std::mem::take(&mut *lock(&self.routine_reads));
+        for ((op, socket, uid), n) in counts {
+            let mut rec = AuditRecord::new("internal", "routine_reads");
+            rec.actor.uid = Some(uid);
+            rec.detail = Some(format!(
+                "{n} successful {op} requests on the {socket} socket by uid {uid} (audit.routine_reads = summarize)"
+            ));
+            if let Err(err) = self.audit.append(rec) {
+                tracing::error!(error = %err, "could not audit routine reads");
             }
         }
     }

@@ -135,6 +135,23 @@ impl Live {
             .store(new.quorum.approvals, Ordering::SeqCst);
         svc.quorum_timeout_seconds
             .store(new.quorum.timeout_seconds, Ordering::SeqCst);
+        let (o, n) = (&cur.audit, &new.audit);
+        if o.retention != n.retention {
+            changes.push(format!(
+                "audit.retention {:?} -> {:?}",
+                o.retention, n.retention
+            ));
+        }
+        if o.routine_reads != n.routine_reads {
+            changes.push(format!(
+                "audit.routine_reads {:?} -> {:?}",
+                o.routine_reads, n.routine_reads
+            ));
+        }
+        svc.audit_retention_ms
+            .store(n.retention_ms().unwrap_or(0), Ordering::SeqCst);
+        svc.summarize_routine
+            .store(n.routine_reads == "summarize", Ordering::SeqCst);
 
         // The rest is fixed at start: keep it as it runs, and say so.
         let mut fixed = Vec::new();
@@ -158,6 +175,11 @@ impl Live {
         fixed!(limits.max_connections_per_uid);
         fixed!(limits.worker_threads);
         fixed!(limits.destroy_check_seconds);
+        fixed!(audit.node);
+        fixed!(audit.checkpoint_records);
+        fixed!(audit.checkpoint_seconds);
+        fixed!(audit.file);
+        fixed!(audit.syslog);
         if !fixed.is_empty() {
             changes.push(format!("not applied until a restart: {}", fixed.join(", ")));
         }

@@ -474,6 +474,9 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
         approvals: Default::default(),
         resplit_custodians: Default::default(),
         sinks: sinks.clone(),
+        audit_retention_ms: cfg.audit.retention_ms().unwrap_or(0).into(),
+        summarize_routine: (cfg.audit.routine_reads == "summarize").into(),
+        routine_reads: Default::default(),
     });
     let live = Arc::new(Live::new(reload, cfg.clone()));
     {
@@ -595,6 +598,7 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
         tracing::warn!("connections did not finish within the grace period");
     }
     svc.record_not_recorded();
+    svc.record_routine_reads();
     let mut stop = AuditRecord::new("internal", "daemon_stop");
     stop.detail = Some(signal.to_string());
     let _ = audit.append(stop);
@@ -660,6 +664,10 @@ async fn key_scheduler(svc: Arc<Service>, destroy_every: u64, mut stop: watch::R
             }
             s.drain_events();
             s.record_not_recorded();
+            if destroy {
+                s.record_routine_reads();
+                s.audit_retention();
+            }
         })
         .await;
     }

@@ -20,11 +20,12 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::chain_hash;
 use super::checkpoint::{self, Checkpoint};
+use super::render;
 
 /// The manifest's file name.
 pub const MANIFEST: &str = "manifest.json";
@@ -32,8 +33,6 @@ pub const MANIFEST: &str = "manifest.json";
 pub const RECORDS: &str = "records.jsonl";
 /// Format name of this layout.
 pub const FORMAT: &str = "tde-audit-export-1";
-/// The OCSF schema version the OCSF rendering follows.
-pub const OCSF_VERSION: &str = "1.3.0";
 
 /// A rendering of the records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,16 +76,15 @@ impl Rendering {
 
     /// The file's first line (CSV's header), if any.
     pub fn header(self) -> Option<String> {
-        (self == Rendering::Csv).then(|| CSV_COLUMNS.join(","))
+        (self == Rendering::Csv).then(|| render::CSV_COLUMNS.join(","))
     }
 
     /// One record's line (without newline); `store` is the store id.
     pub fn render(self, store: &str, record: &str) -> String {
-        let v: Value = serde_json::from_str(record).unwrap_or(Value::Null);
         match self {
             Rendering::Jsonl => record.to_string(),
-            Rendering::Csv => csv_row(&v),
-            Rendering::Ocsf => serde_json::to_string(&ocsf(store, &v)).unwrap_or_default(),
+            Rendering::Csv => render::csv_row(record),
+            Rendering::Ocsf => render::ocsf_line(store, record),
         }
     }
 }
@@ -158,214 +156,6 @@ pub fn file_digest(path: &Path) -> std::io::Result<(String, u64)> {
         n += k as u64;
     }
     Ok((hex::encode(h.finalize()), n))
-}
-
-const CSV_COLUMNS: &[&str] = &[
-    "seq",
-    "time",
-    "node",
-    "socket",
-    "op",
-    "result",
-    "error_code",
-    "key",
-    "key_version",
-    "context",
-    "operator",
-    "role",
-    "client",
-    "uid",
-    "gid",
-    "pid",
-    "exe",
-    "request_id",
-    "detail",
-    "prev",
-];
-
-/// One CSV cell (RFC 4180): quoted when it holds a comma, quote or line
-/// break. A cell a spreadsheet would take for a formula (`=`, `+`, `-`,
-/// `@`, tab, carriage return first) gets a leading `'` (OWASP's CSV
-/// injection advice): a context value is the client's text.
-fn csv_cell(s: &str) -> String {
-    let s = if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
-        format!("'{s}")
-    } else {
-        s.to_string()
-    };
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s
-    }
-}
-
-fn text(v: &Value) -> String {
-    match v {
-        Value::Null => String::new(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
-}
-
-fn csv_row(r: &Value) -> String {
-    let a = &r["actor"];
-    let cells = [
-        text(&r["seq"]),
-        text(&r["time"]),
-        text(&r["node"]),
-        text(&r["socket"]),
-        text(&r["op"]),
-        text(&r["result"]),
-        text(&r["error_code"]),
-        text(&r["key"]),
-        text(&r["key_version"]),
-        text(&r["context"]),
-        text(&a["operator"]),
-        text(&a["role"]),
-        text(&a["client"]),
-        text(&a["uid"]),
-        text(&a["gid"]),
-        text(&a["pid"]),
-        text(&a["exe"]),
-        text(&r["request_id"]),
-        text(&r["detail"]),
-        text(&r["prev"]),
-    ];
-    cells
-        .iter()
-        .map(|c| csv_cell(c))
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-/// OCSF API Activity `activity_id`: 1 create, 2 read, 3 update, 4 delete,
-/// 99 other.
-fn activity(op: &str) -> (u64, &'static str) {
-    match op {
-        "key_create" | "operator_add" | "generate_data_key" | "token_create"
-        | "generate_random" | "audit_export" | "audit_key_created" => (1, "Create"),
-        "status" | "key_list" | "key_describe" | "operator_list" | "decrypt" | "watch_key"
-        | "approval_list" | "approval_status" | "resplit_status" | "audit_list" | "audit_read"
-        | "audit_pubkey" => (2, "Read"),
-        "key_rotate" | "key_enable" | "key_disable" | "key_set_rotation" | "key_share"
-        | "key_unshare" | "key_cancel_destroy" | "operator_passwd" | "operator_unlock" | "seal"
-        | "unseal" | "login" | "token_login" | "reload" | "re_encrypt" | "register_deks"
-        | "resplit_init" | "resplit_update" | "resplit_cancel" | "approve" | "auto_rotate"
-        | "audit_export_done" | "audit_key_rotate" => (3, "Update"),
-        "key_destroy"
-        | "key_schedule_destroy"
-        | "scheduled_destroy"
-        | "zeroize"
-        | "tamper_zeroize"
-        | "operator_remove"
-        | "token_revoke"
-        | "audit_prune" => (4, "Delete"),
-        _ => (99, "Other"),
-    }
-}
-
-/// One record as an OCSF API Activity event (class 6003, OCSF 1.3.0):
-/// the required `actor`, `api` and `src_endpoint`, the base event's
-/// required fields, status and severity, the master key as a resource,
-/// and what OCSF has no place for under `unmapped`.
-fn ocsf(store: &str, r: &Value) -> Value {
-    let op = r["op"].as_str().unwrap_or("");
-    let (activity_id, activity_name) = activity(op);
-    let ok = r["result"] == "ok" || r["result"] == "pending";
-    let severity = if op.starts_with("tamper") {
-        (5, "Critical")
-    } else if ok {
-        (1, "Informational")
-    } else {
-        (3, "Medium")
-    };
-    let a = &r["actor"];
-    let mut actor = serde_json::Map::new();
-    if let Some(name) = a["operator"].as_str() {
-        let mut user = json!({ "name": name, "type_id": 1, "type": "User" });
-        if let Some(role) = a["role"].as_str() {
-            user["groups"] = json!([{ "name": role }]);
-        }
-        actor.insert("user".into(), user);
-    }
-    if a["pid"].is_number() || a["uid"].is_number() {
-        let mut process = json!({});
-        if let Some(pid) = a["pid"].as_i64() {
-            process["pid"] = json!(pid);
-        }
-        if let Some(exe) = a["exe"].as_str() {
-            let name = exe.rsplit('/').next().unwrap_or(exe);
-            process["file"] =
-                json!({ "name": name, "path": exe, "type_id": 1, "type": "Regular File" });
-        }
-        if let Some(uid) = a["uid"].as_u64() {
-            process["user"] = json!({ "uid": uid.to_string() });
-            if let Some(gid) = a["gid"].as_u64() {
-                process["user"]["groups"] = json!([{ "uid": gid.to_string() }]);
-            }
-        }
-        if process.get("pid").is_none() {
-            process["uid"] = json!(format!("uid:{}", text(&a["uid"])));
-        }
-        actor.insert("process".into(), process);
-    }
-    actor.insert(
-        "app_name".into(),
-        json!(a["client"].as_str().unwrap_or("tde-sidecar")),
-    );
-    let mut api = json!({
-        "operation": op,
-        "service": { "name": "tde" },
-        "request": { "uid": r["request_id"].as_u64().map_or_else(|| format!("seq:{}", text(&r["seq"])), |id| id.to_string()) },
-    });
-    if !ok {
-        api["response"] = json!({ "error": text(&r["error_code"]), "message": text(&r["detail"]) });
-    }
-    let mut event = json!({
-        "class_uid": 6003,
-        "class_name": "API Activity",
-        "category_uid": 6,
-        "category_name": "Application Activity",
-        "activity_id": activity_id,
-        "activity_name": activity_name,
-        "type_uid": 600300 + activity_id,
-        "type_name": format!("API Activity: {activity_name}"),
-        "time": r["time_ms"],
-        "severity_id": severity.0,
-        "severity": severity.1,
-        "status_id": if ok { 1 } else { 2 },
-        "status": if ok { "Success" } else { "Failure" },
-        "metadata": {
-            "version": OCSF_VERSION,
-            "product": { "name": "tde", "vendor_name": "tde" },
-            "uid": format!("{store}:{}", text(&r["seq"])),
-            "sequence": r["seq"],
-            "original_time": r["time"],
-            "log_name": "audit",
-        },
-        "actor": actor,
-        "api": api,
-        "src_endpoint": { "hostname": text(&r["node"]), "svc_name": format!("tde {} socket", text(&r["socket"])) },
-        "unmapped": { "prev": r["prev"], "socket": r["socket"] },
-    });
-    if let Some(code) = r["error_code"].as_str() {
-        event["status_code"] = json!(code);
-    }
-    if let Some(d) = r["detail"].as_str() {
-        event["status_detail"] = json!(d);
-    }
-    if let Some(key) = r["key"].as_str() {
-        let mut res = json!({ "type": "master_key", "name": key });
-        if let Some(v) = r["key_version"].as_u64() {
-            res["version"] = json!(v.to_string());
-        }
-        event["resources"] = json!([res]);
-    }
-    if r["context"].is_object() {
-        event["unmapped"]["context"] = r["context"].clone();
-    }
-    event
 }
 
 /// What is wrong with an export: the first place found.
@@ -621,7 +411,17 @@ fn check(dir: &Path, opts: &VerifyOptions<'_>, v: &mut Verdict) -> Result<Chain,
         }
     }
 
-    // The walk: every record in order, chained.
+    // The digests on the other core while the walk reads every record in
+    // order, chained; they are judged after it (a changed line is named
+    // by the walk).
+    let digests: Vec<_> = m
+        .files
+        .iter()
+        .map(|f| {
+            let path = dir.join(&f.name);
+            std::thread::spawn(move || file_digest(&path))
+        })
+        .collect();
     let chain = walk(dir, &m, anchor, rendering, v)?;
 
     // Checkpoints: signatures, then what they sign against the chain.
@@ -706,9 +506,10 @@ fn check(dir: &Path, opts: &VerifyOptions<'_>, v: &mut Verdict) -> Result<Chain,
         ));
     }
 
-    // Digests last: a changed line is named by the walk above.
-    for f in &m.files {
-        let (sha, bytes) = file_digest(&dir.join(&f.name))
+    for (f, d) in m.files.iter().zip(digests) {
+        let (sha, bytes) = d
+            .join()
+            .map_err(|_| problem("file", None, format!("{}: the digest failed", f.name)))?
             .map_err(|e| problem("file", None, format!("{}: {e}", f.name)))?;
         if sha != f.sha256 || bytes != f.bytes {
             return Err(problem(
@@ -795,7 +596,8 @@ fn walk(
     let mut expected = m.first_seq;
     let mut line_no = 0u64;
     let mut pending: Option<Vec<u8>> = None;
-    let mut render_problem = None;
+    // The rendering is checked on the other core as the chain is walked.
+    let mut check = rendered.map(|(f, r, n)| RenderCheck::start(f, r, n, rendering, &m.store));
     loop {
         let line = match pending.take() {
             Some(l) => Some(l),
@@ -869,7 +671,7 @@ fn walk(
             ));
         }
         if let Some(p) = &h.prev
-            && *p != hex::encode(prev)
+            && hex32(p) != Some(prev)
         {
             return Err(if expected == m.first_seq {
                 at_line(
@@ -893,24 +695,8 @@ fn walk(
             });
         }
         let hash = chain_hash(&prev, body);
-        if let Some((f, r, n)) = rendered.as_mut() {
-            let got = read_line(r).map_err(|e| problem("file", None, format!("{f}: {e}")))?;
-            *n += 1;
-            let want = rendering.render(&m.store, std::str::from_utf8(body).unwrap_or(""));
-            // Kept for the end: if records.jsonl itself was changed, the
-            // chain names the record, which says more.
-            if render_problem.is_none()
-                && got.as_deref().map(|g| g.strip_suffix(b"\n").unwrap_or(g))
-                    != Some(want.as_bytes())
-            {
-                render_problem = Some(Problem {
-                    kind: "changed",
-                    seq: Some(expected),
-                    file: Some((*f).into()),
-                    line: Some(*n),
-                    message: format!("{f} line {n} does not render record {expected}"),
-                });
-            }
+        if let Some(c) = check.as_mut() {
+            c.push(expected, body)?;
         }
         chain.hashes.push(hash);
         prev = hash;
@@ -960,19 +746,102 @@ fn walk(
             ),
         ));
     }
-    if let Some(p) = render_problem {
+    // Kept for the end: if records.jsonl itself was changed, the chain
+    // names the record, which says more.
+    if let Some(p) = check.map(RenderCheck::finish).transpose()?.flatten() {
         return Err(p);
     }
-    if let Some((f, r, n)) = rendered.as_mut()
-        && read_line(r).ok().flatten().is_some()
-    {
-        return Err(problem(
-            "file",
-            None,
-            format!("{f} has lines past record {} (line {})", m.last_seq, *n + 1),
-        ));
-    }
     Ok(chain)
+}
+
+/// Compares the rendering file with the records, line by line, on its
+/// own thread; the first line that differs.
+struct RenderCheck {
+    tx: std::sync::mpsc::SyncSender<Vec<(u64, Vec<u8>)>>,
+    batch: Vec<(u64, Vec<u8>)>,
+    thread: std::thread::JoinHandle<Option<Problem>>,
+}
+
+impl RenderCheck {
+    fn start(
+        file: &'static str,
+        mut r: BufReader<File>,
+        mut n: u64,
+        rendering: Rendering,
+        store: &str,
+    ) -> RenderCheck {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<(u64, Vec<u8>)>>(8);
+        let store = store.to_string();
+        let thread = std::thread::spawn(move || {
+            let mut found = None;
+            let mut last = 0;
+            for batch in rx {
+                if found.is_some() {
+                    continue;
+                }
+                for (seq, body) in batch {
+                    last = seq;
+                    n += 1;
+                    let got = match read_line(&mut r) {
+                        Ok(g) => g,
+                        Err(e) => {
+                            found = Some(problem("file", None, format!("{file}: {e}")));
+                            break;
+                        }
+                    };
+                    let want = rendering.render(&store, std::str::from_utf8(&body).unwrap_or(""));
+                    if got.as_deref().map(|g| g.strip_suffix(b"\n").unwrap_or(g))
+                        != Some(want.as_bytes())
+                    {
+                        found = Some(Problem {
+                            kind: "changed",
+                            seq: Some(seq),
+                            file: Some(file.into()),
+                            line: Some(n),
+                            message: format!("{file} line {n} does not render record {seq}"),
+                        });
+                        break;
+                    }
+                }
+            }
+            if found.is_none() && read_line(&mut r).ok().flatten().is_some() {
+                found = Some(problem(
+                    "file",
+                    None,
+                    format!("{file} has lines past record {last} (line {})", n + 1),
+                ));
+            }
+            found
+        });
+        RenderCheck {
+            tx,
+            batch: Vec::with_capacity(1024),
+            thread,
+        }
+    }
+
+    fn push(&mut self, seq: u64, body: &[u8]) -> Result<(), Problem> {
+        self.batch.push((seq, body.to_vec()));
+        if self.batch.len() >= 1024 {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), Problem> {
+        let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(1024));
+        // A checker that stopped has found its problem; finish() says it.
+        let _ = self.tx.send(batch);
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<Option<Problem>, Problem> {
+        self.flush()?;
+        drop(self.tx);
+        self.thread
+            .join()
+            .map_err(|_| problem("file", None, "the rendering check failed"))
+    }
 }
 
 /// One line with its `\n` (none at the end of a cut file); `None` at EOF.
@@ -1140,48 +1009,4 @@ fn against_sink(
         ));
     }
     Ok(compared)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn csv_cells_are_quoted_and_defused() {
-        assert_eq!(csv_cell("plain"), "plain");
-        assert_eq!(csv_cell("a,b"), "\"a,b\"");
-        assert_eq!(csv_cell("say \"hi\""), "\"say \"\"hi\"\"\"");
-        assert_eq!(csv_cell("=HYPERLINK(\"x\")"), "\"'=HYPERLINK(\"\"x\"\")\"");
-        assert_eq!(csv_cell("-1"), "'-1");
-    }
-
-    #[test]
-    fn ocsf_has_the_required_fields() {
-        let r = json!({"seq": 7, "time": "2026-12-07T10:00:00.000Z", "time_ms": 1, "node": "h",
-            "prev": "00", "socket": "data", "request_id": 3,
-            "actor": {"client": "pg", "uid": 101, "gid": 102, "pid": 55, "exe": "/usr/bin/tde"},
-            "op": "decrypt", "key": "pg", "key_version": 2, "result": "error", "error_code": "CONTEXT_MISMATCH",
-            "detail": "no", "context": {"tablespace": "a"}});
-        let e = ocsf("ab", &r);
-        for k in [
-            "activity_id",
-            "category_uid",
-            "class_uid",
-            "metadata",
-            "severity_id",
-            "time",
-            "type_uid",
-            "actor",
-            "api",
-            "src_endpoint",
-        ] {
-            assert!(!e[k].is_null(), "{k} missing: {e}");
-        }
-        assert_eq!(e["class_uid"], 6003);
-        assert_eq!(e["type_uid"], 600302);
-        assert_eq!(e["status_id"], 2);
-        assert_eq!(e["api"]["operation"], "decrypt");
-        assert_eq!(e["actor"]["process"]["file"]["path"], "/usr/bin/tde");
-        assert_eq!(e["resources"][0]["name"], "pg");
-    }
 }

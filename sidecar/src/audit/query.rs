@@ -32,14 +32,37 @@ fn u(v: i64) -> u64 {
 
 /// The oldest and newest sequence numbers present (`None` when empty).
 pub fn bounds(conn: &Connection) -> rusqlite::Result<Option<(u64, u64)>> {
-    conn.query_row("SELECT min(seq), max(seq) FROM audit", [], |r| {
-        Ok(
-            match (r.get::<_, Option<i64>>(0)?, r.get::<_, Option<i64>>(1)?) {
-                (Some(a), Some(b)) => Some((u(a), u(b))),
-                _ => None,
-            },
-        )
-    })
+    // Two queries: SQLite seeks the index for a lone min() or max(), and
+    // scans the table for both in one.
+    let end = |sql: &str| -> rusqlite::Result<Option<u64>> {
+        conn.prepare_cached(sql)?
+            .query_row([], |r| r.get::<_, i64>(0))
+            .optional()
+            .map(|v| v.map(u))
+    };
+    Ok(
+        match (
+            end("SELECT seq FROM audit ORDER BY seq LIMIT 1")?,
+            end("SELECT seq FROM audit ORDER BY seq DESC LIMIT 1")?,
+        ) {
+            (Some(a), Some(b)) => Some((a, b)),
+            _ => None,
+        },
+    )
+}
+
+/// The first record at or after `t` (`after`), or the last before it:
+/// times never decrease along the chain, so the time index finds it.
+fn seq_by_time(conn: &Connection, t: u64, after: bool) -> rusqlite::Result<Option<u64>> {
+    let sql = if after {
+        "SELECT seq FROM audit WHERE time_ms >= ?1 ORDER BY time_ms, seq LIMIT 1"
+    } else {
+        "SELECT seq FROM audit WHERE time_ms < ?1 ORDER BY time_ms DESC, seq DESC LIMIT 1"
+    };
+    conn.prepare_cached(sql)?
+        .query_row([i(t)], |r| r.get::<_, i64>(0))
+        .optional()
+        .map(|v| v.map(u))
 }
 
 /// Whether record `r` (parsed) passes the filters that are not SQL.
@@ -110,20 +133,16 @@ pub fn export_range(conn: &Connection, q: &AuditQuery) -> rusqlite::Result<Optio
     let Some((lo, hi)) = bounds(conn)? else {
         return Ok(None);
     };
-    let by_time = |sql: &str, t: u64| -> rusqlite::Result<Option<u64>> {
-        conn.query_row(sql, [i(t)], |r| r.get::<_, Option<i64>>(0))
-            .map(|v| v.map(u))
-    };
     let mut first = q.first_seq.unwrap_or(lo).max(lo);
     let mut last = q.last_seq.unwrap_or(hi).min(hi);
     if let Some(t) = q.since_ms {
-        match by_time("SELECT min(seq) FROM audit WHERE time_ms >= ?1", t)? {
+        match seq_by_time(conn, t, true)? {
             Some(s) => first = first.max(s),
             None => return Ok(None),
         }
     }
     if let Some(t) = q.until_ms {
-        match by_time("SELECT max(seq) FROM audit WHERE time_ms < ?1", t)? {
+        match seq_by_time(conn, t, false)? {
             Some(s) => last = last.min(s),
             None => return Ok(None),
         }
@@ -183,12 +202,7 @@ pub fn prunable(conn: &Connection, before_ms: u64) -> rusqlite::Result<Option<(u
     let Some((lo, _)) = bounds(conn)? else {
         return Ok(None);
     };
-    let by_time: Option<i64> = conn.query_row(
-        "SELECT max(seq) FROM audit WHERE time_ms < ?1",
-        [i(before_ms)],
-        |r| r.get(0),
-    )?;
-    let Some(by_time) = by_time.map(u) else {
+    let Some(by_time) = seq_by_time(conn, before_ms, false)? else {
         return Ok(None);
     };
     let mut st = conn.prepare("SELECT first_seq, last_seq FROM audit_export ORDER BY first_seq")?;

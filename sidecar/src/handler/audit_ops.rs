@@ -24,6 +24,58 @@ fn audit_failed(e: AuditError) -> (ErrorCode, String) {
 }
 
 impl Service {
+    /// Prunes the exported records before `before_ms`, after signing a
+    /// checkpoint over them: (first, last, rows deleted, checkpoint), or
+    /// `None` if none may go.
+    fn prune(
+        &self,
+        before_ms: u64,
+    ) -> Result<Option<(u64, u64, usize, Checkpoint)>, (ErrorCode, String)> {
+        let conn = self.audit_conn()?;
+        let Some((first, last)) = query::prunable(&conn, before_ms).map_err(db)? else {
+            return Ok(None);
+        };
+        // Signed before anything goes: later exports start from it.
+        let signed = self
+            .audit
+            .checkpoint_range("prune", first, last)
+            .map_err(audit_failed)?;
+        let mut gone = 0;
+        while let n @ 1.. = query::prune_step(&conn, last, PRUNE_BATCH).map_err(db)? {
+            gone += n;
+        }
+        Ok(Some((first, last, gone, signed)))
+    }
+
+    /// `audit.retention`: prunes what was exported and is older, as an
+    /// `audit_prune` by the daemon (recorded when anything went).
+    pub fn audit_retention(&self) {
+        let keep = self
+            .audit_retention_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if keep == 0 || self.hsm.status().sealed {
+            return;
+        }
+        let before = crate::audit::now_ms().saturating_sub(keep);
+        let mut rec = AuditRecord::new("internal", "audit_prune");
+        match self.prune(before) {
+            Ok(None) => return,
+            Ok(Some((first, last, gone, _))) => {
+                rec.detail = Some(format!(
+                    "audit.retention: records {first}..={last} pruned ({gone} rows); checkpoint {last} keeps their chain head"
+                ));
+            }
+            Err((code, why)) => {
+                rec.result = "error";
+                rec.error_code = Some(code.name());
+                rec.detail = Some(format!("audit.retention: {why}"));
+            }
+        }
+        if let Err(e) = self.audit.append(rec) {
+            tracing::error!(error = %e, "could not audit the retention prune");
+        }
+    }
+
     fn audit_conn(&self) -> Result<rusqlite::Connection, (ErrorCode, String)> {
         crate::store::connect(self.registry.path())
             .map_err(|e| (ErrorCode::StoreFailed, e.to_string()))
@@ -133,21 +185,12 @@ impl Service {
                     ErrorCode::InvalidArgument,
                     "audit_prune needs until_ms".to_string(),
                 ))?;
-                let conn = self.audit_conn()?;
-                let (first, last) = query::prunable(&conn, before).map_err(db)?.ok_or((
+                let (first, last, gone, signed) = self.prune(before)?.ok_or((
                     ErrorCode::InvalidArgument,
-                    "nothing to prune: no record before that time was exported (run `tde audit export` first)"
+                    "nothing to prune: no record before that time was exported (run `tde audit export` first), \
+                     or a sink has not been given it yet"
                         .to_string(),
                 ))?;
-                // Signed before anything goes: later exports start from it.
-                let signed = self
-                    .audit
-                    .checkpoint_range("prune", first, last)
-                    .map_err(audit_failed)?;
-                let mut gone = 0;
-                while let n @ 1.. = query::prune_step(&conn, last, PRUNE_BATCH).map_err(db)? {
-                    gone += n;
-                }
                 rec.detail = Some(format!(
                     "records {first}..={last} pruned ({gone} rows); checkpoint {last} keeps their chain head"
                 ));
