@@ -1084,7 +1084,9 @@ fn retention_prunes_exported_records_and_routine_reads_are_summarized() {
         .collect();
     assert!(prunes[0].contains("records 1..="), "{prunes:?}");
     assert!(
-        prunes.last().is_some_and(|p| p.contains(&format!("..={last} pruned"))),
+        prunes
+            .last()
+            .is_some_and(|p| p.contains(&format!("..={last} pruned"))),
         "{prunes:?}"
     );
     // The status reads: counted, not recorded one by one; key use still is.

@@ -23,14 +23,20 @@ fn audit_failed(e: AuditError) -> (ErrorCode, String) {
     (ErrorCode::AuditFailed, e.to_string())
 }
 
+/// What a prune removed.
+struct Pruned {
+    first: u64,
+    last: u64,
+    /// Rows deleted.
+    gone: usize,
+    /// The checkpoint signed over them first.
+    signed: Checkpoint,
+}
+
 impl Service {
     /// Prunes the exported records before `before_ms`, after signing a
-    /// checkpoint over them: (first, last, rows deleted, checkpoint), or
-    /// `None` if none may go.
-    fn prune(
-        &self,
-        before_ms: u64,
-    ) -> Result<Option<(u64, u64, usize, Checkpoint)>, (ErrorCode, String)> {
+    /// checkpoint over them; `None` if none may go.
+    fn prune(&self, before_ms: u64) -> Result<Option<Pruned>, (ErrorCode, String)> {
         let conn = self.audit_conn()?;
         let Some((first, last)) = query::prunable(&conn, before_ms).map_err(db)? else {
             return Ok(None);
@@ -44,7 +50,12 @@ impl Service {
         while let n @ 1.. = query::prune_step(&conn, last, PRUNE_BATCH).map_err(db)? {
             gone += n;
         }
-        Ok(Some((first, last, gone, signed)))
+        Ok(Some(Pruned {
+            first,
+            last,
+            gone,
+            signed,
+        }))
     }
 
     /// `audit.retention`: prunes what was exported and is older, as an
@@ -60,7 +71,9 @@ impl Service {
         let mut rec = AuditRecord::new("internal", "audit_prune");
         match self.prune(before) {
             Ok(None) => return,
-            Ok(Some((first, last, gone, _))) => {
+            Ok(Some(Pruned {
+                first, last, gone, ..
+            })) => {
                 rec.detail = Some(format!(
                     "audit.retention: records {first}..={last} pruned ({gone} rows); checkpoint {last} keeps their chain head"
                 ));
@@ -185,7 +198,12 @@ impl Service {
                     ErrorCode::InvalidArgument,
                     "audit_prune needs until_ms".to_string(),
                 ))?;
-                let (first, last, gone, signed) = self.prune(before)?.ok_or((
+                let Pruned {
+                    first,
+                    last,
+                    gone,
+                    signed,
+                } = self.prune(before)?.ok_or((
                     ErrorCode::InvalidArgument,
                     "nothing to prune: no record before that time was exported (run `tde audit export` first), \
                      or a sink has not been given it yet"
