@@ -351,6 +351,15 @@ fn sample_requests() -> Vec<tde_protocol::Request> {
         Request::ApprovalList,
         Request::Approve { id: 1 },
         Request::ApprovalStatus { id: 1 },
+        Request::RekeyReport {
+            key: key(),
+            context: ctx.clone(),
+            location: "/srv/pg-enc".into(),
+            state: "progress".into(),
+            target: 2,
+            done: 1000,
+            total: 4096,
+        },
         Request::AuditList(tde_protocol::AuditQuery {
             since_ms: Some(1_796_000_000_000),
             limit: Some(10),

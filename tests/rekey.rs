@@ -9,8 +9,8 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
-use common::Env;
 use common::pg::*;
+use common::{Env, audit};
 
 /// `tde inspect --json`: blocks per data key version.
 fn versions(env: &Env, backing: &Path) -> serde_json::Map<String, serde_json::Value> {
@@ -215,6 +215,25 @@ fn rekey_survives_five_mount_kills() {
     assert_eq!(keyfile_dek_versions(&backing), [2]);
     assert_eq!(pg.sql(&[T_AND_ACCOUNTS_CHECKSUM]), before);
     pg.amcheck();
+    // The mount told the sidecar's audit log when the re-key started and
+    // when it finished.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let reports: Vec<String> = audit(&env.db())
+            .iter()
+            .filter(|r| r["op"] == "rekey_report" && r["result"] == "ok" && r["key"] == "pg-main")
+            .filter_map(|r| r["detail"].as_str().map(str::to_string))
+            .collect();
+        if ["started", "finished"].iter().all(|s| {
+            reports
+                .iter()
+                .any(|d| d.contains(&format!("to data key v2: {s}")))
+        }) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "re-key reports: {reports:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // And once more from cold: stop, unmount, mount, start.
     pg.stop();
     mount.stop();

@@ -771,6 +771,10 @@ fn describe(req: &Request, blob: &Blob<'_>, rec: &mut AuditRecord) {
             rec.key = audit_key(key);
             rec.detail = Some(format!("rotate_after {rotate_after} s"));
         }
+        Request::RekeyReport { key, context, .. } => {
+            rec.key = audit_key(key);
+            audit_context(context, rec);
+        }
         Request::RegisterDeks {
             key,
             context,
@@ -1334,13 +1338,14 @@ impl Service {
             Request::GenerateDataKey { context, .. }
             | Request::Decrypt { context, .. }
             | Request::ReEncrypt { context, .. }
-            | Request::RegisterDeks { context, .. } => context,
+            | Request::RegisterDeks { context, .. }
+            | Request::RekeyReport { context, .. } => context,
             _ => &empty,
         };
         // Registering and watching tell nothing secret: a client that may
         // decrypt under the key (in that context) may do them.
         match req {
-            Request::RegisterDeks { key, .. } => {
+            Request::RegisterDeks { key, .. } | Request::RekeyReport { key, .. } => {
                 p.allows("decrypt", Some(key), context).map_err(denied)?;
                 return self.data_op(req, blob, rec, Caller::Client);
             }
@@ -1441,6 +1446,32 @@ impl Service {
                     key: key.clone(),
                     version: primary,
                 })
+            }
+            Request::RekeyReport {
+                key,
+                location,
+                state,
+                target,
+                done,
+                total,
+                ..
+            } => {
+                if !matches!(
+                    state.as_str(),
+                    "started" | "progress" | "finished" | "failed"
+                ) {
+                    return Err((
+                        ErrorCode::InvalidArgument,
+                        "state must be started, progress, finished or failed".into(),
+                    ));
+                }
+                // Known keys only: the record names a key the HSM has.
+                self.mount_view(self.hsm.primary_version(caller, key))?;
+                rec.detail = Some(format!(
+                    "re-key of {} to data key v{target}: {state}, {done} of {total} blocks",
+                    truncate(location, MAX_TEXT / 2)
+                ));
+                Ok(Response::Done)
             }
             // The current primary; `handle` turns an unchanged one into a
             // wait on the connection's task.

@@ -273,12 +273,7 @@ impl Keys {
     /// versions) this backing directory holds; returns the master key's
     /// primary version.
     pub fn register(&self, c: &mut Client, kf: &KeyFile) -> Result<u32, ClientError> {
-        let location = self
-            .backing
-            .canonicalize()
-            .unwrap_or_else(|_| self.backing.clone())
-            .display()
-            .to_string();
+        let location = self.location();
         let deks = kf
             .deks
             .iter()
@@ -289,6 +284,41 @@ impl Keys {
             .collect();
         let context = KeyFile::context(&kf.tablespace, &kf.cluster);
         c.register_deks(&kf.mek, &context, &location, deks)
+    }
+
+    /// The backing directory as the sidecar's registry names it.
+    fn location(&self) -> String {
+        self.backing
+            .canonicalize()
+            .unwrap_or_else(|_| self.backing.clone())
+            .display()
+            .to_string()
+    }
+
+    /// Tells the sidecar, for its audit log, where a re-key stands
+    /// (`started`, `progress`, `finished`, `failed`). Best effort: a
+    /// sidecar that is away, or refuses (one from before re-key reports),
+    /// costs a log line and the re-key goes on.
+    pub fn report_rekey(&self, state: &str, target: u32, done: u64, total: u64) {
+        let sent = KeyFile::load(&self.backing).and_then(|kf| {
+            let context = KeyFile::context(&kf.tablespace, &kf.cluster);
+            Client::connect(&self.sidecar)
+                .and_then(|mut c| {
+                    c.rekey_report(
+                        &kf.mek,
+                        &context,
+                        &self.location(),
+                        state,
+                        target,
+                        done,
+                        total,
+                    )
+                })
+                .map_err(anyhow::Error::from)
+        });
+        if let Err(e) = sent {
+            tracing::warn!(error = %format!("{e:#}"), state, "could not report the re-key to the sidecar's audit log");
+        }
     }
 
     /// Best-effort registration on a fresh connection (the keeper retries).

@@ -43,6 +43,8 @@ use crate::rotation::sleep_unless_stopped;
 pub const STEP_BLOCKS: u64 = 32;
 /// How often progress is made durable.
 pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// How often progress goes to the sidecar's audit log.
+pub const REPORT_EVERY: Duration = Duration::from_secs(60);
 /// File name of the checkpoint in the backing root.
 pub const CHECKPOINT_FILE: &str = "tde.rekey";
 const CHECKPOINT_FORMAT: &str = "tde-rekey-1";
@@ -235,6 +237,7 @@ impl Rekey {
         };
         ck.store(&backing)?;
         tracing::info!(target_version = target, rate, "re-key started");
+        sh.keys.report_rekey("started", target, 0, 0);
         self.spawn(ck);
         Ok(self.status())
     }
@@ -258,8 +261,11 @@ impl Rekey {
         let t = std::thread::Builder::new()
             .name("tde-rekey".into())
             .spawn(move || {
+                let target = ck.target;
                 if let Err(e) = run(&sh, ck) {
                     let msg = format!("{e:#}");
+                    let done = sh.status.lock().unwrap_or_else(|p| p.into_inner()).blocks_done;
+                    sh.keys.report_rekey("failed", target, done, 0);
                     tracing::error!(error = %msg, "re-key failed; it resumes at the next mount or `tde rekey`");
                     let mut s = sh.status.lock().unwrap_or_else(|p| p.into_inner());
                     s.state = "failed".into();
@@ -328,6 +334,7 @@ struct Meter {
     window: Instant,
     window_bytes: u64,
     last_log: Instant,
+    last_report: Instant,
 }
 
 impl Meter {
@@ -340,6 +347,7 @@ impl Meter {
             window: now,
             window_bytes: 0,
             last_log: now,
+            last_report: now,
         }
     }
 
@@ -566,6 +574,12 @@ fn rekey_file(
             dirty = false;
             *last_ck = Instant::now();
         }
+        if meter.last_report.elapsed() >= REPORT_EVERY {
+            meter.last_report = Instant::now();
+            let s = sh.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            sh.keys
+                .report_rekey("progress", ck.target, s.blocks_done, s.blocks_total);
+        }
         if meter.last_log.elapsed() >= Duration::from_secs(10) {
             meter.last_log = Instant::now();
             let s = sh.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -609,6 +623,8 @@ fn finish(sh: &Shared, ck: &Checkpoint, rewritten: u64) -> anyhow::Result<()> {
         retired = ?old,
         "re-key finished: every block is under the new data key version"
     );
+    sh.keys
+        .report_rekey("finished", ck.target, rewritten, rewritten);
     let mut s = sh.status.lock().unwrap_or_else(|p| p.into_inner());
     s.state = "done".into();
     s.old_versions = old;

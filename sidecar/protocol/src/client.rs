@@ -485,6 +485,31 @@ impl Client {
             Response::KeyPrimary { version, .. } => version)
     }
 
+    /// `rekey_report`: tells the sidecar (its audit log) where a mount's
+    /// re-key stands.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rekey_report(
+        &mut self,
+        key: &str,
+        context: &Context,
+        location: &str,
+        state: &str,
+        target: u32,
+        done: u64,
+        total: u64,
+    ) -> Result<(), ClientError> {
+        expect!(self, Request::RekeyReport {
+                key: key.into(),
+                context: context.clone(),
+                location: location.into(),
+                state: state.into(),
+                target,
+                done,
+                total,
+            },
+            Response::Done => ())
+    }
+
     /// `watch_key`: the primary version once it is not `version`, or after
     /// `timeout`.
     pub fn watch_key(

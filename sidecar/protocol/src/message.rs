@@ -163,6 +163,10 @@ pub mod tag {
     pub const AUDIT_SINK: u8 = 72;
     /// Records an audit sink has still to be given (u64).
     pub const LAG: u8 = 73;
+    /// Blocks a re-key has re-encrypted (u64).
+    pub const BLOCKS_DONE: u8 = 74;
+    /// Blocks a re-key has to go through (u64).
+    pub const BLOCKS_TOTAL: u8 = 75;
 }
 
 mod audit;
@@ -251,6 +255,8 @@ pub enum Op {
     RegisterDeks = 0x0105,
     /// Wait until a key's primary version differs from a known one.
     WatchKey = 0x0106,
+    /// A mount reports where its re-key stands (for the audit log).
+    RekeyReport = 0x0107,
     /// List audit records with filters (auditors and officers).
     AuditList = 0x0601,
     /// Start an export: fix its range and sign a checkpoint over it.
@@ -309,6 +315,7 @@ impl Op {
         Op::KeyUnshare,
         Op::RegisterDeks,
         Op::WatchKey,
+        Op::RekeyReport,
         Op::AuditList,
         Op::AuditExport,
         Op::AuditRead,
@@ -365,6 +372,7 @@ impl Op {
             Op::KeyUnshare => "key_unshare",
             Op::RegisterDeks => "register_deks",
             Op::WatchKey => "watch_key",
+            Op::RekeyReport => "rekey_report",
             Op::AuditList => "audit_list",
             Op::AuditExport => "audit_export",
             Op::AuditRead => "audit_read",
@@ -385,6 +393,7 @@ impl Op {
                 | Op::GenerateRandom
                 | Op::RegisterDeks
                 | Op::WatchKey
+                | Op::RekeyReport
         )
     }
 }
@@ -631,6 +640,23 @@ pub enum Request {
         version: u32,
         /// How long to wait at most (capped by the server).
         timeout_ms: u32,
+    },
+    /// See [`Op::RekeyReport`].
+    RekeyReport {
+        /// Master key name.
+        key: String,
+        /// Encryption context of the tablespace.
+        context: Context,
+        /// The backing directory.
+        location: String,
+        /// `started`, `progress`, `finished` or `failed`.
+        state: String,
+        /// The data key version every block ends under.
+        target: u32,
+        /// Blocks re-encrypted so far.
+        done: u64,
+        /// Blocks to go through (0 if not known yet).
+        total: u64,
     },
     /// See [`Op::AuditList`].
     AuditList(AuditQuery),
@@ -991,6 +1017,10 @@ struct Fields {
     token: Option<SecretBytes>,
     token_ttl: Option<u64>,
     custodian_keys: Vec<Vec<u8>>,
+    state: Option<String>,
+    dek_version: Option<u32>,
+    blocks_done: Option<u64>,
+    blocks_total: Option<u64>,
 }
 
 impl Fields {
@@ -1096,6 +1126,22 @@ impl Fields {
                     &mut f.location,
                     as_str(capped(v, "location", MAX_LOCATION)?, "location")?,
                     "location",
+                )?,
+                tag::STATE => once(
+                    &mut f.state,
+                    as_str(capped(v, "state", MAX_NAME)?, "state")?,
+                    "state",
+                )?,
+                tag::DEK_VERSION => {
+                    once(&mut f.dek_version, as_u32(v, "dek_version")?, "dek_version")?
+                }
+                tag::BLOCKS_DONE => {
+                    once(&mut f.blocks_done, as_u64(v, "blocks_done")?, "blocks_done")?
+                }
+                tag::BLOCKS_TOTAL => once(
+                    &mut f.blocks_total,
+                    as_u64(v, "blocks_total")?,
+                    "blocks_total",
                 )?,
                 tag::DEK => {
                     if f.deks.len() >= MAX_DEKS {
@@ -1206,6 +1252,7 @@ impl Request {
             Request::KeyUnshare { .. } => Op::KeyUnshare,
             Request::RegisterDeks { .. } => Op::RegisterDeks,
             Request::WatchKey { .. } => Op::WatchKey,
+            Request::RekeyReport { .. } => Op::RekeyReport,
             Request::AuditList(_) => Op::AuditList,
             Request::AuditExport(_) => Op::AuditExport,
             Request::AuditRead(_) => Op::AuditRead,
@@ -1334,6 +1381,23 @@ impl Request {
             }
             Request::KeyShare { key, operator } | Request::KeyUnshare { key, operator } => {
                 w.str(KEY_NAME, key).str(OPERATOR, operator);
+            }
+            Request::RekeyReport {
+                key,
+                context,
+                location,
+                state,
+                target,
+                done,
+                total,
+            } => {
+                w.str(KEY_NAME, key);
+                put_context(&mut w, context);
+                w.str(LOCATION, location)
+                    .str(STATE, state)
+                    .u32(DEK_VERSION, *target)
+                    .u64(BLOCKS_DONE, *done)
+                    .u64(BLOCKS_TOTAL, *total);
             }
             Request::RegisterDeks {
                 key,
@@ -1580,6 +1644,26 @@ impl Request {
                     context: f.context,
                     location: f.location.unwrap_or_default(),
                     deks: f.deks,
+                }
+            }
+            Op::RekeyReport => {
+                let f = read(&[
+                    KEY_NAME,
+                    CONTEXT,
+                    LOCATION,
+                    STATE,
+                    DEK_VERSION,
+                    BLOCKS_DONE,
+                    BLOCKS_TOTAL,
+                ])?;
+                Request::RekeyReport {
+                    key: required(f.key, "key")?,
+                    context: f.context,
+                    location: required(f.location, "location")?,
+                    state: required(f.state, "state")?,
+                    target: required(f.dek_version, "dek_version")?,
+                    done: f.blocks_done.unwrap_or(0),
+                    total: f.blocks_total.unwrap_or(0),
                 }
             }
             Op::WatchKey => {
@@ -2218,6 +2302,10 @@ impl Response {
                     key: required(f.key, "key")?,
                     version: required(f.version, "version")?,
                 }
+            }
+            Op::RekeyReport => {
+                Fields::read(body, what, &[])?;
+                Response::Done
             }
             Op::AuditList | Op::AuditRead => Response::AuditPage(audit::take_page(body, what)?),
             Op::AuditExport | Op::AuditExportDone | Op::AuditPrune => {

@@ -124,6 +124,25 @@ fn request() -> impl Strategy<Value = Request> {
                 timeout_ms,
             }
         }),
+        (
+            name(),
+            context(),
+            name(),
+            name(),
+            any::<u32>(),
+            any::<[u64; 2]>()
+        )
+            .prop_map(
+                |(key, context, location, state, target, n)| Request::RekeyReport {
+                    key,
+                    context,
+                    location,
+                    state,
+                    target,
+                    done: n[0],
+                    total: n[1],
+                }
+            ),
         audit_query().prop_map(Request::AuditList),
         audit_query().prop_map(|q| Request::AuditExport(AuditQuery {
             since_ms: q.since_ms,
