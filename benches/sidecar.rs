@@ -6,7 +6,7 @@
 //! table of requests per second and latency percentiles, then a soak: 64
 //! clients for `BENCH_SOAK_SECS` (60; 0 skips it) with the daemon's RSS and
 //! thread count sampled every 5 s. Any failed request is counted and fails
-//! the run.
+//! the run. `BENCH_SINK=1` adds an audit file sink.
 
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -100,8 +100,24 @@ fn main() {
     // The daemon creates its data directory (0700); it refuses an open one.
     let dir = tmp.path().join("sc");
     let bin = env!("CARGO_BIN_EXE_tde");
+    // BENCH_SINK=1: a file sink too (checkpoints are always on).
+    let config = tmp.path().join("tde.toml");
+    let sink = std::env::var_os("BENCH_SINK").is_some();
+    std::fs::write(
+        &config,
+        if sink {
+            format!(
+                "[audit.file]\npath = \"{}\"\n",
+                tmp.path().join("audit.jsonl").display()
+            )
+        } else {
+            String::new()
+        },
+    )
+    .expect("config");
     let mut child = Command::new(bin)
         .args(["serve", "--dev"])
+        .env("TDE_CONFIG", &config)
         .env("TDE_DATA_DIR", &dir)
         .env("TDE_LOG__LEVEL", "error")
         .stdout(Stdio::null())

@@ -1,10 +1,10 @@
 -- tde key store, schema version 3: audit evidence (see docs/FORMAT.md).
 
 -- The record's time (Unix milliseconds, never decreasing along the chain),
--- so that time ranges map to sequence ranges through an index.
+-- so that a time maps to a sequence number by binary search on seq (no
+-- index to keep up on every record).
 ALTER TABLE audit ADD COLUMN time_ms INTEGER;
 UPDATE audit SET time_ms = COALESCE(json_extract(record, '$.time_ms'), 0);
-CREATE INDEX audit_by_time ON audit (time_ms);
 
 -- Signed checkpoints: the JSON line as written (signature included) and
 -- the last sequence number it covers.
