@@ -19,7 +19,14 @@ const USER_PW: &str = "user-password-1";
 /// A store whose checkpoints come every 20 records, with an auditor
 /// (carol), a crypto user (bob, sharing pg-main) and key traffic.
 fn setup() -> (Env, Daemon, Vec<String>) {
-    let env = Env::new("[audit]\ncheckpoint_records = 20\nnode = \"db-host-1\"\n");
+    started(Env::new(
+        "[audit]\ncheckpoint_records = 20\nnode = \"db-host-1\"\n",
+    ))
+}
+
+/// `env` initialized, served, unsealed, with key pg-main, auditor carol and
+/// crypto user bob (sharing pg-main).
+fn started(env: Env) -> (Env, Daemon, Vec<String>) {
     let shares = env.init();
     let daemon = env.serve();
     env.unseal(&shares[..3]);
@@ -724,19 +731,7 @@ fn file_and_syslog_sinks_get_every_record_and_checkpoint() {
         log_sock.display()
     ));
     let syslog = syslog_listener(&log_sock);
-    let shares = env.init();
-    let daemon = env.serve();
-    env.unseal(&shares[..3]);
-    env.ok(&["key", "create", "pg-main"]);
-    env.ok_new_password(
-        &["operator", "add", "carol", "--role", "auditor"],
-        AUDITOR_PW,
-    );
-    env.ok_new_password(
-        &["operator", "add", "bob", "--role", "crypto_user"],
-        USER_PW,
-    );
-    env.ok(&["key", "share", "pg-main", "bob"]);
+    let (env, daemon, shares) = started(env);
     traffic(&env, 10);
 
     // logrotate: the file is moved away, then SIGHUP; the sink writes a
@@ -1047,20 +1042,9 @@ fn a_full_disk_fails_key_operations_closed_and_they_come_back_without_a_gap() {
 
 #[test]
 fn retention_prunes_exported_records_and_routine_reads_are_summarized() {
-    let env = Env::new("[audit]\nretention = \"1s\"\nroutine_reads = \"summarize\"\n");
-    let shares = env.init();
-    let _daemon = env.serve();
-    env.unseal(&shares[..3]);
-    env.ok(&["key", "create", "pg-main"]);
-    env.ok_new_password(
-        &["operator", "add", "carol", "--role", "auditor"],
-        AUDITOR_PW,
-    );
-    env.ok_new_password(
-        &["operator", "add", "bob", "--role", "crypto_user"],
-        USER_PW,
-    );
-    env.ok(&["key", "share", "pg-main", "bob"]);
+    let (env, _daemon, _) = started(Env::new(
+        "[audit]\nretention = \"1s\"\nroutine_reads = \"summarize\"\n",
+    ));
     for _ in 0..5 {
         env.status();
     }

@@ -389,6 +389,8 @@ pub fn ctx(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 /// Every audit record, after checking the whole chain.
 pub fn audit(db: &Path) -> Vec<Value> {
     let conn = tde_sidecar::store::connect(db).expect("open db");
+    // One snapshot for the walk and the rows (a prune may run meanwhile).
+    conn.execute_batch("BEGIN").expect("begin");
     let report = tde_sidecar::audit::verify_chain(&conn).expect("audit chain is intact");
     let mut stmt = conn
         .prepare("SELECT record FROM audit ORDER BY seq")

@@ -61,9 +61,8 @@ fn seq_by_time(conn: &Connection, t: u64, after: bool) -> rusqlite::Result<Optio
     let mut st = conn.prepare_cached(
         "SELECT COALESCE(time_ms, 0) FROM audit WHERE seq >= ?1 ORDER BY seq LIMIT 1",
     )?;
-    let mut time_at = |s: u64| -> rusqlite::Result<u64> {
-        st.query_row([i(s)], |r| r.get::<_, i64>(0)).map(u)
-    };
+    let mut time_at =
+        |s: u64| -> rusqlite::Result<u64> { st.query_row([i(s)], |r| r.get::<_, i64>(0)).map(u) };
     // The first record whose time is at or after `t` (hi + 1 if none).
     let (mut a, mut b) = (lo, hi + 1);
     while a < b {
@@ -241,13 +240,4 @@ pub fn prune_step(conn: &Connection, last: u64, batch: u64) -> rusqlite::Result<
         "DELETE FROM audit WHERE seq IN (SELECT seq FROM audit WHERE seq <= ?1 ORDER BY seq LIMIT ?2)",
         params![i(last), i(batch)],
     )
-}
-
-/// The most recent export's end, if any.
-pub fn last_export(conn: &Connection) -> rusqlite::Result<Option<u64>> {
-    conn.query_row("SELECT max(last_seq) FROM audit_export", [], |r| {
-        r.get::<_, Option<i64>>(0)
-    })
-    .optional()
-    .map(|v| v.flatten().map(u))
 }
