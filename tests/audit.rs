@@ -270,18 +270,7 @@ fn records_carry_who_what_when_and_exports_in_every_format_verify() {
     );
     for l in &ocsf {
         let e: Value = serde_json::from_str(l).expect("json");
-        for k in [
-            "activity_id",
-            "category_uid",
-            "class_uid",
-            "metadata",
-            "severity_id",
-            "time",
-            "type_uid",
-            "actor",
-            "api",
-            "src_endpoint",
-        ] {
+        for k in tde_sidecar::audit::render::OCSF_REQUIRED {
             assert!(!e[k].is_null(), "{k} missing: {l}");
         }
         assert_eq!(e["class_uid"], 6003);
@@ -630,6 +619,24 @@ fn prune_after_export_and_the_next_export_continues_the_first() {
         && l.contains("\"operator\":\"carol\"")));
 }
 
+/// What someone with the store does while the daemon is down: deletes the
+/// records after `cut` and their checkpoints. Then the daemon starts and
+/// is unsealed again.
+fn cut_tail_and_restart(env: &Env, shares: &[String], cut: u64) -> Daemon {
+    let conn = tde_sidecar::store::connect(&env.db()).expect("db");
+    conn.execute("DELETE FROM audit WHERE seq > ?1", [cut as i64])
+        .expect("delete");
+    conn.execute(
+        "DELETE FROM audit_checkpoint WHERE last_seq > ?1",
+        [cut as i64],
+    )
+    .expect("delete");
+    drop(conn);
+    let daemon = env.serve();
+    env.unseal(&shares[..3]);
+    daemon
+}
+
 #[test]
 fn a_store_tail_deleted_while_stopped_is_reported() {
     let (env, daemon, shares) = setup();
@@ -643,18 +650,7 @@ fn a_store_tail_deleted_while_stopped_is_reported() {
     // Someone with the store deletes its newest records and checkpoints
     // while the daemon is down.
     let cut = last1 - 6;
-    {
-        let conn = tde_sidecar::store::connect(&env.db()).expect("db");
-        conn.execute("DELETE FROM audit WHERE seq > ?1", [cut as i64])
-            .expect("delete");
-        conn.execute(
-            "DELETE FROM audit_checkpoint WHERE last_seq > ?1",
-            [cut as i64],
-        )
-        .expect("delete");
-    }
-    let _daemon = env.serve();
-    env.unseal(&shares[..3]);
+    let _daemon = cut_tail_and_restart(&env, &shares, cut);
     traffic(&env, 2);
     // The store's chain is whole again (shorter, then new records): only
     // the earlier export shows what is missing.
@@ -884,18 +880,7 @@ fn file_and_syslog_sinks_get_every_record_and_checkpoint() {
     write_lines(&sink_copy, &all_lines);
     let last = all.iter().max().copied().expect("records");
     let cut = last - 5;
-    {
-        let conn = tde_sidecar::store::connect(&env.db()).expect("db");
-        conn.execute("DELETE FROM audit WHERE seq > ?1", [cut as i64])
-            .expect("delete");
-        conn.execute(
-            "DELETE FROM audit_checkpoint WHERE last_seq > ?1",
-            [cut as i64],
-        )
-        .expect("delete");
-    }
-    let _daemon = env.serve();
-    env.unseal(&shares[..3]);
+    let _daemon = cut_tail_and_restart(&env, &shares, cut);
     traffic(&env, 1);
     let e = env.dir.path().join("after-cut");
     export(&env, &e, &[]);

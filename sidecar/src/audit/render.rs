@@ -14,6 +14,21 @@ use serde::{Deserialize, Serialize};
 /// The OCSF schema version the OCSF rendering follows.
 pub const OCSF_VERSION: &str = "1.3.0";
 
+/// The attributes OCSF requires of an API Activity event: the base
+/// event's and the class's own (`actor`, `api`, `src_endpoint`).
+pub const OCSF_REQUIRED: &[&str] = &[
+    "activity_id",
+    "category_uid",
+    "class_uid",
+    "metadata",
+    "severity_id",
+    "time",
+    "type_uid",
+    "actor",
+    "api",
+    "src_endpoint",
+];
+
 type Text<'a> = Cow<'a, str>;
 
 /// The fields of a stored record the renderings use (older records may
@@ -467,18 +482,7 @@ mod tests {
     #[test]
     fn ocsf_has_the_required_fields() {
         let e: Value = serde_json::from_str(&ocsf_line("ab", RECORD)).expect("json");
-        for k in [
-            "activity_id",
-            "category_uid",
-            "class_uid",
-            "metadata",
-            "severity_id",
-            "time",
-            "type_uid",
-            "actor",
-            "api",
-            "src_endpoint",
-        ] {
+        for k in OCSF_REQUIRED {
             assert!(!e[k].is_null(), "{k} missing: {e}");
         }
         assert_eq!(e["class_uid"], 6003);
