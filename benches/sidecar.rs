@@ -6,7 +6,8 @@
 //! table of requests per second and latency percentiles, then a soak: 64
 //! clients for `BENCH_SOAK_SECS` (60; 0 skips it) with the daemon's RSS and
 //! thread count sampled every 5 s. Any failed request is counted and fails
-//! the run. `BENCH_SINK=1` adds an audit file sink.
+//! the run. `BENCH_SINK=1` adds an audit file sink; `BENCH_CLIENTS=1,16`
+//! runs only those client counts.
 
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -162,7 +163,12 @@ fn main() {
     println!("| clients | requests / s | p50 µs | p99 µs |");
     println!("|--------:|-------------:|-------:|-------:|");
     let mut failures = 0;
-    for clients in [1, 4, 16, 64] {
+    // BENCH_CLIENTS=1,16: only these client counts.
+    let counts: Vec<usize> = std::env::var("BENCH_CLIENTS")
+        .ok()
+        .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 4, 16, 64]);
+    for clients in counts {
         let (rps, lat, failed) = run(&sock, clients, secs);
         failures += failed;
         let p = |q: f64| lat[((lat.len() as f64 * q) as usize).min(lat.len() - 1)].as_micros();

@@ -1,7 +1,7 @@
 //! `tde audit`: list, follow, export, verify, prune, public keys.
 
 use std::collections::BTreeSet;
-use std::io::{BufWriter, IsTerminal, Write};
+use std::io::{IsTerminal, Write};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -314,8 +314,8 @@ fn export(cli: &Cli, cfg: &Config, a: &AuditExportArgs) -> anyhow::Result<()> {
         done += page.records.len() as u64;
         next = first + done;
         let records = Arc::new(page.records);
-        for (_, w) in &writers {
-            w.send(records.clone())?;
+        if !writers.iter().all(|(_, w)| w.send(records.clone())) {
+            break; // a file failed: its writer says why below
         }
         lines.extend(page.checkpoints);
         progress.at(done);
@@ -328,6 +328,9 @@ fn export(cli: &Cli, cfg: &Config, a: &AuditExportArgs) -> anyhow::Result<()> {
             sha256,
             bytes,
         });
+    }
+    if next <= last {
+        bail!("an export file stopped before record {next}");
     }
     progress.done();
     let mut checkpoints: Vec<Checkpoint> = lines
@@ -386,63 +389,75 @@ fn export(cli: &Cli, cfg: &Config, a: &AuditExportArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A file of an export written on its own thread: pages of records in,
-/// each rendered as a line; its SHA-256 and size out.
+/// A file of an export: pages of records in, each rendered as a line on
+/// one thread, written and hashed on another (an OCSF line is rendered
+/// from the record's JSON: the two halves cost about the same); its
+/// SHA-256 and size out.
 struct FileWriter {
     tx: std::sync::mpsc::SyncSender<Arc<Vec<String>>>,
-    thread: std::thread::JoinHandle<anyhow::Result<(String, u64)>>,
+    render: std::thread::JoinHandle<()>,
+    write: std::thread::JoinHandle<anyhow::Result<(String, u64)>>,
 }
 
 impl FileWriter {
     fn start(path: &Path, rendering: Rendering, store: &str) -> anyhow::Result<FileWriter> {
         use sha2::Digest as _;
-        let f =
+        let mut f =
             std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Arc<Vec<String>>>(4);
-        let (path, store) = (path.to_path_buf(), store.to_string());
-        let thread = std::thread::spawn(move || {
-            let mut w = BufWriter::with_capacity(1 << 20, f);
-            let mut h = sha2::Sha256::new();
-            let mut bytes = 0u64;
-            let mut put = |line: &str| -> std::io::Result<()> {
-                for part in [line.as_bytes(), b"\n"] {
-                    w.write_all(part)?;
-                    h.update(part);
-                    bytes += part.len() as u64;
-                }
-                Ok(())
-            };
-            if let Some(header) = rendering.header() {
-                put(&header)?;
+        let (tx, pages) = std::sync::mpsc::sync_channel::<Arc<Vec<String>>>(4);
+        let (block_tx, blocks) = std::sync::mpsc::sync_channel::<String>(4);
+        let store = store.to_string();
+        let render = std::thread::spawn(move || {
+            if let Some(header) = rendering.header()
+                && block_tx.send(header + "\n").is_err()
+            {
+                return; // the writer failed: it says why
             }
-            for page in rx {
+            for page in pages {
+                // A page's lines in one block (a page is capped in bytes).
+                let mut block = String::new();
                 for r in page.iter() {
                     match rendering {
-                        Rendering::Jsonl => put(r)?,
-                        other => put(&other.render(&store, r))?,
+                        Rendering::Jsonl => block.push_str(r),
+                        other => block.push_str(&other.render(&store, r)),
                     }
+                    block.push('\n');
+                }
+                if block_tx.send(block).is_err() {
+                    return;
                 }
             }
-            w.flush()?;
-            w.get_ref()
-                .sync_all()
-                .with_context(|| format!("writing {}", path.display()))?;
+        });
+        let path = path.to_path_buf();
+        let write = std::thread::spawn(move || {
+            let mut h = sha2::Sha256::new();
+            let mut bytes = 0u64;
+            let what = || format!("writing {}", path.display());
+            for block in blocks {
+                f.write_all(block.as_bytes()).with_context(what)?;
+                h.update(block.as_bytes());
+                bytes += block.len() as u64;
+            }
+            f.sync_all().with_context(what)?;
             Ok((hex::encode(h.finalize()), bytes))
         });
-        Ok(FileWriter { tx, thread })
+        Ok(FileWriter { tx, render, write })
     }
 
-    fn send(&self, page: Arc<Vec<String>>) -> anyhow::Result<()> {
-        self.tx
-            .send(page)
-            .map_err(|_| anyhow::anyhow!("an export file's writer stopped"))
+    /// Hands a page on; `false` if the file failed (`finish` says why).
+    fn send(&self, page: Arc<Vec<String>>) -> bool {
+        self.tx.send(page).is_ok()
     }
 
     fn finish(self) -> anyhow::Result<(String, u64)> {
         drop(self.tx);
-        self.thread
+        let rendered = self.render.join();
+        let written = self
+            .write
             .join()
-            .map_err(|_| anyhow::anyhow!("an export file's writer failed"))?
+            .map_err(|_| anyhow::anyhow!("an export file's writer failed"))??;
+        rendered.map_err(|_| anyhow::anyhow!("an export file's rendering failed"))?;
+        Ok(written)
     }
 }
 

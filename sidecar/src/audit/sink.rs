@@ -25,6 +25,11 @@ use crate::store;
 const BATCH: i64 = 1000;
 /// Wait between attempts while a sink fails.
 const RETRY: Duration = Duration::from_secs(1);
+/// At most one read of the store per this while a sink keeps up: on a busy
+/// host a step gives it many records at once rather than one per commit,
+/// which would cost a read transaction (and CPU the requests need) per
+/// record. A record reaches a sink this much later at most.
+const PACE: Duration = Duration::from_millis(100);
 
 /// Where a sink writes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -288,6 +293,10 @@ impl Worker {
                     }
                     self.wake.wait(self.cursor.seq, Duration::from_secs(1))
                 }
+                // A partial batch: it has what there was; let more come.
+                // (A plain sleep: the writer's wake-up on every commit
+                // would cut a wait on it short.)
+                Ok(n) if !stopping && n < BATCH as usize => std::thread::sleep(PACE),
                 Ok(_) => {}
                 Err(e) => {
                     let first = self.state.error().is_none();
