@@ -926,6 +926,7 @@ fn status_json(s: &StatusInfo) -> Value {
         "dev_mode": s.dev_mode,
         "key_count": s.key_count,
         "version": s.server_version,
+        "store_id": s.store_id,
         "audit_sinks": s.audit_sinks.iter().map(|k| json!({
             "name": k.name,
             "delivered": k.delivered,
@@ -953,6 +954,9 @@ fn status_human(s: &StatusInfo) -> String {
         "state:      {state}\nshares:     {} of {} needed\nkeys:       {}\nversion:    {}",
         s.threshold, s.shares, s.key_count, s.server_version
     );
+    if !s.store_id.is_empty() {
+        out.push_str(&format!("\nstore:      {}", s.store_id));
+    }
     if s.dev_mode {
         out.push_str("\nmode:       DEV (single local share; not for production)");
     }

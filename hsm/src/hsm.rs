@@ -17,7 +17,7 @@ use crate::manifest::{self, Manifest};
 use crate::mek::{MekRecord, MekVersion, VersionState, validate_name};
 use crate::operator::{self, MAX_FAILED_LOGINS, OperatorRecord, Role};
 use crate::random;
-use crate::seal::{self, RootFormat, STORE_ID_LEN, Sealer, Share};
+use crate::seal::{self, RootFormat, STORE_ID_LEN, Sealer, Share, StoreId};
 use crate::secret::{DataKey, MasterKeyMaterial, RootKey, SecretBuf, UnsealKey};
 use crate::store::{
     KIND_AUDIT_KEY, KIND_MANIFEST, KIND_MASTER_KEY, KIND_OPERATOR, ObjectStore, StoreMeta, StoreOp,
@@ -100,6 +100,9 @@ pub struct Status {
     pub dev: bool,
     /// Master keys (0 while sealed).
     pub key_count: usize,
+    /// The store's random id (zero before `init`): not secret, it names
+    /// the store (a PKCS#11 token's serial number).
+    pub store_id: StoreId,
 }
 
 /// A master key version as shown to operators.
@@ -582,6 +585,7 @@ impl Hsm {
                 progress,
                 dev: m.dev,
                 key_count: 0,
+                store_id: m.store_id,
             },
             State::Unsealed(m, u) => Status {
                 initialized: true,
@@ -592,6 +596,7 @@ impl Hsm {
                 progress: 0,
                 dev: m.dev,
                 key_count: u.keys.len() + u.tampered_keys.len(),
+                store_id: m.store_id,
             },
         }
     }

@@ -632,6 +632,11 @@ pub fn status_info(hsm: &Hsm) -> StatusInfo {
         dev_mode: s.dev,
         key_count: u32::try_from(s.key_count).unwrap_or(u32::MAX),
         server_version: env!("CARGO_PKG_VERSION").to_string(),
+        store_id: if s.initialized {
+            hex::encode(s.store_id)
+        } else {
+            String::new()
+        },
         audit_sinks: Vec::new(),
     }
 }

@@ -55,7 +55,19 @@ impl ClientError {
             _ => None,
         }
     }
+
+    /// The request never reached the sidecar (no connection, or the
+    /// connection was already closed when it was sent), so sending it
+    /// again on a new connection cannot do it twice.
+    pub fn unsent(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Connect { .. } | ClientError::Transport { doing: SENDING, .. }
+        )
+    }
 }
+
+const SENDING: &str = "sending the request";
 
 impl std::fmt::Display for ClientError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -168,7 +180,7 @@ impl Client {
         self.next_id += 1;
         write_frame(&mut self.stream, &req.to_frame(self.next_id)).map_err(|source| {
             ClientError::Transport {
-                doing: "sending the request",
+                doing: SENDING,
                 source,
             }
         })?;

@@ -782,6 +782,9 @@ pub struct StatusInfo {
     pub key_count: u32,
     /// Server version string.
     pub server_version: String,
+    /// The store's id, hex (empty before `tde init`): it names the store
+    /// (a PKCS#11 token's serial number).
+    pub store_id: String,
     /// The audit sinks (admin socket only).
     pub audit_sinks: Vec<AuditSinkInfo>,
 }
@@ -1853,7 +1856,8 @@ fn put_status(w: &mut Writer, s: &StatusInfo) {
         .u32(PROGRESS, s.progress)
         .bool(DEV_MODE, s.dev_mode)
         .u32(KEY_COUNT, s.key_count)
-        .str(SERVER_VERSION, &s.server_version);
+        .str(SERVER_VERSION, &s.server_version)
+        .str(STORE_ID, truncate(&s.store_id, MAX_TEXT));
     for k in &s.audit_sinks {
         let mut r = Writer::new();
         r.str(DESCRIPTION, truncate(&k.name, MAX_TEXT))
@@ -1992,6 +1996,7 @@ fn take_status(body: &[u8]) -> Result<StatusInfo, DecodeError> {
             DEV_MODE => s.dev_mode = as_bool(v, "dev_mode")?,
             KEY_COUNT => s.key_count = as_u32(v, "key_count")?,
             SERVER_VERSION => s.server_version = as_str(v, "server_version")?,
+            STORE_ID => s.store_id = as_str(v, "store_id")?,
             other => return Err(unexpected("status", other)),
         }
     }

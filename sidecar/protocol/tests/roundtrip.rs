@@ -282,8 +282,8 @@ fn response() -> impl Strategy<Value = (u16, Response)> {
         }),
         0..3,
     );
-    let status = (any::<[bool; 4]>(), any::<[u32; 4]>(), name(), sinks).prop_map(
-        |(b, n, server_version, audit_sinks)| {
+    let status = (any::<[bool; 4]>(), any::<[u32; 4]>(), name(), name(), sinks).prop_map(
+        |(b, n, server_version, store_id, audit_sinks)| {
             Response::Status(StatusInfo {
                 initialized: b[0],
                 sealed: b[1],
@@ -294,6 +294,7 @@ fn response() -> impl Strategy<Value = (u16, Response)> {
                 progress: n[2],
                 key_count: n[3],
                 server_version,
+                store_id,
                 audit_sinks,
             })
         },

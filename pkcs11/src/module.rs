@@ -1,0 +1,497 @@
+//! The safe core of the module: its state (slots, sessions, operations in
+//! progress) and every PKCS#11 function in Rust types. [`crate::ffi`]
+//! checks the C pointers and calls these; an error is the `CK_RV` to
+//! return.
+//!
+//! The state is one mutex: PKCS#11 lets an application call from many
+//! threads at once (`CKF_OS_LOCKING_OK`), and the module never holds the
+//! lock across a call to the sidecar, so one thread's request does not
+//! wait for another's.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use cryptoki_sys::*;
+use sha2::Digest as _;
+use tde_protocol::client::{Client, ClientError};
+use tde_protocol::{ErrorCode, StatusInfo};
+
+use crate::config::{Config, SlotConfig};
+
+/// A PKCS#11 return value other than `CKR_OK`.
+pub type Rv = CK_RV;
+
+/// Idle connections kept per slot.
+const POOL: usize = 16;
+
+/// The mechanisms, with what they do: `(mechanism, min key, max key,
+/// flags)`. Only what works is listed.
+pub const MECHANISMS: &[(CK_MECHANISM_TYPE, CK_ULONG, CK_ULONG, CK_FLAGS)] = &[
+    (CKM_SHA256, 0, 0, CKF_DIGEST),
+    (CKM_SHA384, 0, 0, CKF_DIGEST),
+    (CKM_SHA512, 0, 0, CKF_DIGEST),
+];
+
+/// One slot: a sidecar, and a pool of connections to it.
+struct Slot {
+    config: SlotConfig,
+    pool: Mutex<Vec<Client>>,
+}
+
+impl Slot {
+    /// Runs `f` on a pooled connection (a new one if none is idle). A
+    /// connection that failed in transport is dropped, not pooled; if the
+    /// request was not even sent (the sidecar restarted since the
+    /// connection was pooled), every idle connection is as stale: the pool
+    /// is emptied and the request sent once more on a new connection. So a
+    /// restarted sidecar is found again without the application doing
+    /// anything, and no request is ever done twice.
+    fn with<T>(&self, f: impl Fn(&mut Client) -> Result<T, ClientError>) -> Result<T, Rv> {
+        let pooled = lock(&self.pool).pop();
+        if let Some(mut client) = pooled {
+            match f(&mut client) {
+                Err(e) if e.unsent() => lock(&self.pool).clear(),
+                r => return self.done(client, r),
+            }
+        }
+        let mut client = Client::connect(&self.config.socket).map_err(|e| rv(&e))?;
+        let r = f(&mut client);
+        self.done(client, r)
+    }
+
+    /// Pools the connection unless it failed in transport.
+    fn done<T>(&self, client: Client, r: Result<T, ClientError>) -> Result<T, Rv> {
+        if !matches!(
+            r,
+            Err(ClientError::Connect { .. } | ClientError::Transport { .. })
+        ) {
+            let mut pool = lock(&self.pool);
+            if pool.len() < POOL {
+                pool.push(client);
+            }
+        }
+        r.map_err(|e| rv(&e))
+    }
+
+    fn status(&self) -> Result<StatusInfo, Rv> {
+        self.with(|c| c.status())
+    }
+}
+
+/// A sidecar's answer as a return value.
+fn rv(e: &ClientError) -> Rv {
+    match e {
+        ClientError::Connect { .. } | ClientError::Transport { .. } => CKR_DEVICE_ERROR,
+        ClientError::BadResponse(_) => CKR_DEVICE_ERROR,
+        ClientError::Refused { code, .. } => match code {
+            ErrorCode::Sealed | ErrorCode::Zeroized | ErrorCode::Tampered => CKR_DEVICE_ERROR,
+            ErrorCode::LimitExceeded => CKR_DEVICE_MEMORY,
+            ErrorCode::PermissionDenied | ErrorCode::NotAuthenticated => CKR_FUNCTION_REJECTED,
+            ErrorCode::InvalidArgument => CKR_ARGUMENTS_BAD,
+            _ => CKR_FUNCTION_FAILED,
+        },
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A digest in progress.
+#[derive(Clone)]
+enum Hasher {
+    Sha256(sha2::Sha256),
+    Sha384(sha2::Sha384),
+    Sha512(sha2::Sha512),
+}
+
+impl Hasher {
+    fn new(mechanism: CK_MECHANISM_TYPE) -> Result<Hasher, Rv> {
+        Ok(match mechanism {
+            CKM_SHA256 => Hasher::Sha256(sha2::Sha256::new()),
+            CKM_SHA384 => Hasher::Sha384(sha2::Sha384::new()),
+            CKM_SHA512 => Hasher::Sha512(sha2::Sha512::new()),
+            _ => return Err(CKR_MECHANISM_INVALID),
+        })
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Hasher::Sha256(_) => 32,
+            Hasher::Sha384(_) => 48,
+            Hasher::Sha512(_) => 64,
+        }
+    }
+
+    fn update(&mut self, data: &[u8]) {
+        match self {
+            Hasher::Sha256(h) => h.update(data),
+            Hasher::Sha384(h) => h.update(data),
+            Hasher::Sha512(h) => h.update(data),
+        }
+    }
+
+    fn finish(self) -> Vec<u8> {
+        match self {
+            Hasher::Sha256(h) => h.finalize().to_vec(),
+            Hasher::Sha384(h) => h.finalize().to_vec(),
+            Hasher::Sha512(h) => h.finalize().to_vec(),
+        }
+    }
+}
+
+/// A session.
+struct Session {
+    slot: usize,
+    flags: CK_FLAGS,
+    digest: Option<Hasher>,
+}
+
+/// The module after `C_Initialize`.
+struct State {
+    /// The process that initialized it: a forked child must initialize
+    /// again (its copy of the parent's connections is not its own).
+    pid: u32,
+    slots: Vec<Arc<Slot>>,
+    sessions: HashMap<CK_SESSION_HANDLE, Session>,
+    next_session: CK_SESSION_HANDLE,
+}
+
+static STATE: Mutex<Option<State>> = Mutex::new(None);
+
+/// The state, if this process initialized the module.
+fn state() -> Result<MutexGuard<'static, Option<State>>, Rv> {
+    let g = lock(&STATE);
+    match &*g {
+        Some(s) if s.pid == std::process::id() => Ok(g),
+        _ => Err(CKR_CRYPTOKI_NOT_INITIALIZED),
+    }
+}
+
+fn with_state<T>(f: impl FnOnce(&mut State) -> Result<T, Rv>) -> Result<T, Rv> {
+    let mut g = state()?;
+    match g.as_mut() {
+        Some(s) => f(s),
+        None => Err(CKR_CRYPTOKI_NOT_INITIALIZED),
+    }
+}
+
+/// `C_Initialize`: reads the configuration. In a forked child whose
+/// parent had initialized, this starts afresh.
+pub fn initialize() -> Result<(), Rv> {
+    let mut g = lock(&STATE);
+    if let Some(s) = &*g
+        && s.pid == std::process::id()
+    {
+        return Err(CKR_CRYPTOKI_ALREADY_INITIALIZED);
+    }
+    let config = Config::load().map_err(|_| CKR_GENERAL_ERROR)?;
+    // A child's copy of the parent's state is forgotten without closing
+    // anything the parent still uses: dropping a connection closes only
+    // the child's descriptor.
+    *g = Some(State {
+        pid: std::process::id(),
+        slots: config
+            .slots
+            .into_iter()
+            .map(|config| {
+                Arc::new(Slot {
+                    config,
+                    pool: Mutex::new(Vec::new()),
+                })
+            })
+            .collect(),
+        sessions: HashMap::new(),
+        next_session: 1,
+    });
+    Ok(())
+}
+
+/// `C_Finalize`.
+pub fn finalize() -> Result<(), Rv> {
+    let mut g = state()?;
+    *g = None;
+    Ok(())
+}
+
+/// Slot ids (`present_only`: those whose sidecar answers).
+pub fn slot_list(present_only: bool) -> Result<Vec<CK_SLOT_ID>, Rv> {
+    let slots = with_state(|s| Ok(s.slots.clone()))?;
+    Ok(slots
+        .iter()
+        .enumerate()
+        .filter(|(_, slot)| !present_only || slot.status().is_ok())
+        .map(|(i, _)| i as CK_SLOT_ID)
+        .collect())
+}
+
+fn slot(id: CK_SLOT_ID) -> Result<Arc<Slot>, Rv> {
+    with_state(|s| {
+        usize::try_from(id)
+            .ok()
+            .and_then(|i| s.slots.get(i).cloned())
+            .ok_or(CKR_SLOT_ID_INVALID)
+    })
+}
+
+/// What `C_GetSlotInfo` says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotInfo {
+    /// The sidecar's socket.
+    pub description: String,
+    /// `CKF_TOKEN_PRESENT` when the sidecar answers.
+    pub flags: CK_FLAGS,
+}
+
+/// `C_GetSlotInfo`.
+pub fn slot_info(id: CK_SLOT_ID) -> Result<SlotInfo, Rv> {
+    let slot = slot(id)?;
+    let present = slot.status().is_ok();
+    Ok(SlotInfo {
+        description: format!("tde sidecar at {}", slot.config.socket.display()),
+        flags: if present { CKF_TOKEN_PRESENT } else { 0 },
+    })
+}
+
+/// What `C_GetTokenInfo` says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenInfo {
+    /// The configured label, or `tde`.
+    pub label: String,
+    /// The first 16 hex digits of the store id.
+    pub serial: String,
+    /// Flags, set truthfully.
+    pub flags: CK_FLAGS,
+    /// Sessions open on this slot.
+    pub sessions: CK_ULONG,
+    /// Read-write ones among them.
+    pub rw_sessions: CK_ULONG,
+    /// The sidecar's version.
+    pub server_version: String,
+}
+
+/// `C_GetTokenInfo`: asks the sidecar. A stopped sidecar is an absent
+/// token; a sealed one is present but can do nothing yet.
+pub fn token_info(id: CK_SLOT_ID) -> Result<TokenInfo, Rv> {
+    let slot = slot(id)?;
+    let s = slot.status().map_err(|_| CKR_TOKEN_NOT_PRESENT)?;
+    let (sessions, rw_sessions) = with_state(|st| {
+        let on = st.sessions.values().filter(|x| x.slot as CK_SLOT_ID == id);
+        let all = on.clone().count();
+        let rw = on.filter(|x| x.flags & CKF_RW_SESSION != 0).count();
+        Ok((all as CK_ULONG, rw as CK_ULONG))
+    })?;
+    let mut flags = CKF_RNG;
+    if s.initialized {
+        flags |= CKF_TOKEN_INITIALIZED;
+    }
+    Ok(TokenInfo {
+        label: slot.config.label.clone().unwrap_or_else(|| "tde".into()),
+        serial: s.store_id.chars().take(16).collect(),
+        flags,
+        sessions,
+        rw_sessions,
+        server_version: s.server_version,
+    })
+}
+
+/// `C_GetMechanismList`.
+pub fn mechanism_list(id: CK_SLOT_ID) -> Result<Vec<CK_MECHANISM_TYPE>, Rv> {
+    slot(id)?;
+    Ok(MECHANISMS.iter().map(|m| m.0).collect())
+}
+
+/// `C_GetMechanismInfo`: `(min key size, max key size, flags)`.
+pub fn mechanism_info(
+    id: CK_SLOT_ID,
+    mechanism: CK_MECHANISM_TYPE,
+) -> Result<(CK_ULONG, CK_ULONG, CK_FLAGS), Rv> {
+    slot(id)?;
+    MECHANISMS
+        .iter()
+        .find(|m| m.0 == mechanism)
+        .map(|m| (m.1, m.2, m.3))
+        .ok_or(CKR_MECHANISM_INVALID)
+}
+
+/// `C_OpenSession`.
+pub fn open_session(id: CK_SLOT_ID, flags: CK_FLAGS) -> Result<CK_SESSION_HANDLE, Rv> {
+    if flags & CKF_SERIAL_SESSION == 0 {
+        return Err(CKR_SESSION_PARALLEL_NOT_SUPPORTED);
+    }
+    let slot = slot(id)?;
+    slot.status().map_err(|_| CKR_TOKEN_NOT_PRESENT)?;
+    with_state(|s| {
+        let h = s.next_session;
+        s.next_session = s.next_session.wrapping_add(1).max(1);
+        s.sessions.insert(
+            h,
+            Session {
+                slot: id as usize,
+                flags: flags & (CKF_SERIAL_SESSION | CKF_RW_SESSION),
+                digest: None,
+            },
+        );
+        Ok(h)
+    })
+}
+
+/// `C_CloseSession`.
+pub fn close_session(h: CK_SESSION_HANDLE) -> Result<(), Rv> {
+    with_state(|s| {
+        s.sessions
+            .remove(&h)
+            .map(|_| ())
+            .ok_or(CKR_SESSION_HANDLE_INVALID)
+    })
+}
+
+/// `C_CloseAllSessions`.
+pub fn close_all_sessions(id: CK_SLOT_ID) -> Result<(), Rv> {
+    slot(id)?;
+    with_state(|s| {
+        s.sessions.retain(|_, x| x.slot as CK_SLOT_ID != id);
+        Ok(())
+    })
+}
+
+/// `C_GetSessionInfo`: `(slot, state, flags)`.
+pub fn session_info(h: CK_SESSION_HANDLE) -> Result<(CK_SLOT_ID, CK_STATE, CK_FLAGS), Rv> {
+    with_state(|s| {
+        let x = s.sessions.get(&h).ok_or(CKR_SESSION_HANDLE_INVALID)?;
+        let state = if x.flags & CKF_RW_SESSION != 0 {
+            CKS_RW_PUBLIC_SESSION
+        } else {
+            CKS_RO_PUBLIC_SESSION
+        };
+        Ok((x.slot as CK_SLOT_ID, state, x.flags))
+    })
+}
+
+fn session_slot(h: CK_SESSION_HANDLE) -> Result<Arc<Slot>, Rv> {
+    with_state(|s| {
+        let x = s.sessions.get(&h).ok_or(CKR_SESSION_HANDLE_INVALID)?;
+        Ok(s.slots[x.slot].clone())
+    })
+}
+
+/// `C_GenerateRandom`: from the HSM's generator, in requests of at most
+/// 4096 bytes (the sidecar's cap).
+pub fn generate_random(h: CK_SESSION_HANDLE, out: &mut [u8]) -> Result<(), Rv> {
+    let slot = session_slot(h)?;
+    for chunk in out.chunks_mut(4096) {
+        let n = u32::try_from(chunk.len()).map_err(|_| CKR_ARGUMENTS_BAD)?;
+        let bytes = slot.with(|c| c.generate_random(n))?;
+        if bytes.expose().len() != chunk.len() {
+            return Err(CKR_DEVICE_ERROR);
+        }
+        chunk.copy_from_slice(bytes.expose());
+    }
+    Ok(())
+}
+
+fn with_session<T>(
+    h: CK_SESSION_HANDLE,
+    f: impl FnOnce(&mut Session) -> Result<T, Rv>,
+) -> Result<T, Rv> {
+    with_state(|s| f(s.sessions.get_mut(&h).ok_or(CKR_SESSION_HANDLE_INVALID)?))
+}
+
+/// `C_DigestInit`.
+pub fn digest_init(h: CK_SESSION_HANDLE, mechanism: CK_MECHANISM_TYPE) -> Result<(), Rv> {
+    with_session(h, |x| {
+        if x.digest.is_some() {
+            return Err(CKR_OPERATION_ACTIVE);
+        }
+        x.digest = Some(Hasher::new(mechanism)?);
+        Ok(())
+    })
+}
+
+/// `C_DigestUpdate`.
+pub fn digest_update(h: CK_SESSION_HANDLE, data: &[u8]) -> Result<(), Rv> {
+    with_session(h, |x| {
+        x.digest
+            .as_mut()
+            .ok_or(CKR_OPERATION_NOT_INITIALIZED)?
+            .update(data);
+        Ok(())
+    })
+}
+
+/// How a call that returns bytes ends: PKCS#11 section 5.2. With no buffer
+/// the caller learns the length and the operation goes on; with one too
+/// small it gets `CKR_BUFFER_TOO_SMALL` and the length, and the operation
+/// goes on; otherwise it gets the bytes and the operation ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Out {
+    /// Only the length is wanted.
+    Length,
+    /// A buffer of this many bytes.
+    Buffer(usize),
+}
+
+/// `C_DigestFinal` (`data`: `C_Digest`'s single part, hashed first). The
+/// digest, or the length the caller must make room for.
+pub fn digest_final(
+    h: CK_SESSION_HANDLE,
+    data: Option<&[u8]>,
+    out: Out,
+) -> Result<Result<Vec<u8>, usize>, Rv> {
+    with_session(h, |x| {
+        let d = x.digest.as_ref().ok_or(CKR_OPERATION_NOT_INITIALIZED)?;
+        let need = d.len();
+        match out {
+            Out::Length => return Ok(Err(need)),
+            Out::Buffer(n) if n < need => return Ok(Err(need)),
+            Out::Buffer(_) => {}
+        }
+        let mut d = x.digest.take().ok_or(CKR_OPERATION_NOT_INITIALIZED)?;
+        if let Some(data) = data {
+            d.update(data);
+        }
+        Ok(Ok(d.finish()))
+    })
+}
+
+/// Ends a session's digest after an error (PKCS#11: a failed call other
+/// than a length query ends the operation).
+pub fn digest_abort(h: CK_SESSION_HANDLE) {
+    let _ = with_session(h, |x| {
+        x.digest = None;
+        Ok(())
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digests_match_the_standard_values() {
+        // FIPS 180-4 example "abc".
+        let mut h = Hasher::new(CKM_SHA256).expect("sha256");
+        h.update(b"abc");
+        assert_eq!(
+            h.finish()[..4],
+            [0xba, 0x78, 0x16, 0xbf],
+            "SHA-256(abc) starts ba7816bf"
+        );
+        assert_eq!(Hasher::new(CKM_SHA384).expect("384").len(), 48);
+        assert!(Hasher::new(CKM_AES_GCM).is_err());
+    }
+
+    #[test]
+    fn refusals_map_to_return_values() {
+        let refused = |code| ClientError::Refused {
+            code,
+            message: String::new(),
+        };
+        assert_eq!(rv(&refused(ErrorCode::Sealed)), CKR_DEVICE_ERROR);
+        assert_eq!(
+            rv(&refused(ErrorCode::PermissionDenied)),
+            CKR_FUNCTION_REJECTED
+        );
+        assert_eq!(rv(&ClientError::BadResponse("x".into())), CKR_DEVICE_ERROR);
+    }
+}

@@ -1,0 +1,517 @@
+//! Issue 14: `libtde_pkcs11.so` loaded by a real PKCS#11 client, OpenSC's
+//! `pkcs11-tool`, against a real sidecar.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use common::{Env, audit, skip};
+use sha2::Digest as _;
+
+/// The module cargo built beside this test (the root package has it as a
+/// dev-dependency, so it is built first).
+fn module() -> PathBuf {
+    let exe = std::env::current_exe().expect("exe");
+    let deps = exe.parent().expect("deps");
+    [
+        deps.join("libtde_pkcs11.so"),
+        deps.join("../libtde_pkcs11.so"),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
+    .expect("libtde_pkcs11.so is built with the tests")
+}
+
+fn tool(env: &Env, args: &[&str]) -> Output {
+    let m = module();
+    Command::new("pkcs11-tool")
+        .arg("--module")
+        .arg(&m)
+        .args(args)
+        .env("TDE_PKCS11_SOCKET", env.data_socket())
+        .env_remove("TDE_PKCS11_CONFIG")
+        .output()
+        .expect("pkcs11-tool")
+}
+
+fn ok(env: &Env, args: &[&str]) -> String {
+    let out = tool(env, args);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "pkcs11-tool {args:?}: {text}");
+    text
+}
+
+fn have_tool() -> bool {
+    let there = Command::new("pkcs11-tool").arg("--help").output().is_ok();
+    if !there {
+        skip("pkcs11-tool (opensc) is not installed");
+    }
+    there
+}
+
+#[test]
+fn pkcs11_tool_sees_the_token_its_mechanisms_and_random_bytes() {
+    if !have_tool() {
+        return;
+    }
+    let env = Env::new("");
+    let daemon = env.sidecar_with_keys(&["pg-main"]);
+    let store_id = env.status()["store_id"]
+        .as_str()
+        .expect("store id")
+        .to_string();
+    assert_eq!(store_id.len(), 32, "{store_id}");
+
+    let info = ok(&env, &["--show-info"]);
+    assert!(info.contains("Cryptoki version 3.0"), "{info}");
+    assert!(info.contains("Manufacturer     tde"), "{info}");
+
+    let slots = ok(&env, &["--list-slots"]);
+    assert!(slots.contains("token label        : tde"), "{slots}");
+    assert!(
+        slots.contains(&format!("serial num         : {}", &store_id[..16])),
+        "the token's serial is the store id: {slots}"
+    );
+    assert!(slots.contains("rng"), "CKF_RNG: {slots}");
+    assert!(!slots.contains("login required"), "no login yet: {slots}");
+
+    let mechs = ok(&env, &["--list-mechanisms"]);
+    for m in ["SHA256", "SHA384", "SHA512"] {
+        assert!(mechs.contains(&format!("{m}, digest")), "{m}: {mechs}");
+    }
+
+    // Digests in the module agree with sha2.
+    let input = env.dir.path().join("in.bin");
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&input, &data).expect("write");
+    let hashed = env.dir.path().join("out.bin");
+    ok(
+        &env,
+        &[
+            "--hash",
+            "-m",
+            "SHA256",
+            "-i",
+            input.to_str().expect("utf8"),
+            "-o",
+            hashed.to_str().expect("utf8"),
+        ],
+    );
+    assert_eq!(
+        std::fs::read(&hashed).expect("digest"),
+        sha2::Sha256::digest(&data).to_vec()
+    );
+
+    // Random bytes from the HSM, more than one request's worth, audited
+    // with the calling program.
+    let random = env.dir.path().join("random.bin");
+    ok(
+        &env,
+        &[
+            "--generate-random",
+            "10000",
+            "-o",
+            random.to_str().expect("utf8"),
+        ],
+    );
+    let bytes = std::fs::read(&random).expect("random");
+    assert_eq!(bytes.len(), 10000);
+    assert!(
+        bytes.windows(16).any(|w| w != [0u8; 16]),
+        "random bytes are not zeros"
+    );
+    let records = audit(&env.db());
+    let from_tool: Vec<_> = records
+        .iter()
+        .filter(|r| r["op"] == "generate_random" && r["result"] == "ok")
+        .collect();
+    assert_eq!(from_tool.len(), 3, "4096 + 4096 + 1808 bytes");
+    for r in &from_tool {
+        let exe = r["actor"]["exe"].as_str().unwrap_or("");
+        assert!(exe.ends_with("pkcs11-tool"), "the caller is named: {r}");
+    }
+
+    // A stopped sidecar is an absent token; it is found again when back.
+    daemon.stop();
+    let slots = ok(&env, &["--list-slots"]);
+    assert!(slots.contains("(empty)"), "no token: {slots}");
+    let out = tool(&env, &["--generate-random", "16"]);
+    assert!(!out.status.success(), "no random bytes without a sidecar");
+    let _daemon = env.serve();
+    let slots = ok(&env, &["--list-slots"]);
+    assert!(slots.contains("token label        : tde"), "back: {slots}");
+}
+
+/// The module's C ABI, called as a C client calls it: through
+/// `C_GetFunctionList` of the loaded library.
+mod c_abi {
+    // This test is a C client of the module: every call is an FFI call.
+    #![allow(unsafe_code)]
+
+    use std::ptr::null_mut;
+
+    use cryptoki_sys::*;
+
+    pub struct Module {
+        _lib: libloading::Library,
+        pub f: &'static CK_FUNCTION_LIST,
+    }
+
+    pub fn load() -> Module {
+        // SAFETY: loading the module runs no initializer of its own.
+        let lib = unsafe { libloading::Library::new(super::module()) }.expect("dlopen");
+        let mut list: *mut CK_FUNCTION_LIST = null_mut();
+        // SAFETY: the symbol has this type (PKCS#11 v3.0 section 5.4).
+        let get: libloading::Symbol<'_, unsafe extern "C" fn(*mut *mut CK_FUNCTION_LIST) -> CK_RV> =
+            unsafe { lib.get(b"C_GetFunctionList\0") }.expect("C_GetFunctionList");
+        // SAFETY: a valid out pointer.
+        assert_eq!(unsafe { get(&mut list) }, CKR_OK);
+        // SAFETY: a null out pointer is refused, not written.
+        assert_eq!(unsafe { get(null_mut()) }, CKR_ARGUMENTS_BAD);
+        assert!(!list.is_null());
+        // SAFETY: the list is static in the library, which `Module` keeps
+        // loaded.
+        let f = unsafe { &*list };
+        Module { _lib: lib, f }
+    }
+
+    macro_rules! call {
+        ($m:expr, $name:ident($($arg:expr),*)) => {
+            // SAFETY: the test passes what each case says; the module
+            // must cope with every one of them.
+            unsafe { ($m.f.$name.expect(stringify!($name)))($($arg),*) }
+        };
+    }
+    pub(crate) use call;
+}
+
+#[test]
+fn the_c_abi_refuses_bad_calls_survives_seal_restart_threads_and_fork() {
+    #![allow(unsafe_code)]
+    use c_abi::call;
+    use cryptoki_sys::*;
+    use std::ptr::null_mut;
+
+    let env = Env::new("");
+    let shares = env.init();
+    let daemon = env.serve();
+    env.unseal(&shares[..3]);
+    // SAFETY: the test process sets its own environment before any thread
+    // of the module reads it.
+    unsafe { std::env::set_var("TDE_PKCS11_SOCKET", env.data_socket()) };
+    unsafe { std::env::remove_var("TDE_PKCS11_CONFIG") };
+    let m = c_abi::load();
+
+    // Before C_Initialize.
+    let mut n: CK_ULONG = 0;
+    assert_eq!(
+        call!(m, C_GetSlotList(0, null_mut(), &mut n)),
+        CKR_CRYPTOKI_NOT_INITIALIZED
+    );
+    let mut info: CK_INFO = unsafe { std::mem::zeroed() };
+    assert_eq!(call!(m, C_GetInfo(&mut info)), CKR_CRYPTOKI_NOT_INITIALIZED);
+
+    // C_Initialize's arguments.
+    let mut args = CK_C_INITIALIZE_ARGS {
+        CreateMutex: None,
+        DestroyMutex: None,
+        LockMutex: None,
+        UnlockMutex: None,
+        flags: CKF_OS_LOCKING_OK,
+        pReserved: std::ptr::dangling_mut(),
+    };
+    let ptr =
+        |a: &mut CK_C_INITIALIZE_ARGS| a as *mut CK_C_INITIALIZE_ARGS as *mut std::ffi::c_void;
+    assert_eq!(
+        call!(m, C_Initialize(ptr(&mut args))),
+        CKR_ARGUMENTS_BAD,
+        "pReserved set"
+    );
+    args.pReserved = null_mut();
+    args.CreateMutex = Some(create_mutex);
+    assert_eq!(
+        call!(m, C_Initialize(ptr(&mut args))),
+        CKR_ARGUMENTS_BAD,
+        "one mutex function of four"
+    );
+    args.flags = 0;
+    args.DestroyMutex = Some(mutex_op);
+    args.LockMutex = Some(mutex_op);
+    args.UnlockMutex = Some(mutex_op);
+    assert_eq!(
+        call!(m, C_Initialize(ptr(&mut args))),
+        CKR_CANT_LOCK,
+        "the application's own locks only"
+    );
+    args.flags = CKF_OS_LOCKING_OK;
+    assert_eq!(
+        call!(m, C_Initialize(ptr(&mut args))),
+        CKR_OK,
+        "OS locking is fine"
+    );
+    assert_eq!(
+        call!(m, C_Initialize(ptr(&mut args))),
+        CKR_CRYPTOKI_ALREADY_INITIALIZED
+    );
+    assert_eq!(call!(m, C_GetInfo(null_mut())), CKR_ARGUMENTS_BAD);
+    assert_eq!(call!(m, C_GetInfo(&mut info)), CKR_OK);
+    assert_eq!(
+        (info.cryptokiVersion.major, info.cryptokiVersion.minor),
+        (3, 0)
+    );
+    assert_eq!(&info.manufacturerID[..4], b"tde ");
+
+    // Size queries.
+    assert_eq!(
+        call!(m, C_GetSlotList(0, null_mut(), null_mut())),
+        CKR_ARGUMENTS_BAD
+    );
+    assert_eq!(call!(m, C_GetSlotList(0, null_mut(), &mut n)), CKR_OK);
+    assert_eq!(n, 1);
+    let mut slots = [99 as CK_SLOT_ID; 1];
+    let mut zero: CK_ULONG = 0;
+    assert_eq!(
+        call!(m, C_GetSlotList(0, slots.as_mut_ptr(), &mut zero)),
+        CKR_BUFFER_TOO_SMALL
+    );
+    assert_eq!(zero, 1, "the size comes back with CKR_BUFFER_TOO_SMALL");
+    assert_eq!(
+        call!(m, C_GetSlotList(1, slots.as_mut_ptr(), &mut n)),
+        CKR_OK
+    );
+    assert_eq!(slots[0], 0);
+    let mut slot_info: CK_SLOT_INFO = unsafe { std::mem::zeroed() };
+    assert_eq!(
+        call!(m, C_GetSlotInfo(7, &mut slot_info)),
+        CKR_SLOT_ID_INVALID
+    );
+    assert_eq!(call!(m, C_GetSlotInfo(0, null_mut())), CKR_ARGUMENTS_BAD);
+    let mut mechs: CK_ULONG = 0;
+    assert_eq!(
+        call!(m, C_GetMechanismList(0, null_mut(), &mut mechs)),
+        CKR_OK
+    );
+    assert_eq!(mechs, 3);
+    let mut mi: CK_MECHANISM_INFO = unsafe { std::mem::zeroed() };
+    assert_eq!(
+        call!(m, C_GetMechanismInfo(0, CKM_RSA_PKCS, &mut mi)),
+        CKR_MECHANISM_INVALID
+    );
+
+    // Sessions.
+    let mut h: CK_SESSION_HANDLE = 0;
+    assert_eq!(
+        call!(m, C_OpenSession(0, 0, null_mut(), None, &mut h)),
+        CKR_SESSION_PARALLEL_NOT_SUPPORTED
+    );
+    assert_eq!(
+        call!(
+            m,
+            C_OpenSession(0, CKF_SERIAL_SESSION, null_mut(), None, null_mut())
+        ),
+        CKR_ARGUMENTS_BAD
+    );
+    assert_eq!(
+        call!(
+            m,
+            C_OpenSession(0, CKF_SERIAL_SESSION, null_mut(), None, &mut h)
+        ),
+        CKR_OK
+    );
+    assert_eq!(
+        call!(m, C_CloseSession(h + 1000)),
+        CKR_SESSION_HANDLE_INVALID
+    );
+    let mut buf = [0u8; 64];
+    assert_eq!(
+        call!(m, C_GenerateRandom(h + 1000, buf.as_mut_ptr(), 16)),
+        CKR_SESSION_HANDLE_INVALID
+    );
+    assert_eq!(
+        call!(m, C_GenerateRandom(h, null_mut(), 16)),
+        CKR_ARGUMENTS_BAD
+    );
+    assert_eq!(call!(m, C_GenerateRandom(h, buf.as_mut_ptr(), 64)), CKR_OK);
+    assert_ne!(buf, [0u8; 64]);
+    // Not implemented: said, not crashed.
+    assert_eq!(
+        call!(m, C_Login(h, CKU_USER, null_mut(), 0)),
+        CKR_FUNCTION_NOT_SUPPORTED
+    );
+    assert_eq!(
+        call!(m, C_FindObjectsInit(h, null_mut(), 0)),
+        CKR_FUNCTION_NOT_SUPPORTED
+    );
+
+    // A digest: the length query, a buffer too small (the operation goes
+    // on), then the digest; a second C_Digest has no operation.
+    let mut mech = CK_MECHANISM {
+        mechanism: CKM_SHA256,
+        pParameter: null_mut(),
+        ulParameterLen: 0,
+    };
+    assert_eq!(call!(m, C_DigestInit(h, null_mut())), CKR_ARGUMENTS_BAD);
+    assert_eq!(call!(m, C_DigestInit(h, &mut mech)), CKR_OK);
+    assert_eq!(call!(m, C_DigestInit(h, &mut mech)), CKR_OPERATION_ACTIVE);
+    let mut data = *b"abc";
+    let mut len: CK_ULONG = 0;
+    assert_eq!(
+        call!(m, C_Digest(h, data.as_mut_ptr(), 3, null_mut(), &mut len)),
+        CKR_OK
+    );
+    assert_eq!(len, 32);
+    len = 31;
+    assert_eq!(
+        call!(
+            m,
+            C_Digest(h, data.as_mut_ptr(), 3, buf.as_mut_ptr(), &mut len)
+        ),
+        CKR_BUFFER_TOO_SMALL
+    );
+    assert_eq!(len, 32);
+    len = 64;
+    assert_eq!(
+        call!(
+            m,
+            C_Digest(h, data.as_mut_ptr(), 3, buf.as_mut_ptr(), &mut len)
+        ),
+        CKR_OK
+    );
+    assert_eq!((len, &buf[..4]), (32, &[0xba, 0x78, 0x16, 0xbf][..]));
+    assert_eq!(
+        call!(
+            m,
+            C_Digest(h, data.as_mut_ptr(), 3, buf.as_mut_ptr(), &mut len)
+        ),
+        CKR_OPERATION_NOT_INITIALIZED
+    );
+    mech.mechanism = CKM_AES_GCM;
+    assert_eq!(call!(m, C_DigestInit(h, &mut mech)), CKR_MECHANISM_INVALID);
+
+    // Sixteen threads at once, each with its own session.
+    let f: &'static CK_FUNCTION_LIST = m.f;
+    let threads: Vec<_> = (0..16)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut h: CK_SESSION_HANDLE = 0;
+                let mut b = [0u8; 32];
+                // SAFETY: valid pointers throughout.
+                unsafe {
+                    assert_eq!(
+                        (f.C_OpenSession.expect("open"))(
+                            0,
+                            CKF_SERIAL_SESSION,
+                            null_mut(),
+                            None,
+                            &mut h
+                        ),
+                        CKR_OK
+                    );
+                    for _ in 0..20 {
+                        assert_eq!(
+                            (f.C_GenerateRandom.expect("random"))(h, b.as_mut_ptr(), 32),
+                            CKR_OK
+                        );
+                    }
+                    assert_eq!((f.C_CloseSession.expect("close"))(h), CKR_OK);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("a thread's calls failed");
+    }
+
+    // fork(): the child must initialize again, then works on its own.
+    // SAFETY: the child calls only the module and _exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork");
+    if pid == 0 {
+        let mut n: CK_ULONG = 0;
+        let mut b = [0u8; 8];
+        let mut h2: CK_SESSION_HANDLE = 0;
+        // SAFETY: valid pointers; _exit ends the child without running
+        // the parent's destructors or test harness.
+        unsafe {
+            let code = if (f.C_GetSlotList.expect("l"))(0, null_mut(), &mut n)
+                != CKR_CRYPTOKI_NOT_INITIALIZED
+            {
+                10
+            } else if (f.C_GenerateRandom.expect("r"))(h, b.as_mut_ptr(), 8)
+                != CKR_CRYPTOKI_NOT_INITIALIZED
+            {
+                11
+            } else if (f.C_Initialize.expect("i"))(null_mut()) != CKR_OK {
+                12
+            } else if (f.C_OpenSession.expect("o"))(
+                0,
+                CKF_SERIAL_SESSION,
+                null_mut(),
+                None,
+                &mut h2,
+            ) != CKR_OK
+            {
+                13
+            } else if (f.C_GenerateRandom.expect("r"))(h2, b.as_mut_ptr(), 8) != CKR_OK {
+                14
+            } else {
+                0
+            };
+            libc::_exit(code);
+        }
+    }
+    let mut status = 0;
+    // SAFETY: waits for the child just made.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(libc::WIFEXITED(status), "the child crashed: {status}");
+    assert_eq!(libc::WEXITSTATUS(status), 0, "the child's failing step");
+    assert_eq!(
+        call!(m, C_GenerateRandom(h, buf.as_mut_ptr(), 16)),
+        CKR_OK,
+        "the parent goes on"
+    );
+
+    // A sealed sidecar: a device error, and the same session works again
+    // once it is unsealed.
+    env.ok(&["seal"]);
+    assert_eq!(
+        call!(m, C_GenerateRandom(h, buf.as_mut_ptr(), 16)),
+        CKR_DEVICE_ERROR
+    );
+    env.unseal(&shares[..3]);
+    assert_eq!(call!(m, C_GenerateRandom(h, buf.as_mut_ptr(), 16)), CKR_OK);
+    // A stopped one: the token is gone, then back, without C_Initialize.
+    daemon.stop();
+    assert_eq!(
+        call!(m, C_GenerateRandom(h, buf.as_mut_ptr(), 16)),
+        CKR_DEVICE_ERROR
+    );
+    let mut ti: CK_TOKEN_INFO = unsafe { std::mem::zeroed() };
+    assert_eq!(call!(m, C_GetTokenInfo(0, &mut ti)), CKR_TOKEN_NOT_PRESENT);
+    let _daemon = env.serve();
+    env.unseal(&shares[..3]);
+    assert_eq!(call!(m, C_GetTokenInfo(0, &mut ti)), CKR_OK);
+    assert_eq!(call!(m, C_GenerateRandom(h, buf.as_mut_ptr(), 16)), CKR_OK);
+
+    assert_eq!(call!(m, C_Finalize(std::ptr::dangling_mut())), CKR_ARGUMENTS_BAD);
+    assert_eq!(call!(m, C_Finalize(null_mut())), CKR_OK);
+    assert_eq!(
+        call!(m, C_GenerateRandom(h, buf.as_mut_ptr(), 16)),
+        CKR_CRYPTOKI_NOT_INITIALIZED
+    );
+}
+
+// Mutex functions an application might pass: never called (the module
+// refuses them or locks on its own).
+extern "C" fn create_mutex(_: *mut *mut std::ffi::c_void) -> cryptoki_sys::CK_RV {
+    cryptoki_sys::CKR_GENERAL_ERROR
+}
+
+extern "C" fn mutex_op(_: *mut std::ffi::c_void) -> cryptoki_sys::CK_RV {
+    cryptoki_sys::CKR_GENERAL_ERROR
+}
