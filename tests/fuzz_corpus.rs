@@ -389,6 +389,14 @@ fn sample_requests() -> Vec<tde_protocol::Request> {
         }),
         Request::AuditPubkey,
         Request::AuditKeyRotate,
+        Request::P11Login {
+            operator: "alice".into(),
+            password: SecretBytes::from_slice(b"alice-password-1"),
+            role: "user".into(),
+        },
+        Request::P11Logout {
+            token: SecretBytes::from_slice(b"tdet.0123456789abcdef"),
+        },
     ]
 }
 

@@ -6,7 +6,7 @@ mod common;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
-use common::{Env, audit, skip};
+use common::{Env, audit, count, skip};
 use sha2::Digest as _;
 
 /// The module cargo built beside this test (the root package has it as a
@@ -59,8 +59,12 @@ fn pkcs11_tool_sees_the_token_its_mechanisms_and_random_bytes() {
     if !have_tool() {
         return;
     }
-    let env = Env::new("");
+    let env = Env::with_operations("", r#""generate_random", "pkcs11""#);
     let daemon = env.sidecar_with_keys(&["pg-main"]);
+    env.ok_new_password(
+        &["operator", "add", "alice", "--role", "crypto_user"],
+        "alice-password-1",
+    );
     let store_id = env.status()["store_id"]
         .as_str()
         .expect("store id")
@@ -136,6 +140,30 @@ fn pkcs11_tool_sees_the_token_its_mechanisms_and_random_bytes() {
         assert!(exe.ends_with("pkcs11-tool"), "the caller is named: {r}");
     }
 
+    // A login with the operator's name and password as the PIN.
+    let out = tool(
+        &env,
+        &["--login", "--pin", "alice:wrong", "--generate-random", "8"],
+    );
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && text.contains("CKR_PIN_INCORRECT"),
+        "{text}"
+    );
+    ok(
+        &env,
+        &[
+            "--login",
+            "--pin",
+            "alice:alice-password-1",
+            "--generate-random",
+            "8",
+        ],
+    );
+    let records = audit(&env.db());
+    assert_eq!(count(&records, "p11_login", "ok"), 1);
+    assert_eq!(count(&records, "p11_login", "error"), 1);
+
     // A stopped sidecar is an absent token; it is found again when back.
     daemon.stop();
     let slots = ok(&env, &["--list-slots"]);
@@ -157,12 +185,33 @@ mod c_abi {
 
     use cryptoki_sys::*;
 
+    /// The loaded module. A library is loaded once per process, so its
+    /// state is shared by every test here: they take turns (the guard),
+    /// each pointing the module at its own sidecar, and each leaves it
+    /// finalized, also when it fails.
     pub struct Module {
-        _lib: libloading::Library,
         pub f: &'static CK_FUNCTION_LIST,
+        _lib: libloading::Library,
+        _turn: std::sync::MutexGuard<'static, ()>,
     }
 
-    pub fn load() -> Module {
+    impl Drop for Module {
+        fn drop(&mut self) {
+            // SAFETY: C_Finalize with no argument; an error (not
+            // initialized) is fine.
+            let _ = unsafe { (self.f.C_Finalize.expect("C_Finalize"))(std::ptr::null_mut()) };
+        }
+    }
+
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    /// The module, for a sidecar on `socket`.
+    pub fn load(socket: &std::path::Path) -> Module {
+        let turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
+        // SAFETY: only the test holding the turn touches these variables
+        // and the module that reads them.
+        unsafe { std::env::set_var("TDE_PKCS11_SOCKET", socket) };
+        unsafe { std::env::remove_var("TDE_PKCS11_CONFIG") };
         // SAFETY: loading the module runs no initializer of its own.
         let lib = unsafe { libloading::Library::new(super::module()) }.expect("dlopen");
         let mut list: *mut CK_FUNCTION_LIST = null_mut();
@@ -177,7 +226,11 @@ mod c_abi {
         // SAFETY: the list is static in the library, which `Module` keeps
         // loaded.
         let f = unsafe { &*list };
-        Module { _lib: lib, f }
+        Module {
+            f,
+            _lib: lib,
+            _turn: turn,
+        }
     }
 
     macro_rules! call {
@@ -201,11 +254,7 @@ fn the_c_abi_refuses_bad_calls_survives_seal_restart_threads_and_fork() {
     let shares = env.init();
     let daemon = env.serve();
     env.unseal(&shares[..3]);
-    // SAFETY: the test process sets its own environment before any thread
-    // of the module reads it.
-    unsafe { std::env::set_var("TDE_PKCS11_SOCKET", env.data_socket()) };
-    unsafe { std::env::remove_var("TDE_PKCS11_CONFIG") };
-    let m = c_abi::load();
+    let m = c_abi::load(&env.data_socket());
 
     // Before C_Initialize.
     let mut n: CK_ULONG = 0;
@@ -339,10 +388,6 @@ fn the_c_abi_refuses_bad_calls_survives_seal_restart_threads_and_fork() {
     assert_eq!(call!(m, C_GenerateRandom(h, buf.as_mut_ptr(), 64)), CKR_OK);
     assert_ne!(buf, [0u8; 64]);
     // Not implemented: said, not crashed.
-    assert_eq!(
-        call!(m, C_Login(h, CKU_USER, null_mut(), 0)),
-        CKR_FUNCTION_NOT_SUPPORTED
-    );
     assert_eq!(
         call!(m, C_FindObjectsInit(h, null_mut(), 0)),
         CKR_FUNCTION_NOT_SUPPORTED
@@ -498,7 +543,10 @@ fn the_c_abi_refuses_bad_calls_survives_seal_restart_threads_and_fork() {
     assert_eq!(call!(m, C_GetTokenInfo(0, &mut ti)), CKR_OK);
     assert_eq!(call!(m, C_GenerateRandom(h, buf.as_mut_ptr(), 16)), CKR_OK);
 
-    assert_eq!(call!(m, C_Finalize(std::ptr::dangling_mut())), CKR_ARGUMENTS_BAD);
+    assert_eq!(
+        call!(m, C_Finalize(std::ptr::dangling_mut())),
+        CKR_ARGUMENTS_BAD
+    );
     assert_eq!(call!(m, C_Finalize(null_mut())), CKR_OK);
     assert_eq!(
         call!(m, C_GenerateRandom(h, buf.as_mut_ptr(), 16)),
@@ -514,4 +562,205 @@ extern "C" fn create_mutex(_: *mut *mut std::ffi::c_void) -> cryptoki_sys::CK_RV
 
 extern "C" fn mutex_op(_: *mut std::ffi::c_void) -> cryptoki_sys::CK_RV {
     cryptoki_sys::CKR_GENERAL_ERROR
+}
+
+#[test]
+fn c_login_is_an_operator_login_with_lockout_audited_with_the_caller() {
+    #![allow(unsafe_code)]
+    use c_abi::call;
+    use cryptoki_sys::*;
+    use std::ptr::null_mut;
+
+    let env = Env::with_operations("", r#""generate_random", "pkcs11""#);
+    let _daemon = env.sidecar_with_keys(&[]);
+    env.ok_new_password(
+        &["operator", "add", "alice", "--role", "crypto_user"],
+        "alice-password-1",
+    );
+    env.ok_new_password(
+        &["operator", "add", "mallory", "--role", "crypto_user"],
+        "mallory-password-1",
+    );
+    let m = c_abi::load(&env.data_socket());
+    assert_eq!(call!(m, C_Initialize(null_mut())), CKR_OK);
+    let (mut ro, mut rw) = (0, 0);
+    assert_eq!(
+        call!(
+            m,
+            C_OpenSession(0, CKF_SERIAL_SESSION, null_mut(), None, &mut ro)
+        ),
+        CKR_OK
+    );
+    let flags = CKF_SERIAL_SESSION | CKF_RW_SESSION;
+    assert_eq!(
+        call!(m, C_OpenSession(0, flags, null_mut(), None, &mut rw)),
+        CKR_OK
+    );
+    let mut ti: CK_TOKEN_INFO = unsafe { std::mem::zeroed() };
+    assert_eq!(call!(m, C_GetTokenInfo(0, &mut ti)), CKR_OK);
+    assert_ne!(ti.flags & CKF_USER_PIN_INITIALIZED, 0);
+    let state = |h| {
+        let mut si: CK_SESSION_INFO = unsafe { std::mem::zeroed() };
+        assert_eq!(call!(m, C_GetSessionInfo(h, &mut si)), CKR_OK);
+        si.state
+    };
+    assert_eq!(state(ro), CKS_RO_PUBLIC_SESSION);
+    let login = |h, who: CK_USER_TYPE, pin: &str| {
+        let mut pin = pin.as_bytes().to_vec();
+        call!(m, C_Login(h, who, pin.as_mut_ptr(), pin.len() as CK_ULONG))
+    };
+
+    // Bad input.
+    assert_eq!(
+        call!(m, C_Login(ro, CKU_USER, null_mut(), 4)),
+        CKR_ARGUMENTS_BAD
+    );
+    assert_eq!(
+        login(ro, 7, "alice:alice-password-1"),
+        CKR_USER_TYPE_INVALID
+    );
+    assert_eq!(login(ro, CKU_USER, "no colon"), CKR_PIN_INCORRECT);
+    assert_eq!(
+        login(ro + 100, CKU_USER, "alice:alice-password-1"),
+        CKR_SESSION_HANDLE_INVALID
+    );
+    assert_eq!(call!(m, C_Logout(ro)), CKR_USER_NOT_LOGGED_IN);
+    // A crypto officer is no CKU_USER, and CKU_SO with a read-only
+    // session open is refused as the standard says.
+    let officer = format!("admin:{}", common::PASSWORD);
+    assert_eq!(login(ro, CKU_USER, &officer), CKR_PIN_INCORRECT);
+    assert_eq!(login(rw, CKU_SO, &officer), CKR_SESSION_READ_ONLY_EXISTS);
+
+    // A crypto user logs in: every session of the token is the user's.
+    assert_eq!(login(ro, CKU_USER, "alice:alice-password-1"), CKR_OK);
+    assert_eq!(state(ro), CKS_RO_USER_FUNCTIONS);
+    assert_eq!(state(rw), CKS_RW_USER_FUNCTIONS);
+    assert_eq!(
+        login(rw, CKU_USER, "alice:alice-password-1"),
+        CKR_USER_ALREADY_LOGGED_IN
+    );
+    assert_eq!(
+        login(rw, CKU_SO, &officer),
+        CKR_USER_ANOTHER_ALREADY_LOGGED_IN
+    );
+    assert_eq!(call!(m, C_Logout(rw)), CKR_OK);
+    assert_eq!(state(ro), CKS_RO_PUBLIC_SESSION);
+
+    // Wrong PINs count toward the operator's lockout; then even the right
+    // one is refused, and an officer sees the lock.
+    for _ in 0..4 {
+        assert_eq!(login(ro, CKU_USER, "mallory:guess"), CKR_PIN_INCORRECT);
+    }
+    assert_eq!(
+        login(ro, CKU_USER, "mallory:guess"),
+        CKR_PIN_LOCKED,
+        "the fifth locks"
+    );
+    assert_eq!(
+        login(ro, CKU_USER, "mallory:mallory-password-1"),
+        CKR_PIN_LOCKED
+    );
+    let ops = env.ok(&["operator", "list"]);
+    let mallory = ops
+        .as_array()
+        .expect("operators")
+        .iter()
+        .find(|o| o["name"] == "mallory")
+        .expect("mallory")
+        .clone();
+    assert_eq!(mallory["locked"], true, "{ops}");
+
+    // Closing the last session logs out.
+    assert_eq!(login(ro, CKU_USER, "alice:alice-password-1"), CKR_OK);
+    assert_eq!(call!(m, C_CloseSession(rw)), CKR_OK);
+    assert_eq!(state(ro), CKS_RO_USER_FUNCTIONS);
+    assert_eq!(call!(m, C_CloseSession(ro)), CKR_OK);
+    assert_eq!(
+        call!(
+            m,
+            C_OpenSession(0, CKF_SERIAL_SESSION, null_mut(), None, &mut ro)
+        ),
+        CKR_OK
+    );
+    assert_eq!(state(ro), CKS_RO_PUBLIC_SESSION);
+    assert_eq!(call!(m, C_Finalize(null_mut())), CKR_OK);
+
+    // The audit log names who logged in, from which program, and never
+    // holds a password.
+    let records = audit(&env.db());
+    let logins: Vec<_> = records.iter().filter(|r| r["op"] == "p11_login").collect();
+    assert_eq!(
+        logins.iter().filter(|r| r["result"] == "ok").count(),
+        2,
+        "alice twice"
+    );
+    assert_eq!(
+        logins.iter().filter(|r| r["result"] == "error").count(),
+        7,
+        "the officer as CKU_USER, five guesses, the locked right one"
+    );
+    for r in &logins {
+        assert_eq!(r["socket"], "data", "{r}");
+        assert!(r["actor"]["exe"].as_str().is_some(), "{r}");
+    }
+    let text = serde_json::to_string(&records).expect("json");
+    for secret in [
+        "alice-password-1",
+        "mallory-password-1",
+        "guess",
+        common::PASSWORD,
+    ] {
+        assert!(!text.contains(secret), "{secret} in the audit log");
+    }
+    assert!(
+        logins
+            .iter()
+            .any(|r| r["actor"]["operator"] == "alice" && r["actor"]["role"] == "crypto_user"),
+        "{logins:?}"
+    );
+    assert_eq!(
+        records.iter().filter(|r| r["op"] == "p11_logout").count(),
+        2,
+        "C_Logout, and the last session closed"
+    );
+}
+
+#[test]
+fn a_client_without_pkcs11_in_its_policy_cannot_log_in() {
+    #![allow(unsafe_code)]
+    use c_abi::call;
+    use cryptoki_sys::*;
+    use std::ptr::null_mut;
+
+    let env = Env::new("");
+    let _daemon = env.sidecar_with_keys(&[]);
+    env.ok_new_password(
+        &["operator", "add", "alice", "--role", "crypto_user"],
+        "alice-password-1",
+    );
+    let m = c_abi::load(&env.data_socket());
+    assert_eq!(call!(m, C_Initialize(null_mut())), CKR_OK);
+    let mut h = 0;
+    assert_eq!(
+        call!(
+            m,
+            C_OpenSession(0, CKF_SERIAL_SESSION, null_mut(), None, &mut h)
+        ),
+        CKR_OK
+    );
+    let mut pin = b"alice:alice-password-1".to_vec();
+    assert_eq!(
+        call!(
+            m,
+            C_Login(h, CKU_USER, pin.as_mut_ptr(), pin.len() as CK_ULONG)
+        ),
+        CKR_FUNCTION_REJECTED
+    );
+    assert_eq!(call!(m, C_Finalize(null_mut())), CKR_OK);
+    let records = audit(&env.db());
+    let refused = records
+        .iter()
+        .find(|r| r["op"] == "p11_login")
+        .expect("the refusal is audited");
+    assert_eq!(refused["error_code"], "PERMISSION_DENIED", "{refused}");
 }

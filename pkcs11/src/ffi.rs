@@ -490,6 +490,30 @@ unsafe extern "C" fn c_get_session_info(h: CK_SESSION_HANDLE, info: *mut CK_SESS
 }
 
 // ---------------------------------------------------------------------------
+// Login.
+
+unsafe extern "C" fn c_login(
+    h: CK_SESSION_HANDLE,
+    user_type: CK_USER_TYPE,
+    pin: *mut CK_UTF8CHAR,
+    pin_len: CK_ULONG,
+) -> CK_RV {
+    guard(|| {
+        // No protected authentication path: a PIN is always given.
+        if pin.is_null() {
+            return Err(CKR_ARGUMENTS_BAD);
+        }
+        // SAFETY: the caller's PIN buffer.
+        let pin = unsafe { bytes(pin, pin_len) }?;
+        module::login(h, user_type, pin)
+    })
+}
+
+extern "C" fn c_logout(h: CK_SESSION_HANDLE) -> CK_RV {
+    guard(|| module::logout(h))
+}
+
+// ---------------------------------------------------------------------------
 // Digests (in the module: no key is involved).
 
 unsafe extern "C" fn c_digest_init(h: CK_SESSION_HANDLE, m: *mut CK_MECHANISM) -> CK_RV {
@@ -616,8 +640,6 @@ unsupported! {
     c_set_pin(H, U, L, U, L);
     c_get_operation_state(H, B, PL);
     c_set_operation_state(H, B, L, O, O);
-    c_login(H, CK_USER_TYPE, U, L);
-    c_logout(H);
     c_create_object(H, A, L, *mut O);
     c_copy_object(H, O, A, L, *mut O);
     c_destroy_object(H, O);

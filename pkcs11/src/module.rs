@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use cryptoki_sys::*;
 use sha2::Digest as _;
 use tde_protocol::client::{Client, ClientError};
-use tde_protocol::{ErrorCode, StatusInfo};
+use tde_protocol::{ErrorCode, SecretBytes, StatusInfo};
 
 use crate::config::{Config, SlotConfig};
 
@@ -36,6 +36,15 @@ pub const MECHANISMS: &[(CK_MECHANISM_TYPE, CK_ULONG, CK_ULONG, CK_FLAGS)] = &[
 struct Slot {
     config: SlotConfig,
     pool: Mutex<Vec<Client>>,
+    /// Who is logged in (PKCS#11: per application and token, so for every
+    /// session of this slot).
+    login: Mutex<Option<Login>>,
+}
+
+/// A login: the user type and the sidecar's session token for it.
+struct Login {
+    user_type: CK_USER_TYPE,
+    token: SecretBytes,
 }
 
 impl Slot {
@@ -76,6 +85,20 @@ impl Slot {
     fn status(&self) -> Result<StatusInfo, Rv> {
         self.with(|c| c.status())
     }
+
+    fn user_type(&self) -> Option<CK_USER_TYPE> {
+        lock(&self.login).as_ref().map(|l| l.user_type)
+    }
+
+    /// Ends the login, at the sidecar too if it can be reached (its token
+    /// would otherwise end at its expiry or the sidecar's restart).
+    fn logout(&self) -> bool {
+        let Some(l) = lock(&self.login).take() else {
+            return false;
+        };
+        let _ = self.with(|c| c.p11_logout(copy(&l.token)));
+        true
+    }
 }
 
 /// A sidecar's answer as a return value.
@@ -88,9 +111,17 @@ fn rv(e: &ClientError) -> Rv {
             ErrorCode::LimitExceeded => CKR_DEVICE_MEMORY,
             ErrorCode::PermissionDenied | ErrorCode::NotAuthenticated => CKR_FUNCTION_REJECTED,
             ErrorCode::InvalidArgument => CKR_ARGUMENTS_BAD,
+            ErrorCode::LoginFailed | ErrorCode::OperatorNotFound => CKR_PIN_INCORRECT,
+            ErrorCode::OperatorLocked => CKR_PIN_LOCKED,
             _ => CKR_FUNCTION_FAILED,
         },
     }
+}
+
+/// A copy of a secret for one more request (the type has no `Clone`, so
+/// that copies are made only on purpose; each is zeroized when dropped).
+fn copy(s: &SecretBytes) -> SecretBytes {
+    SecretBytes::from_slice(s.expose())
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -198,6 +229,7 @@ pub fn initialize() -> Result<(), Rv> {
                 Arc::new(Slot {
                     config,
                     pool: Mutex::new(Vec::new()),
+                    login: Mutex::new(None),
                 })
             })
             .collect(),
@@ -207,10 +239,13 @@ pub fn initialize() -> Result<(), Rv> {
     Ok(())
 }
 
-/// `C_Finalize`.
+/// `C_Finalize`: logs out of every token.
 pub fn finalize() -> Result<(), Rv> {
-    let mut g = state()?;
-    *g = None;
+    let slots = with_state(|s| Ok(s.slots.clone()))?;
+    for slot in &slots {
+        slot.logout();
+    }
+    *state()? = None;
     Ok(())
 }
 
@@ -283,7 +318,9 @@ pub fn token_info(id: CK_SLOT_ID) -> Result<TokenInfo, Rv> {
     })?;
     let mut flags = CKF_RNG;
     if s.initialized {
-        flags |= CKF_TOKEN_INITIALIZED;
+        // PINs are operators' passwords (`tde operator add`): they exist
+        // with the store.
+        flags |= CKF_TOKEN_INITIALIZED | CKF_USER_PIN_INITIALIZED;
     }
     Ok(TokenInfo {
         label: slot.config.label.clone().unwrap_or_else(|| "tde".into()),
@@ -336,33 +373,42 @@ pub fn open_session(id: CK_SLOT_ID, flags: CK_FLAGS) -> Result<CK_SESSION_HANDLE
     })
 }
 
-/// `C_CloseSession`.
+/// `C_CloseSession`. The last session of a slot logs out (PKCS#11 v3.0
+/// section 5.6).
 pub fn close_session(h: CK_SESSION_HANDLE) -> Result<(), Rv> {
-    with_state(|s| {
-        s.sessions
-            .remove(&h)
-            .map(|_| ())
-            .ok_or(CKR_SESSION_HANDLE_INVALID)
-    })
+    let (slot, last) = with_state(|s| {
+        let x = s.sessions.remove(&h).ok_or(CKR_SESSION_HANDLE_INVALID)?;
+        let last = !s.sessions.values().any(|o| o.slot == x.slot);
+        Ok((s.slots[x.slot].clone(), last))
+    })?;
+    if last {
+        slot.logout();
+    }
+    Ok(())
 }
 
-/// `C_CloseAllSessions`.
+/// `C_CloseAllSessions`, which logs out too.
 pub fn close_all_sessions(id: CK_SLOT_ID) -> Result<(), Rv> {
-    slot(id)?;
+    let slot = slot(id)?;
     with_state(|s| {
         s.sessions.retain(|_, x| x.slot as CK_SLOT_ID != id);
         Ok(())
-    })
+    })?;
+    slot.logout();
+    Ok(())
 }
 
 /// `C_GetSessionInfo`: `(slot, state, flags)`.
 pub fn session_info(h: CK_SESSION_HANDLE) -> Result<(CK_SLOT_ID, CK_STATE, CK_FLAGS), Rv> {
     with_state(|s| {
         let x = s.sessions.get(&h).ok_or(CKR_SESSION_HANDLE_INVALID)?;
-        let state = if x.flags & CKF_RW_SESSION != 0 {
-            CKS_RW_PUBLIC_SESSION
-        } else {
-            CKS_RO_PUBLIC_SESSION
+        let rw = x.flags & CKF_RW_SESSION != 0;
+        let state = match (s.slots[x.slot].user_type(), rw) {
+            (Some(CKU_SO), _) => CKS_RW_SO_FUNCTIONS,
+            (Some(_), true) => CKS_RW_USER_FUNCTIONS,
+            (Some(_), false) => CKS_RO_USER_FUNCTIONS,
+            (None, true) => CKS_RW_PUBLIC_SESSION,
+            (None, false) => CKS_RO_PUBLIC_SESSION,
         };
         Ok((x.slot as CK_SLOT_ID, state, x.flags))
     })
@@ -373,6 +419,58 @@ fn session_slot(h: CK_SESSION_HANDLE) -> Result<Arc<Slot>, Rv> {
         let x = s.sessions.get(&h).ok_or(CKR_SESSION_HANDLE_INVALID)?;
         Ok(s.slots[x.slot].clone())
     })
+}
+
+/// `C_Login`: the PIN is `operator:password`; `CKU_USER` needs a crypto
+/// user, `CKU_SO` a crypto officer. A wrong password counts toward the
+/// operator's lockout at the sidecar.
+pub fn login(h: CK_SESSION_HANDLE, user_type: CK_USER_TYPE, pin: &[u8]) -> Result<(), Rv> {
+    let role = match user_type {
+        CKU_USER => "user",
+        CKU_SO => "so",
+        // No operation here needs a context-specific login.
+        CKU_CONTEXT_SPECIFIC => return Err(CKR_OPERATION_NOT_INITIALIZED),
+        _ => return Err(CKR_USER_TYPE_INVALID),
+    };
+    let (slot, read_only) = with_state(|s| {
+        let x = s.sessions.get(&h).ok_or(CKR_SESSION_HANDLE_INVALID)?;
+        let ro = s
+            .sessions
+            .values()
+            .any(|o| o.slot == x.slot && o.flags & CKF_RW_SESSION == 0);
+        Ok((s.slots[x.slot].clone(), ro))
+    })?;
+    match slot.user_type() {
+        Some(t) if t == user_type => return Err(CKR_USER_ALREADY_LOGGED_IN),
+        Some(_) => return Err(CKR_USER_ANOTHER_ALREADY_LOGGED_IN),
+        None => {}
+    }
+    if user_type == CKU_SO && read_only {
+        return Err(CKR_SESSION_READ_ONLY_EXISTS);
+    }
+    let pin = std::str::from_utf8(pin).map_err(|_| CKR_PIN_INCORRECT)?;
+    let (operator, password) = pin.split_once(':').ok_or(CKR_PIN_INCORRECT)?;
+    let password = SecretBytes::from_slice(password.as_bytes());
+    let (token, _ttl) = slot.with(|c| c.p11_login(operator, copy(&password), role))?;
+    let mut l = lock(&slot.login);
+    if l.is_some() {
+        // Another thread logged in meanwhile: keep its login.
+        drop(l);
+        let _ = slot.with(|c| c.p11_logout(copy(&token)));
+        return Err(CKR_USER_ALREADY_LOGGED_IN);
+    }
+    *l = Some(Login { user_type, token });
+    Ok(())
+}
+
+/// `C_Logout`.
+pub fn logout(h: CK_SESSION_HANDLE) -> Result<(), Rv> {
+    let slot = session_slot(h)?;
+    if slot.logout() {
+        Ok(())
+    } else {
+        Err(CKR_USER_NOT_LOGGED_IN)
+    }
 }
 
 /// `C_GenerateRandom`: from the HSM's generator, in requests of at most

@@ -814,6 +814,10 @@ fn describe(req: &Request, blob: &Blob<'_>, rec: &mut AuditRecord) {
             rec.detail = Some(format!("operator {operator}"));
         }
         Request::Login { operator, .. } => rec.actor.operator = Some(operator.clone()),
+        Request::P11Login { operator, role, .. } => {
+            rec.actor.operator = Some(truncate(operator, MAX_TEXT).to_string());
+            rec.detail = Some(format!("PKCS#11 login as {}", truncate(role, 16)));
+        }
         Request::GenerateRandom { length } => rec.detail = Some(format!("{length} bytes")),
         _ => {}
     }
@@ -1256,6 +1260,60 @@ impl Service {
         }
     }
 
+    /// The PKCS#11 module's operations (the caller's policy allows them).
+    fn p11(&self, req: &Request, rec: &mut AuditRecord) -> Outcome {
+        match req {
+            Request::P11Login {
+                operator,
+                password,
+                role,
+            } => {
+                let want = match role.as_str() {
+                    "user" => Role::CryptoUser,
+                    "so" => Role::CryptoOfficer,
+                    _ => {
+                        return Err((
+                            ErrorCode::InvalidArgument,
+                            "role must be user (CKU_USER) or so (CKU_SO)".into(),
+                        ));
+                    }
+                };
+                // A wrong password counts toward the operator's lockout,
+                // as on the admin socket.
+                let s = hsm(self.hsm.login(operator, password.expose()))?;
+                // The password is right but not for this user type: a
+                // failed PKCS#11 login (CKR_PIN_INCORRECT), not counted.
+                if s.role() != want {
+                    return Err((
+                        ErrorCode::LoginFailed,
+                        format!(
+                            "operator {operator:?} is a {}: CKU_USER needs a crypto user, CKU_SO a crypto officer",
+                            s.role().name()
+                        ),
+                    ));
+                }
+                rec.actor.role = Some(s.role().name());
+                let token = self.tokens.create(s, Duration::from_secs(MAX_TOKEN_TTL))?;
+                Ok(Response::Token {
+                    token,
+                    ttl: MAX_TOKEN_TTL,
+                })
+            }
+            Request::P11Logout { token } => {
+                if let Ok(s) = self.tokens.login(token.expose()) {
+                    rec.actor.operator = Some(s.name().to_string());
+                    rec.actor.role = Some(s.role().name());
+                }
+                self.tokens.revoke(token.expose());
+                Ok(Response::Done)
+            }
+            _ => Err((
+                ErrorCode::UnknownOperation,
+                "not a PKCS#11 operation".into(),
+            )),
+        }
+    }
+
     /// Writes audit records for what the HSM did on its own.
     pub fn drain_events(&self) {
         for e in self.hsm.take_events() {
@@ -1357,6 +1415,10 @@ impl Service {
             Request::WatchKey { key, .. } => {
                 p.allows_key("decrypt", key).map_err(denied)?;
                 return self.data_op(req, blob, rec, Caller::Client);
+            }
+            Request::P11Login { .. } | Request::P11Logout { .. } => {
+                p.allows_op_key("pkcs11", None).map_err(denied)?;
+                return self.p11(req, rec);
             }
             _ => {}
         }

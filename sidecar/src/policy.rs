@@ -12,6 +12,7 @@ pub const DATA_OPERATIONS: &[&str] = &[
     "decrypt",
     "re_encrypt",
     "generate_random",
+    "pkcs11",
 ];
 
 /// One client policy (`[[clients]]` in the config).
@@ -80,8 +81,9 @@ impl ClientPolicy {
         self.allows_op_key(op, Some(key))
     }
 
-    /// The operation and key checks of [`ClientPolicy::allows`].
-    fn allows_op_key(&self, op: &str, key: Option<&str>) -> Result<(), String> {
+    /// The operation and key checks of [`ClientPolicy::allows`], without
+    /// an encryption context (PKCS#11 operations have none).
+    pub fn allows_op_key(&self, op: &str, key: Option<&str>) -> Result<(), String> {
         if !self.operations.iter().any(|o| o == op) {
             return Err(format!("client {:?} may not call {op}", self.name));
         }

@@ -58,6 +58,15 @@ impl Env {
     /// (mode 0666) so a foreign uid can reach it and be refused by policy.
     /// Client `app` is the test runner's uid.
     pub fn new(extra: &str) -> Env {
+        Env::with_operations(
+            extra,
+            r#""generate_data_key", "decrypt", "re_encrypt", "generate_random""#,
+        )
+    }
+
+    /// [`Env::new`] with client `app` allowed these operations (a TOML
+    /// list's items).
+    pub fn with_operations(extra: &str, operations: &str) -> Env {
         let dir = tempfile::Builder::new()
             .prefix("tde-e2e-")
             .tempdir()
@@ -87,7 +96,7 @@ min_rotation_seconds = 1
 name = "app"
 {me}
 keys = ["app-*", "pg*"]
-operations = ["generate_data_key", "decrypt", "re_encrypt", "generate_random"]
+operations = [{operations}]
 {extra}
 "#,
             data = dir.path().join("data").display(),

@@ -228,6 +228,23 @@ impl Client {
             Response::LoggedIn { role, .. } => role)
     }
 
+    /// `p11_login` (data socket): a session token for the operator, in
+    /// `role` `user` or `so`, and its lifetime in seconds.
+    pub fn p11_login(
+        &mut self,
+        operator: &str,
+        password: SecretBytes,
+        role: &str,
+    ) -> Result<(SecretBytes, u64), ClientError> {
+        expect!(self, Request::P11Login { operator: operator.into(), password, role: role.into() },
+            Response::Token { token, ttl } => (token, ttl))
+    }
+
+    /// `p11_logout` (data socket): the token ends.
+    pub fn p11_logout(&mut self, token: SecretBytes) -> Result<(), ClientError> {
+        expect!(self, Request::P11Logout { token }, Response::Done => ())
+    }
+
     /// `zeroize`: destroys the root material for ever.
     pub fn zeroize(&mut self) -> Result<(), ClientError> {
         expect!(self, Request::Zeroize, Response::Done => ())

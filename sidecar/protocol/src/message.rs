@@ -271,6 +271,11 @@ pub enum Op {
     AuditPubkey = 0x0606,
     /// Rotate the audit signing key (officers).
     AuditKeyRotate = 0x0607,
+    /// PKCS#11 `C_Login` on the data socket: an operator's password for a
+    /// session token the module's other connections use.
+    P11Login = 0x0701,
+    /// PKCS#11 `C_Logout`: the token ends.
+    P11Logout = 0x0702,
 }
 
 impl Op {
@@ -323,6 +328,8 @@ impl Op {
         Op::AuditPrune,
         Op::AuditPubkey,
         Op::AuditKeyRotate,
+        Op::P11Login,
+        Op::P11Logout,
     ];
 
     /// The operation for a wire code.
@@ -380,6 +387,8 @@ impl Op {
             Op::AuditPrune => "audit_prune",
             Op::AuditPubkey => "audit_pubkey",
             Op::AuditKeyRotate => "audit_key_rotate",
+            Op::P11Login => "p11_login",
+            Op::P11Logout => "p11_logout",
         }
     }
 
@@ -394,6 +403,8 @@ impl Op {
                 | Op::RegisterDeks
                 | Op::WatchKey
                 | Op::RekeyReport
+                | Op::P11Login
+                | Op::P11Logout
         )
     }
 }
@@ -464,6 +475,21 @@ pub enum Request {
     TokenCreate {
         /// Lifetime asked for, seconds (the daemon may shorten it).
         ttl: u64,
+    },
+    /// See [`Op::P11Login`].
+    P11Login {
+        /// The operator.
+        operator: String,
+        /// The password (the PIN after `name:`).
+        password: SecretBytes,
+        /// `user` (`CKU_USER`: a crypto user) or `so` (`CKU_SO`: a crypto
+        /// officer).
+        role: String,
+    },
+    /// See [`Op::P11Logout`].
+    P11Logout {
+        /// The token [`Request::P11Login`] gave.
+        token: SecretBytes,
     },
     /// See [`Op::TokenLogin`].
     TokenLogin {
@@ -1228,6 +1254,8 @@ impl Request {
             Request::Reload => Op::Reload,
             Request::TokenCreate { .. } => Op::TokenCreate,
             Request::TokenLogin { .. } => Op::TokenLogin,
+            Request::P11Login { .. } => Op::P11Login,
+            Request::P11Logout { .. } => Op::P11Logout,
             Request::TokenRevoke { .. } => Op::TokenRevoke,
             Request::ResplitInit { .. } => Op::ResplitInit,
             Request::ResplitUpdate { .. } => Op::ResplitUpdate,
@@ -1326,7 +1354,18 @@ impl Request {
             Request::TokenCreate { ttl } => {
                 w.u64(TOKEN_TTL, *ttl);
             }
-            Request::TokenLogin { token } | Request::TokenRevoke { token } => {
+            Request::P11Login {
+                operator,
+                password,
+                role,
+            } => {
+                w.str(OPERATOR, operator)
+                    .bytes(PASSWORD, password.expose())
+                    .str(ROLE, role);
+            }
+            Request::TokenLogin { token }
+            | Request::TokenRevoke { token }
+            | Request::P11Logout { token } => {
                 w.bytes(TOKEN, token.expose());
             }
             Request::ResplitInit {
@@ -1488,6 +1527,17 @@ impl Request {
                 token: required(read(&[TOKEN])?.token, "token")?,
             },
             Op::TokenRevoke => Request::TokenRevoke {
+                token: required(read(&[TOKEN])?.token, "token")?,
+            },
+            Op::P11Login => {
+                let f = read(&[OPERATOR, PASSWORD, ROLE])?;
+                Request::P11Login {
+                    operator: required(f.operator, "operator")?,
+                    password: required(f.password, "password")?,
+                    role: required(f.role, "role")?,
+                }
+            }
+            Op::P11Logout => Request::P11Logout {
                 token: required(read(&[TOKEN])?.token, "token")?,
             },
             Op::ResplitInit => {
@@ -2229,14 +2279,14 @@ impl Response {
                 Fields::read(body, what, &[])?;
                 Response::Done
             }
-            Op::TokenCreate => {
+            Op::TokenCreate | Op::P11Login => {
                 let f = Fields::read(body, what, &[TOKEN, TOKEN_TTL])?;
                 Response::Token {
                     token: required(f.token, "token")?,
                     ttl: required(f.token_ttl, "token_ttl")?,
                 }
             }
-            Op::TokenRevoke => {
+            Op::TokenRevoke | Op::P11Logout => {
                 Fields::read(body, what, &[])?;
                 Response::Done
             }

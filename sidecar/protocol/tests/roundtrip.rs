@@ -40,6 +40,12 @@ fn request() -> impl Strategy<Value = Request> {
         secret().prop_map(|share| Request::Unseal { share }),
         Just(()).prop_map(|_| Request::Seal),
         (name(), secret()).prop_map(|(operator, password)| Request::Login { operator, password }),
+        (name(), secret(), name()).prop_map(|(operator, password, role)| Request::P11Login {
+            operator,
+            password,
+            role
+        }),
+        secret().prop_map(|token| Request::P11Logout { token }),
         Just(()).prop_map(|_| Request::Zeroize),
         (name(), name(), secret()).prop_map(|(operator, role, password)| Request::OperatorAdd {
             operator,
@@ -335,6 +341,8 @@ fn response() -> impl Strategy<Value = (u16, Response)> {
         (name(), name())
             .prop_map(|(operator, role)| (Op::Login as u16, Response::LoggedIn { operator, role })),
         Just(()).prop_map(|_| (Op::OperatorAdd as u16, Response::Done)),
+        (secret(), any::<u64>())
+            .prop_map(|(token, ttl)| (Op::P11Login as u16, Response::Token { token, ttl })),
         vec(
             (name(), name(), any::<bool>(), any::<u32>()).prop_map(
                 |(name, role, locked, failed_logins)| OperatorInfo {
