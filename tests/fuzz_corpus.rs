@@ -397,6 +397,9 @@ fn sample_requests() -> Vec<tde_protocol::Request> {
         Request::P11Logout {
             token: SecretBytes::from_slice(b"tdet.0123456789abcdef"),
         },
+        Request::P11Objects {
+            token: SecretBytes::from_slice(b"tdet.0123456789abcdef"),
+        },
     ]
 }
 

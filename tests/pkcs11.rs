@@ -82,7 +82,10 @@ fn pkcs11_tool_sees_the_token_its_mechanisms_and_random_bytes() {
         "the token's serial is the store id: {slots}"
     );
     assert!(slots.contains("rng"), "CKF_RNG: {slots}");
-    assert!(!slots.contains("login required"), "no login yet: {slots}");
+    assert!(
+        slots.contains("login required"),
+        "keys are private: {slots}"
+    );
 
     let mechs = ok(&env, &["--list-mechanisms"]);
     for m in ["SHA256", "SHA384", "SHA512"] {
@@ -389,7 +392,7 @@ fn the_c_abi_refuses_bad_calls_survives_seal_restart_threads_and_fork() {
     assert_ne!(buf, [0u8; 64]);
     // Not implemented: said, not crashed.
     assert_eq!(
-        call!(m, C_FindObjectsInit(h, null_mut(), 0)),
+        call!(m, C_EncryptInit(h, null_mut(), 1)),
         CKR_FUNCTION_NOT_SUPPORTED
     );
 
@@ -763,4 +766,249 @@ fn a_client_without_pkcs11_in_its_policy_cannot_log_in() {
         .find(|r| r["op"] == "p11_login")
         .expect("the refusal is audited");
     assert_eq!(refused["error_code"], "PERMISSION_DENIED", "{refused}");
+}
+
+#[test]
+fn master_keys_are_private_sensitive_aes_objects_seen_by_whom_they_are_shared_with() {
+    #![allow(unsafe_code)]
+    use c_abi::call;
+    use cryptoki_sys::*;
+    use std::ptr::null_mut;
+
+    let env = Env::with_operations("", r#""pkcs11""#);
+    // The runner's policy names app-* and pg*; secret-y is outside it.
+    let shares = env.init();
+    let daemon = env.serve();
+    env.unseal(&shares[..3]);
+    for k in ["pg-main", "pg-other", "app-x", "secret-y"] {
+        env.ok(&["key", "create", k]);
+    }
+    env.ok_new_password(
+        &["operator", "add", "alice", "--role", "crypto_user"],
+        "alice-password-1",
+    );
+    env.ok(&["key", "share", "pg-main", "alice"]);
+    env.ok(&["key", "share", "secret-y", "alice"]);
+
+    let m = c_abi::load(&env.data_socket());
+    assert_eq!(call!(m, C_Initialize(null_mut())), CKR_OK);
+    let mut h = 0;
+    let flags = CKF_SERIAL_SESSION | CKF_RW_SESSION;
+    assert_eq!(
+        call!(m, C_OpenSession(0, flags, null_mut(), None, &mut h)),
+        CKR_OK
+    );
+    let find = |template: &mut [CK_ATTRIBUTE]| -> Vec<CK_OBJECT_HANDLE> {
+        assert_eq!(
+            call!(
+                m,
+                C_FindObjectsInit(h, template.as_mut_ptr(), template.len() as CK_ULONG)
+            ),
+            CKR_OK
+        );
+        let mut out = Vec::new();
+        loop {
+            let mut batch = [0 as CK_OBJECT_HANDLE; 2];
+            let mut n: CK_ULONG = 0;
+            assert_eq!(
+                call!(m, C_FindObjects(h, batch.as_mut_ptr(), 2, &mut n)),
+                CKR_OK
+            );
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&batch[..n as usize]);
+        }
+        assert_eq!(call!(m, C_FindObjectsFinal(h)), CKR_OK);
+        out
+    };
+    let label = |o: CK_OBJECT_HANDLE| -> String {
+        let mut a = [CK_ATTRIBUTE {
+            type_: CKA_LABEL,
+            pValue: null_mut(),
+            ulValueLen: 0,
+        }];
+        assert_eq!(
+            call!(m, C_GetAttributeValue(h, o, a.as_mut_ptr(), 1)),
+            CKR_OK
+        );
+        let mut buf = vec![0u8; a[0].ulValueLen as usize];
+        a[0].pValue = buf.as_mut_ptr() as *mut _;
+        assert_eq!(
+            call!(m, C_GetAttributeValue(h, o, a.as_mut_ptr(), 1)),
+            CKR_OK
+        );
+        String::from_utf8(buf).expect("utf8")
+    };
+    let login = |who: CK_USER_TYPE, pin: &str| {
+        let mut pin = pin.as_bytes().to_vec();
+        call!(m, C_Login(h, who, pin.as_mut_ptr(), pin.len() as CK_ULONG))
+    };
+
+    // Private objects: nothing before a login.
+    assert_eq!(find(&mut []), Vec::<CK_OBJECT_HANDLE>::new());
+    assert_eq!(
+        call!(m, C_FindObjects(h, null_mut(), 1, null_mut())),
+        CKR_ARGUMENTS_BAD
+    );
+    assert_eq!(
+        call!(m, C_FindObjectsFinal(h)),
+        CKR_OPERATION_NOT_INITIALIZED
+    );
+
+    // A crypto user: the keys shared with it that the policy names.
+    assert_eq!(login(CKU_USER, "alice:alice-password-1"), CKR_OK);
+    let found = find(&mut []);
+    assert_eq!(
+        found.len(),
+        1,
+        "pg-main only (secret-y is outside the policy)"
+    );
+    let key = found[0];
+    assert_eq!(label(key), "pg-main");
+
+    // Its attributes: an AES-256 secret key, sensitive, never extractable.
+    let mut class: CK_ULONG = 0;
+    let mut key_type: CK_ULONG = 0;
+    let mut value = [0u8; 32];
+    let mut extractable: CK_BBOOL = 1;
+    let mut short = [0u8; 3];
+    let mut attrs = [
+        CK_ATTRIBUTE {
+            type_: CKA_CLASS,
+            pValue: &mut class as *mut _ as *mut _,
+            ulValueLen: 8,
+        },
+        CK_ATTRIBUTE {
+            type_: CKA_KEY_TYPE,
+            pValue: &mut key_type as *mut _ as *mut _,
+            ulValueLen: 8,
+        },
+        CK_ATTRIBUTE {
+            type_: CKA_VALUE,
+            pValue: value.as_mut_ptr() as *mut _,
+            ulValueLen: 32,
+        },
+        CK_ATTRIBUTE {
+            type_: CKA_EXTRACTABLE,
+            pValue: &mut extractable as *mut _ as *mut _,
+            ulValueLen: 1,
+        },
+        CK_ATTRIBUTE {
+            type_: CKA_MODULUS,
+            pValue: null_mut(),
+            ulValueLen: 0,
+        },
+    ];
+    let rv = call!(m, C_GetAttributeValue(h, key, attrs.as_mut_ptr(), 5));
+    assert!(
+        rv == CKR_ATTRIBUTE_SENSITIVE || rv == CKR_ATTRIBUTE_TYPE_INVALID,
+        "{rv:#x}"
+    );
+    assert_eq!((class, key_type, extractable), (CKO_SECRET_KEY, CKK_AES, 0));
+    assert_eq!(attrs[2].ulValueLen, !0, "CKA_VALUE is sensitive");
+    assert_eq!(value, [0u8; 32], "and not written");
+    assert_eq!(attrs[4].ulValueLen, !0, "no CKA_MODULUS on an AES key");
+    let mut small = [CK_ATTRIBUTE {
+        type_: CKA_LABEL,
+        pValue: short.as_mut_ptr() as *mut _,
+        ulValueLen: 3,
+    }];
+    assert_eq!(
+        call!(m, C_GetAttributeValue(h, key, small.as_mut_ptr(), 1)),
+        CKR_BUFFER_TOO_SMALL
+    );
+    assert_eq!(small[0].ulValueLen, !0);
+
+    // Searches by attribute: label, id, class.
+    let mut id = vec![0u8; 16];
+    let mut a = [CK_ATTRIBUTE {
+        type_: CKA_ID,
+        pValue: id.as_mut_ptr() as *mut _,
+        ulValueLen: 16,
+    }];
+    assert_eq!(
+        call!(m, C_GetAttributeValue(h, key, a.as_mut_ptr(), 1)),
+        CKR_OK
+    );
+    assert_eq!(find(&mut a), vec![key], "by CKA_ID");
+    let mut name = b"pg-main".to_vec();
+    let mut by_label = [CK_ATTRIBUTE {
+        type_: CKA_LABEL,
+        pValue: name.as_mut_ptr() as *mut _,
+        ulValueLen: 7,
+    }];
+    assert_eq!(find(&mut by_label), vec![key], "by label");
+    let mut other = b"pg-other".to_vec();
+    let mut by_other = [CK_ATTRIBUTE {
+        type_: CKA_LABEL,
+        pValue: other.as_mut_ptr() as *mut _,
+        ulValueLen: 8,
+    }];
+    assert!(find(&mut by_other).is_empty(), "not shared with alice");
+    let mut cls = CKO_PRIVATE_KEY;
+    let mut by_class = [CK_ATTRIBUTE {
+        type_: CKA_CLASS,
+        pValue: &mut cls as *mut _ as *mut _,
+        ulValueLen: 8,
+    }];
+    assert!(find(&mut by_class).is_empty());
+
+    // After the logout the handle shows nothing.
+    assert_eq!(call!(m, C_Logout(h)), CKR_OK);
+    assert_eq!(
+        call!(m, C_GetAttributeValue(h, key, a.as_mut_ptr(), 1)),
+        CKR_OBJECT_HANDLE_INVALID
+    );
+
+    // An officer sees every key the policy names; the same key keeps its
+    // handle.
+    assert_eq!(
+        login(CKU_SO, &format!("admin:{}", common::PASSWORD)),
+        CKR_OK
+    );
+    let mut labels: Vec<String> = find(&mut []).into_iter().map(label).collect();
+    labels.sort();
+    assert_eq!(labels, ["app-x", "pg-main", "pg-other"]);
+    assert_eq!(find(&mut by_label), vec![key]);
+
+    // A restarted sidecar has forgotten the login: the application is
+    // told, and logs in again without restarting.
+    daemon.stop();
+    let _daemon = env.serve();
+    env.unseal(&shares[..3]);
+    assert_eq!(
+        call!(m, C_FindObjectsInit(h, null_mut(), 0)),
+        CKR_USER_NOT_LOGGED_IN
+    );
+    assert_eq!(login(CKU_USER, "alice:alice-password-1"), CKR_OK);
+    assert_eq!(find(&mut by_label), vec![key], "the same handle");
+    drop(m);
+
+    // OpenSC's view of the same token.
+    if !have_tool() {
+        return;
+    }
+    let listed = ok(
+        &env,
+        &[
+            "--login",
+            "--pin",
+            "alice:alice-password-1",
+            "--list-objects",
+        ],
+    );
+    assert!(
+        listed.contains("Secret Key Object; AES length 32"),
+        "{listed}"
+    );
+    assert!(listed.contains("label:      pg-main"), "{listed}");
+    assert!(!listed.contains("pg-other"), "{listed}");
+    let records = audit(&env.db());
+    assert!(
+        records
+            .iter()
+            .any(|r| r["op"] == "p11_objects" && r["actor"]["operator"] == "alice"),
+        "listing is audited"
+    );
 }

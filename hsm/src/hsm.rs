@@ -1555,6 +1555,21 @@ impl Hsm {
         Ok(out)
     }
 
+    /// The master keys a crypto user may use: those shared with it.
+    pub fn keys_shared_with(&self, user: &OperatorSession) -> Result<Vec<KeyInfo>, HsmError> {
+        let st = self.read();
+        let u = Self::unsealed(&st)?;
+        Self::check_session(u, user, Permission::UseKeys)?;
+        let mut out: Vec<KeyInfo> = u
+            .keys
+            .values()
+            .filter(|e| e.record.users.contains(&user.name))
+            .map(KeyEntry::info)
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
     /// Describes one master key.
     pub fn key_describe(&self, by: &OperatorSession, name: &str) -> Result<KeyInfo, HsmError> {
         let st = self.read();

@@ -514,6 +514,118 @@ extern "C" fn c_logout(h: CK_SESSION_HANDLE) -> CK_RV {
 }
 
 // ---------------------------------------------------------------------------
+// Objects.
+
+/// A caller's attribute array.
+///
+/// # Safety
+/// If `count` > 0, `template` must be null or valid for `count` attributes.
+unsafe fn attributes<'a>(
+    template: *mut CK_ATTRIBUTE,
+    count: CK_ULONG,
+) -> Result<&'a mut [CK_ATTRIBUTE], Rv> {
+    if count == 0 {
+        return Ok(&mut []);
+    }
+    if template.is_null() {
+        return Err(CKR_ARGUMENTS_BAD);
+    }
+    let n = usize::try_from(count).map_err(|_| CKR_ARGUMENTS_BAD)?;
+    // SAFETY: non-null and valid for `count` attributes by the caller's
+    // contract; nothing else uses them during the call.
+    Ok(unsafe { std::slice::from_raw_parts_mut(template, n) })
+}
+
+unsafe extern "C" fn c_find_objects_init(
+    h: CK_SESSION_HANDLE,
+    template: *mut CK_ATTRIBUTE,
+    count: CK_ULONG,
+) -> CK_RV {
+    guard(|| {
+        // SAFETY: the caller's template.
+        let attrs = unsafe { attributes(template, count) }?;
+        let mut want = Vec::with_capacity(attrs.len());
+        for a in attrs.iter() {
+            // SAFETY: each value is the caller's buffer of ulValueLen bytes.
+            let v = unsafe { bytes(a.pValue as *const u8, a.ulValueLen) }?;
+            want.push((a.type_, v.to_vec()));
+        }
+        module::find_objects_init(h, &want)
+    })
+}
+
+unsafe extern "C" fn c_find_objects(
+    h: CK_SESSION_HANDLE,
+    out: *mut CK_OBJECT_HANDLE,
+    max: CK_ULONG,
+    count: *mut CK_ULONG,
+) -> CK_RV {
+    guard(|| {
+        if count.is_null() || (out.is_null() && max > 0) {
+            return Err(CKR_ARGUMENTS_BAD);
+        }
+        let found = module::find_objects(h, usize::try_from(max).unwrap_or(usize::MAX))?;
+        // SAFETY: `out` holds `max` >= found.len() handles by the caller's
+        // contract (non-null when max > 0, checked above).
+        if !found.is_empty() {
+            unsafe { std::ptr::copy_nonoverlapping(found.as_ptr(), out, found.len()) };
+        }
+        // SAFETY: non-null, the caller's out parameter.
+        unsafe { count.write(found.len() as CK_ULONG) };
+        Ok(())
+    })
+}
+
+extern "C" fn c_find_objects_final(h: CK_SESSION_HANDLE) -> CK_RV {
+    guard(|| module::find_objects_final(h))
+}
+
+/// `C_GetAttributeValue` (PKCS#11 v3.0 section 5.7): each attribute's
+/// length, or its value when the caller gave room; a sensitive or unknown
+/// attribute, or one whose buffer is too small, gets
+/// `CK_UNAVAILABLE_INFORMATION` and its error, and the others are still
+/// answered.
+unsafe extern "C" fn c_get_attribute_value(
+    h: CK_SESSION_HANDLE,
+    handle: CK_OBJECT_HANDLE,
+    template: *mut CK_ATTRIBUTE,
+    count: CK_ULONG,
+) -> CK_RV {
+    guard(|| {
+        let object = module::object(h, handle)?;
+        // SAFETY: the caller's template.
+        let attrs = unsafe { attributes(template, count) }?;
+        let mut rv = Ok(());
+        for a in attrs.iter_mut() {
+            match object.attribute(a.type_) {
+                Err(e) => {
+                    a.ulValueLen = UNAVAILABLE;
+                    rv = Err(e);
+                }
+                Ok(None) => {
+                    a.ulValueLen = UNAVAILABLE;
+                    rv = Err(CKR_ATTRIBUTE_SENSITIVE);
+                }
+                Ok(Some(v)) if a.pValue.is_null() => a.ulValueLen = v.len() as CK_ULONG,
+                Ok(Some(v)) if (a.ulValueLen as usize) < v.len() => {
+                    a.ulValueLen = UNAVAILABLE;
+                    rv = Err(CKR_BUFFER_TOO_SMALL);
+                }
+                Ok(Some(v)) => {
+                    // SAFETY: the caller's buffer holds ulValueLen >= v.len()
+                    // bytes (checked above).
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(v.as_ptr(), a.pValue as *mut u8, v.len())
+                    };
+                    a.ulValueLen = v.len() as CK_ULONG;
+                }
+            }
+        }
+        rv
+    })
+}
+
+// ---------------------------------------------------------------------------
 // Digests (in the module: no key is involved).
 
 unsafe extern "C" fn c_digest_init(h: CK_SESSION_HANDLE, m: *mut CK_MECHANISM) -> CK_RV {
@@ -644,11 +756,7 @@ unsupported! {
     c_copy_object(H, O, A, L, *mut O);
     c_destroy_object(H, O);
     c_get_object_size(H, O, PL);
-    c_get_attribute_value(H, O, A, L);
     c_set_attribute_value(H, O, A, L);
-    c_find_objects_init(H, A, L);
-    c_find_objects(H, *mut O, L, PL);
-    c_find_objects_final(H);
     c_encrypt_init(H, M, O);
     c_encrypt(H, B, L, B, PL);
     c_encrypt_update(H, B, L, B, PL);

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use cryptoki_sys::*;
 use sha2::Digest as _;
 use tde_protocol::client::{Client, ClientError};
-use tde_protocol::{ErrorCode, SecretBytes, StatusInfo};
+use tde_protocol::{ErrorCode, KeyInfo, SecretBytes, StatusInfo};
 
 use crate::config::{Config, SlotConfig};
 
@@ -86,6 +86,21 @@ impl Slot {
         self.with(|c| c.status())
     }
 
+    /// After `CKR_USER_NOT_LOGGED_IN` for `token` (the sidecar ended it: a
+    /// seal, a lockout, its restart), the module's login is over too, so
+    /// that the application can log in again.
+    fn lapsed(&self, rv: Rv, token: &SecretBytes) {
+        if rv != CKR_USER_NOT_LOGGED_IN {
+            return;
+        }
+        let mut l = lock(&self.login);
+        if l.as_ref()
+            .is_some_and(|l| l.token.expose() == token.expose())
+        {
+            *l = None;
+        }
+    }
+
     fn user_type(&self) -> Option<CK_USER_TYPE> {
         lock(&self.login).as_ref().map(|l| l.user_type)
     }
@@ -109,7 +124,10 @@ fn rv(e: &ClientError) -> Rv {
         ClientError::Refused { code, .. } => match code {
             ErrorCode::Sealed | ErrorCode::Zeroized | ErrorCode::Tampered => CKR_DEVICE_ERROR,
             ErrorCode::LimitExceeded => CKR_DEVICE_MEMORY,
-            ErrorCode::PermissionDenied | ErrorCode::NotAuthenticated => CKR_FUNCTION_REJECTED,
+            ErrorCode::PermissionDenied => CKR_FUNCTION_REJECTED,
+            // The login's token ended (a seal, a lockout, a restart of the
+            // sidecar): the application must log in again.
+            ErrorCode::NotAuthenticated => CKR_USER_NOT_LOGGED_IN,
             ErrorCode::InvalidArgument => CKR_ARGUMENTS_BAD,
             ErrorCode::LoginFailed | ErrorCode::OperatorNotFound => CKR_PIN_INCORRECT,
             ErrorCode::OperatorLocked => CKR_PIN_LOCKED,
@@ -176,6 +194,84 @@ struct Session {
     slot: usize,
     flags: CK_FLAGS,
     digest: Option<Hasher>,
+    /// The objects a search found, not yet returned.
+    found: Option<std::collections::VecDeque<CK_OBJECT_HANDLE>>,
+}
+
+/// An object's attributes; `None` is a sensitive one, whose value never
+/// leaves the HSM (`CKR_ATTRIBUTE_SENSITIVE`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Object {
+    slot: usize,
+    attrs: Vec<(CK_ATTRIBUTE_TYPE, Option<Vec<u8>>)>,
+}
+
+impl Object {
+    /// A master key as a PKCS#11 AES secret key: private (seen only after
+    /// a login), sensitive, never extractable. The operations it allows
+    /// are `false` until the module offers mechanisms for it.
+    fn master_key(slot: usize, k: &KeyInfo) -> Object {
+        let yes = |b: bool| Some(vec![u8::from(b)]);
+        let ulong = |v: CK_ULONG| Some(v.to_ne_bytes().to_vec());
+        let attrs = vec![
+            (CKA_CLASS, ulong(CKO_SECRET_KEY)),
+            (CKA_KEY_TYPE, ulong(CKK_AES)),
+            (CKA_LABEL, Some(k.name.as_bytes().to_vec())),
+            (CKA_ID, Some(key_id(&k.name))),
+            (CKA_VALUE_LEN, ulong(32)),
+            (CKA_VALUE, None),
+            (CKA_TOKEN, yes(true)),
+            (CKA_PRIVATE, yes(true)),
+            (CKA_MODIFIABLE, yes(false)),
+            (CKA_COPYABLE, yes(false)),
+            (CKA_DESTROYABLE, yes(false)),
+            (CKA_SENSITIVE, yes(true)),
+            (CKA_ALWAYS_SENSITIVE, yes(true)),
+            (CKA_EXTRACTABLE, yes(false)),
+            (CKA_NEVER_EXTRACTABLE, yes(true)),
+            (CKA_LOCAL, yes(true)),
+            (CKA_KEY_GEN_MECHANISM, ulong(CKM_AES_KEY_GEN)),
+            (CKA_ENCRYPT, yes(false)),
+            (CKA_DECRYPT, yes(false)),
+            (CKA_WRAP, yes(false)),
+            (CKA_UNWRAP, yes(false)),
+            (CKA_SIGN, yes(false)),
+            (CKA_VERIFY, yes(false)),
+            (CKA_DERIVE, yes(false)),
+            (CKA_START_DATE, Some(Vec::new())),
+            (CKA_END_DATE, Some(Vec::new())),
+        ];
+        Object { slot, attrs }
+    }
+
+    /// Whether every attribute of a search template matches exactly.
+    fn matches(&self, template: &[(CK_ATTRIBUTE_TYPE, Vec<u8>)]) -> bool {
+        template.iter().all(|(t, want)| {
+            self.attrs
+                .iter()
+                .any(|(a, v)| a == t && v.as_deref() == Some(want.as_slice()))
+        })
+    }
+
+    /// One attribute's value: `Ok(None)` for a sensitive one,
+    /// `Err(CKR_ATTRIBUTE_TYPE_INVALID)` for one the object lacks.
+    pub fn attribute(&self, t: CK_ATTRIBUTE_TYPE) -> Result<Option<&[u8]>, Rv> {
+        self.attrs
+            .iter()
+            .find(|(a, _)| *a == t)
+            .map(|(_, v)| v.as_deref())
+            .ok_or(CKR_ATTRIBUTE_TYPE_INVALID)
+    }
+}
+
+/// A master key's `CKA_ID`: the first 16 bytes of SHA-256 over a fixed
+/// prefix and its name, so the same key has the same id in every process
+/// and after every restart.
+pub fn key_id(name: &str) -> Vec<u8> {
+    let mut h = sha2::Sha256::new();
+    h.update(b"tde master key\0");
+    h.update(name.as_bytes());
+    h.finalize()[..16].to_vec()
 }
 
 /// The module after `C_Initialize`.
@@ -186,6 +282,10 @@ struct State {
     slots: Vec<Arc<Slot>>,
     sessions: HashMap<CK_SESSION_HANDLE, Session>,
     next_session: CK_SESSION_HANDLE,
+    /// Objects found so far, by handle; a handle stays the same object's
+    /// (by slot and name) for the life of the module.
+    objects: HashMap<CK_OBJECT_HANDLE, Object>,
+    handles: HashMap<(usize, String), CK_OBJECT_HANDLE>,
 }
 
 static STATE: Mutex<Option<State>> = Mutex::new(None);
@@ -235,6 +335,8 @@ pub fn initialize() -> Result<(), Rv> {
             .collect(),
         sessions: HashMap::new(),
         next_session: 1,
+        objects: HashMap::new(),
+        handles: HashMap::new(),
     });
     Ok(())
 }
@@ -320,7 +422,8 @@ pub fn token_info(id: CK_SLOT_ID) -> Result<TokenInfo, Rv> {
     if s.initialized {
         // PINs are operators' passwords (`tde operator add`): they exist
         // with the store.
-        flags |= CKF_TOKEN_INITIALIZED | CKF_USER_PIN_INITIALIZED;
+        // Keys are private objects: a login shows them.
+        flags |= CKF_TOKEN_INITIALIZED | CKF_USER_PIN_INITIALIZED | CKF_LOGIN_REQUIRED;
     }
     Ok(TokenInfo {
         label: slot.config.label.clone().unwrap_or_else(|| "tde".into()),
@@ -367,6 +470,7 @@ pub fn open_session(id: CK_SLOT_ID, flags: CK_FLAGS) -> Result<CK_SESSION_HANDLE
                 slot: id as usize,
                 flags: flags & (CKF_SERIAL_SESSION | CKF_RW_SESSION),
                 digest: None,
+                found: None,
             },
         );
         Ok(h)
@@ -471,6 +575,81 @@ pub fn logout(h: CK_SESSION_HANDLE) -> Result<(), Rv> {
     } else {
         Err(CKR_USER_NOT_LOGGED_IN)
     }
+}
+
+/// `C_FindObjectsInit`: the objects matching `template`. Master keys are
+/// private: without a login there are none.
+pub fn find_objects_init(
+    h: CK_SESSION_HANDLE,
+    template: &[(CK_ATTRIBUTE_TYPE, Vec<u8>)],
+) -> Result<(), Rv> {
+    let (slot_index, slot) = with_state(|s| {
+        let x = s.sessions.get(&h).ok_or(CKR_SESSION_HANDLE_INVALID)?;
+        if x.found.is_some() {
+            return Err(CKR_OPERATION_ACTIVE);
+        }
+        Ok((x.slot, s.slots[x.slot].clone()))
+    })?;
+    let token = lock(&slot.login).as_ref().map(|l| copy(&l.token));
+    let keys = match token {
+        Some(t) => slot
+            .with(|c| c.p11_objects(copy(&t)))
+            .inspect_err(|rv| slot.lapsed(*rv, &t))?,
+        None => Vec::new(),
+    };
+    with_state(|s| {
+        let mut found = std::collections::VecDeque::new();
+        for k in &keys {
+            let object = Object::master_key(slot_index, k);
+            let next = s.handles.len() as CK_OBJECT_HANDLE + 1;
+            let handle = *s
+                .handles
+                .entry((slot_index, k.name.clone()))
+                .or_insert(next);
+            if object.matches(template) {
+                found.push_back(handle);
+            }
+            s.objects.insert(handle, object);
+        }
+        let x = s.sessions.get_mut(&h).ok_or(CKR_SESSION_HANDLE_INVALID)?;
+        x.found = Some(found);
+        Ok(())
+    })
+}
+
+/// `C_FindObjects`: up to `max` more handles.
+pub fn find_objects(h: CK_SESSION_HANDLE, max: usize) -> Result<Vec<CK_OBJECT_HANDLE>, Rv> {
+    with_session(h, |x| {
+        let found = x.found.as_mut().ok_or(CKR_OPERATION_NOT_INITIALIZED)?;
+        let n = max.min(found.len());
+        Ok(found.drain(..n).collect())
+    })
+}
+
+/// `C_FindObjectsFinal`.
+pub fn find_objects_final(h: CK_SESSION_HANDLE) -> Result<(), Rv> {
+    with_session(h, |x| {
+        x.found.take().ok_or(CKR_OPERATION_NOT_INITIALIZED)?;
+        Ok(())
+    })
+}
+
+/// The object behind a handle, as the session may see it: private objects
+/// only while the session's token is logged in.
+pub fn object(h: CK_SESSION_HANDLE, handle: CK_OBJECT_HANDLE) -> Result<Object, Rv> {
+    let (object, slot) = with_state(|s| {
+        let x = s.sessions.get(&h).ok_or(CKR_SESSION_HANDLE_INVALID)?;
+        let o = s
+            .objects
+            .get(&handle)
+            .filter(|o| o.slot == x.slot)
+            .ok_or(CKR_OBJECT_HANDLE_INVALID)?;
+        Ok((o.clone(), s.slots[x.slot].clone()))
+    })?;
+    if slot.user_type().is_none() {
+        return Err(CKR_OBJECT_HANDLE_INVALID);
+    }
+    Ok(object)
 }
 
 /// `C_GenerateRandom`: from the HSM's generator, in requests of at most

@@ -322,6 +322,7 @@ const ROUTINE: &[&str] = &[
     "operator_list",
     "audit_list",
     "audit_read",
+    "p11_objects",
 ];
 
 /// The daemon's log line for an audit record, one per record: every state

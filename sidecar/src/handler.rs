@@ -1420,6 +1420,24 @@ impl Service {
                 p.allows_op_key("pkcs11", None).map_err(denied)?;
                 return self.p11(req, rec);
             }
+            Request::P11Objects { token } => {
+                p.allows_op_key("pkcs11", None).map_err(denied)?;
+                let s = self.tokens.login(token.expose())?;
+                rec.actor.operator = Some(s.name().to_string());
+                rec.actor.role = Some(s.role().name());
+                let keys = match s.role() {
+                    Role::CryptoUser => hsm(self.hsm.keys_shared_with(&s))?,
+                    _ => hsm(self.hsm.key_list(&s))?,
+                };
+                // Only the keys the caller's policy names, and none whose
+                // store object failed authentication.
+                let out = keys
+                    .into_iter()
+                    .filter(|k| !k.tampered && p.allows_op_key("pkcs11", Some(&k.name)).is_ok())
+                    .map(|k| key_info(k, Vec::new()))
+                    .collect();
+                return Ok(Response::Keys(out));
+            }
             _ => {}
         }
         if matches!(blob, Some(Err(_))) {

@@ -245,6 +245,13 @@ impl Client {
         expect!(self, Request::P11Logout { token }, Response::Done => ())
     }
 
+    /// `p11_objects` (data socket): the master keys the token's operator
+    /// may use (a crypto user: those shared with it; an officer: all),
+    /// among those the caller's policy names.
+    pub fn p11_objects(&mut self, token: SecretBytes) -> Result<Vec<KeyInfo>, ClientError> {
+        expect!(self, Request::P11Objects { token }, Response::Keys(k) => k)
+    }
+
     /// `zeroize`: destroys the root material for ever.
     pub fn zeroize(&mut self) -> Result<(), ClientError> {
         expect!(self, Request::Zeroize, Response::Done => ())

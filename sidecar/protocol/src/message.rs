@@ -276,6 +276,8 @@ pub enum Op {
     P11Login = 0x0701,
     /// PKCS#11 `C_Logout`: the token ends.
     P11Logout = 0x0702,
+    /// PKCS#11 objects: the master keys the token's login may use.
+    P11Objects = 0x0703,
 }
 
 impl Op {
@@ -330,6 +332,7 @@ impl Op {
         Op::AuditKeyRotate,
         Op::P11Login,
         Op::P11Logout,
+        Op::P11Objects,
     ];
 
     /// The operation for a wire code.
@@ -389,6 +392,7 @@ impl Op {
             Op::AuditKeyRotate => "audit_key_rotate",
             Op::P11Login => "p11_login",
             Op::P11Logout => "p11_logout",
+            Op::P11Objects => "p11_objects",
         }
     }
 
@@ -405,6 +409,7 @@ impl Op {
                 | Op::RekeyReport
                 | Op::P11Login
                 | Op::P11Logout
+                | Op::P11Objects
         )
     }
 }
@@ -488,6 +493,11 @@ pub enum Request {
     },
     /// See [`Op::P11Logout`].
     P11Logout {
+        /// The token [`Request::P11Login`] gave.
+        token: SecretBytes,
+    },
+    /// See [`Op::P11Objects`].
+    P11Objects {
         /// The token [`Request::P11Login`] gave.
         token: SecretBytes,
     },
@@ -1256,6 +1266,7 @@ impl Request {
             Request::TokenLogin { .. } => Op::TokenLogin,
             Request::P11Login { .. } => Op::P11Login,
             Request::P11Logout { .. } => Op::P11Logout,
+            Request::P11Objects { .. } => Op::P11Objects,
             Request::TokenRevoke { .. } => Op::TokenRevoke,
             Request::ResplitInit { .. } => Op::ResplitInit,
             Request::ResplitUpdate { .. } => Op::ResplitUpdate,
@@ -1365,7 +1376,8 @@ impl Request {
             }
             Request::TokenLogin { token }
             | Request::TokenRevoke { token }
-            | Request::P11Logout { token } => {
+            | Request::P11Logout { token }
+            | Request::P11Objects { token } => {
                 w.bytes(TOKEN, token.expose());
             }
             Request::ResplitInit {
@@ -1538,6 +1550,9 @@ impl Request {
                 }
             }
             Op::P11Logout => Request::P11Logout {
+                token: required(read(&[TOKEN])?.token, "token")?,
+            },
+            Op::P11Objects => Request::P11Objects {
                 token: required(read(&[TOKEN])?.token, "token")?,
             },
             Op::ResplitInit => {
@@ -2319,7 +2334,7 @@ impl Response {
                 }
                 Response::Operators(out)
             }
-            Op::KeyList => {
+            Op::KeyList | Op::P11Objects => {
                 let mut out = Vec::new();
                 let mut r = Reader::new(body);
                 while let Some((t, v)) = r.next_field()? {

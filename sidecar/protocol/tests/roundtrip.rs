@@ -46,6 +46,7 @@ fn request() -> impl Strategy<Value = Request> {
             role
         }),
         secret().prop_map(|token| Request::P11Logout { token }),
+        secret().prop_map(|token| Request::P11Objects { token }),
         Just(()).prop_map(|_| Request::Zeroize),
         (name(), name(), secret()).prop_map(|(operator, role, password)| Request::OperatorAdd {
             operator,
