@@ -400,6 +400,22 @@ fn sample_requests() -> Vec<tde_protocol::Request> {
         Request::P11Objects {
             token: SecretBytes::from_slice(b"tdet.0123456789abcdef"),
         },
+        Request::P11Encrypt(tde_protocol::P11Crypt {
+            token: SecretBytes::from_slice(b"tdet.0123456789abcdef"),
+            key: key(),
+            mechanism: 0x1087,
+            iv: vec![7; 12],
+            aad: b"table 42".to_vec(),
+            data: SecretBytes::from_slice(&[1; 64]),
+        }),
+        Request::P11Decrypt(tde_protocol::P11Crypt {
+            token: SecretBytes::from_slice(b"tdet.0123456789abcdef"),
+            key: key(),
+            mechanism: 0x1087,
+            iv: vec![7; 12],
+            aad: b"table 42".to_vec(),
+            data: SecretBytes::from_slice(&[2; 80]),
+        }),
     ]
 }
 

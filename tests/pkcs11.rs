@@ -348,7 +348,7 @@ fn the_c_abi_refuses_bad_calls_survives_seal_restart_threads_and_fork() {
         call!(m, C_GetMechanismList(0, null_mut(), &mut mechs)),
         CKR_OK
     );
-    assert_eq!(mechs, 3);
+    assert_eq!(mechs, 4);
     let mut mi: CK_MECHANISM_INFO = unsafe { std::mem::zeroed() };
     assert_eq!(
         call!(m, C_GetMechanismInfo(0, CKM_RSA_PKCS, &mut mi)),
@@ -392,7 +392,7 @@ fn the_c_abi_refuses_bad_calls_survives_seal_restart_threads_and_fork() {
     assert_ne!(buf, [0u8; 64]);
     // Not implemented: said, not crashed.
     assert_eq!(
-        call!(m, C_EncryptInit(h, null_mut(), 1)),
+        call!(m, C_SignInit(h, null_mut(), 1)),
         CKR_FUNCTION_NOT_SUPPORTED
     );
 
@@ -1011,4 +1011,300 @@ fn master_keys_are_private_sensitive_aes_objects_seen_by_whom_they_are_shared_wi
             .any(|r| r["op"] == "p11_objects" && r["actor"]["operator"] == "alice"),
         "listing is audited"
     );
+}
+
+#[test]
+fn aes_gcm_under_a_master_key_encrypts_table_keys_and_refuses_a_tampered_tag() {
+    #![allow(unsafe_code)]
+    use c_abi::call;
+    use cryptoki_sys::*;
+    use std::ptr::null_mut;
+
+    let env = Env::with_operations("", r#""pkcs11""#);
+    let _daemon = env.sidecar_with_keys(&["pg-main"]);
+    env.ok_new_password(
+        &["operator", "add", "alice", "--role", "crypto_user"],
+        "alice-password-1",
+    );
+    env.ok(&["key", "share", "pg-main", "alice"]);
+    let m = c_abi::load(&env.data_socket());
+    assert_eq!(call!(m, C_Initialize(null_mut())), CKR_OK);
+    let mut h = 0;
+    assert_eq!(
+        call!(
+            m,
+            C_OpenSession(0, CKF_SERIAL_SESSION, null_mut(), None, &mut h)
+        ),
+        CKR_OK
+    );
+    let mut pin = b"alice:alice-password-1".to_vec();
+    assert_eq!(
+        call!(
+            m,
+            C_Login(h, CKU_USER, pin.as_mut_ptr(), pin.len() as CK_ULONG)
+        ),
+        CKR_OK
+    );
+    let mut label = b"pg-main".to_vec();
+    let mut t = [CK_ATTRIBUTE {
+        type_: CKA_LABEL,
+        pValue: label.as_mut_ptr() as *mut _,
+        ulValueLen: 7,
+    }];
+    assert_eq!(call!(m, C_FindObjectsInit(h, t.as_mut_ptr(), 1)), CKR_OK);
+    let (mut key, mut n) = (0, 0);
+    assert_eq!(call!(m, C_FindObjects(h, &mut key, 1, &mut n)), CKR_OK);
+    assert_eq!(call!(m, C_FindObjectsFinal(h)), CKR_OK);
+    assert_eq!(n, 1);
+
+    // Both parameter layouts: the header's (with ulIvBits) and v2.40's
+    // text (without), which SunPKCS11 sends.
+    #[repr(C)]
+    struct NoIvBits {
+        iv: *mut u8,
+        iv_len: CK_ULONG,
+        aad: *mut u8,
+        aad_len: CK_ULONG,
+        tag_bits: CK_ULONG,
+    }
+    let mut iv = [7u8; 12];
+    let mut aad = b"table 42".to_vec();
+    let mut p48 = CK_GCM_PARAMS {
+        pIv: iv.as_mut_ptr(),
+        ulIvLen: 12,
+        ulIvBits: 96,
+        pAAD: aad.as_mut_ptr(),
+        ulAADLen: aad.len() as CK_ULONG,
+        ulTagBits: 128,
+    };
+    let mut p40 = NoIvBits {
+        iv: iv.as_mut_ptr(),
+        iv_len: 12,
+        aad: aad.as_mut_ptr(),
+        aad_len: aad.len() as CK_ULONG,
+        tag_bits: 128,
+    };
+    let mech48 = |p: &mut CK_GCM_PARAMS| CK_MECHANISM {
+        mechanism: CKM_AES_GCM,
+        pParameter: p as *mut _ as *mut _,
+        ulParameterLen: std::mem::size_of::<CK_GCM_PARAMS>() as CK_ULONG,
+    };
+    let mut m48 = mech48(&mut p48);
+    let mut m40 = CK_MECHANISM {
+        mechanism: CKM_AES_GCM,
+        pParameter: &mut p40 as *mut _ as *mut _,
+        ulParameterLen: 40,
+    };
+    let encrypt = |mech: &mut CK_MECHANISM, pt: &[u8]| -> Vec<u8> {
+        assert_eq!(call!(m, C_EncryptInit(h, mech, key)), CKR_OK);
+        let mut pt = pt.to_vec();
+        let mut len: CK_ULONG = 0;
+        assert_eq!(
+            call!(
+                m,
+                C_Encrypt(
+                    h,
+                    pt.as_mut_ptr(),
+                    pt.len() as CK_ULONG,
+                    null_mut(),
+                    &mut len
+                )
+            ),
+            CKR_OK
+        );
+        assert_eq!(len as usize, pt.len() + 16);
+        let mut out = vec![0u8; len as usize];
+        assert_eq!(
+            call!(
+                m,
+                C_Encrypt(
+                    h,
+                    pt.as_mut_ptr(),
+                    pt.len() as CK_ULONG,
+                    out.as_mut_ptr(),
+                    &mut len
+                )
+            ),
+            CKR_OK
+        );
+        out
+    };
+    let decrypt = |mech: &mut CK_MECHANISM, ct: &[u8]| -> Result<Vec<u8>, CK_RV> {
+        assert_eq!(call!(m, C_DecryptInit(h, mech, key)), CKR_OK);
+        let mut ct = ct.to_vec();
+        let mut len = ct.len() as CK_ULONG;
+        let mut out = vec![0u8; ct.len()];
+        match call!(
+            m,
+            C_Decrypt(
+                h,
+                ct.as_mut_ptr(),
+                ct.len() as CK_ULONG,
+                out.as_mut_ptr(),
+                &mut len
+            )
+        ) {
+            CKR_OK => {
+                out.truncate(len as usize);
+                Ok(out)
+            }
+            rv => Err(rv),
+        }
+    };
+
+    // 64 table keys, each 32 bytes, under the master key.
+    let table_keys: Vec<Vec<u8>> = (0..64u8).map(|i| vec![0xA0 ^ i; 32]).collect();
+    let sealed: Vec<Vec<u8>> = table_keys.iter().map(|k| encrypt(&mut m48, k)).collect();
+    for (k, c) in table_keys.iter().zip(&sealed) {
+        assert_eq!(c.len(), 48);
+        assert!(!c.windows(32).any(|w| w == k.as_slice()));
+        assert_eq!(
+            decrypt(&mut m40, c).as_ref(),
+            Ok(k),
+            "the other layout decrypts"
+        );
+    }
+
+    // Multi-part gives the same ciphertext (same key, IV and AAD).
+    assert_eq!(call!(m, C_EncryptInit(h, &mut m48, key)), CKR_OK);
+    let mut part = table_keys[0].clone();
+    let mut none: CK_ULONG = 99;
+    assert_eq!(
+        call!(
+            m,
+            C_EncryptUpdate(h, part.as_mut_ptr(), 16, null_mut(), &mut none)
+        ),
+        CKR_OK
+    );
+    assert_eq!(none, 0, "GCM answers at the end");
+    assert_eq!(
+        call!(
+            m,
+            C_EncryptUpdate(h, part[16..].as_mut_ptr(), 16, null_mut(), &mut none)
+        ),
+        CKR_OK
+    );
+    let mut out = vec![0u8; 48];
+    let mut len: CK_ULONG = 10;
+    assert_eq!(
+        call!(m, C_EncryptFinal(h, out.as_mut_ptr(), &mut len)),
+        CKR_BUFFER_TOO_SMALL
+    );
+    assert_eq!(len, 48, "the size, and the operation goes on");
+    len = 48;
+    assert_eq!(
+        call!(m, C_EncryptFinal(h, out.as_mut_ptr(), &mut len)),
+        CKR_OK
+    );
+    assert_eq!(out, sealed[0]);
+
+    // A tampered tag, ciphertext or AAD: CKR_ENCRYPTED_DATA_INVALID (Java's
+    // AEADBadTagException), nothing released, the operation over.
+    let mut bad = sealed[1].clone();
+    bad[47] ^= 1;
+    assert_eq!(decrypt(&mut m48, &bad), Err(CKR_ENCRYPTED_DATA_INVALID));
+    let mut junk = [0u8; 48];
+    let mut jl: CK_ULONG = 48;
+    assert_eq!(
+        call!(
+            m,
+            C_Decrypt(h, junk.as_mut_ptr(), 48, junk.as_mut_ptr(), &mut jl)
+        ),
+        CKR_OPERATION_NOT_INITIALIZED
+    );
+    bad = sealed[1].clone();
+    bad[0] ^= 1;
+    assert_eq!(decrypt(&mut m48, &bad), Err(CKR_ENCRYPTED_DATA_INVALID));
+    let mut other_aad = b"table 43".to_vec();
+    let mut p_other = CK_GCM_PARAMS {
+        pAAD: other_aad.as_mut_ptr(),
+        ..p48
+    };
+    let mut m_other = mech48(&mut p_other);
+    assert_eq!(
+        decrypt(&mut m_other, &sealed[1]),
+        Err(CKR_ENCRYPTED_DATA_INVALID)
+    );
+    assert_eq!(
+        decrypt(&mut m48, &sealed[1][..10]),
+        Err(CKR_ENCRYPTED_DATA_LEN_RANGE)
+    );
+
+    // Parameters the module does not take.
+    let mut p16 = CK_GCM_PARAMS { ulIvLen: 16, ..p48 };
+    assert_eq!(
+        call!(m, C_EncryptInit(h, &mut mech48(&mut p16), key)),
+        CKR_MECHANISM_PARAM_INVALID
+    );
+    let mut p96 = CK_GCM_PARAMS {
+        ulTagBits: 96,
+        ..p48
+    };
+    assert_eq!(
+        call!(m, C_EncryptInit(h, &mut mech48(&mut p96), key)),
+        CKR_MECHANISM_PARAM_INVALID
+    );
+    let mut cbc = CK_MECHANISM {
+        mechanism: CKM_AES_CBC_PAD,
+        pParameter: iv.as_mut_ptr() as *mut _,
+        ulParameterLen: 16,
+    };
+    assert_eq!(
+        call!(m, C_EncryptInit(h, &mut cbc, key)),
+        CKR_MECHANISM_INVALID
+    );
+    assert_eq!(
+        call!(m, C_EncryptInit(h, null_mut(), key)),
+        CKR_ARGUMENTS_BAD
+    );
+    assert_eq!(
+        call!(m, C_EncryptInit(h, &mut m48, key + 1000)),
+        CKR_KEY_HANDLE_INVALID
+    );
+
+    // After a rotation the old ciphertexts still decrypt, new ones are
+    // under the new version.
+    env.ok(&["key", "rotate", "pg-main"]);
+    assert_eq!(decrypt(&mut m48, &sealed[2]).as_ref(), Ok(&table_keys[2]));
+    assert_ne!(encrypt(&mut m48, &table_keys[2]), sealed[2]);
+
+    // Logged out: no key.
+    assert_eq!(call!(m, C_Logout(h)), CKR_OK);
+    assert_eq!(
+        call!(m, C_EncryptInit(h, &mut m48, key)),
+        CKR_KEY_HANDLE_INVALID
+    );
+    drop(m);
+
+    // Every call is audited with the key, the operator and the program;
+    // no table key is in the store or the log.
+    let records = audit(&env.db());
+    let enc: Vec<_> = records
+        .iter()
+        .filter(|r| r["op"] == "p11_encrypt")
+        .collect();
+    assert_eq!(enc.len(), 64 + 1 + 1, "{}", enc.len());
+    assert!(enc.iter().all(|r| r["key"] == "pg-main"
+        && r["actor"]["operator"] == "alice"
+        && r["actor"]["exe"].as_str().is_some()));
+    assert_eq!(
+        count(&records, "p11_decrypt", "error"),
+        3,
+        "the tag, the ciphertext and the AAD changed"
+    );
+    let mut files = vec![std::fs::read(env.db()).expect("db")];
+    if let Ok(b) = std::fs::read(env.db().with_file_name("tde.db-wal")) {
+        files.push(b);
+    }
+    if let Ok(b) = std::fs::read(env.log()) {
+        files.push(b);
+    }
+    for k in &table_keys {
+        for f in &files {
+            assert!(
+                !f.windows(32).any(|w| w == k.as_slice()),
+                "a table key on disk"
+            );
+        }
+    }
 }

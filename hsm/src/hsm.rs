@@ -1989,6 +1989,51 @@ impl Hsm {
         wrap::unwrap(e.usable(blob.version)?, blob, context)
     }
 
+    /// PKCS#11 `CKM_AES_GCM` encryption under a master key's primary
+    /// version (with its PKCS#11 key, see [`wrap::VersionKeys::derive`]):
+    /// the ciphertext and 16-byte tag.
+    pub fn p11_gcm_encrypt(
+        &self,
+        caller: Caller<'_>,
+        key: &str,
+        iv: &[u8; 12],
+        aad: &[u8],
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, HsmError> {
+        let st = self.read();
+        let u = Self::unsealed(&st)?;
+        let e = Self::check_key(u, key)?;
+        Self::check_caller(u, e, caller)?;
+        e.usable(e.record.primary)?.gcm_seal(iv, aad, plaintext)
+    }
+
+    /// PKCS#11 `CKM_AES_GCM` decryption under a master key: the enabled
+    /// versions are tried newest first (the tag tells which one sealed
+    /// it; a PKCS#11 ciphertext names no version). `InvalidCiphertext` if
+    /// none verifies.
+    pub fn p11_gcm_decrypt(
+        &self,
+        caller: Caller<'_>,
+        key: &str,
+        iv: &[u8; 12],
+        aad: &[u8],
+        sealed: &[u8],
+    ) -> Result<SecretBuf, HsmError> {
+        let st = self.read();
+        let u = Self::unsealed(&st)?;
+        let e = Self::check_key(u, key)?;
+        Self::check_caller(u, e, caller)?;
+        e.record
+            .versions
+            .iter()
+            .rev()
+            .filter_map(|v| e.usable(v.version).ok())
+            .find_map(|k| k.gcm_open(iv, aad, sealed))
+            .ok_or(HsmError::InvalidCiphertext(
+                "the tag does not verify under any enabled version of the key",
+            ))
+    }
+
     /// Rewraps a data key under the primary version without the plaintext
     /// leaving the HSM (like AWS KMS ReEncrypt). Returns the new version and
     /// the new blob.

@@ -30,7 +30,7 @@ use subtle::ConstantTimeEq;
 use crate::codec::{Dec, Enc};
 use crate::crypto::{self, Aead, NONCE_LEN, TAG_LEN};
 use crate::error::HsmError;
-use crate::secret::{DataKey, DerivedKey, KEY_LEN, MasterKeyMaterial};
+use crate::secret::{DataKey, DerivedKey, KEY_LEN, MasterKeyMaterial, SecretBuf};
 
 /// Magic bytes of a wrapped data key.
 pub const MAGIC: &[u8; 4] = b"TDEW";
@@ -97,6 +97,10 @@ pub fn canonical_context(context: &Context) -> Vec<u8> {
 pub struct VersionKeys {
     wrap: Aead,
     ctx: DerivedKey,
+    /// For the PKCS#11 module's AES mechanisms: never the master key
+    /// itself, so no PKCS#11 output is ever under the key that wraps data
+    /// keys.
+    p11: aws_lc_rs::aead::LessSafeKey,
 }
 
 impl std::fmt::Debug for VersionKeys {
@@ -107,7 +111,8 @@ impl std::fmt::Debug for VersionKeys {
 
 impl VersionKeys {
     /// `K_wrap = HKDF(salt = "tde/v1/mek", IKM = MEK, info = "wrap" | name | version)`,
-    /// `K_ctx` the same with `info = "context" | name | version`.
+    /// `K_ctx` the same with `info = "context" | name | version`, and
+    /// `K_p11` with `info = "pkcs11-aes" | name | version` (HKDF: RFC 5869).
     pub fn derive(mek: &MasterKeyMaterial, key: &str, version: u32) -> Result<Self, HsmError> {
         let v = version.to_be_bytes();
         let wrap = crypto::derive(mek.expose(), b"tde/v1/mek", &[b"wrap", key.as_bytes(), &v])?;
@@ -116,10 +121,42 @@ impl VersionKeys {
             b"tde/v1/mek",
             &[b"context", key.as_bytes(), &v],
         )?;
+        let p11 = crypto::derive(
+            mek.expose(),
+            b"tde/v1/mek",
+            &[b"pkcs11-aes", key.as_bytes(), &v],
+        )?;
+        let p11 = aws_lc_rs::aead::UnboundKey::new(&aws_lc_rs::aead::AES_256_GCM, p11.expose())
+            .map_err(|_| HsmError::Internal("AES-256-GCM refused a 32-byte key"))?;
         Ok(Self {
             wrap: Aead::new(&wrap),
             ctx,
+            p11: aws_lc_rs::aead::LessSafeKey::new(p11),
         })
+    }
+
+    /// AES-256-GCM (NIST SP 800-38D) encryption under `K_p11`: the
+    /// ciphertext and the 16-byte tag.
+    pub fn gcm_seal(&self, iv: &[u8; 12], aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, HsmError> {
+        use aws_lc_rs::aead::{Aad, Nonce};
+        let mut out = plaintext.to_vec();
+        self.p11
+            .seal_in_place_append_tag(Nonce::assume_unique_for_key(*iv), Aad::from(aad), &mut out)
+            .map_err(|_| HsmError::Internal("AES-GCM encryption failed"))?;
+        Ok(out)
+    }
+
+    /// AES-256-GCM decryption under `K_p11`; `None` if the tag does not
+    /// verify.
+    pub fn gcm_open(&self, iv: &[u8; 12], aad: &[u8], sealed: &[u8]) -> Option<SecretBuf> {
+        use aws_lc_rs::aead::{Aad, Nonce};
+        let mut buf = zeroize::Zeroizing::new(sealed.to_vec());
+        let n = self
+            .p11
+            .open_in_place(Nonce::assume_unique_for_key(*iv), Aad::from(aad), &mut buf)
+            .ok()?
+            .len();
+        Some(SecretBuf::new(buf[..n].to_vec()))
     }
 }
 

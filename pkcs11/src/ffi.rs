@@ -140,9 +140,14 @@ unsafe fn room(out: *mut u8, len: *mut CK_ULONG) -> Result<Out, Rv> {
 /// # Safety
 /// `len` must be valid for a write of a `CK_ULONG`; `out`, if not null,
 /// valid for as many bytes as `*len` said on entry (at least `r`'s bytes).
-unsafe fn put_bytes(r: Result<Vec<u8>, usize>, out: *mut u8, len: *mut CK_ULONG) -> Result<(), Rv> {
+unsafe fn put_bytes<B: AsRef<[u8]>>(
+    r: Result<B, usize>,
+    out: *mut u8,
+    len: *mut CK_ULONG,
+) -> Result<(), Rv> {
     match r {
         Ok(b) => {
+            let b = b.as_ref();
             // SAFETY: the module returns bytes only when the caller's
             // buffer holds them (`room`); `out` is then non-null.
             unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), out, b.len()) };
@@ -626,6 +631,215 @@ unsafe extern "C" fn c_get_attribute_value(
 }
 
 // ---------------------------------------------------------------------------
+// Encryption and decryption.
+
+/// `CK_GCM_PARAMS` as PKCS#11 v2.40's text describes it, without
+/// `ulIvBits` (40 bytes on LP64). SunPKCS11 and others send this layout
+/// or the header's (48 bytes, with `ulIvBits`); the length tells which.
+#[repr(C)]
+#[allow(non_snake_case)]
+struct GcmParamsNoIvBits {
+    pIv: *mut CK_BYTE,
+    ulIvLen: CK_ULONG,
+    pAAD: *mut CK_BYTE,
+    ulAADLen: CK_ULONG,
+    ulTagBits: CK_ULONG,
+}
+
+/// The mechanism a caller passed, with its parameters checked.
+///
+/// # Safety
+/// `m` must be null or valid for a read of a `CK_MECHANISM` whose
+/// `pParameter` is valid for `ulParameterLen` bytes.
+unsafe fn mechanism(m: *const CK_MECHANISM) -> Result<module::Mechanism, Rv> {
+    if m.is_null() {
+        return Err(CKR_ARGUMENTS_BAD);
+    }
+    // SAFETY: non-null and valid by the caller's contract.
+    let m = unsafe { &*m };
+    if m.mechanism != CKM_AES_GCM {
+        return Err(CKR_MECHANISM_INVALID);
+    }
+    let p = m.pParameter;
+    if p.is_null() {
+        return Err(CKR_MECHANISM_PARAM_INVALID);
+    }
+    let len = m.ulParameterLen as usize;
+    // SAFETY: `p` is valid for `len` bytes, which is the size of the
+    // layout read in each arm; read_unaligned asks nothing of alignment.
+    let (iv, iv_len, aad, aad_len, tag_bits) = if len == std::mem::size_of::<CK_GCM_PARAMS>() {
+        let g = unsafe { (p as *const CK_GCM_PARAMS).read_unaligned() };
+        (g.pIv, g.ulIvLen, g.pAAD, g.ulAADLen, g.ulTagBits)
+    } else if len == std::mem::size_of::<GcmParamsNoIvBits>() {
+        let g = unsafe { (p as *const GcmParamsNoIvBits).read_unaligned() };
+        (g.pIv, g.ulIvLen, g.pAAD, g.ulAADLen, g.ulTagBits)
+    } else {
+        return Err(CKR_MECHANISM_PARAM_INVALID);
+    };
+    if tag_bits != 128 || iv_len != 12 || iv.is_null() {
+        return Err(CKR_MECHANISM_PARAM_INVALID);
+    }
+    if aad_len as usize > tde_protocol::message::MAX_AAD {
+        return Err(CKR_MECHANISM_PARAM_INVALID);
+    }
+    // SAFETY: the IV and AAD buffers of the caller's parameters.
+    let iv: [u8; 12] = unsafe { bytes(iv, iv_len) }?
+        .try_into()
+        .map_err(|_| CKR_MECHANISM_PARAM_INVALID)?;
+    let aad = unsafe { bytes(aad, aad_len) }
+        .map_err(|_| CKR_MECHANISM_PARAM_INVALID)?
+        .to_vec();
+    Ok(module::Mechanism::AesGcm { iv, aad })
+}
+
+/// A call that fails (other than a length query) ends the operation.
+fn end_crypt_on_error(h: CK_SESSION_HANDLE, r: &Result<(), Rv>) {
+    if matches!(r, Err(e) if *e != CKR_BUFFER_TOO_SMALL && *e != CKR_SESSION_HANDLE_INVALID) {
+        module::crypt_abort(h);
+    }
+}
+
+unsafe fn crypt_init(
+    h: CK_SESSION_HANDLE,
+    encrypt: bool,
+    m: *mut CK_MECHANISM,
+    key: CK_OBJECT_HANDLE,
+) -> CK_RV {
+    guard(|| {
+        // SAFETY: the caller's mechanism.
+        let m = unsafe { mechanism(m) }?;
+        module::crypt_init(h, encrypt, m, key)
+    })
+}
+
+unsafe fn crypt(
+    h: CK_SESSION_HANDLE,
+    encrypt: bool,
+    data: *mut CK_BYTE,
+    data_len: CK_ULONG,
+    out: *mut CK_BYTE,
+    out_len: *mut CK_ULONG,
+) -> CK_RV {
+    guard(|| {
+        let r = (|| {
+            // SAFETY: the caller's input and output buffers.
+            let data = unsafe { bytes(data, data_len) }?;
+            let room = unsafe { room(out, out_len) }?;
+            let r = module::crypt_final(h, encrypt, data, room)?;
+            // SAFETY: as above.
+            unsafe { put_bytes(r, out, out_len) }
+        })();
+        end_crypt_on_error(h, &r);
+        r
+    })
+}
+
+unsafe fn crypt_update(
+    h: CK_SESSION_HANDLE,
+    encrypt: bool,
+    data: *mut CK_BYTE,
+    data_len: CK_ULONG,
+    out_len: *mut CK_ULONG,
+) -> CK_RV {
+    guard(|| {
+        let r = (|| {
+            if out_len.is_null() {
+                return Err(CKR_ARGUMENTS_BAD);
+            }
+            // SAFETY: the caller's input buffer.
+            let data = unsafe { bytes(data, data_len) }?;
+            module::crypt_update(h, encrypt, data)?;
+            // GCM outputs at the end: nothing now.
+            // SAFETY: non-null, the caller's out parameter.
+            unsafe { out_len.write(0) };
+            Ok(())
+        })();
+        end_crypt_on_error(h, &r);
+        r
+    })
+}
+
+unsafe extern "C" fn c_encrypt_init(
+    h: CK_SESSION_HANDLE,
+    m: *mut CK_MECHANISM,
+    key: CK_OBJECT_HANDLE,
+) -> CK_RV {
+    // SAFETY: the caller's arguments, as C_EncryptInit takes them.
+    unsafe { crypt_init(h, true, m, key) }
+}
+
+unsafe extern "C" fn c_decrypt_init(
+    h: CK_SESSION_HANDLE,
+    m: *mut CK_MECHANISM,
+    key: CK_OBJECT_HANDLE,
+) -> CK_RV {
+    // SAFETY: the caller's arguments, as C_DecryptInit takes them.
+    unsafe { crypt_init(h, false, m, key) }
+}
+
+unsafe extern "C" fn c_encrypt(
+    h: CK_SESSION_HANDLE,
+    d: *mut CK_BYTE,
+    dl: CK_ULONG,
+    o: *mut CK_BYTE,
+    ol: *mut CK_ULONG,
+) -> CK_RV {
+    // SAFETY: the caller's buffers, as C_Encrypt takes them.
+    unsafe { crypt(h, true, d, dl, o, ol) }
+}
+
+unsafe extern "C" fn c_decrypt(
+    h: CK_SESSION_HANDLE,
+    d: *mut CK_BYTE,
+    dl: CK_ULONG,
+    o: *mut CK_BYTE,
+    ol: *mut CK_ULONG,
+) -> CK_RV {
+    // SAFETY: the caller's buffers, as C_Decrypt takes them.
+    unsafe { crypt(h, false, d, dl, o, ol) }
+}
+
+unsafe extern "C" fn c_encrypt_update(
+    h: CK_SESSION_HANDLE,
+    d: *mut CK_BYTE,
+    dl: CK_ULONG,
+    _o: *mut CK_BYTE,
+    ol: *mut CK_ULONG,
+) -> CK_RV {
+    // SAFETY: the caller's buffers, as C_EncryptUpdate takes them.
+    unsafe { crypt_update(h, true, d, dl, ol) }
+}
+
+unsafe extern "C" fn c_decrypt_update(
+    h: CK_SESSION_HANDLE,
+    d: *mut CK_BYTE,
+    dl: CK_ULONG,
+    _o: *mut CK_BYTE,
+    ol: *mut CK_ULONG,
+) -> CK_RV {
+    // SAFETY: the caller's buffers, as C_DecryptUpdate takes them.
+    unsafe { crypt_update(h, false, d, dl, ol) }
+}
+
+unsafe extern "C" fn c_encrypt_final(
+    h: CK_SESSION_HANDLE,
+    o: *mut CK_BYTE,
+    ol: *mut CK_ULONG,
+) -> CK_RV {
+    // SAFETY: the caller's buffer; no input.
+    unsafe { crypt(h, true, std::ptr::null_mut(), 0, o, ol) }
+}
+
+unsafe extern "C" fn c_decrypt_final(
+    h: CK_SESSION_HANDLE,
+    o: *mut CK_BYTE,
+    ol: *mut CK_ULONG,
+) -> CK_RV {
+    // SAFETY: the caller's buffer; no input.
+    unsafe { crypt(h, false, std::ptr::null_mut(), 0, o, ol) }
+}
+
+// ---------------------------------------------------------------------------
 // Digests (in the module: no key is involved).
 
 unsafe extern "C" fn c_digest_init(h: CK_SESSION_HANDLE, m: *mut CK_MECHANISM) -> CK_RV {
@@ -757,14 +971,6 @@ unsupported! {
     c_destroy_object(H, O);
     c_get_object_size(H, O, PL);
     c_set_attribute_value(H, O, A, L);
-    c_encrypt_init(H, M, O);
-    c_encrypt(H, B, L, B, PL);
-    c_encrypt_update(H, B, L, B, PL);
-    c_encrypt_final(H, B, PL);
-    c_decrypt_init(H, M, O);
-    c_decrypt(H, B, L, B, PL);
-    c_decrypt_update(H, B, L, B, PL);
-    c_decrypt_final(H, B, PL);
     c_digest_key(H, O);
     c_sign_init(H, M, O);
     c_sign(H, B, L, B, PL);

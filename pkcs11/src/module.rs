@@ -30,7 +30,11 @@ pub const MECHANISMS: &[(CK_MECHANISM_TYPE, CK_ULONG, CK_ULONG, CK_FLAGS)] = &[
     (CKM_SHA256, 0, 0, CKF_DIGEST),
     (CKM_SHA384, 0, 0, CKF_DIGEST),
     (CKM_SHA512, 0, 0, CKF_DIGEST),
+    (CKM_AES_GCM, 32, 32, CKF_ENCRYPT | CKF_DECRYPT),
 ];
+
+/// The 16-byte GCM tag (`ulTagBits` 128, the only length offered).
+pub const GCM_TAG_LEN: usize = 16;
 
 /// One slot: a sidecar, and a pool of connections to it.
 struct Slot {
@@ -131,6 +135,13 @@ fn rv(e: &ClientError) -> Rv {
             ErrorCode::InvalidArgument => CKR_ARGUMENTS_BAD,
             ErrorCode::LoginFailed | ErrorCode::OperatorNotFound => CKR_PIN_INCORRECT,
             ErrorCode::OperatorLocked => CKR_PIN_LOCKED,
+            // A GCM tag that does not verify (Java: AEADBadTagException).
+            ErrorCode::InvalidCiphertext => CKR_ENCRYPTED_DATA_INVALID,
+            ErrorCode::KeyNotFound => CKR_KEY_HANDLE_INVALID,
+            ErrorCode::KeyDisabled
+            | ErrorCode::KeyDestroyed
+            | ErrorCode::KeyPendingDestruction
+            | ErrorCode::InvalidKeyState => CKR_KEY_FUNCTION_NOT_PERMITTED,
             _ => CKR_FUNCTION_FAILED,
         },
     }
@@ -196,6 +207,30 @@ struct Session {
     digest: Option<Hasher>,
     /// The objects a search found, not yet returned.
     found: Option<std::collections::VecDeque<CK_OBJECT_HANDLE>>,
+    /// An encryption or decryption in progress.
+    crypt: Option<Crypt>,
+}
+
+/// A mechanism as the module takes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mechanism {
+    /// `CKM_AES_GCM` with its IV and AAD (`ulTagBits` checked: 128).
+    AesGcm {
+        /// The IV: 12 bytes.
+        iv: [u8; 12],
+        /// Additional authenticated data.
+        aad: Vec<u8>,
+    },
+}
+
+/// An encryption or decryption: its key, mechanism and the data the
+/// multi-part calls gave so far (GCM answers at the end: a decryption
+/// releases nothing before the tag verifies).
+struct Crypt {
+    encrypt: bool,
+    key: String,
+    mechanism: Mechanism,
+    data: zeroize::Zeroizing<Vec<u8>>,
 }
 
 /// An object's attributes; `None` is a sensitive one, whose value never
@@ -208,8 +243,8 @@ pub struct Object {
 
 impl Object {
     /// A master key as a PKCS#11 AES secret key: private (seen only after
-    /// a login), sensitive, never extractable. The operations it allows
-    /// are `false` until the module offers mechanisms for it.
+    /// a login), sensitive, never extractable; it encrypts and decrypts
+    /// (`CKM_AES_GCM`), nothing else yet.
     fn master_key(slot: usize, k: &KeyInfo) -> Object {
         let yes = |b: bool| Some(vec![u8::from(b)]);
         let ulong = |v: CK_ULONG| Some(v.to_ne_bytes().to_vec());
@@ -231,8 +266,8 @@ impl Object {
             (CKA_NEVER_EXTRACTABLE, yes(true)),
             (CKA_LOCAL, yes(true)),
             (CKA_KEY_GEN_MECHANISM, ulong(CKM_AES_KEY_GEN)),
-            (CKA_ENCRYPT, yes(false)),
-            (CKA_DECRYPT, yes(false)),
+            (CKA_ENCRYPT, yes(true)),
+            (CKA_DECRYPT, yes(true)),
             (CKA_WRAP, yes(false)),
             (CKA_UNWRAP, yes(false)),
             (CKA_SIGN, yes(false)),
@@ -471,6 +506,7 @@ pub fn open_session(id: CK_SLOT_ID, flags: CK_FLAGS) -> Result<CK_SESSION_HANDLE
                 flags: flags & (CKF_SERIAL_SESSION | CKF_RW_SESSION),
                 digest: None,
                 found: None,
+                crypt: None,
             },
         );
         Ok(h)
@@ -650,6 +686,154 @@ pub fn object(h: CK_SESSION_HANDLE, handle: CK_OBJECT_HANDLE) -> Result<Object, 
         return Err(CKR_OBJECT_HANDLE_INVALID);
     }
     Ok(object)
+}
+
+/// `C_EncryptInit` / `C_DecryptInit`: `key` must be a master key the
+/// logged-in crypto user may see.
+pub fn crypt_init(
+    h: CK_SESSION_HANDLE,
+    encrypt: bool,
+    mechanism: Mechanism,
+    key: CK_OBJECT_HANDLE,
+) -> Result<(), Rv> {
+    let object = object(h, key).map_err(|rv| {
+        if rv == CKR_OBJECT_HANDLE_INVALID {
+            CKR_KEY_HANDLE_INVALID
+        } else {
+            rv
+        }
+    })?;
+    let allowed = if encrypt { CKA_ENCRYPT } else { CKA_DECRYPT };
+    if object.attribute(allowed) != Ok(Some(&[1u8][..])) {
+        return Err(CKR_KEY_FUNCTION_NOT_PERMITTED);
+    }
+    let name = object
+        .attribute(CKA_LABEL)
+        .ok()
+        .flatten()
+        .and_then(|l| std::str::from_utf8(l).ok())
+        .ok_or(CKR_KEY_HANDLE_INVALID)?
+        .to_string();
+    let slot = session_slot(h)?;
+    if slot.user_type() != Some(CKU_USER) {
+        return Err(CKR_USER_NOT_LOGGED_IN);
+    }
+    with_session(h, |x| {
+        if x.crypt.is_some() {
+            return Err(CKR_OPERATION_ACTIVE);
+        }
+        x.crypt = Some(Crypt {
+            encrypt,
+            key: name,
+            mechanism,
+            data: zeroize::Zeroizing::new(Vec::new()),
+        });
+        Ok(())
+    })
+}
+
+/// `C_EncryptUpdate` / `C_DecryptUpdate`: keeps the part (GCM gives its
+/// output at the end), so nothing is output now.
+pub fn crypt_update(h: CK_SESSION_HANDLE, encrypt: bool, part: &[u8]) -> Result<(), Rv> {
+    with_session(h, |x| {
+        let c = x
+            .crypt
+            .as_mut()
+            .filter(|c| c.encrypt == encrypt)
+            .ok_or(CKR_OPERATION_NOT_INITIALIZED)?;
+        if c.data.len() + part.len() > tde_protocol::message::MAX_P11_DATA {
+            return Err(if encrypt {
+                CKR_DATA_LEN_RANGE
+            } else {
+                CKR_ENCRYPTED_DATA_LEN_RANGE
+            });
+        }
+        c.data.extend_from_slice(part);
+        Ok(())
+    })
+}
+
+/// Ends an encryption or decryption after an error other than a length
+/// query (PKCS#11 section 5.2).
+pub fn crypt_abort(h: CK_SESSION_HANDLE) {
+    let _ = with_session(h, |x| {
+        x.crypt = None;
+        Ok(())
+    });
+}
+
+/// `C_Encrypt` / `C_Decrypt` (`last`: the single part) and
+/// `C_EncryptFinal` / `C_DecryptFinal` (`last` empty): the output, or the
+/// length the caller must make room for.
+pub fn crypt_final(
+    h: CK_SESSION_HANDLE,
+    encrypt: bool,
+    last: &[u8],
+    out: Out,
+) -> Result<Result<zeroize::Zeroizing<Vec<u8>>, usize>, Rv> {
+    let (key, mechanism, data, slot) = with_state(|s| {
+        let x = s.sessions.get(&h).ok_or(CKR_SESSION_HANDLE_INVALID)?;
+        let c = x
+            .crypt
+            .as_ref()
+            .filter(|c| c.encrypt == encrypt)
+            .ok_or(CKR_OPERATION_NOT_INITIALIZED)?;
+        let mut data = zeroize::Zeroizing::new(Vec::with_capacity(c.data.len() + last.len()));
+        data.extend_from_slice(&c.data);
+        data.extend_from_slice(last);
+        Ok((
+            c.key.clone(),
+            c.mechanism.clone(),
+            data,
+            s.slots[x.slot].clone(),
+        ))
+    })?;
+    let need = if encrypt {
+        data.len() + GCM_TAG_LEN
+    } else {
+        data.len()
+            .checked_sub(GCM_TAG_LEN)
+            .ok_or(CKR_ENCRYPTED_DATA_LEN_RANGE)?
+    };
+    if data.len() > tde_protocol::message::MAX_P11_DATA {
+        return Err(if encrypt {
+            CKR_DATA_LEN_RANGE
+        } else {
+            CKR_ENCRYPTED_DATA_LEN_RANGE
+        });
+    }
+    match out {
+        Out::Length => return Ok(Err(need)),
+        Out::Buffer(n) if n < need => return Ok(Err(need)),
+        Out::Buffer(_) => {}
+    }
+    let token = lock(&slot.login)
+        .as_ref()
+        .map(|l| copy(&l.token))
+        .ok_or(CKR_USER_NOT_LOGGED_IN)?;
+    let Mechanism::AesGcm { iv, aad } = mechanism;
+    let r = slot
+        .with(|c| {
+            c.p11_crypt(
+                encrypt,
+                tde_protocol::P11Crypt {
+                    token: copy(&token),
+                    key: key.clone(),
+                    mechanism: CKM_AES_GCM,
+                    iv: iv.to_vec(),
+                    aad: aad.clone(),
+                    data: SecretBytes::from_slice(&data),
+                },
+            )
+        })
+        .inspect_err(|rv| slot.lapsed(*rv, &token));
+    // Done, whatever the answer.
+    crypt_abort(h);
+    let out = r?;
+    if out.expose().len() != need {
+        return Err(CKR_DEVICE_ERROR);
+    }
+    Ok(Ok(zeroize::Zeroizing::new(out.expose().to_vec())))
 }
 
 /// `C_GenerateRandom`: from the HSM's generator, in requests of at most

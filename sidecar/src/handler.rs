@@ -814,6 +814,7 @@ fn describe(req: &Request, blob: &Blob<'_>, rec: &mut AuditRecord) {
             rec.detail = Some(format!("operator {operator}"));
         }
         Request::Login { operator, .. } => rec.actor.operator = Some(operator.clone()),
+        Request::P11Encrypt(c) | Request::P11Decrypt(c) => rec.key = audit_key(&c.key),
         Request::P11Login { operator, role, .. } => {
             rec.actor.operator = Some(truncate(operator, MAX_TEXT).to_string());
             rec.detail = Some(format!("PKCS#11 login as {}", truncate(role, 16)));
@@ -1260,6 +1261,53 @@ impl Service {
         }
     }
 
+    /// PKCS#11 `CKM_AES_GCM` under a master key, for a crypto user the key
+    /// is shared with.
+    fn p11_crypt(
+        &self,
+        encrypt: bool,
+        c: &tde_protocol::P11Crypt,
+        s: &OperatorSession,
+        rec: &mut AuditRecord,
+    ) -> Outcome {
+        /// `CKM_AES_GCM`.
+        const AES_GCM: u64 = 0x1087;
+        if c.mechanism != AES_GCM {
+            return Err((
+                ErrorCode::InvalidArgument,
+                format!(
+                    "mechanism {:#x} is not offered: CKM_AES_GCM (0x1087) is",
+                    c.mechanism
+                ),
+            ));
+        }
+        let iv: &[u8; 12] = c.iv.as_slice().try_into().map_err(|_| {
+            (
+                ErrorCode::InvalidArgument,
+                "CKM_AES_GCM takes a 12-byte IV".to_string(),
+            )
+        })?;
+        rec.detail = Some(format!(
+            "CKM_AES_GCM, {} bytes in, {} bytes of AAD",
+            c.data.expose().len(),
+            c.aad.len()
+        ));
+        let caller = Caller::User(s);
+        let data = if encrypt {
+            rec.key_version = hsm(self.hsm.primary_version(caller, &c.key)).ok();
+            let out = hsm(self
+                .hsm
+                .p11_gcm_encrypt(caller, &c.key, iv, &c.aad, c.data.expose()))?;
+            SecretBytes::new(out)
+        } else {
+            let out = hsm(self
+                .hsm
+                .p11_gcm_decrypt(caller, &c.key, iv, &c.aad, c.data.expose()))?;
+            SecretBytes::from_slice(out.expose())
+        };
+        Ok(Response::P11Data { data })
+    }
+
     /// The PKCS#11 module's operations (the caller's policy allows them).
     fn p11(&self, req: &Request, rec: &mut AuditRecord) -> Outcome {
         match req {
@@ -1419,6 +1467,13 @@ impl Service {
             Request::P11Login { .. } | Request::P11Logout { .. } => {
                 p.allows_op_key("pkcs11", None).map_err(denied)?;
                 return self.p11(req, rec);
+            }
+            Request::P11Encrypt(c) | Request::P11Decrypt(c) => {
+                p.allows_op_key("pkcs11", Some(&c.key)).map_err(denied)?;
+                let s = self.tokens.login(c.token.expose())?;
+                rec.actor.operator = Some(s.name().to_string());
+                rec.actor.role = Some(s.role().name());
+                return self.p11_crypt(matches!(req, Request::P11Encrypt(_)), c, &s, rec);
             }
             Request::P11Objects { token } => {
                 p.allows_op_key("pkcs11", None).map_err(denied)?;

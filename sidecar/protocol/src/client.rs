@@ -13,7 +13,7 @@ use crate::message::{
     ApprovalInfo, AuditKeyInfo, AuditPage, AuditQuery, AuditRange, Context, DekRef, KeyInfo,
     OperatorInfo, ResplitInfo, StatusInfo,
 };
-use crate::{ErrorCode, Op, Request, Response, SecretBytes};
+use crate::{ErrorCode, Op, P11Crypt, Request, Response, SecretBytes};
 
 /// How long a call waits for its answer (a `watch_key` waits at most 60 s
 /// on the server, and is asked for less).
@@ -250,6 +250,17 @@ impl Client {
     /// among those the caller's policy names.
     pub fn p11_objects(&mut self, token: SecretBytes) -> Result<Vec<KeyInfo>, ClientError> {
         expect!(self, Request::P11Objects { token }, Response::Keys(k) => k)
+    }
+
+    /// `p11_encrypt` / `p11_decrypt` (data socket): the operation's
+    /// output.
+    pub fn p11_crypt(&mut self, encrypt: bool, c: P11Crypt) -> Result<SecretBytes, ClientError> {
+        let req = if encrypt {
+            Request::P11Encrypt(c)
+        } else {
+            Request::P11Decrypt(c)
+        };
+        expect!(self, req, Response::P11Data { data } => data)
     }
 
     /// `zeroize`: destroys the root material for ever.

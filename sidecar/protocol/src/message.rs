@@ -167,6 +167,14 @@ pub mod tag {
     pub const BLOCKS_DONE: u8 = 74;
     /// Blocks a re-key has to go through (u64).
     pub const BLOCKS_TOTAL: u8 = 75;
+    /// A PKCS#11 initialization vector (bytes).
+    pub const IV: u8 = 76;
+    /// PKCS#11 additional authenticated data (bytes).
+    pub const AAD: u8 = 77;
+    /// PKCS#11 input or output data (bytes).
+    pub const DATA: u8 = 78;
+    /// A PKCS#11 mechanism type, `CKM_*` (u64).
+    pub const MECHANISM: u8 = 79;
 }
 
 mod audit;
@@ -278,6 +286,10 @@ pub enum Op {
     P11Logout = 0x0702,
     /// PKCS#11 objects: the master keys the token's login may use.
     P11Objects = 0x0703,
+    /// PKCS#11 `C_Encrypt` under a master key.
+    P11Encrypt = 0x0704,
+    /// PKCS#11 `C_Decrypt` under a master key.
+    P11Decrypt = 0x0705,
 }
 
 impl Op {
@@ -333,6 +345,8 @@ impl Op {
         Op::P11Login,
         Op::P11Logout,
         Op::P11Objects,
+        Op::P11Encrypt,
+        Op::P11Decrypt,
     ];
 
     /// The operation for a wire code.
@@ -393,6 +407,8 @@ impl Op {
             Op::P11Login => "p11_login",
             Op::P11Logout => "p11_logout",
             Op::P11Objects => "p11_objects",
+            Op::P11Encrypt => "p11_encrypt",
+            Op::P11Decrypt => "p11_decrypt",
         }
     }
 
@@ -410,6 +426,8 @@ impl Op {
                 | Op::P11Login
                 | Op::P11Logout
                 | Op::P11Objects
+                | Op::P11Encrypt
+                | Op::P11Decrypt
         )
     }
 }
@@ -501,6 +519,10 @@ pub enum Request {
         /// The token [`Request::P11Login`] gave.
         token: SecretBytes,
     },
+    /// See [`Op::P11Encrypt`] (and [`Op::P11Decrypt`], same fields).
+    P11Encrypt(P11Crypt),
+    /// See [`Op::P11Decrypt`]: `data` is the ciphertext and tag.
+    P11Decrypt(P11Crypt),
     /// See [`Op::TokenLogin`].
     TokenLogin {
         /// The token.
@@ -876,6 +898,23 @@ pub struct KeyInfo {
     pub shared_with: Vec<String>,
 }
 
+/// A PKCS#11 encrypt or decrypt under a master key.
+#[derive(Debug, PartialEq, Eq)]
+pub struct P11Crypt {
+    /// The token [`Request::P11Login`] gave.
+    pub token: SecretBytes,
+    /// The master key (its name, `CKA_LABEL`).
+    pub key: String,
+    /// `CKM_AES_GCM` (0x1087).
+    pub mechanism: u64,
+    /// The IV (GCM: 12 bytes).
+    pub iv: Vec<u8>,
+    /// Additional authenticated data.
+    pub aad: Vec<u8>,
+    /// Plaintext to encrypt, or ciphertext and tag to decrypt.
+    pub data: SecretBytes,
+}
+
 /// An operator's public description.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OperatorInfo {
@@ -924,6 +963,11 @@ pub enum Response {
         source_version: u32,
         /// The new wrapped key.
         ciphertext: Vec<u8>,
+    },
+    /// Answer to a PKCS#11 encrypt or decrypt: its output.
+    P11Data {
+        /// Ciphertext and tag, or plaintext.
+        data: SecretBytes,
     },
     /// Answer to generate-random.
     Random {
@@ -1060,6 +1104,10 @@ struct Fields {
     dek_version: Option<u32>,
     blocks_done: Option<u64>,
     blocks_total: Option<u64>,
+    iv: Option<Vec<u8>>,
+    aad: Option<Vec<u8>>,
+    data: Option<SecretBytes>,
+    mechanism: Option<u64>,
 }
 
 impl Fields {
@@ -1182,6 +1230,14 @@ impl Fields {
                     as_u64(v, "blocks_total")?,
                     "blocks_total",
                 )?,
+                tag::IV => once(&mut f.iv, capped(v, "iv", MAX_IV)?.to_vec(), "iv")?,
+                tag::AAD => once(&mut f.aad, capped(v, "aad", MAX_AAD)?.to_vec(), "aad")?,
+                tag::DATA => once(
+                    &mut f.data,
+                    SecretBytes::from_slice(capped(v, "data", MAX_P11_DATA)?),
+                    "data",
+                )?,
+                tag::MECHANISM => once(&mut f.mechanism, as_u64(v, "mechanism")?, "mechanism")?,
                 tag::DEK => {
                     if f.deks.len() >= MAX_DEKS {
                         return Err(DecodeError::InvalidValue("too many data keys"));
@@ -1208,6 +1264,12 @@ pub const MAX_LOCATION: usize = 4096;
 /// Longest plaintext, ciphertext or random field (data keys and wrapped
 /// data keys are far smaller; `generate_random` returns at most 4096).
 pub const MAX_BYTES: usize = 4096;
+/// A PKCS#11 operation's data at most (each way).
+pub const MAX_P11_DATA: usize = 256 * 1024;
+/// A PKCS#11 initialization vector at most.
+pub const MAX_IV: usize = 256;
+/// PKCS#11 additional authenticated data at most.
+pub const MAX_AAD: usize = 64 * 1024;
 
 /// `v`, if it is at most `max` bytes: a peer cannot make the daemon keep,
 /// log or audit a megabyte of name.
@@ -1267,6 +1329,8 @@ impl Request {
             Request::P11Login { .. } => Op::P11Login,
             Request::P11Logout { .. } => Op::P11Logout,
             Request::P11Objects { .. } => Op::P11Objects,
+            Request::P11Encrypt(_) => Op::P11Encrypt,
+            Request::P11Decrypt(_) => Op::P11Decrypt,
             Request::TokenRevoke { .. } => Op::TokenRevoke,
             Request::ResplitInit { .. } => Op::ResplitInit,
             Request::ResplitUpdate { .. } => Op::ResplitUpdate,
@@ -1379,6 +1443,14 @@ impl Request {
             | Request::P11Logout { token }
             | Request::P11Objects { token } => {
                 w.bytes(TOKEN, token.expose());
+            }
+            Request::P11Encrypt(c) | Request::P11Decrypt(c) => {
+                w.bytes(TOKEN, c.token.expose())
+                    .str(KEY_NAME, &c.key)
+                    .u64(MECHANISM, c.mechanism)
+                    .bytes(IV, &c.iv)
+                    .bytes(AAD, &c.aad)
+                    .bytes(DATA, c.data.expose());
             }
             Request::ResplitInit {
                 threshold,
@@ -1555,6 +1627,22 @@ impl Request {
             Op::P11Objects => Request::P11Objects {
                 token: required(read(&[TOKEN])?.token, "token")?,
             },
+            Op::P11Encrypt | Op::P11Decrypt => {
+                let f = read(&[TOKEN, KEY_NAME, MECHANISM, IV, AAD, DATA])?;
+                let c = P11Crypt {
+                    token: required(f.token, "token")?,
+                    key: required(f.key, "key")?,
+                    mechanism: required(f.mechanism, "mechanism")?,
+                    iv: f.iv.unwrap_or_default(),
+                    aad: f.aad.unwrap_or_default(),
+                    data: required(f.data, "data")?,
+                };
+                if op == Op::P11Encrypt {
+                    Request::P11Encrypt(c)
+                } else {
+                    Request::P11Decrypt(c)
+                }
+            }
             Op::ResplitInit => {
                 let f = read(&[THRESHOLD, SHARES, CUSTODIAN_KEY])?;
                 Request::ResplitInit {
@@ -2128,6 +2216,9 @@ impl Response {
             Response::Random { bytes } => {
                 w.bytes(RANDOM, bytes.expose());
             }
+            Response::P11Data { data } => {
+                w.bytes(DATA, data.expose());
+            }
             Response::LoggedIn { operator, role } => {
                 w.str(OPERATOR, operator).str(ROLE, role);
             }
@@ -2286,6 +2377,9 @@ impl Response {
             }
             Op::GenerateRandom => Response::Random {
                 bytes: required(Fields::read(body, what, &[RANDOM])?.random, "random")?,
+            },
+            Op::P11Encrypt | Op::P11Decrypt => Response::P11Data {
+                data: required(Fields::read(body, what, &[DATA])?.data, "data")?,
             },
             Op::ResplitInit | Op::ResplitUpdate | Op::ResplitStatus => {
                 Response::Resplit(take_resplit(body)?)

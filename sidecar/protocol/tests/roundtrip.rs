@@ -47,6 +47,30 @@ fn request() -> impl Strategy<Value = Request> {
         }),
         secret().prop_map(|token| Request::P11Logout { token }),
         secret().prop_map(|token| Request::P11Objects { token }),
+        (
+            secret(),
+            name(),
+            any::<u64>(),
+            vec(any::<u8>(), 0..20),
+            vec(any::<u8>(), 0..50),
+            secret(),
+            any::<bool>()
+        )
+            .prop_map(|(token, key, mechanism, iv, aad, data, enc)| {
+                let c = tde_protocol::P11Crypt {
+                    token,
+                    key,
+                    mechanism,
+                    iv,
+                    aad,
+                    data,
+                };
+                if enc {
+                    Request::P11Encrypt(c)
+                } else {
+                    Request::P11Decrypt(c)
+                }
+            }),
         Just(()).prop_map(|_| Request::Zeroize),
         (name(), name(), secret()).prop_map(|(operator, role, password)| Request::OperatorAdd {
             operator,
@@ -344,6 +368,7 @@ fn response() -> impl Strategy<Value = (u16, Response)> {
         Just(()).prop_map(|_| (Op::OperatorAdd as u16, Response::Done)),
         (secret(), any::<u64>())
             .prop_map(|(token, ttl)| (Op::P11Login as u16, Response::Token { token, ttl })),
+        secret().prop_map(|data| (Op::P11Decrypt as u16, Response::P11Data { data })),
         vec(
             (name(), name(), any::<bool>(), any::<u32>()).prop_map(
                 |(name, role, locked, failed_logins)| OperatorInfo {
