@@ -1308,3 +1308,87 @@ fn aes_gcm_under_a_master_key_encrypts_table_keys_and_refuses_a_tampered_tag() {
         }
     }
 }
+
+/// Must-show 1, its AES part: Java's own PKCS#11 provider, unchanged
+/// (`examples/java/TdeGcm.java`), with a token key.
+#[test]
+fn java_sunpkcs11_encrypts_with_a_token_key_and_throws_on_a_bad_tag() {
+    let javac = Command::new("javac").arg("-version").output();
+    if !javac.is_ok_and(|o| o.status.success()) {
+        skip("javac (default-jdk-headless) is not installed");
+        return;
+    }
+    let env = Env::with_operations("", r#""pkcs11""#);
+    let _daemon = env.sidecar_with_keys(&["pg-main"]);
+    env.ok_new_password(
+        &["operator", "add", "alice", "--role", "crypto_user"],
+        "alice-password-1",
+    );
+    env.ok(&["key", "share", "pg-main", "alice"]);
+    let classes = env.dir.path().join("classes");
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/java/TdeGcm.java");
+    let out = Command::new("javac")
+        .arg("-d")
+        .arg(&classes)
+        .arg(&src)
+        .output()
+        .expect("javac");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cfg = env.dir.path().join("p11.cfg");
+    std::fs::write(
+        &cfg,
+        format!("name = tde\nlibrary = {}\nslot = 0\n", module().display()),
+    )
+    .expect("cfg");
+    let out = Command::new("java")
+        .arg("-cp")
+        .arg(&classes)
+        .arg("TdeGcm")
+        .arg(&cfg)
+        .arg("alice:alice-password-1")
+        .arg("pg-main")
+        .env("TDE_PKCS11_SOCKET", env.data_socket())
+        .env_remove("TDE_PKCS11_CONFIG")
+        .output()
+        .expect("java");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    for line in [
+        "aliases: [pg-main]",
+        "key: AES",
+        "sealed: 48 bytes",
+        "opened: true",
+        "tampered: AEADBadTagException",
+    ] {
+        assert!(text.contains(line), "{line:?} missing: {text}");
+    }
+    let records = audit(&env.db());
+    let java: Vec<_> = records
+        .iter()
+        .filter(|r| r["op"] == "p11_encrypt" || r["op"] == "p11_decrypt")
+        .collect();
+    let ops: Vec<String> = java
+        .iter()
+        .map(|r| format!("{} {}", r["op"], r["result"]))
+        .collect();
+    // (SunPKCS11 encrypts once more on its own, so the encryptions are
+    // not counted exactly.)
+    assert_eq!(count(&records, "p11_decrypt", "ok"), 1, "{ops:?}");
+    assert_eq!(count(&records, "p11_decrypt", "error"), 1, "{ops:?}");
+    assert!(count(&records, "p11_encrypt", "ok") >= 1, "{ops:?}");
+    assert_eq!(count(&records, "p11_encrypt", "error"), 0, "{ops:?}");
+    assert!(
+        java.iter().all(|r| r["actor"]["exe"]
+            .as_str()
+            .is_some_and(|e| e.contains("java"))),
+        "the JVM is named: {java:?}"
+    );
+}
