@@ -46,6 +46,18 @@ fn ok(env: &Env, args: &[&str]) -> String {
     text
 }
 
+/// A crypto user `alice` (password `alice-password-1`) with `shared`
+/// keys shared with it.
+fn add_alice(env: &Env, shared: &[&str]) {
+    env.ok_new_password(
+        &["operator", "add", "alice", "--role", "crypto_user"],
+        "alice-password-1",
+    );
+    for k in shared {
+        env.ok(&["key", "share", k, "alice"]);
+    }
+}
+
 fn have_tool() -> bool {
     let there = Command::new("pkcs11-tool").arg("--help").output().is_ok();
     if !there {
@@ -61,10 +73,7 @@ fn pkcs11_tool_sees_the_token_its_mechanisms_and_random_bytes() {
     }
     let env = Env::with_operations("", r#""generate_random", "pkcs11""#);
     let daemon = env.sidecar_with_keys(&["pg-main"]);
-    env.ok_new_password(
-        &["operator", "add", "alice", "--role", "crypto_user"],
-        "alice-password-1",
-    );
+    add_alice(&env, &[]);
     let store_id = env.status()["store_id"]
         .as_str()
         .expect("store id")
@@ -576,10 +585,7 @@ fn c_login_is_an_operator_login_with_lockout_audited_with_the_caller() {
 
     let env = Env::with_operations("", r#""generate_random", "pkcs11""#);
     let _daemon = env.sidecar_with_keys(&[]);
-    env.ok_new_password(
-        &["operator", "add", "alice", "--role", "crypto_user"],
-        "alice-password-1",
-    );
+    add_alice(&env, &[]);
     env.ok_new_password(
         &["operator", "add", "mallory", "--role", "crypto_user"],
         "mallory-password-1",
@@ -737,10 +743,7 @@ fn a_client_without_pkcs11_in_its_policy_cannot_log_in() {
 
     let env = Env::new("");
     let _daemon = env.sidecar_with_keys(&[]);
-    env.ok_new_password(
-        &["operator", "add", "alice", "--role", "crypto_user"],
-        "alice-password-1",
-    );
+    add_alice(&env, &[]);
     let m = c_abi::load(&env.data_socket());
     assert_eq!(call!(m, C_Initialize(null_mut())), CKR_OK);
     let mut h = 0;
@@ -783,12 +786,7 @@ fn master_keys_are_private_sensitive_aes_objects_seen_by_whom_they_are_shared_wi
     for k in ["pg-main", "pg-other", "app-x", "secret-y"] {
         env.ok(&["key", "create", k]);
     }
-    env.ok_new_password(
-        &["operator", "add", "alice", "--role", "crypto_user"],
-        "alice-password-1",
-    );
-    env.ok(&["key", "share", "pg-main", "alice"]);
-    env.ok(&["key", "share", "secret-y", "alice"]);
+    add_alice(&env, &["pg-main", "secret-y"]);
 
     let m = c_abi::load(&env.data_socket());
     assert_eq!(call!(m, C_Initialize(null_mut())), CKR_OK);
@@ -1022,11 +1020,7 @@ fn aes_gcm_under_a_master_key_encrypts_table_keys_and_refuses_a_tampered_tag() {
 
     let env = Env::with_operations("", r#""pkcs11""#);
     let _daemon = env.sidecar_with_keys(&["pg-main"]);
-    env.ok_new_password(
-        &["operator", "add", "alice", "--role", "crypto_user"],
-        "alice-password-1",
-    );
-    env.ok(&["key", "share", "pg-main", "alice"]);
+    add_alice(&env, &["pg-main"]);
     let m = c_abi::load(&env.data_socket());
     assert_eq!(call!(m, C_Initialize(null_mut())), CKR_OK);
     let mut h = 0;
@@ -1320,11 +1314,7 @@ fn java_sunpkcs11_encrypts_with_a_token_key_and_throws_on_a_bad_tag() {
     }
     let env = Env::with_operations("", r#""pkcs11""#);
     let _daemon = env.sidecar_with_keys(&["pg-main"]);
-    env.ok_new_password(
-        &["operator", "add", "alice", "--role", "crypto_user"],
-        "alice-password-1",
-    );
-    env.ok(&["key", "share", "pg-main", "alice"]);
+    add_alice(&env, &["pg-main"]);
     let classes = env.dir.path().join("classes");
     let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/java/TdeGcm.java");
     let out = Command::new("javac")
