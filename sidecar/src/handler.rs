@@ -1308,8 +1308,28 @@ impl Service {
         Ok(Response::P11Data { data })
     }
 
-    /// The PKCS#11 module's operations (the caller's policy allows them).
-    fn p11(&self, req: &Request, rec: &mut AuditRecord) -> Outcome {
+    /// The PKCS#11 module's operations: the caller's policy must allow
+    /// `pkcs11` (for the key, if one is named), and all but the login need
+    /// its live token.
+    fn p11(
+        &self,
+        p: &crate::policy::ClientPolicy,
+        req: &Request,
+        rec: &mut AuditRecord,
+    ) -> Outcome {
+        let denied = |m: String| (ErrorCode::PermissionDenied, m);
+        let key = match req {
+            Request::P11Encrypt(c) | Request::P11Decrypt(c) => Some(c.key.as_str()),
+            _ => None,
+        };
+        p.allows_op_key("pkcs11", key).map_err(denied)?;
+        // The token's operator, named in the record.
+        let session = |token: &SecretBytes, rec: &mut AuditRecord| {
+            let s = self.tokens.login(token.expose())?;
+            rec.actor.operator = Some(s.name().to_string());
+            rec.actor.role = Some(s.role().name());
+            Ok::<_, (ErrorCode, String)>(s)
+        };
         match req {
             Request::P11Login {
                 operator,
@@ -1348,12 +1368,29 @@ impl Service {
                 })
             }
             Request::P11Logout { token } => {
-                if let Ok(s) = self.tokens.login(token.expose()) {
-                    rec.actor.operator = Some(s.name().to_string());
-                    rec.actor.role = Some(s.role().name());
-                }
+                // An unknown token is logged out already.
+                let _ = session(token, rec);
                 self.tokens.revoke(token.expose());
                 Ok(Response::Done)
+            }
+            Request::P11Objects { token } => {
+                let s = session(token, rec)?;
+                let keys = match s.role() {
+                    Role::CryptoUser => hsm(self.hsm.keys_shared_with(&s))?,
+                    _ => hsm(self.hsm.key_list(&s))?,
+                };
+                // Only the keys the caller's policy names, and none whose
+                // store object failed authentication.
+                let out = keys
+                    .into_iter()
+                    .filter(|k| !k.tampered && p.allows_op_key("pkcs11", Some(&k.name)).is_ok())
+                    .map(|k| key_info(k, Vec::new()))
+                    .collect();
+                Ok(Response::Keys(out))
+            }
+            Request::P11Encrypt(c) | Request::P11Decrypt(c) => {
+                let s = session(&c.token, rec)?;
+                self.p11_crypt(matches!(req, Request::P11Encrypt(_)), c, &s, rec)
             }
             _ => Err((
                 ErrorCode::UnknownOperation,
@@ -1464,35 +1501,11 @@ impl Service {
                 p.allows_key("decrypt", key).map_err(denied)?;
                 return self.data_op(req, blob, rec, Caller::Client);
             }
-            Request::P11Login { .. } | Request::P11Logout { .. } => {
-                p.allows_op_key("pkcs11", None).map_err(denied)?;
-                return self.p11(req, rec);
-            }
-            Request::P11Encrypt(c) | Request::P11Decrypt(c) => {
-                p.allows_op_key("pkcs11", Some(&c.key)).map_err(denied)?;
-                let s = self.tokens.login(c.token.expose())?;
-                rec.actor.operator = Some(s.name().to_string());
-                rec.actor.role = Some(s.role().name());
-                return self.p11_crypt(matches!(req, Request::P11Encrypt(_)), c, &s, rec);
-            }
-            Request::P11Objects { token } => {
-                p.allows_op_key("pkcs11", None).map_err(denied)?;
-                let s = self.tokens.login(token.expose())?;
-                rec.actor.operator = Some(s.name().to_string());
-                rec.actor.role = Some(s.role().name());
-                let keys = match s.role() {
-                    Role::CryptoUser => hsm(self.hsm.keys_shared_with(&s))?,
-                    _ => hsm(self.hsm.key_list(&s))?,
-                };
-                // Only the keys the caller's policy names, and none whose
-                // store object failed authentication.
-                let out = keys
-                    .into_iter()
-                    .filter(|k| !k.tampered && p.allows_op_key("pkcs11", Some(&k.name)).is_ok())
-                    .map(|k| key_info(k, Vec::new()))
-                    .collect();
-                return Ok(Response::Keys(out));
-            }
+            Request::P11Login { .. }
+            | Request::P11Logout { .. }
+            | Request::P11Objects { .. }
+            | Request::P11Encrypt(_)
+            | Request::P11Decrypt(_) => return self.p11(p, req, rec),
             _ => {}
         }
         if matches!(blob, Some(Err(_))) {
