@@ -8,6 +8,7 @@
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use tde_protocol::{Op, P11Call, P11Key, Request, SecretBytes};
 
 /// Time per target.
 const BUDGET: Duration = Duration::from_secs(3);
@@ -229,7 +230,7 @@ fn write_seeds() {
 }
 
 fn sample_requests() -> Vec<tde_protocol::Request> {
-    use tde_protocol::{DekRef, Request, SecretBytes};
+    use tde_protocol::DekRef;
     let ctx: tde_protocol::Context = [("tablespace".to_string(), "ts1".to_string())].into();
     let key = || "pg-main".to_string();
     vec![
@@ -399,24 +400,68 @@ fn sample_requests() -> Vec<tde_protocol::Request> {
         },
         Request::P11Objects {
             token: SecretBytes::from_slice(b"tdet.0123456789abcdef"),
+            after: 0,
         },
-        Request::P11Encrypt(tde_protocol::P11Crypt {
-            token: SecretBytes::from_slice(b"tdet.0123456789abcdef"),
-            key: key(),
-            mechanism: 0x1087,
-            iv: vec![7; 12],
-            aad: b"table 42".to_vec(),
-            data: SecretBytes::from_slice(&[1; 64]),
+        p11(Op::P11Encrypt, |c| {
+            c.key = P11Key::Master(key());
+            c.mechanism = 0x1087;
+            c.param = vec![7; 12];
+            c.aad = b"table 42".to_vec();
+            c.data = SecretBytes::from_slice(&[1; 64]);
         }),
-        Request::P11Decrypt(tde_protocol::P11Crypt {
-            token: SecretBytes::from_slice(b"tdet.0123456789abcdef"),
-            key: key(),
-            mechanism: 0x1087,
-            iv: vec![7; 12],
-            aad: b"table 42".to_vec(),
-            data: SecretBytes::from_slice(&[2; 80]),
+        p11(Op::P11Decrypt, |c| {
+            c.key = P11Key::Object(0x1234);
+            c.mechanism = 0x1085;
+            c.param = vec![7; 16];
+            c.data = SecretBytes::from_slice(&[2; 80]);
+        }),
+        p11(Op::P11Sign, |c| {
+            c.key = P11Key::Object(0x1234);
+            c.mechanism = 0x43;
+            c.param = [0x250u64, 2, 32]
+                .iter()
+                .flat_map(|x| x.to_be_bytes())
+                .collect();
+            c.data = SecretBytes::from_slice(&[3; 32]);
+        }),
+        p11(Op::P11Verify, |c| {
+            c.key = P11Key::Object(0x1235);
+            c.mechanism = 0x1041;
+            c.data = SecretBytes::from_slice(&[3; 32]);
+            c.signature = vec![4; 64];
+        }),
+        p11(Op::P11Generate, |c| {
+            c.mechanism = 0x1040;
+            c.template = vec![(0x1, vec![1]), (0x3, b"tls-ec".to_vec())];
+            c.public_template = vec![(0x180, vec![6, 8, 42, 134, 72, 206, 61, 3, 1, 7])];
+        }),
+        p11(Op::P11Create, |c| {
+            c.template = vec![(0x0, 1u64.to_ne_bytes().to_vec()), (0x11, vec![0x30; 40])];
+        }),
+        p11(Op::P11Destroy, |c| c.key = P11Key::Object(0x1234)),
+        p11(Op::P11SetAttributes, |c| {
+            c.key = P11Key::Object(0x1234);
+            c.template = vec![(0x3, b"ORACLE.TDE.HSM.MK.02".to_vec())];
+        }),
+        p11(Op::P11Wrap, |c| {
+            c.key = P11Key::Object(0x1234);
+            c.target = 0x1236;
+            c.mechanism = 0x2109;
+        }),
+        p11(Op::P11Unwrap, |c| {
+            c.key = P11Key::Object(0x1234);
+            c.mechanism = 0x210a;
+            c.data = SecretBytes::from_slice(&[5; 40]);
+            c.template = vec![(0x1, vec![0])];
         }),
     ]
+}
+
+/// A PKCS#11 call with a token, as `f` fills it in.
+fn p11(op: Op, f: impl FnOnce(&mut P11Call)) -> Request {
+    let mut c = P11Call::new(SecretBytes::from_slice(b"tdet.0123456789abcdef"));
+    f(&mut c);
+    Request::P11(op, c)
 }
 
 /// Every operation has a seed.

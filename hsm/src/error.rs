@@ -101,6 +101,10 @@ pub enum HsmError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A PKCS#11 request the HSM refuses, with the return value the
+    /// application gets.
+    #[error("{rv}: {1}", rv = .0.name())]
+    Pkcs11(crate::pkcs11::Ckr, String),
     /// An internal failure.
     #[error("internal error: {0}")]
     Internal(&'static str),

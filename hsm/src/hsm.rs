@@ -377,6 +377,9 @@ struct Unsealed {
     /// Login generations (0 when never moved on); see
     /// [`OperatorSession`]. In memory: a seal ends every session anyway.
     generations: BTreeMap<String, u64>,
+    /// PKCS#11 objects by id; see [`p11`].
+    p11: BTreeMap<u64, p11::Slot>,
+    tampered_p11: BTreeSet<String>,
 }
 
 enum State {
@@ -680,6 +683,8 @@ impl Hsm {
             audit_key: None,
             tampered_audit_key: false,
             generations: BTreeMap::new(),
+            p11: BTreeMap::new(),
+            tampered_p11: BTreeSet::new(),
         };
         match (list, format) {
             (Some(list), _) => {
@@ -757,8 +762,10 @@ impl Hsm {
                 }),
             }
         }
-        let tampered =
-            !u.tampered_keys.is_empty() || !u.tampered_operators.is_empty() || u.tampered_audit_key;
+        let tampered = !u.tampered_keys.is_empty()
+            || !u.tampered_operators.is_empty()
+            || !u.tampered_p11.is_empty()
+            || u.tampered_audit_key;
         *st = State::Unsealed(meta, Box::new(u));
         drop(st);
         if tampered && self.policy.zeroize_on_store_tamper {
@@ -783,6 +790,10 @@ impl Hsm {
                         self.mark_tampered(u, obj.kind, &obj.id, "failed authentication".into())
                     }
                 }
+            }
+            p11::KIND_P11_OBJECT => {
+                drop(opened);
+                self.load_p11(u, &obj);
             }
             KIND_AUDIT_KEY => {
                 let rec = opened
@@ -822,6 +833,7 @@ impl Hsm {
                 "audit_key",
                 !std::mem::replace(&mut u.tampered_audit_key, true),
             ),
+            p11::KIND_P11_OBJECT => ("pkcs11_object", u.tampered_p11.insert(id.to_string())),
             _ => ("unknown", true),
         };
         if fresh {
@@ -2071,5 +2083,6 @@ impl Hsm {
 /// operator name is unknown so that timing does not reveal which names exist.
 const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$Gk2Cr1wQ1Y6oPOeJ2bTL0JYQ5K1JvQ3zqCw3Wc6yW2A";
 
+mod p11;
 #[cfg(test)]
 mod tests;

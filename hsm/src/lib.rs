@@ -52,6 +52,7 @@ pub mod audit_key;
 pub mod error;
 pub mod fuzz;
 pub mod hsm;
+pub mod pkcs11;
 pub mod random;
 pub mod secret;
 pub mod store;

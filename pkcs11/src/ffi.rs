@@ -17,6 +17,17 @@ use cryptoki_sys::*;
 
 use crate::module::{self, Out, Rv};
 
+// Short names for the C types in signatures.
+type H = CK_SESSION_HANDLE;
+type O = CK_OBJECT_HANDLE;
+type B = *mut CK_BYTE;
+type L = CK_ULONG;
+type PL = *mut CK_ULONG;
+type M = *mut CK_MECHANISM;
+type A = *mut CK_ATTRIBUTE;
+type U = *mut CK_UTF8CHAR;
+type V = *mut c_void;
+
 /// `CK_UNAVAILABLE_INFORMATION` (the bindings skip this macro).
 const UNAVAILABLE: CK_ULONG = !0;
 /// `CK_EFFECTIVELY_INFINITE`.
@@ -541,6 +552,32 @@ unsafe fn attributes<'a>(
     Ok(unsafe { std::slice::from_raw_parts_mut(template, n) })
 }
 
+/// A caller's template as `(type, value)` pairs.
+///
+/// # Safety
+/// As [`attributes`], and each attribute's `pValue` valid for its
+/// `ulValueLen` bytes.
+unsafe fn template_of(
+    template: *mut CK_ATTRIBUTE,
+    count: CK_ULONG,
+) -> Result<Vec<(CK_ATTRIBUTE_TYPE, Vec<u8>)>, Rv> {
+    // SAFETY: the caller's template.
+    let attrs = unsafe { attributes(template, count) }?;
+    if attrs.len() > tde_protocol::message::MAX_P11_ATTRS {
+        return Err(CKR_TEMPLATE_INCONSISTENT);
+    }
+    let mut out = Vec::with_capacity(attrs.len());
+    for a in attrs.iter() {
+        if a.ulValueLen as usize > tde_protocol::message::MAX_P11_ATTR {
+            return Err(CKR_ATTRIBUTE_VALUE_INVALID);
+        }
+        // SAFETY: each value is the caller's buffer of ulValueLen bytes.
+        let v = unsafe { bytes(a.pValue as *const u8, a.ulValueLen) }?;
+        out.push((a.type_, v.to_vec()));
+    }
+    Ok(out)
+}
+
 unsafe extern "C" fn c_find_objects_init(
     h: CK_SESSION_HANDLE,
     template: *mut CK_ATTRIBUTE,
@@ -548,13 +585,7 @@ unsafe extern "C" fn c_find_objects_init(
 ) -> CK_RV {
     guard(|| {
         // SAFETY: the caller's template.
-        let attrs = unsafe { attributes(template, count) }?;
-        let mut want = Vec::with_capacity(attrs.len());
-        for a in attrs.iter() {
-            // SAFETY: each value is the caller's buffer of ulValueLen bytes.
-            let v = unsafe { bytes(a.pValue as *const u8, a.ulValueLen) }?;
-            want.push((a.type_, v.to_vec()));
-        }
+        let want = unsafe { template_of(template, count) }?;
         module::find_objects_init(h, &want)
     })
 }
@@ -657,39 +688,97 @@ unsafe fn mechanism(m: *const CK_MECHANISM) -> Result<module::Mechanism, Rv> {
     }
     // SAFETY: non-null and valid by the caller's contract.
     let m = unsafe { &*m };
-    if m.mechanism != CKM_AES_GCM {
-        return Err(CKR_MECHANISM_INVALID);
-    }
     let p = m.pParameter;
-    if p.is_null() {
-        return Err(CKR_MECHANISM_PARAM_INVALID);
-    }
     let len = m.ulParameterLen as usize;
-    // SAFETY: `p` is valid for `len` bytes, which is the size of the
-    // layout read in each arm; read_unaligned asks nothing of alignment.
-    let (iv, iv_len, aad, aad_len, tag_bits) = if len == std::mem::size_of::<CK_GCM_PARAMS>() {
-        let g = unsafe { (p as *const CK_GCM_PARAMS).read_unaligned() };
-        (g.pIv, g.ulIvLen, g.pAAD, g.ulAADLen, g.ulTagBits)
-    } else if len == std::mem::size_of::<GcmParamsNoIvBits>() {
-        let g = unsafe { (p as *const GcmParamsNoIvBits).read_unaligned() };
-        (g.pIv, g.ulIvLen, g.pAAD, g.ulAADLen, g.ulTagBits)
-    } else {
-        return Err(CKR_MECHANISM_PARAM_INVALID);
-    };
-    if tag_bits != 128 || iv_len != 12 || iv.is_null() {
-        return Err(CKR_MECHANISM_PARAM_INVALID);
+    let bad = CKR_MECHANISM_PARAM_INVALID;
+    match m.mechanism {
+        CKM_AES_GCM => {
+            if p.is_null() {
+                return Err(bad);
+            }
+            // SAFETY: `p` is valid for `len` bytes, which is the size of
+            // the layout read in each arm; read_unaligned asks nothing of
+            // alignment.
+            let (iv, iv_len, aad, aad_len, tag_bits) =
+                if len == std::mem::size_of::<CK_GCM_PARAMS>() {
+                    let g = unsafe { (p as *const CK_GCM_PARAMS).read_unaligned() };
+                    (g.pIv, g.ulIvLen, g.pAAD, g.ulAADLen, g.ulTagBits)
+                } else if len == std::mem::size_of::<GcmParamsNoIvBits>() {
+                    let g = unsafe { (p as *const GcmParamsNoIvBits).read_unaligned() };
+                    (g.pIv, g.ulIvLen, g.pAAD, g.ulAADLen, g.ulTagBits)
+                } else {
+                    return Err(bad);
+                };
+            if tag_bits != 128 || iv_len != 12 || iv.is_null() {
+                return Err(bad);
+            }
+            if aad_len as usize > tde_protocol::message::MAX_AAD {
+                return Err(bad);
+            }
+            // SAFETY: the IV and AAD buffers of the caller's parameters.
+            let iv: [u8; 12] = unsafe { bytes(iv, iv_len) }?.try_into().map_err(|_| bad)?;
+            let aad = unsafe { bytes(aad, aad_len) }.map_err(|_| bad)?.to_vec();
+            Ok(module::Mechanism::AesGcm { iv, aad })
+        }
+        CKM_AES_CBC_PAD => {
+            if len != 16 {
+                return Err(bad);
+            }
+            // SAFETY: the caller's 16-byte IV.
+            let iv: [u8; 16] = unsafe { bytes(p as *const u8, 16) }?
+                .try_into()
+                .map_err(|_| bad)?;
+            Ok(module::Mechanism::AesCbcPad { iv })
+        }
+        CKM_RSA_PKCS_OAEP => {
+            if p.is_null() || len != std::mem::size_of::<CK_RSA_PKCS_OAEP_PARAMS>() {
+                return Err(bad);
+            }
+            // SAFETY: `p` is valid for a CK_RSA_PKCS_OAEP_PARAMS (length
+            // checked); read_unaligned asks nothing of alignment.
+            let o = unsafe { (p as *const CK_RSA_PKCS_OAEP_PARAMS).read_unaligned() };
+            let label = match o.source {
+                0 => Vec::new(),
+                CKZ_DATA_SPECIFIED => {
+                    if o.ulSourceDataLen as usize > tde_protocol::message::MAX_AAD {
+                        return Err(bad);
+                    }
+                    // SAFETY: the caller's label buffer.
+                    unsafe { bytes(o.pSourceData as *const u8, o.ulSourceDataLen) }
+                        .map_err(|_| bad)?
+                        .to_vec()
+                }
+                _ => return Err(bad),
+            };
+            Ok(module::Mechanism::Oaep {
+                hash: o.hashAlg,
+                mgf: o.mgf,
+                label,
+            })
+        }
+        CKM_RSA_PKCS_PSS
+        | CKM_SHA256_RSA_PKCS_PSS
+        | CKM_SHA384_RSA_PKCS_PSS
+        | CKM_SHA512_RSA_PKCS_PSS => {
+            if p.is_null() || len != std::mem::size_of::<CK_RSA_PKCS_PSS_PARAMS>() {
+                return Err(bad);
+            }
+            // SAFETY: `p` is valid for a CK_RSA_PKCS_PSS_PARAMS (length
+            // checked).
+            let o = unsafe { (p as *const CK_RSA_PKCS_PSS_PARAMS).read_unaligned() };
+            Ok(module::Mechanism::Pss {
+                mechanism: m.mechanism,
+                hash: o.hashAlg,
+                mgf: o.mgf,
+                salt: o.sLen,
+            })
+        }
+        CKM_AES_KEY_WRAP | CKM_AES_KEY_WRAP_PAD | CKM_AES_KEY_WRAP_KWP if len != 0 => {
+            // Only the default initial value.
+            Err(bad)
+        }
+        other => Ok(module::Mechanism::Plain(other)),
     }
-    if aad_len as usize > tde_protocol::message::MAX_AAD {
-        return Err(CKR_MECHANISM_PARAM_INVALID);
-    }
-    // SAFETY: the IV and AAD buffers of the caller's parameters.
-    let iv: [u8; 12] = unsafe { bytes(iv, iv_len) }?
-        .try_into()
-        .map_err(|_| CKR_MECHANISM_PARAM_INVALID)?;
-    let aad = unsafe { bytes(aad, aad_len) }
-        .map_err(|_| CKR_MECHANISM_PARAM_INVALID)?
-        .to_vec();
-    Ok(module::Mechanism::AesGcm { iv, aad })
 }
 
 /// A call that fails (other than a length query) ends the operation.
@@ -910,6 +999,205 @@ fn end_digest_on_error(h: CK_SESSION_HANDLE, r: &Result<(), Rv>) {
 }
 
 // ---------------------------------------------------------------------------
+// Signatures.
+
+/// A call that fails (other than a length query) ends the operation.
+fn end_sign_on_error(h: CK_SESSION_HANDLE, r: &Result<(), Rv>) {
+    if matches!(r, Err(e) if *e != CKR_BUFFER_TOO_SMALL && *e != CKR_SESSION_HANDLE_INVALID) {
+        module::sign_abort(h);
+    }
+}
+
+unsafe fn sign_init(h: CK_SESSION_HANDLE, verify: bool, m: *mut CK_MECHANISM, key: O) -> CK_RV {
+    guard(|| {
+        // SAFETY: the caller's mechanism.
+        let m = unsafe { mechanism(m) }?;
+        module::sign_init(h, verify, m, key)
+    })
+}
+
+unsafe extern "C" fn c_sign_init(h: H, m: M, key: O) -> CK_RV {
+    // SAFETY: the caller's arguments, as C_SignInit takes them.
+    unsafe { sign_init(h, false, m, key) }
+}
+
+unsafe extern "C" fn c_verify_init(h: H, m: M, key: O) -> CK_RV {
+    // SAFETY: the caller's arguments, as C_VerifyInit takes them.
+    unsafe { sign_init(h, true, m, key) }
+}
+
+unsafe fn sign_update(h: H, verify: bool, data: B, len: L) -> CK_RV {
+    guard(|| {
+        // SAFETY: the caller's input buffer.
+        let r = unsafe { bytes(data, len) }.and_then(|d| module::sign_update(h, verify, d));
+        end_sign_on_error(h, &r);
+        r
+    })
+}
+
+unsafe extern "C" fn c_sign_update(h: H, data: B, len: L) -> CK_RV {
+    // SAFETY: the caller's buffer, as C_SignUpdate takes it.
+    unsafe { sign_update(h, false, data, len) }
+}
+
+unsafe extern "C" fn c_verify_update(h: H, data: B, len: L) -> CK_RV {
+    // SAFETY: the caller's buffer, as C_VerifyUpdate takes it.
+    unsafe { sign_update(h, true, data, len) }
+}
+
+unsafe fn sign(h: H, data: B, data_len: L, out: B, out_len: PL) -> CK_RV {
+    guard(|| {
+        let r = (|| {
+            // SAFETY: the caller's input and output buffers.
+            let data = unsafe { bytes(data, data_len) }?;
+            let room = unsafe { room(out, out_len) }?;
+            let r = module::sign_final(h, data, room)?;
+            // SAFETY: as above.
+            unsafe { put_bytes(r, out, out_len) }
+        })();
+        end_sign_on_error(h, &r);
+        r
+    })
+}
+
+unsafe extern "C" fn c_sign(h: H, data: B, data_len: L, out: B, out_len: PL) -> CK_RV {
+    // SAFETY: the caller's buffers, as C_Sign takes them.
+    unsafe { sign(h, data, data_len, out, out_len) }
+}
+
+unsafe extern "C" fn c_sign_final(h: H, out: B, out_len: PL) -> CK_RV {
+    // SAFETY: the caller's buffer; no more input.
+    unsafe { sign(h, std::ptr::null_mut(), 0, out, out_len) }
+}
+
+unsafe fn verify(h: H, data: B, data_len: L, sig: B, sig_len: L) -> CK_RV {
+    guard(|| {
+        let r = (|| {
+            // SAFETY: the caller's data and signature.
+            let data = unsafe { bytes(data, data_len) }?;
+            let sig = unsafe { bytes(sig, sig_len) }?;
+            module::verify_final(h, data, sig)
+        })();
+        end_sign_on_error(h, &r);
+        r
+    })
+}
+
+unsafe extern "C" fn c_verify(h: H, data: B, data_len: L, sig: B, sig_len: L) -> CK_RV {
+    // SAFETY: the caller's buffers, as C_Verify takes them.
+    unsafe { verify(h, data, data_len, sig, sig_len) }
+}
+
+unsafe extern "C" fn c_verify_final(h: H, sig: B, sig_len: L) -> CK_RV {
+    // SAFETY: the caller's signature; no more input.
+    unsafe { verify(h, std::ptr::null_mut(), 0, sig, sig_len) }
+}
+
+// ---------------------------------------------------------------------------
+// Objects made and changed.
+
+unsafe extern "C" fn c_generate_key(h: H, m: M, t: A, n: L, out: *mut O) -> CK_RV {
+    guard(|| {
+        if out.is_null() {
+            return Err(CKR_ARGUMENTS_BAD);
+        }
+        // SAFETY: the caller's mechanism and template.
+        let m = unsafe { mechanism_type(m) }?;
+        let t = unsafe { template_of(t, n) }?;
+        let k = module::generate_key(h, m, &t)?;
+        // SAFETY: the caller's out parameter (non-null).
+        unsafe { put(out, k) }
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe extern "C" fn c_generate_key_pair(
+    h: H,
+    m: M,
+    pt: A,
+    pn: L,
+    st: A,
+    sn: L,
+    public: *mut O,
+    private: *mut O,
+) -> CK_RV {
+    guard(|| {
+        if public.is_null() || private.is_null() {
+            return Err(CKR_ARGUMENTS_BAD);
+        }
+        // SAFETY: the caller's mechanism and templates.
+        let m = unsafe { mechanism_type(m) }?;
+        let pt = unsafe { template_of(pt, pn) }?;
+        let st = unsafe { template_of(st, sn) }?;
+        let (a, b) = module::generate_key_pair(h, m, &pt, &st)?;
+        // SAFETY: the caller's out parameters (non-null).
+        unsafe { put(public, a) }?;
+        unsafe { put(private, b) }
+    })
+}
+
+unsafe extern "C" fn c_create_object(h: H, t: A, n: L, out: *mut O) -> CK_RV {
+    guard(|| {
+        if out.is_null() {
+            return Err(CKR_ARGUMENTS_BAD);
+        }
+        // SAFETY: the caller's template.
+        let t = unsafe { template_of(t, n) }?;
+        let o = module::create_object(h, &t)?;
+        // SAFETY: the caller's out parameter (non-null).
+        unsafe { put(out, o) }
+    })
+}
+
+extern "C" fn c_destroy_object(h: H, o: O) -> CK_RV {
+    guard(|| module::destroy_object(h, o))
+}
+
+unsafe extern "C" fn c_set_attribute_value(h: H, o: O, t: A, n: L) -> CK_RV {
+    guard(|| {
+        // SAFETY: the caller's template.
+        let t = unsafe { template_of(t, n) }?;
+        module::set_attributes(h, o, &t)
+    })
+}
+
+unsafe extern "C" fn c_wrap_key(h: H, m: M, wrapping: O, key: O, out: B, out_len: PL) -> CK_RV {
+    guard(|| {
+        // SAFETY: the caller's mechanism and output buffer.
+        let m = unsafe { mechanism(m) }?;
+        let room = unsafe { room(out, out_len) }?;
+        let r = module::wrap_key(h, m.kind(), wrapping, key, room)?;
+        // SAFETY: as above.
+        unsafe { put_bytes(r, out, out_len) }
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe extern "C" fn c_unwrap_key(
+    h: H,
+    m: M,
+    unwrapping: O,
+    wrapped: B,
+    wrapped_len: L,
+    t: A,
+    n: L,
+    out: *mut O,
+) -> CK_RV {
+    guard(|| {
+        if out.is_null() {
+            return Err(CKR_ARGUMENTS_BAD);
+        }
+        // SAFETY: the caller's mechanism, wrapped key and template.
+        let m = unsafe { mechanism(m) }?;
+        let wrapped = unsafe { bytes(wrapped, wrapped_len) }?;
+        let t = unsafe { template_of(t, n) }?;
+        let k = module::unwrap_key(h, m.kind(), unwrapping, wrapped, &t)?;
+        // SAFETY: the caller's out parameter (non-null).
+        unsafe { put(out, k) }
+    })
+}
+
+// ---------------------------------------------------------------------------
 // Random numbers.
 
 extern "C" fn c_seed_random(_h: CK_SESSION_HANDLE, _seed: *mut CK_BYTE, _len: CK_ULONG) -> CK_RV {
@@ -950,48 +1238,23 @@ macro_rules! unsupported {
     };
 }
 
-type H = CK_SESSION_HANDLE;
-type O = CK_OBJECT_HANDLE;
-type B = *mut CK_BYTE;
-type L = CK_ULONG;
-type PL = *mut CK_ULONG;
-type M = *mut CK_MECHANISM;
-type A = *mut CK_ATTRIBUTE;
-type U = *mut CK_UTF8CHAR;
-type V = *mut c_void;
-
 unsupported! {
     c_init_token(CK_SLOT_ID, U, L, U);
     c_init_pin(H, U, L);
     c_set_pin(H, U, L, U, L);
     c_get_operation_state(H, B, PL);
     c_set_operation_state(H, B, L, O, O);
-    c_create_object(H, A, L, *mut O);
     c_copy_object(H, O, A, L, *mut O);
-    c_destroy_object(H, O);
     c_get_object_size(H, O, PL);
-    c_set_attribute_value(H, O, A, L);
     c_digest_key(H, O);
-    c_sign_init(H, M, O);
-    c_sign(H, B, L, B, PL);
-    c_sign_update(H, B, L);
-    c_sign_final(H, B, PL);
     c_sign_recover_init(H, M, O);
     c_sign_recover(H, B, L, B, PL);
-    c_verify_init(H, M, O);
-    c_verify(H, B, L, B, L);
-    c_verify_update(H, B, L);
-    c_verify_final(H, B, L);
     c_verify_recover_init(H, M, O);
     c_verify_recover(H, B, L, B, PL);
     c_digest_encrypt_update(H, B, L, B, PL);
     c_decrypt_digest_update(H, B, L, B, PL);
     c_sign_encrypt_update(H, B, L, B, PL);
     c_decrypt_verify_update(H, B, L, B, PL);
-    c_generate_key(H, M, A, L, *mut O);
-    c_generate_key_pair(H, M, A, L, A, L, *mut O, *mut O);
-    c_wrap_key(H, M, O, O, B, PL);
-    c_unwrap_key(H, M, O, B, L, A, L, *mut O);
     c_derive_key(H, M, O, A, L, *mut O);
     c_get_function_status(H);
     c_cancel_function(H);

@@ -14,7 +14,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use cryptoki_sys::*;
 use sha2::Digest as _;
 use tde_protocol::client::{Client, ClientError};
-use tde_protocol::{ErrorCode, KeyInfo, SecretBytes, StatusInfo};
+use tde_protocol::{
+    ErrorCode, KeyInfo, Op, P11Call, P11Key, P11ObjectInfo, SecretBytes, StatusInfo,
+};
+
+mod keys;
+pub use keys::*;
 
 use crate::config::{Config, SlotConfig};
 
@@ -24,13 +29,40 @@ pub type Rv = CK_RV;
 /// Idle connections kept per slot.
 const POOL: usize = 16;
 
+/// ECDSA's flags: prime-field named curves, uncompressed points.
+const EC: CK_FLAGS = CKF_EC_F_P | CKF_EC_NAMEDCURVE | CKF_EC_UNCOMPRESS;
+const SIGN: CK_FLAGS = CKF_SIGN | CKF_VERIFY;
+const CRYPT: CK_FLAGS = CKF_ENCRYPT | CKF_DECRYPT;
+const WRAP: CK_FLAGS = CKF_WRAP | CKF_UNWRAP;
+
 /// The mechanisms, with what they do: `(mechanism, min key, max key,
-/// flags)`. Only what works is listed.
+/// flags)`; AES sizes in bytes, RSA and EC in bits. Only what works is
+/// listed.
 pub const MECHANISMS: &[(CK_MECHANISM_TYPE, CK_ULONG, CK_ULONG, CK_FLAGS)] = &[
     (CKM_SHA256, 0, 0, CKF_DIGEST),
     (CKM_SHA384, 0, 0, CKF_DIGEST),
     (CKM_SHA512, 0, 0, CKF_DIGEST),
-    (CKM_AES_GCM, 32, 32, CKF_ENCRYPT | CKF_DECRYPT),
+    (CKM_AES_KEY_GEN, 16, 32, CKF_GENERATE),
+    (CKM_AES_GCM, 16, 32, CRYPT),
+    (CKM_AES_CBC_PAD, 16, 32, CRYPT),
+    (CKM_AES_KEY_WRAP, 16, 32, WRAP),
+    (CKM_AES_KEY_WRAP_PAD, 16, 32, WRAP),
+    (CKM_AES_KEY_WRAP_KWP, 16, 32, WRAP),
+    (CKM_RSA_PKCS_KEY_PAIR_GEN, 2048, 4096, CKF_GENERATE_KEY_PAIR),
+    (CKM_RSA_PKCS, 2048, 4096, SIGN),
+    (CKM_SHA256_RSA_PKCS, 2048, 4096, SIGN),
+    (CKM_SHA384_RSA_PKCS, 2048, 4096, SIGN),
+    (CKM_SHA512_RSA_PKCS, 2048, 4096, SIGN),
+    (CKM_RSA_PKCS_PSS, 2048, 4096, SIGN),
+    (CKM_SHA256_RSA_PKCS_PSS, 2048, 4096, SIGN),
+    (CKM_SHA384_RSA_PKCS_PSS, 2048, 4096, SIGN),
+    (CKM_SHA512_RSA_PKCS_PSS, 2048, 4096, SIGN),
+    (CKM_RSA_PKCS_OAEP, 2048, 4096, CRYPT),
+    (CKM_EC_KEY_PAIR_GEN, 256, 384, CKF_GENERATE_KEY_PAIR | EC),
+    (CKM_ECDSA, 256, 384, SIGN | EC),
+    (CKM_ECDSA_SHA256, 256, 384, SIGN | EC),
+    (CKM_ECDSA_SHA384, 256, 384, SIGN | EC),
+    (CKM_ECDSA_SHA512, 256, 384, SIGN | EC),
 ];
 
 /// The 16-byte GCM tag (`ulTagBits` 128, the only length offered).
@@ -109,6 +141,30 @@ impl Slot {
         lock(&self.login).as_ref().map(|l| l.user_type)
     }
 
+    /// The login's token, or `CKR_USER_NOT_LOGGED_IN`.
+    fn token(&self) -> Result<SecretBytes, Rv> {
+        lock(&self.login)
+            .as_ref()
+            .map(|l| copy(&l.token))
+            .ok_or(CKR_USER_NOT_LOGGED_IN)
+    }
+
+    /// A PKCS#11 call under the login: `f` gets the call with the token
+    /// set, and a login the sidecar ended is over here too.
+    fn call<T>(
+        &self,
+        f: impl Fn(&mut Client, P11Call) -> Result<T, ClientError>,
+        build: impl Fn(&mut P11Call),
+    ) -> Result<T, Rv> {
+        let token = self.token()?;
+        self.with(|c| {
+            let mut call = P11Call::new(copy(&token));
+            build(&mut call);
+            f(c, call)
+        })
+        .inspect_err(|rv| self.lapsed(*rv, &token))
+    }
+
     /// Ends the login, at the sidecar too if it can be reached (its token
     /// would otherwise end at its expiry or the sidecar's restart).
     fn logout(&self) -> bool {
@@ -137,6 +193,7 @@ fn rv(e: &ClientError) -> Rv {
             ErrorCode::OperatorLocked => CKR_PIN_LOCKED,
             // A GCM tag that does not verify (Java: AEADBadTagException).
             ErrorCode::InvalidCiphertext => CKR_ENCRYPTED_DATA_INVALID,
+            ErrorCode::Pkcs11 => keys::rv_named(e),
             ErrorCode::KeyNotFound => CKR_KEY_HANDLE_INVALID,
             ErrorCode::KeyDisabled
             | ErrorCode::KeyDestroyed
@@ -209,9 +266,12 @@ struct Session {
     found: Option<std::collections::VecDeque<CK_OBJECT_HANDLE>>,
     /// An encryption or decryption in progress.
     crypt: Option<Crypt>,
+    /// A signature or verification in progress.
+    sign: Option<keys::SignOp>,
 }
 
-/// A mechanism as the module takes it.
+/// A mechanism as the module takes it, its parameters read from the
+/// caller's structures.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mechanism {
     /// `CKM_AES_GCM` with its IV and AAD (`ulTagBits` checked: 128).
@@ -221,16 +281,123 @@ pub enum Mechanism {
         /// Additional authenticated data.
         aad: Vec<u8>,
     },
+    /// `CKM_AES_CBC_PAD` with its IV.
+    AesCbcPad {
+        /// The IV.
+        iv: [u8; 16],
+    },
+    /// `CKM_RSA_PKCS_OAEP` (`CK_RSA_PKCS_OAEP_PARAMS`).
+    Oaep {
+        /// `hashAlg`.
+        hash: CK_MECHANISM_TYPE,
+        /// `mgf`.
+        mgf: CK_ULONG,
+        /// The label (`CKZ_DATA_SPECIFIED` source), empty if none.
+        label: Vec<u8>,
+    },
+    /// `CKM_RSA_PKCS_PSS` or a `CKM_SHAn_RSA_PKCS_PSS`
+    /// (`CK_RSA_PKCS_PSS_PARAMS`).
+    Pss {
+        /// The mechanism.
+        mechanism: CK_MECHANISM_TYPE,
+        /// `hashAlg`.
+        hash: CK_MECHANISM_TYPE,
+        /// `mgf`.
+        mgf: CK_ULONG,
+        /// `sLen`.
+        salt: CK_ULONG,
+    },
+    /// A mechanism without parameters.
+    Plain(CK_MECHANISM_TYPE),
+}
+
+impl Mechanism {
+    /// The mechanism type.
+    pub fn kind(&self) -> CK_MECHANISM_TYPE {
+        match self {
+            Mechanism::AesGcm { .. } => CKM_AES_GCM,
+            Mechanism::AesCbcPad { .. } => CKM_AES_CBC_PAD,
+            Mechanism::Oaep { .. } => CKM_RSA_PKCS_OAEP,
+            Mechanism::Pss { mechanism, .. } => *mechanism,
+            Mechanism::Plain(m) => *m,
+        }
+    }
+
+    /// The parameter as the sidecar takes it (PROTOCOL.md): an IV, or
+    /// big-endian u64 fields.
+    fn param(&self) -> Vec<u8> {
+        // CK_ULONG is 64 bits on every platform the module builds for.
+        let be = |v: &[CK_ULONG]| v.iter().flat_map(|x| x.to_be_bytes()).collect();
+        match self {
+            Mechanism::AesGcm { iv, .. } => iv.to_vec(),
+            Mechanism::AesCbcPad { iv } => iv.to_vec(),
+            Mechanism::Oaep { hash, mgf, .. } => be(&[*hash, *mgf]),
+            Mechanism::Pss {
+                hash, mgf, salt, ..
+            } => be(&[*hash, *mgf, *salt]),
+            Mechanism::Plain(_) => Vec::new(),
+        }
+    }
+
+    /// GCM's AAD or OAEP's label.
+    fn aad(&self) -> Vec<u8> {
+        match self {
+            Mechanism::AesGcm { aad, .. } => aad.clone(),
+            Mechanism::Oaep { label, .. } => label.clone(),
+            _ => Vec::new(),
+        }
+    }
 }
 
 /// An encryption or decryption: its key, mechanism and the data the
-/// multi-part calls gave so far (GCM answers at the end: a decryption
-/// releases nothing before the tag verifies).
+/// multi-part calls gave so far (the sidecar answers at the end: a GCM
+/// decryption releases nothing before the tag verifies). A result too
+/// long for the caller's buffer is kept for the call that brings room.
 struct Crypt {
     encrypt: bool,
-    key: String,
+    key: Source,
+    /// The key's size in bytes (RSA: the modulus's), for output lengths.
+    key_len: usize,
     mechanism: Mechanism,
     data: zeroize::Zeroizing<Vec<u8>>,
+    result: Option<zeroize::Zeroizing<Vec<u8>>>,
+}
+
+impl Crypt {
+    /// The most the output can be for `n` bytes in.
+    fn bound(&self, n: usize) -> Result<usize, Rv> {
+        let short = if self.encrypt {
+            CKR_DATA_LEN_RANGE
+        } else {
+            CKR_ENCRYPTED_DATA_LEN_RANGE
+        };
+        match (&self.mechanism, self.encrypt) {
+            (Mechanism::AesGcm { .. }, true) => Ok(n + GCM_TAG_LEN),
+            (Mechanism::AesGcm { .. }, false) => n.checked_sub(GCM_TAG_LEN).ok_or(short),
+            (Mechanism::AesCbcPad { .. }, true) => Ok((n / 16 + 1) * 16),
+            (Mechanism::AesCbcPad { .. }, false) if n > 0 && n.is_multiple_of(16) => Ok(n),
+            (Mechanism::Oaep { .. }, _) => Ok(self.key_len),
+            _ => Err(short),
+        }
+    }
+}
+
+/// Where an object lives in the sidecar.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Source {
+    /// A master key, by name.
+    Master(String),
+    /// A token or session object, by id.
+    Token(u64),
+}
+
+impl Source {
+    fn key(&self) -> P11Key {
+        match self {
+            Source::Master(n) => P11Key::Master(n.clone()),
+            Source::Token(id) => P11Key::Object(*id),
+        }
+    }
 }
 
 /// An object's attributes; `None` is a sensitive one, whose value never
@@ -238,16 +405,24 @@ struct Crypt {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Object {
     slot: usize,
+    source: Source,
+    /// The session that made it, for a session object this module made.
+    session: Option<CK_SESSION_HANDLE>,
     attrs: Vec<(CK_ATTRIBUTE_TYPE, Option<Vec<u8>>)>,
+}
+
+fn ulong_bytes(v: CK_ULONG) -> Vec<u8> {
+    v.to_ne_bytes().to_vec()
 }
 
 impl Object {
     /// A master key as a PKCS#11 AES secret key: private (seen only after
     /// a login), sensitive, never extractable; it encrypts and decrypts
-    /// (`CKM_AES_GCM`), nothing else yet.
+    /// with `CKM_AES_GCM` only, and cannot be changed or destroyed here
+    /// (`tde key` manages it).
     fn master_key(slot: usize, k: &KeyInfo) -> Object {
         let yes = |b: bool| Some(vec![u8::from(b)]);
-        let ulong = |v: CK_ULONG| Some(v.to_ne_bytes().to_vec());
+        let ulong = |v: CK_ULONG| Some(ulong_bytes(v));
         let attrs = vec![
             (CKA_CLASS, ulong(CKO_SECRET_KEY)),
             (CKA_KEY_TYPE, ulong(CKK_AES)),
@@ -275,8 +450,51 @@ impl Object {
             (CKA_DERIVE, yes(false)),
             (CKA_START_DATE, Some(Vec::new())),
             (CKA_END_DATE, Some(Vec::new())),
+            (CKA_ALLOWED_MECHANISMS, ulong(CKM_AES_GCM)),
         ];
-        Object { slot, attrs }
+        Object {
+            slot,
+            source: Source::Master(k.name.clone()),
+            session: None,
+            attrs,
+        }
+    }
+
+    /// A token or session object as the sidecar shows it, with the
+    /// attributes it keeps secret marked sensitive.
+    fn token(slot: usize, o: &P11ObjectInfo, session: Option<CK_SESSION_HANDLE>) -> Object {
+        let mut object = Object {
+            slot,
+            source: Source::Token(o.id),
+            session,
+            attrs: o.attrs.iter().map(|(t, v)| (*t, Some(v.clone()))).collect(),
+        };
+        let secret: &[CK_ATTRIBUTE_TYPE] =
+            match (object.ulong(CKA_CLASS), object.ulong(CKA_KEY_TYPE)) {
+                (Some(CKO_SECRET_KEY), _) | (Some(CKO_PRIVATE_KEY), Some(CKK_EC)) => &[CKA_VALUE],
+                (Some(CKO_PRIVATE_KEY), Some(CKK_RSA)) => &[
+                    CKA_PRIVATE_EXPONENT,
+                    CKA_PRIME_1,
+                    CKA_PRIME_2,
+                    CKA_EXPONENT_1,
+                    CKA_EXPONENT_2,
+                    CKA_COEFFICIENT,
+                ],
+                _ => &[],
+            };
+        object.attrs.extend(secret.iter().map(|t| (*t, None)));
+        object
+    }
+
+    /// A `CK_ULONG` attribute.
+    fn ulong(&self, t: CK_ATTRIBUTE_TYPE) -> Option<CK_ULONG> {
+        let v = self.attribute(t).ok().flatten()?;
+        Some(CK_ULONG::from_ne_bytes(v.try_into().ok()?))
+    }
+
+    /// A `CK_BBOOL` attribute, false if absent.
+    fn flag(&self, t: CK_ATTRIBUTE_TYPE) -> bool {
+        self.attribute(t) == Ok(Some(&[1u8][..]))
     }
 
     /// Whether every attribute of a search template matches exactly.
@@ -320,7 +538,40 @@ struct State {
     /// Objects found so far, by handle; a handle stays the same object's
     /// (by slot and name) for the life of the module.
     objects: HashMap<CK_OBJECT_HANDLE, Object>,
-    handles: HashMap<(usize, String), CK_OBJECT_HANDLE>,
+    handles: HashMap<(usize, Source), CK_OBJECT_HANDLE>,
+    next_object: CK_OBJECT_HANDLE,
+}
+
+impl State {
+    /// The handle of an object (the same one each time it is seen), its
+    /// attributes as now known.
+    fn install(&mut self, object: Object) -> CK_OBJECT_HANDLE {
+        let next = self.next_object;
+        let h = *self
+            .handles
+            .entry((object.slot, object.source.clone()))
+            .or_insert(next);
+        if h == next {
+            self.next_object += 1;
+        }
+        match self.objects.get_mut(&h) {
+            // A session object keeps the session that made it.
+            Some(o) => {
+                o.attrs = object.attrs;
+            }
+            None => {
+                self.objects.insert(h, object);
+            }
+        }
+        h
+    }
+
+    /// Forgets an object.
+    fn forget(&mut self, h: CK_OBJECT_HANDLE) {
+        if let Some(o) = self.objects.remove(&h) {
+            self.handles.remove(&(o.slot, o.source));
+        }
+    }
 }
 
 static STATE: Mutex<Option<State>> = Mutex::new(None);
@@ -372,6 +623,7 @@ pub fn initialize() -> Result<(), Rv> {
         next_session: 1,
         objects: HashMap::new(),
         handles: HashMap::new(),
+        next_object: 1,
     });
     Ok(())
 }
@@ -507,6 +759,7 @@ pub fn open_session(id: CK_SLOT_ID, flags: CK_FLAGS) -> Result<CK_SESSION_HANDLE
                 digest: None,
                 found: None,
                 crypt: None,
+                sign: None,
             },
         );
         Ok(h)
@@ -516,13 +769,30 @@ pub fn open_session(id: CK_SLOT_ID, flags: CK_FLAGS) -> Result<CK_SESSION_HANDLE
 /// `C_CloseSession`. The last session of a slot logs out (PKCS#11 v3.0
 /// section 5.6).
 pub fn close_session(h: CK_SESSION_HANDLE) -> Result<(), Rv> {
-    let (slot, last) = with_state(|s| {
+    let (slot, last, mine) = with_state(|s| {
         let x = s.sessions.remove(&h).ok_or(CKR_SESSION_HANDLE_INVALID)?;
         let last = !s.sessions.values().any(|o| o.slot == x.slot);
-        Ok((s.slots[x.slot].clone(), last))
+        // The session objects it made end with it.
+        let mine: Vec<(CK_OBJECT_HANDLE, Source)> = s
+            .objects
+            .iter()
+            .filter(|(_, o)| o.session == Some(h))
+            .map(|(k, o)| (*k, o.source.clone()))
+            .collect();
+        for (k, _) in &mine {
+            s.forget(*k);
+        }
+        Ok((s.slots[x.slot].clone(), last, mine))
     })?;
     if last {
         slot.logout();
+    } else {
+        for (_, source) in mine {
+            let _ = slot.call(
+                |c, call| c.p11_done(Op::P11Destroy, call),
+                |call| call.key = source.key(),
+            );
+        }
     }
     Ok(())
 }
@@ -535,6 +805,7 @@ pub fn close_all_sessions(id: CK_SLOT_ID) -> Result<(), Rv> {
         Ok(())
     })?;
     slot.logout();
+    forget_session_objects(id as usize);
     Ok(())
 }
 
@@ -603,14 +874,32 @@ pub fn login(h: CK_SESSION_HANDLE, user_type: CK_USER_TYPE, pin: &[u8]) -> Resul
     Ok(())
 }
 
-/// `C_Logout`.
+/// `C_Logout`. The sidecar ends the login's session objects.
 pub fn logout(h: CK_SESSION_HANDLE) -> Result<(), Rv> {
     let slot = session_slot(h)?;
     if slot.logout() {
+        let index = with_state(|s| Ok(s.sessions.get(&h).map_or(0, |x| x.slot)))?;
+        forget_session_objects(index);
         Ok(())
     } else {
         Err(CKR_USER_NOT_LOGGED_IN)
     }
+}
+
+/// Forgets a slot's session objects (its login ended, and they with it).
+fn forget_session_objects(slot: usize) {
+    let _ = with_state(|s| {
+        let gone: Vec<CK_OBJECT_HANDLE> = s
+            .objects
+            .iter()
+            .filter(|(_, o)| o.slot == slot && o.session.is_some())
+            .map(|(k, _)| *k)
+            .collect();
+        for k in gone {
+            s.forget(k);
+        }
+        Ok(())
+    });
 }
 
 /// `C_FindObjectsInit`: the objects matching `template`. Master keys are
@@ -626,26 +915,38 @@ pub fn find_objects_init(
         }
         Ok((x.slot, s.slots[x.slot].clone()))
     })?;
-    let token = lock(&slot.login).as_ref().map(|l| copy(&l.token));
-    let keys = match token {
-        Some(t) => slot
-            .with(|c| c.p11_objects(copy(&t)))
+    let (keys, objects) = match slot.token() {
+        Ok(t) => slot
+            .with(|c| c.p11_objects(&t))
             .inspect_err(|rv| slot.lapsed(*rv, &t))?,
-        None => Vec::new(),
+        Err(_) => (Vec::new(), Vec::new()),
     };
     with_state(|s| {
         let mut found = std::collections::VecDeque::new();
-        for k in &keys {
-            let object = Object::master_key(slot_index, k);
-            let next = s.handles.len() as CK_OBJECT_HANDLE + 1;
-            let handle = *s
-                .handles
-                .entry((slot_index, k.name.clone()))
-                .or_insert(next);
-            if object.matches(template) {
+        // What the sidecar no longer has (destroyed by another process,
+        // ended with a login) is gone here too.
+        let live: std::collections::HashSet<u64> = objects.iter().map(|o| o.id).collect();
+        let stale: Vec<CK_OBJECT_HANDLE> = s
+            .objects
+            .iter()
+            .filter(|(_, o)| {
+                o.slot == slot_index && matches!(o.source, Source::Token(id) if !live.contains(&id))
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for k in stale {
+            s.forget(k);
+        }
+        let all = keys
+            .iter()
+            .map(|k| Object::master_key(slot_index, k))
+            .chain(objects.iter().map(|o| Object::token(slot_index, o, None)));
+        for object in all {
+            let matches = object.matches(template);
+            let handle = s.install(object);
+            if matches {
                 found.push_back(handle);
             }
-            s.objects.insert(handle, object);
         }
         let x = s.sessions.get_mut(&h).ok_or(CKR_SESSION_HANDLE_INVALID)?;
         x.found = Some(found);
@@ -688,32 +989,50 @@ pub fn object(h: CK_SESSION_HANDLE, handle: CK_OBJECT_HANDLE) -> Result<Object, 
     Ok(object)
 }
 
-/// `C_EncryptInit` / `C_DecryptInit`: `key` must be a master key the
-/// logged-in crypto user may see.
+/// The object behind a key handle, as the session may see it.
+fn key_object(h: CK_SESSION_HANDLE, key: CK_OBJECT_HANDLE) -> Result<Object, Rv> {
+    object(h, key).map_err(|rv| {
+        if rv == CKR_OBJECT_HANDLE_INVALID {
+            CKR_KEY_HANDLE_INVALID
+        } else {
+            rv
+        }
+    })
+}
+
+/// `C_EncryptInit` / `C_DecryptInit`: a master key (`CKM_AES_GCM`), an
+/// AES token key (`CKM_AES_GCM`, `CKM_AES_CBC_PAD`) or an RSA key
+/// (`CKM_RSA_PKCS_OAEP`: public to encrypt, private to decrypt), whose
+/// attributes allow it, under a crypto user's login.
 pub fn crypt_init(
     h: CK_SESSION_HANDLE,
     encrypt: bool,
     mechanism: Mechanism,
     key: CK_OBJECT_HANDLE,
 ) -> Result<(), Rv> {
-    let object = object(h, key).map_err(|rv| {
-        if rv == CKR_OBJECT_HANDLE_INVALID {
-            CKR_KEY_HANDLE_INVALID
-        } else {
-            rv
-        }
-    })?;
+    let object = key_object(h, key)?;
     let allowed = if encrypt { CKA_ENCRYPT } else { CKA_DECRYPT };
-    if object.attribute(allowed) != Ok(Some(&[1u8][..])) {
+    if !object.flag(allowed) {
         return Err(CKR_KEY_FUNCTION_NOT_PERMITTED);
     }
-    let name = object
-        .attribute(CKA_LABEL)
-        .ok()
-        .flatten()
-        .and_then(|l| std::str::from_utf8(l).ok())
-        .ok_or(CKR_KEY_HANDLE_INVALID)?
-        .to_string();
+    let key_type = object.ulong(CKA_KEY_TYPE);
+    // A master key takes CKM_AES_GCM only (its CKA_ALLOWED_MECHANISMS).
+    if matches!(object.source, Source::Master(_)) && mechanism.kind() != CKM_AES_GCM {
+        return Err(CKR_MECHANISM_INVALID);
+    }
+    let key_len = match (&mechanism, key_type) {
+        (Mechanism::AesGcm { .. }, Some(CKK_AES)) => 0,
+        (Mechanism::AesCbcPad { .. }, Some(CKK_AES)) => 0,
+        (Mechanism::Oaep { .. }, Some(CKK_RSA)) => object
+            .attribute(CKA_MODULUS)
+            .ok()
+            .flatten()
+            .map_or(0, <[u8]>::len),
+        (Mechanism::AesGcm { .. } | Mechanism::AesCbcPad { .. } | Mechanism::Oaep { .. }, _) => {
+            return Err(CKR_KEY_TYPE_INCONSISTENT);
+        }
+        _ => return Err(CKR_MECHANISM_INVALID),
+    };
     let slot = session_slot(h)?;
     if slot.user_type() != Some(CKU_USER) {
         return Err(CKR_USER_NOT_LOGGED_IN);
@@ -724,22 +1043,24 @@ pub fn crypt_init(
         }
         x.crypt = Some(Crypt {
             encrypt,
-            key: name,
+            key: object.source.clone(),
+            key_len,
             mechanism,
             data: zeroize::Zeroizing::new(Vec::new()),
+            result: None,
         });
         Ok(())
     })
 }
 
-/// `C_EncryptUpdate` / `C_DecryptUpdate`: keeps the part (GCM gives its
-/// output at the end), so nothing is output now.
+/// `C_EncryptUpdate` / `C_DecryptUpdate`: keeps the part (the sidecar
+/// answers at the end), so nothing is output now.
 pub fn crypt_update(h: CK_SESSION_HANDLE, encrypt: bool, part: &[u8]) -> Result<(), Rv> {
     with_session(h, |x| {
         let c = x
             .crypt
             .as_mut()
-            .filter(|c| c.encrypt == encrypt)
+            .filter(|c| c.encrypt == encrypt && c.result.is_none())
             .ok_or(CKR_OPERATION_NOT_INITIALIZED)?;
         if c.data.len() + part.len() > tde_protocol::message::MAX_P11_DATA {
             return Err(if encrypt {
@@ -764,76 +1085,87 @@ pub fn crypt_abort(h: CK_SESSION_HANDLE) {
 
 /// `C_Encrypt` / `C_Decrypt` (`last`: the single part) and
 /// `C_EncryptFinal` / `C_DecryptFinal` (`last` empty): the output, or the
-/// length the caller must make room for.
+/// length the caller must make room for (PKCS#11 section 5.2: a length
+/// query answers the most it can be; a buffer too small gets the exact
+/// length, and the result waits for the next call).
 pub fn crypt_final(
     h: CK_SESSION_HANDLE,
     encrypt: bool,
     last: &[u8],
     out: Out,
 ) -> Result<Result<zeroize::Zeroizing<Vec<u8>>, usize>, Rv> {
-    let (key, mechanism, data, slot) = with_state(|s| {
+    enum Next {
+        Done(zeroize::Zeroizing<Vec<u8>>),
+        Ask(Source, Mechanism, zeroize::Zeroizing<Vec<u8>>, Arc<Slot>),
+    }
+    let next = with_state(|s| {
         let x = s.sessions.get(&h).ok_or(CKR_SESSION_HANDLE_INVALID)?;
         let c = x
             .crypt
             .as_ref()
             .filter(|c| c.encrypt == encrypt)
             .ok_or(CKR_OPERATION_NOT_INITIALIZED)?;
+        if let Some(r) = &c.result {
+            return Ok(Ok(Next::Done(r.clone())));
+        }
         let mut data = zeroize::Zeroizing::new(Vec::with_capacity(c.data.len() + last.len()));
         data.extend_from_slice(&c.data);
         data.extend_from_slice(last);
-        Ok((
+        if data.len() > tde_protocol::message::MAX_P11_DATA {
+            return Err(if encrypt {
+                CKR_DATA_LEN_RANGE
+            } else {
+                CKR_ENCRYPTED_DATA_LEN_RANGE
+            });
+        }
+        let bound = c.bound(data.len())?;
+        if out == Out::Length {
+            return Ok(Err(bound));
+        }
+        Ok(Ok(Next::Ask(
             c.key.clone(),
             c.mechanism.clone(),
             data,
             s.slots[x.slot].clone(),
-        ))
+        )))
     })?;
-    let need = if encrypt {
-        data.len() + GCM_TAG_LEN
-    } else {
-        data.len()
-            .checked_sub(GCM_TAG_LEN)
-            .ok_or(CKR_ENCRYPTED_DATA_LEN_RANGE)?
-    };
-    if data.len() > tde_protocol::message::MAX_P11_DATA {
-        return Err(if encrypt {
-            CKR_DATA_LEN_RANGE
-        } else {
-            CKR_ENCRYPTED_DATA_LEN_RANGE
-        });
-    }
-    match out {
-        Out::Length => return Ok(Err(need)),
-        Out::Buffer(n) if n < need => return Ok(Err(need)),
-        Out::Buffer(_) => {}
-    }
-    let token = lock(&slot.login)
-        .as_ref()
-        .map(|l| copy(&l.token))
-        .ok_or(CKR_USER_NOT_LOGGED_IN)?;
-    let Mechanism::AesGcm { iv, aad } = mechanism;
-    let r = slot
-        .with(|c| {
-            c.p11_crypt(
-                encrypt,
-                tde_protocol::P11Crypt {
-                    token: copy(&token),
-                    key: key.clone(),
-                    mechanism: CKM_AES_GCM,
-                    iv: iv.to_vec(),
-                    aad: aad.clone(),
-                    data: SecretBytes::from_slice(&data),
+    let result = match next {
+        Err(bound) => return Ok(Err(bound)),
+        Ok(Next::Done(r)) => r,
+        Ok(Next::Ask(key, mechanism, data, slot)) => {
+            let op = if encrypt {
+                Op::P11Encrypt
+            } else {
+                Op::P11Decrypt
+            };
+            let r = slot.call(
+                |c, call| c.p11_data(op, call),
+                |call| {
+                    call.key = key.key();
+                    call.mechanism = mechanism.kind();
+                    call.param = mechanism.param();
+                    call.aad = mechanism.aad();
+                    call.data = SecretBytes::from_slice(&data);
                 },
-            )
-        })
-        .inspect_err(|rv| slot.lapsed(*rv, &token));
-    // Done, whatever the answer.
-    crypt_abort(h);
-    let out = r?;
-    if out.expose().len() != need {
-        return Err(CKR_DEVICE_ERROR);
+            );
+            let r = zeroize::Zeroizing::new(r?.expose().to_vec());
+            // Kept until the caller has room for it.
+            with_session(h, |x| {
+                if let Some(c) = x.crypt.as_mut() {
+                    c.result = Some(r.clone());
+                }
+                Ok(())
+            })?;
+            r
+        }
+    };
+    match out {
+        Out::Buffer(n) if n >= result.len() => {
+            crypt_abort(h);
+            Ok(Ok(result))
+        }
+        _ => Ok(Err(result.len())),
     }
-    Ok(Ok(zeroize::Zeroizing::new(out.expose().to_vec())))
 }
 
 /// `C_GenerateRandom`: from the HSM's generator, in requests of at most

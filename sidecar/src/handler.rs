@@ -19,6 +19,7 @@ use tde_protocol::{
 use crate::audit::{Actor, AuditLog, AuditRecord};
 
 mod audit_ops;
+mod p11;
 use crate::custodian::CustodianKey;
 use crate::policy::Policies;
 use crate::store::{Registration, RegistryWrite, SqliteStore};
@@ -572,6 +573,7 @@ pub fn map_error(e: &HsmError) -> (ErrorCode, String) {
         HsmError::InvalidArgument(_) => ErrorCode::InvalidArgument,
         HsmError::Store(_) => ErrorCode::StoreFailed,
         HsmError::Internal(_) => ErrorCode::Internal,
+        HsmError::Pkcs11(..) => ErrorCode::Pkcs11,
     };
     (code, e.to_string())
 }
@@ -814,7 +816,7 @@ fn describe(req: &Request, blob: &Blob<'_>, rec: &mut AuditRecord) {
             rec.detail = Some(format!("operator {operator}"));
         }
         Request::Login { operator, .. } => rec.actor.operator = Some(operator.clone()),
-        Request::P11Encrypt(c) | Request::P11Decrypt(c) => rec.key = audit_key(&c.key),
+        Request::P11(_, c) => p11::describe(c, rec),
         Request::P11Login { operator, role, .. } => {
             rec.actor.operator = Some(truncate(operator, MAX_TEXT).to_string());
             rec.detail = Some(format!("PKCS#11 login as {}", truncate(role, 16)));
@@ -1261,144 +1263,6 @@ impl Service {
         }
     }
 
-    /// PKCS#11 `CKM_AES_GCM` under a master key, for a crypto user the key
-    /// is shared with.
-    fn p11_crypt(
-        &self,
-        encrypt: bool,
-        c: &tde_protocol::P11Crypt,
-        s: &OperatorSession,
-        rec: &mut AuditRecord,
-    ) -> Outcome {
-        /// `CKM_AES_GCM`.
-        const AES_GCM: u64 = 0x1087;
-        if c.mechanism != AES_GCM {
-            return Err((
-                ErrorCode::InvalidArgument,
-                format!(
-                    "mechanism {:#x} is not offered: CKM_AES_GCM (0x1087) is",
-                    c.mechanism
-                ),
-            ));
-        }
-        let iv: &[u8; 12] = c.iv.as_slice().try_into().map_err(|_| {
-            (
-                ErrorCode::InvalidArgument,
-                "CKM_AES_GCM takes a 12-byte IV".to_string(),
-            )
-        })?;
-        rec.detail = Some(format!(
-            "CKM_AES_GCM, {} bytes in, {} bytes of AAD",
-            c.data.expose().len(),
-            c.aad.len()
-        ));
-        let caller = Caller::User(s);
-        let data = if encrypt {
-            rec.key_version = hsm(self.hsm.primary_version(caller, &c.key)).ok();
-            let out = hsm(self
-                .hsm
-                .p11_gcm_encrypt(caller, &c.key, iv, &c.aad, c.data.expose()))?;
-            SecretBytes::new(out)
-        } else {
-            let out = hsm(self
-                .hsm
-                .p11_gcm_decrypt(caller, &c.key, iv, &c.aad, c.data.expose()))?;
-            SecretBytes::from_slice(out.expose())
-        };
-        Ok(Response::P11Data { data })
-    }
-
-    /// The PKCS#11 module's operations: the caller's policy must allow
-    /// `pkcs11` (for the key, if one is named), and all but the login need
-    /// its live token.
-    fn p11(
-        &self,
-        p: &crate::policy::ClientPolicy,
-        req: &Request,
-        rec: &mut AuditRecord,
-    ) -> Outcome {
-        let denied = |m: String| (ErrorCode::PermissionDenied, m);
-        let key = match req {
-            Request::P11Encrypt(c) | Request::P11Decrypt(c) => Some(c.key.as_str()),
-            _ => None,
-        };
-        p.allows_op_key("pkcs11", key).map_err(denied)?;
-        // The token's operator, named in the record.
-        let session = |token: &SecretBytes, rec: &mut AuditRecord| {
-            let s = self.tokens.login(token.expose())?;
-            rec.actor.operator = Some(s.name().to_string());
-            rec.actor.role = Some(s.role().name());
-            Ok::<_, (ErrorCode, String)>(s)
-        };
-        match req {
-            Request::P11Login {
-                operator,
-                password,
-                role,
-            } => {
-                let want = match role.as_str() {
-                    "user" => Role::CryptoUser,
-                    "so" => Role::CryptoOfficer,
-                    _ => {
-                        return Err((
-                            ErrorCode::InvalidArgument,
-                            "role must be user (CKU_USER) or so (CKU_SO)".into(),
-                        ));
-                    }
-                };
-                // A wrong password counts toward the operator's lockout,
-                // as on the admin socket.
-                let s = hsm(self.hsm.login(operator, password.expose()))?;
-                // The password is right but not for this user type: a
-                // failed PKCS#11 login (CKR_PIN_INCORRECT), not counted.
-                if s.role() != want {
-                    return Err((
-                        ErrorCode::LoginFailed,
-                        format!(
-                            "operator {operator:?} is a {}: CKU_USER needs a crypto user, CKU_SO a crypto officer",
-                            s.role().name()
-                        ),
-                    ));
-                }
-                rec.actor.role = Some(s.role().name());
-                let token = self.tokens.create(s, Duration::from_secs(MAX_TOKEN_TTL))?;
-                Ok(Response::Token {
-                    token,
-                    ttl: MAX_TOKEN_TTL,
-                })
-            }
-            Request::P11Logout { token } => {
-                // An unknown token is logged out already.
-                let _ = session(token, rec);
-                self.tokens.revoke(token.expose());
-                Ok(Response::Done)
-            }
-            Request::P11Objects { token } => {
-                let s = session(token, rec)?;
-                let keys = match s.role() {
-                    Role::CryptoUser => hsm(self.hsm.keys_shared_with(&s))?,
-                    _ => hsm(self.hsm.key_list(&s))?,
-                };
-                // Only the keys the caller's policy names, and none whose
-                // store object failed authentication.
-                let out = keys
-                    .into_iter()
-                    .filter(|k| !k.tampered && p.allows_op_key("pkcs11", Some(&k.name)).is_ok())
-                    .map(|k| key_info(k, Vec::new()))
-                    .collect();
-                Ok(Response::Keys(out))
-            }
-            Request::P11Encrypt(c) | Request::P11Decrypt(c) => {
-                let s = session(&c.token, rec)?;
-                self.p11_crypt(matches!(req, Request::P11Encrypt(_)), c, &s, rec)
-            }
-            _ => Err((
-                ErrorCode::UnknownOperation,
-                "not a PKCS#11 operation".into(),
-            )),
-        }
-    }
-
     /// Writes audit records for what the HSM did on its own.
     pub fn drain_events(&self) {
         for e in self.hsm.take_events() {
@@ -1504,8 +1368,7 @@ impl Service {
             Request::P11Login { .. }
             | Request::P11Logout { .. }
             | Request::P11Objects { .. }
-            | Request::P11Encrypt(_)
-            | Request::P11Decrypt(_) => return self.p11(p, req, rec),
+            | Request::P11(..) => return self.p11(p, req, rec),
             _ => {}
         }
         if matches!(blob, Some(Err(_))) {

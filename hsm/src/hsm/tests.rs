@@ -898,3 +898,107 @@ fn the_audit_key_signs_rotates_and_is_sealed_like_the_rest() {
         Err(HsmError::Tampered(_))
     ));
 }
+
+#[test]
+fn pkcs11_objects_persist_sealed_and_belong_to_their_maker() {
+    use crate::pkcs11::{Ckr, ck::*};
+    let (s, h, shares) = unsealed();
+    let a = admin(&h);
+    let (bob, _) = user_and_auditor(&h, &a);
+    h.operator_add(&a, "dave", Role::CryptoUser, b"dave-password-1")
+        .expect("add");
+    let dave = h.login("dave", b"dave-password-1").expect("dave");
+    let yes = vec![1u8];
+    let label = b"ORACLE.TDE.HSM.MK.06".to_vec();
+    let token = vec![
+        (CKA_TOKEN, yes.clone()),
+        (CKA_LABEL, label.clone()),
+        (CKA_VALUE_LEN, 32u64.to_ne_bytes().to_vec()),
+    ];
+    let made = h
+        .p11_generate(&bob, 7, CKM_AES_KEY_GEN, &token, &Vec::new())
+        .expect("generate");
+    let id = made[0].id;
+    let session_key = h
+        .p11_generate(&bob, 7, CKM_AES_KEY_GEN, &Vec::new(), &Vec::new())
+        .expect("session key")[0]
+        .id;
+    let iv = [3u8; 12];
+    let ct = h
+        .p11_object_crypt(&bob, 7, id, true, CKM_AES_GCM, &iv, b"", b"table key")
+        .expect("encrypt");
+    // The store holds the object sealed: no label, no key in the clear.
+    let stored = row(&s, p11::KIND_P11_OBJECT, &format!("{id:016x}")).expect("row");
+    assert!(
+        !stored
+            .blob
+            .windows(label.len())
+            .any(|w| w == label.as_slice())
+    );
+    assert!(row(&s, p11::KIND_P11_OBJECT, &format!("{session_key:016x}")).is_none());
+    // Another user, another login of the same user, and an officer's use.
+    let no = |e: HsmError| matches!(e, HsmError::Pkcs11(Ckr::CKR_OBJECT_HANDLE_INVALID, _));
+    assert!(no(h
+        .p11_object_crypt(&dave, 7, id, true, CKM_AES_GCM, &iv, b"", b"x")
+        .expect_err("dave")));
+    assert!(no(h
+        .p11_object_crypt(&bob, 8, session_key, true, CKM_AES_GCM, &iv, b"", b"x")
+        .expect_err("other login")));
+    assert!(matches!(
+        h.p11_object_crypt(&a, 7, id, true, CKM_AES_GCM, &iv, b"", b"x"),
+        Err(HsmError::PermissionDenied(_))
+    ));
+    assert!(h.p11_list(&dave, 9).expect("list").is_empty());
+    assert_eq!(h.p11_list(&a, 1).expect("officer list").len(), 1);
+    assert_eq!(h.p11_list(&bob, 7).expect("list").len(), 2);
+    assert_eq!(h.p11_list(&bob, 8).expect("list").len(), 1);
+    // Relabel; seal and unseal: the token object and its new label stay,
+    // the session object is gone.
+    h.p11_set(&bob, 7, id, &vec![(CKA_LABEL, b"renamed".to_vec())])
+        .expect("set");
+    assert!(
+        h.p11_set(&bob, 7, id, &vec![(CKA_SENSITIVE, vec![0])])
+            .is_err()
+    );
+    h.seal(&a).expect("seal");
+    reunseal(&h, &shares);
+    let bob = h.login("bob", b"bob-password-1").expect("bob");
+    let list = h.p11_list(&bob, 7).expect("list");
+    assert_eq!(list.len(), 1);
+    assert!(list[0].attrs.contains(&(CKA_LABEL, b"renamed".to_vec())));
+    let pt = h
+        .p11_object_crypt(&bob, 1, id, false, CKM_AES_GCM, &iv, b"", ct.expose())
+        .expect("decrypt after unseal");
+    assert_eq!(pt.expose(), b"table key");
+    // A row changed on disk is tampering.
+    let mut bad = row(&s, p11::KIND_P11_OBJECT, &format!("{id:016x}")).expect("row");
+    let n = bad.blob.len();
+    bad.blob[n - 1] ^= 1;
+    s.objects
+        .lock()
+        .expect("lock")
+        .insert((p11::KIND_P11_OBJECT, bad.id.clone()), bad);
+    h.seal(&h.login("admin", PW).expect("admin")).expect("seal");
+    reunseal(&h, &shares);
+    assert!(
+        tamper_whys(&h)
+            .iter()
+            .any(|w| w.starts_with("pkcs11_object"))
+    );
+    // Destroy removes it for good (and from the manifest).
+    h.operator_add(
+        &h.login("admin", PW).expect("admin"),
+        "erin",
+        Role::CryptoUser,
+        b"erin-password-1",
+    )
+    .expect("add");
+    let erin = h.login("erin", b"erin-password-1").expect("erin");
+    let k = h
+        .p11_generate(&erin, 1, CKM_AES_KEY_GEN, &token, &Vec::new())
+        .expect("generate")[0]
+        .id;
+    h.p11_destroy(&erin, 1, k).expect("destroy");
+    assert!(row(&s, p11::KIND_P11_OBJECT, &format!("{k:016x}")).is_none());
+    assert!(h.p11_destroy(&erin, 1, k).is_err());
+}

@@ -13,7 +13,7 @@ use crate::message::{
     ApprovalInfo, AuditKeyInfo, AuditPage, AuditQuery, AuditRange, Context, DekRef, KeyInfo,
     OperatorInfo, ResplitInfo, StatusInfo,
 };
-use crate::{ErrorCode, Op, P11Crypt, Request, Response, SecretBytes};
+use crate::{ErrorCode, Op, P11Call, P11ObjectInfo, Request, Response, SecretBytes};
 
 /// How long a call waits for its answer (a `watch_key` waits at most 60 s
 /// on the server, and is asked for less).
@@ -245,22 +245,49 @@ impl Client {
         expect!(self, Request::P11Logout { token }, Response::Done => ())
     }
 
-    /// `p11_objects` (data socket): the master keys the token's operator
-    /// may use (a crypto user: those shared with it; an officer: all),
-    /// among those the caller's policy names.
-    pub fn p11_objects(&mut self, token: SecretBytes) -> Result<Vec<KeyInfo>, ClientError> {
-        expect!(self, Request::P11Objects { token }, Response::Keys(k) => k)
+    /// `p11_objects` (data socket), every page: the master keys the
+    /// token's operator may use (a crypto user: those shared with it; an
+    /// officer: all) among those the caller's policy names, and its token
+    /// and session objects.
+    pub fn p11_objects(
+        &mut self,
+        token: &SecretBytes,
+    ) -> Result<(Vec<KeyInfo>, Vec<P11ObjectInfo>), ClientError> {
+        let (mut keys, mut objects) = (Vec::new(), Vec::new());
+        let mut after = 0;
+        loop {
+            let req = Request::P11Objects {
+                token: SecretBytes::from_slice(token.expose()),
+                after,
+            };
+            let (k, o, more) = expect!(self, req,
+                Response::P11Objects { keys, objects, more } => (keys, objects, more))?;
+            keys.extend(k);
+            let last = o.last().map(|x| x.id);
+            objects.extend(o);
+            match last {
+                Some(id) if more && id > after => after = id,
+                _ => return Ok((keys, objects)),
+            }
+        }
     }
 
-    /// `p11_encrypt` / `p11_decrypt` (data socket): the operation's
-    /// output.
-    pub fn p11_crypt(&mut self, encrypt: bool, c: P11Crypt) -> Result<SecretBytes, ClientError> {
-        let req = if encrypt {
-            Request::P11Encrypt(c)
-        } else {
-            Request::P11Decrypt(c)
-        };
-        expect!(self, req, Response::P11Data { data } => data)
+    /// A PKCS#11 operation that answers with bytes (`p11_encrypt`,
+    /// `p11_decrypt`, `p11_sign`, `p11_wrap`).
+    pub fn p11_data(&mut self, op: Op, c: P11Call) -> Result<SecretBytes, ClientError> {
+        expect!(self, Request::P11(op, c), Response::P11Data { data } => data)
+    }
+
+    /// A PKCS#11 operation that answers with objects (`p11_generate`,
+    /// `p11_create`, `p11_set_attributes`, `p11_unwrap`).
+    pub fn p11_make(&mut self, op: Op, c: P11Call) -> Result<Vec<P11ObjectInfo>, ClientError> {
+        expect!(self, Request::P11(op, c), Response::P11Objects { objects, .. } => objects)
+    }
+
+    /// A PKCS#11 operation that answers only success (`p11_verify`,
+    /// `p11_destroy`).
+    pub fn p11_done(&mut self, op: Op, c: P11Call) -> Result<(), ClientError> {
+        expect!(self, Request::P11(op, c), Response::Done => ())
     }
 
     /// `zeroize`: destroys the root material for ever.

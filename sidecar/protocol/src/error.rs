@@ -96,6 +96,10 @@ error_codes! {
     KeysRevoked = 33, "KEYS_REVOKED";
     /// An argument is out of range or malformed.
     InvalidArgument = 30, "INVALID_ARGUMENT";
+    /// A PKCS#11 request the token refuses: the message begins with the
+    /// PKCS#11 return value's name (`CKR_SIGNATURE_INVALID: ...`), which
+    /// the module returns to the application.
+    Pkcs11 = 34, "PKCS11";
     /// The key store is not initialized (`tde init`).
     NotInitialized = 31, "NOT_INITIALIZED";
     /// The audit record could not be written, so the operation was refused.

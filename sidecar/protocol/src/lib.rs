@@ -37,7 +37,7 @@ pub use error::{DecodeError, ErrorCode};
 pub use frame::{Frame, FrameKind, Header, MAX_FRAME_LEN, PROTOCOL_VERSION};
 pub use message::{
     ApprovalInfo, AuditKeyInfo, AuditPage, AuditQuery, AuditRange, AuditSinkInfo, Context, DekRef,
-    KeyInfo, KeyReference, KeyVersionInfo, Op, OperatorInfo, P11Crypt, Request, ResplitInfo,
-    Response, StatusInfo, context_display,
+    KeyInfo, KeyReference, KeyVersionInfo, Op, OperatorInfo, P11Attrs, P11Call, P11Key,
+    P11ObjectInfo, Request, ResplitInfo, Response, StatusInfo, context_display,
 };
 pub use secret::SecretBytes;

@@ -175,6 +175,21 @@ pub mod tag {
     pub const DATA: u8 = 78;
     /// A PKCS#11 mechanism type, `CKM_*` (u64).
     pub const MECHANISM: u8 = 79;
+    /// A PKCS#11 token or session object's id (u64).
+    pub const OBJECT: u8 = 80;
+    /// The object a `p11_wrap` wraps (u64).
+    pub const TARGET: u8 = 81;
+    /// A signature to verify (bytes).
+    pub const SIGNATURE: u8 = 82;
+    /// One attribute of a template or object: `u64 BE type | value`
+    /// (bytes; repeated).
+    pub const ATTR: u8 = 83;
+    /// One attribute of a key pair's public-key template (as `ATTR`).
+    pub const PUBLIC_ATTR: u8 = 84;
+    /// A PKCS#11 object: `OBJECT` and its `ATTR`s (record; repeated).
+    pub const P11_OBJECT: u8 = 85;
+    /// More objects follow: ask again after the last id (bool).
+    pub const MORE: u8 = 86;
 }
 
 mod audit;
@@ -284,12 +299,29 @@ pub enum Op {
     P11Login = 0x0701,
     /// PKCS#11 `C_Logout`: the token ends.
     P11Logout = 0x0702,
-    /// PKCS#11 objects: the master keys the token's login may use.
+    /// PKCS#11 objects: the master keys the token's login may use, and
+    /// its token and session objects, a page at a time.
     P11Objects = 0x0703,
-    /// PKCS#11 `C_Encrypt` under a master key.
+    /// PKCS#11 `C_Encrypt` under a master key or an object.
     P11Encrypt = 0x0704,
-    /// PKCS#11 `C_Decrypt` under a master key.
+    /// PKCS#11 `C_Decrypt` under a master key or an object.
     P11Decrypt = 0x0705,
+    /// PKCS#11 `C_Sign` with a private key.
+    P11Sign = 0x0706,
+    /// PKCS#11 `C_Verify` with a public key.
+    P11Verify = 0x0707,
+    /// PKCS#11 `C_GenerateKey` / `C_GenerateKeyPair`.
+    P11Generate = 0x0708,
+    /// PKCS#11 `C_CreateObject`: a certificate or a data object.
+    P11Create = 0x0709,
+    /// PKCS#11 `C_DestroyObject`.
+    P11Destroy = 0x070a,
+    /// PKCS#11 `C_SetAttributeValue` (`CKA_LABEL`, `CKA_ID`).
+    P11SetAttributes = 0x070b,
+    /// PKCS#11 `C_WrapKey`.
+    P11Wrap = 0x070c,
+    /// PKCS#11 `C_UnwrapKey`.
+    P11Unwrap = 0x070d,
 }
 
 impl Op {
@@ -347,6 +379,14 @@ impl Op {
         Op::P11Objects,
         Op::P11Encrypt,
         Op::P11Decrypt,
+        Op::P11Sign,
+        Op::P11Verify,
+        Op::P11Generate,
+        Op::P11Create,
+        Op::P11Destroy,
+        Op::P11SetAttributes,
+        Op::P11Wrap,
+        Op::P11Unwrap,
     ];
 
     /// The operation for a wire code.
@@ -409,6 +449,14 @@ impl Op {
             Op::P11Objects => "p11_objects",
             Op::P11Encrypt => "p11_encrypt",
             Op::P11Decrypt => "p11_decrypt",
+            Op::P11Sign => "p11_sign",
+            Op::P11Verify => "p11_verify",
+            Op::P11Generate => "p11_generate",
+            Op::P11Create => "p11_create",
+            Op::P11Destroy => "p11_destroy",
+            Op::P11SetAttributes => "p11_set_attributes",
+            Op::P11Wrap => "p11_wrap",
+            Op::P11Unwrap => "p11_unwrap",
         }
     }
 
@@ -428,6 +476,14 @@ impl Op {
                 | Op::P11Objects
                 | Op::P11Encrypt
                 | Op::P11Decrypt
+                | Op::P11Sign
+                | Op::P11Verify
+                | Op::P11Generate
+                | Op::P11Create
+                | Op::P11Destroy
+                | Op::P11SetAttributes
+                | Op::P11Wrap
+                | Op::P11Unwrap
         )
     }
 }
@@ -518,11 +574,13 @@ pub enum Request {
     P11Objects {
         /// The token [`Request::P11Login`] gave.
         token: SecretBytes,
+        /// The last object id of the previous page (0: the first page,
+        /// which also lists the master keys).
+        after: u64,
     },
-    /// See [`Op::P11Encrypt`] (and [`Op::P11Decrypt`], same fields).
-    P11Encrypt(P11Crypt),
-    /// See [`Op::P11Decrypt`]: `data` is the ciphertext and tag.
-    P11Decrypt(P11Crypt),
+    /// Every other PKCS#11 operation (`op` is one of `p11_encrypt` to
+    /// `p11_unwrap`): which fields it takes is in PROTOCOL.md.
+    P11(Op, P11Call),
     /// See [`Op::TokenLogin`].
     TokenLogin {
         /// The token.
@@ -898,21 +956,73 @@ pub struct KeyInfo {
     pub shared_with: Vec<String>,
 }
 
-/// A PKCS#11 encrypt or decrypt under a master key.
+/// The key a PKCS#11 operation uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum P11Key {
+    /// None (generate, create).
+    None,
+    /// A master key, by name (`KEY_NAME`).
+    Master(String),
+    /// A token or session object, by id (`OBJECT`).
+    Object(u64),
+}
+
+/// PKCS#11 attributes: `(CKA_* type, value)`; `CK_ULONG` values are 8
+/// bytes in the host's byte order, `CK_BBOOL` one byte.
+pub type P11Attrs = Vec<(u64, Vec<u8>)>;
+
+/// A PKCS#11 operation's fields; each operation uses some (PROTOCOL.md).
 #[derive(Debug, PartialEq, Eq)]
-pub struct P11Crypt {
+pub struct P11Call {
     /// The token [`Request::P11Login`] gave.
     pub token: SecretBytes,
-    /// The master key (its name, `CKA_LABEL`).
-    pub key: String,
-    /// `CKM_AES_GCM` (0x1087).
+    /// The key or object operated on.
+    pub key: P11Key,
+    /// The object `p11_wrap` wraps (0: none).
+    pub target: u64,
+    /// The mechanism, `CKM_*`.
     pub mechanism: u64,
-    /// The IV (GCM: 12 bytes).
-    pub iv: Vec<u8>,
-    /// Additional authenticated data.
+    /// The mechanism's parameter, flattened (`IV`): an AES IV, or
+    /// big-endian u64 fields for PSS and OAEP.
+    pub param: Vec<u8>,
+    /// GCM additional authenticated data, or the OAEP label.
     pub aad: Vec<u8>,
-    /// Plaintext to encrypt, or ciphertext and tag to decrypt.
+    /// Input data: plaintext, ciphertext, data or hash to sign, a wrapped
+    /// key.
     pub data: SecretBytes,
+    /// A signature to verify.
+    pub signature: Vec<u8>,
+    /// The template (of a key pair: the private key's).
+    pub template: P11Attrs,
+    /// A key pair's public-key template.
+    pub public_template: P11Attrs,
+}
+
+impl P11Call {
+    /// A call with only the token set.
+    pub fn new(token: SecretBytes) -> P11Call {
+        P11Call {
+            token,
+            key: P11Key::None,
+            target: 0,
+            mechanism: 0,
+            param: Vec::new(),
+            aad: Vec::new(),
+            data: SecretBytes::from_slice(&[]),
+            signature: Vec::new(),
+            template: Vec::new(),
+            public_template: Vec::new(),
+        }
+    }
+}
+
+/// A PKCS#11 object as the token shows it: its id and public attributes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct P11ObjectInfo {
+    /// Stable id.
+    pub id: u64,
+    /// Public attributes.
+    pub attrs: P11Attrs,
 }
 
 /// An operator's public description.
@@ -964,10 +1074,20 @@ pub enum Response {
         /// The new wrapped key.
         ciphertext: Vec<u8>,
     },
-    /// Answer to a PKCS#11 encrypt or decrypt: its output.
+    /// Answer to a PKCS#11 encrypt, decrypt, sign or wrap: its output.
     P11Data {
-        /// Ciphertext and tag, or plaintext.
+        /// Ciphertext and tag, plaintext, signature or wrapped key.
         data: SecretBytes,
+    },
+    /// Answer to `p11_objects` (a page), `p11_generate`, `p11_create`,
+    /// `p11_set_attributes` and `p11_unwrap` (the objects made or changed).
+    P11Objects {
+        /// Master keys (first page of `p11_objects` only).
+        keys: Vec<KeyInfo>,
+        /// Token and session objects, by id.
+        objects: Vec<P11ObjectInfo>,
+        /// More objects follow the last one.
+        more: bool,
     },
     /// Answer to generate-random.
     Random {
@@ -1108,6 +1228,11 @@ struct Fields {
     aad: Option<Vec<u8>>,
     data: Option<SecretBytes>,
     mechanism: Option<u64>,
+    object: Option<u64>,
+    target: Option<u64>,
+    signature: Option<Vec<u8>>,
+    attrs: P11Attrs,
+    public_attrs: P11Attrs,
 }
 
 impl Fields {
@@ -1238,6 +1363,15 @@ impl Fields {
                     "data",
                 )?,
                 tag::MECHANISM => once(&mut f.mechanism, as_u64(v, "mechanism")?, "mechanism")?,
+                tag::OBJECT => once(&mut f.object, as_u64(v, "object")?, "object")?,
+                tag::TARGET => once(&mut f.target, as_u64(v, "target")?, "target")?,
+                tag::SIGNATURE => once(
+                    &mut f.signature,
+                    capped(v, "signature", MAX_SIGNATURE)?.to_vec(),
+                    "signature",
+                )?,
+                tag::ATTR => take_attr(&mut f.attrs, v)?,
+                tag::PUBLIC_ATTR => take_attr(&mut f.public_attrs, v)?,
                 tag::DEK => {
                     if f.deks.len() >= MAX_DEKS {
                         return Err(DecodeError::InvalidValue("too many data keys"));
@@ -1268,6 +1402,97 @@ pub const MAX_BYTES: usize = 4096;
 pub const MAX_P11_DATA: usize = 256 * 1024;
 /// A PKCS#11 initialization vector at most.
 pub const MAX_IV: usize = 256;
+/// A signature at most (RSA-4096: 512 bytes).
+pub const MAX_SIGNATURE: usize = 1024;
+/// Most attributes in one template or object.
+pub const MAX_P11_ATTRS: usize = 64;
+/// Longest attribute value.
+pub const MAX_P11_ATTR: usize = 16 * 1024;
+/// Most objects in one `p11_objects` page.
+pub const MAX_P11_PAGE: usize = 256;
+
+/// Reads one `ATTR` into `attrs`, with the caps.
+fn take_attr(attrs: &mut P11Attrs, v: &[u8]) -> Result<(), DecodeError> {
+    if attrs.len() >= MAX_P11_ATTRS {
+        return Err(DecodeError::InvalidValue("too many attributes"));
+    }
+    if v.len() < 8 {
+        return Err(DecodeError::InvalidValue("an attribute without its type"));
+    }
+    let (t, value) = v.split_at(8);
+    let value = capped(value, "attribute", MAX_P11_ATTR)?;
+    attrs.push((as_u64(t, "attribute type")?, value.to_vec()));
+    Ok(())
+}
+
+fn put_attrs(w: &mut Writer, tag: u8, attrs: &[(u64, Vec<u8>)]) {
+    for (t, v) in attrs {
+        let mut b = Vec::with_capacity(8 + v.len());
+        b.extend_from_slice(&t.to_be_bytes());
+        b.extend_from_slice(v);
+        w.bytes(tag, &b);
+    }
+}
+
+fn put_p11_call(w: &mut Writer, c: &P11Call) {
+    w.bytes(TOKEN, c.token.expose());
+    match &c.key {
+        P11Key::None => {}
+        P11Key::Master(k) => {
+            w.str(KEY_NAME, k);
+        }
+        P11Key::Object(o) => {
+            w.u64(OBJECT, *o);
+        }
+    }
+    if c.target != 0 {
+        w.u64(TARGET, c.target);
+    }
+    w.u64(MECHANISM, c.mechanism);
+    if !c.param.is_empty() {
+        w.bytes(IV, &c.param);
+    }
+    if !c.aad.is_empty() {
+        w.bytes(AAD, &c.aad);
+    }
+    if !c.data.expose().is_empty() {
+        w.bytes(DATA, c.data.expose());
+    }
+    if !c.signature.is_empty() {
+        w.bytes(SIGNATURE, &c.signature);
+    }
+    put_attrs(w, ATTR, &c.template);
+    put_attrs(w, PUBLIC_ATTR, &c.public_template);
+}
+
+fn take_p11_objects(body: &[u8], what: &'static str) -> Result<Response, DecodeError> {
+    let mut keys = Vec::new();
+    let mut objects = Vec::new();
+    let mut more = None;
+    let mut r = Reader::new(body);
+    while let Some((t, v)) = r.next_field()? {
+        match t {
+            KEY_INFO => keys.push(take_key_info(v)?),
+            P11_OBJECT => {
+                if objects.len() >= MAX_P11_PAGE {
+                    return Err(DecodeError::InvalidValue("too many objects"));
+                }
+                let f = Fields::read(v, "p11_object", &[OBJECT, ATTR])?;
+                objects.push(P11ObjectInfo {
+                    id: required(f.object, "object")?,
+                    attrs: f.attrs,
+                });
+            }
+            MORE => once(&mut more, as_bool(v, "more")?, "more")?,
+            other => return Err(unexpected(what, other)),
+        }
+    }
+    Ok(Response::P11Objects {
+        keys,
+        objects,
+        more: more.unwrap_or(false),
+    })
+}
 /// PKCS#11 additional authenticated data at most.
 pub const MAX_AAD: usize = 64 * 1024;
 
@@ -1329,8 +1554,7 @@ impl Request {
             Request::P11Login { .. } => Op::P11Login,
             Request::P11Logout { .. } => Op::P11Logout,
             Request::P11Objects { .. } => Op::P11Objects,
-            Request::P11Encrypt(_) => Op::P11Encrypt,
-            Request::P11Decrypt(_) => Op::P11Decrypt,
+            Request::P11(op, _) => *op,
             Request::TokenRevoke { .. } => Op::TokenRevoke,
             Request::ResplitInit { .. } => Op::ResplitInit,
             Request::ResplitUpdate { .. } => Op::ResplitUpdate,
@@ -1440,18 +1664,16 @@ impl Request {
             }
             Request::TokenLogin { token }
             | Request::TokenRevoke { token }
-            | Request::P11Logout { token }
-            | Request::P11Objects { token } => {
+            | Request::P11Logout { token } => {
                 w.bytes(TOKEN, token.expose());
             }
-            Request::P11Encrypt(c) | Request::P11Decrypt(c) => {
-                w.bytes(TOKEN, c.token.expose())
-                    .str(KEY_NAME, &c.key)
-                    .u64(MECHANISM, c.mechanism)
-                    .bytes(IV, &c.iv)
-                    .bytes(AAD, &c.aad)
-                    .bytes(DATA, c.data.expose());
+            Request::P11Objects { token, after } => {
+                w.bytes(TOKEN, token.expose());
+                if *after != 0 {
+                    w.u64(OBJECT, *after);
+                }
             }
+            Request::P11(_, c) => put_p11_call(&mut w, c),
             Request::ResplitInit {
                 threshold,
                 shares,
@@ -1624,24 +1846,59 @@ impl Request {
             Op::P11Logout => Request::P11Logout {
                 token: required(read(&[TOKEN])?.token, "token")?,
             },
-            Op::P11Objects => Request::P11Objects {
-                token: required(read(&[TOKEN])?.token, "token")?,
-            },
-            Op::P11Encrypt | Op::P11Decrypt => {
-                let f = read(&[TOKEN, KEY_NAME, MECHANISM, IV, AAD, DATA])?;
-                let c = P11Crypt {
+            Op::P11Objects => {
+                let f = read(&[TOKEN, OBJECT])?;
+                Request::P11Objects {
                     token: required(f.token, "token")?,
-                    key: required(f.key, "key")?,
-                    mechanism: required(f.mechanism, "mechanism")?,
-                    iv: f.iv.unwrap_or_default(),
-                    aad: f.aad.unwrap_or_default(),
-                    data: required(f.data, "data")?,
-                };
-                if op == Op::P11Encrypt {
-                    Request::P11Encrypt(c)
-                } else {
-                    Request::P11Decrypt(c)
+                    after: f.object.unwrap_or(0),
                 }
+            }
+            Op::P11Encrypt
+            | Op::P11Decrypt
+            | Op::P11Sign
+            | Op::P11Verify
+            | Op::P11Generate
+            | Op::P11Create
+            | Op::P11Destroy
+            | Op::P11SetAttributes
+            | Op::P11Wrap
+            | Op::P11Unwrap => {
+                let f = read(&[
+                    TOKEN,
+                    KEY_NAME,
+                    OBJECT,
+                    TARGET,
+                    MECHANISM,
+                    IV,
+                    AAD,
+                    DATA,
+                    SIGNATURE,
+                    ATTR,
+                    PUBLIC_ATTR,
+                ])?;
+                let key = match (f.key, f.object) {
+                    (Some(_), Some(_)) => {
+                        return Err(DecodeError::InvalidValue("both a key name and an object"));
+                    }
+                    (Some(k), None) => P11Key::Master(k),
+                    (None, Some(o)) => P11Key::Object(o),
+                    (None, None) => P11Key::None,
+                };
+                Request::P11(
+                    op,
+                    P11Call {
+                        token: required(f.token, "token")?,
+                        key,
+                        target: f.target.unwrap_or(0),
+                        mechanism: f.mechanism.unwrap_or(0),
+                        param: f.iv.unwrap_or_default(),
+                        aad: f.aad.unwrap_or_default(),
+                        data: f.data.unwrap_or_else(|| SecretBytes::from_slice(&[])),
+                        signature: f.signature.unwrap_or_default(),
+                        template: f.attrs,
+                        public_template: f.public_attrs,
+                    },
+                )
             }
             Op::ResplitInit => {
                 let f = read(&[THRESHOLD, SHARES, CUSTODIAN_KEY])?;
@@ -2219,6 +2476,24 @@ impl Response {
             Response::P11Data { data } => {
                 w.bytes(DATA, data.expose());
             }
+            Response::P11Objects {
+                keys,
+                objects,
+                more,
+            } => {
+                for k in keys {
+                    put_key_info(&mut w, k);
+                }
+                for o in objects {
+                    let mut r = Writer::new();
+                    r.u64(OBJECT, o.id);
+                    put_attrs(&mut r, ATTR, &o.attrs);
+                    w.record(P11_OBJECT, &r);
+                }
+                if *more {
+                    w.bool(MORE, true);
+                }
+            }
             Response::LoggedIn { operator, role } => {
                 w.str(OPERATOR, operator).str(ROLE, role);
             }
@@ -2378,9 +2653,16 @@ impl Response {
             Op::GenerateRandom => Response::Random {
                 bytes: required(Fields::read(body, what, &[RANDOM])?.random, "random")?,
             },
-            Op::P11Encrypt | Op::P11Decrypt => Response::P11Data {
-                data: required(Fields::read(body, what, &[DATA])?.data, "data")?,
+            Op::P11Encrypt | Op::P11Decrypt | Op::P11Sign | Op::P11Wrap => Response::P11Data {
+                data: Fields::read(body, what, &[DATA])?
+                    .data
+                    .unwrap_or_else(|| SecretBytes::from_slice(&[])),
             },
+            Op::P11Objects
+            | Op::P11Generate
+            | Op::P11Create
+            | Op::P11SetAttributes
+            | Op::P11Unwrap => take_p11_objects(body, what)?,
             Op::ResplitInit | Op::ResplitUpdate | Op::ResplitStatus => {
                 Response::Resplit(take_resplit(body)?)
             }
@@ -2395,7 +2677,7 @@ impl Response {
                     ttl: required(f.token_ttl, "token_ttl")?,
                 }
             }
-            Op::TokenRevoke | Op::P11Logout => {
+            Op::TokenRevoke | Op::P11Logout | Op::P11Verify | Op::P11Destroy => {
                 Fields::read(body, what, &[])?;
                 Response::Done
             }
@@ -2428,7 +2710,7 @@ impl Response {
                 }
                 Response::Operators(out)
             }
-            Op::KeyList | Op::P11Objects => {
+            Op::KeyList => {
                 let mut out = Vec::new();
                 let mut r = Reader::new(body);
                 while let Some((t, v)) = r.next_field()? {

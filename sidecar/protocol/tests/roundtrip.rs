@@ -10,6 +10,18 @@ use tde_protocol::{
     StatusInfo,
 };
 
+fn p11_key() -> impl Strategy<Value = tde_protocol::P11Key> {
+    prop_oneof![
+        Just(tde_protocol::P11Key::None),
+        name().prop_map(tde_protocol::P11Key::Master),
+        any::<u64>().prop_map(tde_protocol::P11Key::Object),
+    ]
+}
+
+fn attrs() -> impl Strategy<Value = tde_protocol::P11Attrs> {
+    vec((any::<u64>(), vec(any::<u8>(), 0..40)), 0..5)
+}
+
 fn secret() -> impl Strategy<Value = SecretBytes> {
     vec(any::<u8>(), 0..64).prop_map(SecretBytes::new)
 }
@@ -46,31 +58,49 @@ fn request() -> impl Strategy<Value = Request> {
             role
         }),
         secret().prop_map(|token| Request::P11Logout { token }),
-        secret().prop_map(|token| Request::P11Objects { token }),
+        (secret(), any::<u64>()).prop_map(|(token, after)| Request::P11Objects { token, after }),
         (
-            secret(),
-            name(),
-            any::<u64>(),
-            vec(any::<u8>(), 0..20),
-            vec(any::<u8>(), 0..50),
-            secret(),
-            any::<bool>()
+            (secret(), p11_key(), any::<u64>(), any::<u64>()),
+            (vec(any::<u8>(), 0..20), vec(any::<u8>(), 0..50), secret()),
+            (vec(any::<u8>(), 0..64), attrs(), attrs()),
+            0usize..10,
         )
-            .prop_map(|(token, key, mechanism, iv, aad, data, enc)| {
-                let c = tde_protocol::P11Crypt {
-                    token,
-                    key,
-                    mechanism,
-                    iv,
-                    aad,
-                    data,
-                };
-                if enc {
-                    Request::P11Encrypt(c)
-                } else {
-                    Request::P11Decrypt(c)
+            .prop_map(
+                |(
+                    (token, key, target, mechanism),
+                    (param, aad, data),
+                    (signature, template, public_template),
+                    op,
+                )| {
+                    let op = [
+                        tde_protocol::Op::P11Encrypt,
+                        tde_protocol::Op::P11Decrypt,
+                        tde_protocol::Op::P11Sign,
+                        tde_protocol::Op::P11Verify,
+                        tde_protocol::Op::P11Generate,
+                        tde_protocol::Op::P11Create,
+                        tde_protocol::Op::P11Destroy,
+                        tde_protocol::Op::P11SetAttributes,
+                        tde_protocol::Op::P11Wrap,
+                        tde_protocol::Op::P11Unwrap,
+                    ][op];
+                    Request::P11(
+                        op,
+                        tde_protocol::P11Call {
+                            token,
+                            key,
+                            target,
+                            mechanism,
+                            param,
+                            aad,
+                            data,
+                            signature,
+                            template,
+                            public_template,
+                        },
+                    )
                 }
-            }),
+            ),
         Just(()).prop_map(|_| Request::Zeroize),
         (name(), name(), secret()).prop_map(|(operator, role, password)| Request::OperatorAdd {
             operator,
@@ -369,6 +399,23 @@ fn response() -> impl Strategy<Value = (u16, Response)> {
         (secret(), any::<u64>())
             .prop_map(|(token, ttl)| (Op::P11Login as u16, Response::Token { token, ttl })),
         secret().prop_map(|data| (Op::P11Decrypt as u16, Response::P11Data { data })),
+        (
+            vec(key_info(), 0..3),
+            vec(
+                (any::<u64>(), attrs())
+                    .prop_map(|(id, attrs)| tde_protocol::P11ObjectInfo { id, attrs }),
+                0..4
+            ),
+            any::<bool>()
+        )
+            .prop_map(|(keys, objects, more)| (
+                Op::P11Objects as u16,
+                Response::P11Objects {
+                    keys,
+                    objects,
+                    more
+                }
+            )),
         vec(
             (name(), name(), any::<bool>(), any::<u32>()).prop_map(
                 |(name, role, locked, failed_logins)| OperatorInfo {
