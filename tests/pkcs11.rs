@@ -1608,3 +1608,245 @@ fn pkcs11_tool_makes_key_pairs_signs_verifies_and_encrypts_in_the_token() {
     assert!(t.contains("RSA-PKCS: OK"), "{t}");
     assert!(t.contains("No errors"), "{t}");
 }
+
+/// An OpenSSL configuration that loads the pkcs11 engine
+/// (libengine-pkcs11-openssl) with this module and `pin`.
+fn engine_config(env: &Env, pin: &str) -> Option<PathBuf> {
+    let engine = [
+        "/usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so",
+        "/usr/lib/aarch64-linux-gnu/engines-3/pkcs11.so",
+    ]
+    .into_iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists());
+    let Some(engine) = engine else {
+        skip("the OpenSSL pkcs11 engine (libengine-pkcs11-openssl) is not installed");
+        return None;
+    };
+    let conf = env.dir.path().join("openssl.cnf");
+    std::fs::write(
+        &conf,
+        format!(
+            "openssl_conf = openssl_init\n\
+             [openssl_init]\nengines = engine_section\n\
+             [engine_section]\npkcs11 = pkcs11_section\n\
+             [pkcs11_section]\nengine_id = pkcs11\ndynamic_path = {}\nMODULE_PATH = {}\nPIN = {pin}\ninit = 0\n",
+            engine.display(),
+            module().display()
+        ),
+    )
+    .expect("write openssl.cnf");
+    Some(conf)
+}
+
+/// `openssl` with the engine's configuration, against this sidecar.
+fn openssl_engine(env: &Env, conf: &std::path::Path) -> Command {
+    let mut c = Command::new("openssl");
+    c.env("OPENSSL_CONF", conf)
+        .env("TDE_PKCS11_SOCKET", env.data_socket())
+        .env_remove("TDE_PKCS11_CONFIG");
+    c
+}
+
+/// A TCP port nobody listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+#[test]
+fn openssl_serves_tls_with_rsa_and_ec_keys_that_stay_in_the_token() {
+    if !have_tool() {
+        return;
+    }
+    let env = Env::with_operations("", r#""generate_random", "pkcs11""#);
+    let _daemon = env.sidecar_with_keys(&[]);
+    add_alice(&env, &[]);
+    let Some(conf) = engine_config(&env, "alice:alice-password-1") else {
+        return;
+    };
+    let dir = env.dir.path().to_path_buf();
+    let user = |args: &[&str]| {
+        let mut a = vec!["--login", "--pin", "alice:alice-password-1"];
+        a.extend_from_slice(args);
+        ok(&env, &a)
+    };
+    for (kind, key_type, id) in [("rsa", "rsa:2048", "11"), ("ec", "EC:prime256v1", "12")] {
+        let label = format!("tls-{kind}");
+        user(&[
+            "--keypairgen",
+            "--key-type",
+            key_type,
+            "--label",
+            &label,
+            "--id",
+            id,
+        ]);
+        let uri = format!("pkcs11:object={label};type=private");
+        // A self-signed certificate, signed in the token.
+        let cert = dir.join(format!("{kind}.pem"));
+        let out = openssl_engine(&env, &conf)
+            .args([
+                "req", "-new", "-x509", "-days", "30", "-engine", "pkcs11", "-keyform", "engine",
+            ])
+            .args([
+                "-key",
+                &uri,
+                "-subj",
+                "/CN=localhost",
+                "-addext",
+                "subjectAltName=DNS:localhost",
+            ])
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("openssl req");
+        assert!(
+            out.status.success(),
+            "req {kind}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // The certificate goes into the token beside its key.
+        let der = dir.join(format!("{kind}.der"));
+        openssl(&[
+            "x509",
+            "-in",
+            cert.to_str().expect("utf8"),
+            "-outform",
+            "DER",
+            "-out",
+            der.to_str().expect("utf8"),
+        ]);
+        user(&[
+            "--write-object",
+            der.to_str().expect("utf8"),
+            "--type",
+            "cert",
+            "--id",
+            id,
+            "--label",
+            &label,
+        ]);
+
+        // TLS 1.2 and 1.3 as OpenSSL chooses (RSA-PSS, ECDSA), and for RSA
+        // also PKCS#1 v1.5 (CKM_RSA_PKCS over a DigestInfo).
+        let mut runs = vec![("-tls1_2", None), ("-tls1_3", None)];
+        if kind == "rsa" {
+            runs.push(("-tls1_2", Some("RSA+SHA256")));
+        }
+        for (version, sigalgs) in runs {
+            let port = free_port();
+            let mut server = openssl_engine(&env, &conf)
+                .args([
+                    "s_server", "-engine", "pkcs11", "-keyform", "engine", "-key", &uri,
+                ])
+                .arg("-cert")
+                .arg(&cert)
+                .args(["-accept", &format!("127.0.0.1:{port}"), "-www", version])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("s_server");
+            let started = std::time::Instant::now();
+            let text = loop {
+                let client = Command::new("openssl")
+                    .args([
+                        "s_client",
+                        "-connect",
+                        &format!("127.0.0.1:{port}"),
+                        "-servername",
+                        "localhost",
+                    ])
+                    .arg("-CAfile")
+                    .arg(&cert)
+                    .args([
+                        "-verify_hostname",
+                        "localhost",
+                        "-verify_return_error",
+                        "-brief",
+                        version,
+                    ])
+                    .args(sigalgs.map(|a| ["-sigalgs", a]).into_iter().flatten())
+                    .stdin(std::process::Stdio::null())
+                    .output()
+                    .expect("s_client");
+                let text = format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&client.stdout),
+                    String::from_utf8_lossy(&client.stderr)
+                );
+                if client.status.success() || started.elapsed() > std::time::Duration::from_secs(20)
+                {
+                    break text;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            };
+            let _ = server.kill();
+            let served = server.wait_with_output().expect("s_server output");
+            assert!(
+                text.contains("Verification: OK"),
+                "{kind} {version}: {text}\nserver: {}{}",
+                String::from_utf8_lossy(&served.stdout),
+                String::from_utf8_lossy(&served.stderr)
+            );
+            let want = if version == "-tls1_3" {
+                "TLSv1.3"
+            } else {
+                "TLSv1.2"
+            };
+            assert!(
+                text.contains(&format!("Protocol version: {want}")),
+                "{text}"
+            );
+            let sig = match (kind, sigalgs) {
+                ("ec", _) => "Signature type: ECDSA",
+                (_, Some(_)) => "Signature type: RSA\n",
+                _ => "Signature type: RSA-PSS",
+            };
+            assert!(text.contains(sig), "{kind} {version} {sigalgs:?}: {text}");
+        }
+    }
+
+    // The private keys exist nowhere on disk: no PEM key file, and no file
+    // holds a key's public part in the clear (a PKCS#8 file, or a key in
+    // the store or a log unencrypted, would).
+    assert!(common::pg::files_containing(&dir, b"PRIVATE KEY").is_empty());
+    for kind in ["rsa", "ec"] {
+        let cert = dir.join(format!("{kind}.pem"));
+        let spki = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "openssl x509 -in {} -noout -pubkey | openssl pkey -pubin -outform DER",
+                cert.display()
+            ))
+            .output()
+            .expect("spki");
+        assert!(spki.status.success());
+        // The last 64 bytes: inside the modulus (RSA) or the point (EC).
+        let tail = &spki.stdout[spki.stdout.len() - 64..];
+        let found: Vec<_> = common::pg::files_containing(&dir, tail)
+            .into_iter()
+            .filter(|p| p.extension().is_none_or(|e| e != "pem" && e != "der"))
+            .collect();
+        assert!(found.is_empty(), "{kind} key material in {found:?}");
+    }
+    // Every signature is audited with the process that asked.
+    let records = audit(&env.db());
+    let by_openssl = records
+        .iter()
+        .filter(|r| {
+            r["op"] == "p11_sign"
+                && r["result"] == "ok"
+                && r["actor"]["exe"]
+                    .as_str()
+                    .is_some_and(|e| e.ends_with("/openssl"))
+        })
+        .count();
+    assert!(
+        by_openssl >= 7,
+        "{by_openssl} signatures by openssl audited"
+    );
+}
