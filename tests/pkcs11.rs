@@ -6,22 +6,8 @@ mod common;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
-use common::{Env, audit, count, skip};
+use common::{Env, add_alice, audit, count, pkcs11_module as module, skip};
 use sha2::Digest as _;
-
-/// The module cargo built beside this test (the root package has it as a
-/// dev-dependency, so it is built first).
-fn module() -> PathBuf {
-    let exe = std::env::current_exe().expect("exe");
-    let deps = exe.parent().expect("deps");
-    [
-        deps.join("libtde_pkcs11.so"),
-        deps.join("../libtde_pkcs11.so"),
-    ]
-    .into_iter()
-    .find(|p| p.exists())
-    .expect("libtde_pkcs11.so is built with the tests")
-}
 
 fn tool(env: &Env, args: &[&str]) -> Output {
     let m = module();
@@ -44,18 +30,6 @@ fn ok(env: &Env, args: &[&str]) -> String {
     );
     assert!(out.status.success(), "pkcs11-tool {args:?}: {text}");
     text
-}
-
-/// A crypto user `alice` (password `alice-password-1`) with `shared`
-/// keys shared with it.
-fn add_alice(env: &Env, shared: &[&str]) {
-    env.ok_new_password(
-        &["operator", "add", "alice", "--role", "crypto_user"],
-        "alice-password-1",
-    );
-    for k in shared {
-        env.ok(&["key", "share", k, "alice"]);
-    }
 }
 
 fn have_tool() -> bool {

@@ -428,3 +428,29 @@ pub fn refusals(records: &[Value], op: &str, code: &str) -> usize {
         .filter(|r| r["op"] == op && r["error_code"] == code)
         .count()
 }
+
+/// The PKCS#11 module cargo built beside this test (the root package has
+/// it as a dev-dependency, so it is built first).
+pub fn pkcs11_module() -> PathBuf {
+    let exe = std::env::current_exe().expect("exe");
+    let deps = exe.parent().expect("deps");
+    [
+        deps.join("libtde_pkcs11.so"),
+        deps.join("../libtde_pkcs11.so"),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
+    .expect("libtde_pkcs11.so is built with the tests")
+}
+
+/// A crypto user `alice` (password `alice-password-1`) with `shared`
+/// master keys shared with it.
+pub fn add_alice(env: &Env, shared: &[&str]) {
+    env.ok_new_password(
+        &["operator", "add", "alice", "--role", "crypto_user"],
+        "alice-password-1",
+    );
+    for k in shared {
+        env.ok(&["key", "share", k, "alice"]);
+    }
+}
