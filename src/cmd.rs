@@ -148,6 +148,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Policy(crate::PolicyCmd::Check(a)) => policy_check(&cli, &cfg, a),
         Command::Audit(a) => crate::audit_cmd::run(&cli, &cfg, a),
         Command::Datakey(d) => datakey(&cli, &cfg, d),
+        Command::Pkcs11(c) => crate::pkcs11_cmd::run(&cli, &cfg, c),
         Command::Mount(m) => mount(&cli, &cfg, m),
         Command::Rekey(r) => rekey(&cli, r),
         Command::Inspect { backing_dir } => {
@@ -598,7 +599,7 @@ fn admin_path(cli: &Cli, cfg: &Config) -> PathBuf {
         .unwrap_or_else(|| cfg.admin_socket_path())
 }
 
-fn data_path(cli: &Cli, cfg: &Config) -> PathBuf {
+pub(crate) fn data_path(cli: &Cli, cfg: &Config) -> PathBuf {
     cli.data_socket
         .clone()
         .unwrap_or_else(|| cfg.data_socket_path())
@@ -613,7 +614,7 @@ fn read_secret_file(path: &Path) -> anyhow::Result<Zeroizing<String>> {
 
 /// The operator password: --password-file, TDE_PASSWORD, the dev password
 /// file, or a prompt.
-fn password(cli: &Cli, cfg: &Config) -> anyhow::Result<Zeroizing<String>> {
+pub(crate) fn password(cli: &Cli, cfg: &Config) -> anyhow::Result<Zeroizing<String>> {
     if let Some(f) = &cli.password_file {
         return read_secret_file(f);
     }

@@ -259,6 +259,13 @@ fn tour(dir: &Path, stack: &Mutex<Stack>) -> anyhow::Result<()> {
     expect_refusal(data.decrypt(&ciphertext, &ctx), ErrorCode::KeyDisabled)?;
     drop(data);
 
+    step(
+        &mut n,
+        "An engine that keeps its own master key in an HSM (as Oracle does) uses the PKCS#11 module: \
+         a crypto user makes AES-256 key ORACLE.TDE.HSM.MK.DEMO in the token and seals a table key with it",
+    );
+    pkcs11_part(&mut admin, &data_sock)?;
+
     let first_pg_step = n + 1;
     let skipped = match missing_for_postgres() {
         Some(why) => {
@@ -294,7 +301,7 @@ fn tour(dir: &Path, stack: &Mutex<Stack>) -> anyhow::Result<()> {
     );
     println!("\nSummary:");
     println!(
-        "    ran: the sidecar and the key lifecycle (steps 1-{}), the audit chain check (step {n})",
+        "    ran: the sidecar, the key lifecycle and the PKCS#11 module (steps 1-{}), the audit chain check (step {n})",
         first_pg_step - 1
     );
     match skipped {
@@ -627,6 +634,76 @@ fn postgres_part(
         psql("SELECT count(*) FROM secrets")?
     );
     Ok(())
+}
+
+/// The PKCS#11 step: `libtde_pkcs11.so`'s own code, in this process, as
+/// an application loading it would run it.
+fn pkcs11_part(admin: &mut Client, data_sock: &Path) -> anyhow::Result<()> {
+    use cryptoki_sys::*;
+    use tde_pkcs11::config::{Config, SlotConfig};
+    use tde_pkcs11::module::{self, Mechanism, Out};
+    admin.operator_add(
+        "demo-app",
+        "crypto_user",
+        SecretBytes::from_slice(b"demo-app-password"),
+    )?;
+    let rv = |r: CK_RV| {
+        anyhow::anyhow!(
+            "the PKCS#11 module answered {}",
+            tde_pkcs11::module::rv_name(r)
+        )
+    };
+    module::initialize_with(Config {
+        slots: vec![SlotConfig {
+            socket: data_sock.to_path_buf(),
+            label: None,
+        }],
+    })
+    .map_err(rv)?;
+    let r = (|| {
+        let h = module::open_session(0, CKF_SERIAL_SESSION | CKF_RW_SESSION).map_err(rv)?;
+        module::login(h, CKU_USER, b"demo-app:demo-app-password").map_err(rv)?;
+        let label = b"ORACLE.TDE.HSM.MK.DEMO".to_vec();
+        let key = module::generate_key(
+            h,
+            CKM_AES_KEY_GEN,
+            &[
+                (CKA_TOKEN, vec![1]),
+                (CKA_LABEL, label),
+                (CKA_VALUE_LEN, 32u64.to_ne_bytes().to_vec()),
+                (CKA_SENSITIVE, vec![1]),
+            ],
+        )
+        .map_err(rv)?;
+        let table_key = [0x42u8; 32];
+        let gcm = Mechanism::AesGcm {
+            iv: [7; 12],
+            aad: b"table 16384".to_vec(),
+        };
+        module::crypt_init(h, true, gcm.clone(), key).map_err(rv)?;
+        let sealed = module::crypt_final(h, true, &table_key, Out::Buffer(64))
+            .map_err(rv)?
+            .map_err(|n| anyhow::anyhow!("{n} bytes needed"))?;
+        module::crypt_init(h, false, gcm, key).map_err(rv)?;
+        let opened = module::crypt_final(h, false, &sealed, Out::Buffer(64))
+            .map_err(rv)?
+            .map_err(|n| anyhow::anyhow!("{n} bytes needed"))?;
+        let sensitive = module::object(h, key).map_err(rv)?.attribute(CKA_VALUE) == Ok(None);
+        println!(
+            "    sealed a 32-byte table key into {} bytes (CKM_AES_GCM); opened: same = {}; the key's value: {}",
+            sealed.len(),
+            opened.as_slice() == table_key,
+            if sensitive {
+                "CKR_ATTRIBUTE_SENSITIVE (it never leaves the HSM)"
+            } else {
+                "readable?!"
+            }
+        );
+        module::logout(h).map_err(rv)?;
+        module::close_session(h).map_err(rv)
+    })();
+    let _ = module::finalize();
+    r
 }
 
 fn hex(b: &[u8]) -> String {

@@ -8,6 +8,7 @@
 mod audit_cmd;
 mod cmd;
 mod demo;
+mod pkcs11_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -134,6 +135,10 @@ pub enum Command {
     /// Data-key operations (like `aws kms generate-data-key`).
     #[command(subcommand)]
     Datakey(DatakeyCmd),
+    /// The PKCS#11 module's tokens and objects, as an application loading
+    /// libtde_pkcs11.so sees them.
+    #[command(subcommand)]
+    Pkcs11(Pkcs11Cmd),
     /// Mount an encrypted directory (FUSE) for a tablespace or a cluster.
     Mount(MountArgs),
     /// Unmount a `tde mount`.
@@ -543,6 +548,24 @@ pub struct AuditVerifyArgs {
     /// signs its whole range).
     #[arg(long, default_value_t = 0)]
     pub max_unsigned: u64,
+}
+
+/// `tde pkcs11`.
+#[derive(Subcommand, Debug)]
+pub enum Pkcs11Cmd {
+    /// List the tokens (one per configured sidecar: the module's
+    /// configuration, else this sidecar) and, logged in as --operator, the
+    /// objects that login sees: a crypto officer (CKU_SO) every master key
+    /// and token object, a crypto user (--user, CKU_USER) its shared master
+    /// keys and its own objects.
+    List {
+        /// Log in as a crypto user (CKU_USER) instead of an officer.
+        #[arg(long)]
+        user: bool,
+        /// Only the tokens: no login, no objects.
+        #[arg(long)]
+        no_login: bool,
+    },
 }
 
 /// `tde policy`.

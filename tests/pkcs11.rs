@@ -1275,20 +1275,17 @@ fn aes_gcm_under_a_master_key_encrypts_table_keys_and_refuses_a_tampered_tag() {
     }
 }
 
-/// Must-show 1, its AES part: Java's own PKCS#11 provider, unchanged
-/// (`examples/java/TdeGcm.java`), with a token key.
-#[test]
-fn java_sunpkcs11_encrypts_with_a_token_key_and_throws_on_a_bad_tag() {
+/// Compiles `examples/java/<class>.java` and runs it with Java's own
+/// PKCS#11 provider configured for the module (`p11.cfg`) and alice's PIN
+/// before `args`: its output, or `None` without a JDK.
+fn java(env: &Env, class: &str, args: &[&str]) -> Option<String> {
     let javac = Command::new("javac").arg("-version").output();
     if !javac.is_ok_and(|o| o.status.success()) {
         skip("javac (default-jdk-headless) is not installed");
-        return;
+        return None;
     }
-    let env = Env::with_operations("", r#""pkcs11""#);
-    let _daemon = env.sidecar_with_keys(&["pg-main"]);
-    add_alice(&env, &["pg-main"]);
     let classes = env.dir.path().join("classes");
-    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/java/TdeGcm.java");
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("examples/java/{class}.java"));
     let out = Command::new("javac")
         .arg("-d")
         .arg(&classes)
@@ -1309,10 +1306,10 @@ fn java_sunpkcs11_encrypts_with_a_token_key_and_throws_on_a_bad_tag() {
     let out = Command::new("java")
         .arg("-cp")
         .arg(&classes)
-        .arg("TdeGcm")
+        .arg(class)
         .arg(&cfg)
         .arg("alice:alice-password-1")
-        .arg("pg-main")
+        .args(args)
         .env("TDE_PKCS11_SOCKET", env.data_socket())
         .env_remove("TDE_PKCS11_CONFIG")
         .output()
@@ -1323,6 +1320,19 @@ fn java_sunpkcs11_encrypts_with_a_token_key_and_throws_on_a_bad_tag() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "{text}");
+    Some(text)
+}
+
+/// Must-show 1, its AES part: Java's own PKCS#11 provider, unchanged
+/// (`examples/java/TdeGcm.java`), with a token key.
+#[test]
+fn java_sunpkcs11_encrypts_with_a_token_key_and_throws_on_a_bad_tag() {
+    let env = Env::with_operations("", r#""pkcs11""#);
+    let _daemon = env.sidecar_with_keys(&["pg-main"]);
+    add_alice(&env, &["pg-main"]);
+    let Some(text) = java(&env, "TdeGcm", &["pg-main"]) else {
+        return;
+    };
     for line in [
         "aliases: [pg-main]",
         "key: AES",
@@ -1449,6 +1459,52 @@ fn pkcs11_tool_makes_key_pairs_signs_verifies_and_encrypts_in_the_token() {
     ] {
         assert!(list.contains(want), "{want}: {list}");
     }
+
+    // `tde pkcs11 list` shows the same, through the module's own code: to
+    // alice her shared master key and her objects, to the officer every
+    // master key and every token object.
+    let pw = path("alice.password");
+    std::fs::write(&pw, "alice-password-1").expect("write");
+    let v = env.ok(&[
+        "pkcs11",
+        "list",
+        "--user",
+        "--operator",
+        "alice",
+        "--password-file",
+        &pw,
+    ]);
+    let shown = |v: &serde_json::Value| -> Vec<String> {
+        v[0]["objects"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no objects: {v}"))
+            .iter()
+            .map(|o| {
+                format!(
+                    "{} {} {}",
+                    o["class"].as_str().unwrap_or_default(),
+                    o["key_type"].as_str().unwrap_or_default(),
+                    o["label"].as_str().unwrap_or_default()
+                )
+            })
+            .collect()
+    };
+    let mine = shown(&v);
+    for want in [
+        "secret_key AES-256 pg-main",
+        "private_key RSA-2048 tls-rsa",
+        "public_key RSA-2048 tls-rsa",
+        "private_key EC P-256 tls-ec",
+        "public_key EC P-256 tls-ec",
+        "secret_key AES-256 aes",
+    ] {
+        assert!(mine.contains(&want.to_string()), "{want}: {mine:?}");
+    }
+    assert_eq!(v[0]["present"], true);
+    let officer = shown(&env.ok(&["pkcs11", "list"]));
+    assert_eq!(officer.len(), mine.len(), "{officer:?}");
+    let tokens = env.ok(&["pkcs11", "list", "--no-login"]);
+    assert_eq!(tokens[0]["objects"].as_array().map(Vec::len), Some(0));
 
     // Sign in the token; verify in the token and, with the public key
     // read out of it, in OpenSSL.
@@ -1823,4 +1879,565 @@ fn openssl_serves_tls_with_rsa_and_ec_keys_that_stay_in_the_token() {
         by_openssl >= 7,
         "{by_openssl} signatures by openssl audited"
     );
+}
+
+/// Must-show 1: `examples/java/TdeSign.java`, unchanged, signs with a key
+/// pair generated in the token (RSA, SHA256withRSA; EC, SHA256withECDSA)
+/// through SunPKCS11's KeyStore, and the JDK verifies the signature with
+/// the certificate's public key outside the HSM. The same program's AES
+/// part runs with an AES key made in the token.
+#[test]
+fn java_sunpkcs11_signs_with_token_keys_verified_outside_the_hsm() {
+    if !have_tool() {
+        return;
+    }
+    let env = Env::with_operations("", r#""generate_random", "pkcs11""#);
+    let _daemon = env.sidecar_with_keys(&[]);
+    add_alice(&env, &[]);
+    let Some(conf) = engine_config(&env, "alice:alice-password-1") else {
+        return;
+    };
+    let dir = env.dir.path().to_path_buf();
+    let user = |args: &[&str]| {
+        let mut a = vec!["--login", "--pin", "alice:alice-password-1"];
+        a.extend_from_slice(args);
+        ok(&env, &a)
+    };
+    for (label, key_type, id) in [
+        ("signer", "rsa:3072", "21"),
+        ("ec-signer", "EC:secp384r1", "22"),
+    ] {
+        user(&[
+            "--keypairgen",
+            "--key-type",
+            key_type,
+            "--label",
+            label,
+            "--id",
+            id,
+        ]);
+        let cert = dir.join(format!("{label}.pem"));
+        let out = openssl_engine(&env, &conf)
+            .args([
+                "req", "-new", "-x509", "-days", "30", "-engine", "pkcs11", "-keyform", "engine",
+            ])
+            .args([
+                "-key",
+                &format!("pkcs11:object={label};type=private"),
+                "-subj",
+                &format!("/CN={label}"),
+            ])
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("openssl req");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let der = dir.join(format!("{label}.der"));
+        openssl(&[
+            "x509",
+            "-in",
+            cert.to_str().expect("utf8"),
+            "-outform",
+            "DER",
+            "-out",
+            der.to_str().expect("utf8"),
+        ]);
+        user(&[
+            "--write-object",
+            der.to_str().expect("utf8"),
+            "--type",
+            "cert",
+            "--id",
+            id,
+            "--label",
+            label,
+        ]);
+    }
+    user(&[
+        "--keygen",
+        "--key-type",
+        "AES:32",
+        "--label",
+        "app-aes",
+        "--id",
+        "23",
+        "--sensitive",
+    ]);
+
+    for (alias, alg, bytes, verifier) in [
+        ("signer", "SHA256withRSA", 384, "SunRsaSign"),
+        ("ec-signer", "SHA256withECDSA", 0, "SunEC"),
+    ] {
+        let Some(text) = java(&env, "TdeSign", &[alias, alg]) else {
+            return;
+        };
+        for line in [
+            format!("certificate: CN={alias}"),
+            format!("verified by {verifier}: true"),
+            "changed data verified: false".to_string(),
+        ] {
+            assert!(text.contains(&line), "{alias}: {line:?} missing: {text}");
+        }
+        assert!(text.contains("aliases: ["), "{text}");
+        if bytes > 0 {
+            assert!(
+                text.contains(&format!("signature: {bytes} bytes by SunPKCS11")),
+                "{text}"
+            );
+        }
+    }
+    let text = java(&env, "TdeGcm", &["app-aes"]).expect("java ran above");
+    for line in [
+        "key: AES",
+        "sealed: 48 bytes",
+        "opened: true",
+        "tampered: AEADBadTagException",
+    ] {
+        assert!(text.contains(line), "{line:?} missing: {text}");
+    }
+    let records = audit(&env.db());
+    let by_java = records
+        .iter()
+        .filter(|r| {
+            r["op"] == "p11_sign"
+                && r["result"] == "ok"
+                && r["actor"]["exe"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("java"))
+        })
+        .count();
+    assert_eq!(by_java, 2, "one signature per key, by the JVM");
+}
+
+/// Must-show 5 for token keys, through the C ABI: signatures from 16
+/// threads at once, the PKCS#11 buffer rules, bad handles and keys,
+/// session objects ending with their session, wrap and unwrap, and a
+/// second crypto user who cannot reach the first one's objects.
+#[test]
+fn token_keys_through_the_c_abi_threads_buffers_bad_handles_and_another_user() {
+    #![allow(unsafe_code)]
+    use c_abi::call;
+    use cryptoki_sys::*;
+    use std::ptr::null_mut;
+
+    let env = Env::with_operations("", r#""generate_random", "pkcs11""#);
+    let _daemon = env.sidecar_with_keys(&[]);
+    add_alice(&env, &[]);
+    env.ok_new_password(
+        &["operator", "add", "bob", "--role", "crypto_user"],
+        "bob-password-1",
+    );
+    let m = c_abi::load(&env.data_socket());
+    assert_eq!(call!(m, C_Initialize(null_mut())), CKR_OK);
+    let rw = CKF_SERIAL_SESSION | CKF_RW_SESSION;
+    let mut h: CK_SESSION_HANDLE = 0;
+    assert_eq!(
+        call!(m, C_OpenSession(0, rw, null_mut(), None, &mut h)),
+        CKR_OK
+    );
+    let mut pin = *b"alice:alice-password-1";
+    assert_eq!(
+        call!(
+            m,
+            C_Login(h, CKU_USER, pin.as_mut_ptr(), pin.len() as CK_ULONG)
+        ),
+        CKR_OK
+    );
+    // CK_ATTRIBUTE over a value the test keeps alive.
+    fn attr<T>(t: CK_ATTRIBUTE_TYPE, v: &mut T) -> CK_ATTRIBUTE {
+        CK_ATTRIBUTE {
+            type_: t,
+            pValue: v as *mut T as *mut _,
+            ulValueLen: std::mem::size_of::<T>() as CK_ULONG,
+        }
+    }
+    let mut yes: CK_BBOOL = 1;
+    let mut p256 = [0x06u8, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+    let mut pub_t = [attr(CKA_EC_PARAMS, &mut p256), attr(CKA_VERIFY, &mut yes)];
+    let mut yes2: CK_BBOOL = 1;
+    let mut priv_t = [attr(CKA_SIGN, &mut yes2)];
+    let mut pair_gen = CK_MECHANISM {
+        mechanism: CKM_EC_KEY_PAIR_GEN,
+        pParameter: null_mut(),
+        ulParameterLen: 0,
+    };
+    let (mut public, mut private) = (0, 0);
+    assert_eq!(
+        call!(
+            m,
+            C_GenerateKeyPair(
+                h,
+                &mut pair_gen,
+                pub_t.as_mut_ptr(),
+                2,
+                priv_t.as_mut_ptr(),
+                1,
+                &mut public,
+                &mut private
+            )
+        ),
+        CKR_OK
+    );
+    let mut ecdsa = CK_MECHANISM {
+        mechanism: CKM_ECDSA_SHA256,
+        pParameter: null_mut(),
+        ulParameterLen: 0,
+    };
+    let mut data = *b"sign me";
+    // The PKCS#11 buffer rules: a length query, a buffer too small (the
+    // operation goes on), then the signature.
+    assert_eq!(call!(m, C_SignInit(h, &mut ecdsa, private)), CKR_OK);
+    let mut sig = [0u8; 128];
+    let mut len: CK_ULONG = 0;
+    assert_eq!(
+        call!(m, C_Sign(h, data.as_mut_ptr(), 7, null_mut(), &mut len)),
+        CKR_OK
+    );
+    assert_eq!(len, 64);
+    len = 10;
+    assert_eq!(
+        call!(
+            m,
+            C_Sign(h, data.as_mut_ptr(), 7, sig.as_mut_ptr(), &mut len)
+        ),
+        CKR_BUFFER_TOO_SMALL
+    );
+    assert_eq!(len, 64);
+    len = 128;
+    assert_eq!(
+        call!(
+            m,
+            C_Sign(h, data.as_mut_ptr(), 7, sig.as_mut_ptr(), &mut len)
+        ),
+        CKR_OK
+    );
+    assert_eq!(len, 64);
+    assert_eq!(
+        call!(
+            m,
+            C_Sign(h, data.as_mut_ptr(), 7, sig.as_mut_ptr(), &mut len)
+        ),
+        CKR_OPERATION_NOT_INITIALIZED,
+        "a signature ends the operation"
+    );
+    // Verify: good, changed, wrong length.
+    assert_eq!(call!(m, C_VerifyInit(h, &mut ecdsa, public)), CKR_OK);
+    assert_eq!(
+        call!(m, C_Verify(h, data.as_mut_ptr(), 7, sig.as_mut_ptr(), 64)),
+        CKR_OK
+    );
+    sig[5] ^= 1;
+    assert_eq!(call!(m, C_VerifyInit(h, &mut ecdsa, public)), CKR_OK);
+    assert_eq!(
+        call!(m, C_Verify(h, data.as_mut_ptr(), 7, sig.as_mut_ptr(), 64)),
+        CKR_SIGNATURE_INVALID
+    );
+    assert_eq!(call!(m, C_VerifyInit(h, &mut ecdsa, public)), CKR_OK);
+    assert_eq!(
+        call!(m, C_Verify(h, data.as_mut_ptr(), 7, sig.as_mut_ptr(), 63)),
+        CKR_SIGNATURE_LEN_RANGE
+    );
+    // Bad handles, wrong keys, wrong mechanisms.
+    assert_eq!(
+        call!(
+            m,
+            C_Sign(h + 99, data.as_mut_ptr(), 7, sig.as_mut_ptr(), &mut len)
+        ),
+        CKR_SESSION_HANDLE_INVALID
+    );
+    assert_eq!(
+        call!(m, C_SignInit(h, &mut ecdsa, 0xdead)),
+        CKR_KEY_HANDLE_INVALID
+    );
+    assert_eq!(
+        call!(m, C_SignInit(h, &mut ecdsa, public)),
+        CKR_KEY_FUNCTION_NOT_PERMITTED
+    );
+    let mut rsa = CK_MECHANISM {
+        mechanism: CKM_SHA256_RSA_PKCS,
+        pParameter: null_mut(),
+        ulParameterLen: 0,
+    };
+    assert_eq!(
+        call!(m, C_SignInit(h, &mut rsa, private)),
+        CKR_KEY_TYPE_INCONSISTENT
+    );
+    // Secrets stay secret: CKA_VALUE of the private key, sensitive; the
+    // public point, readable.
+    let mut out = [0u8; 128];
+    let mut a = [CK_ATTRIBUTE {
+        type_: CKA_VALUE,
+        pValue: out.as_mut_ptr() as *mut _,
+        ulValueLen: 128,
+    }];
+    assert_eq!(
+        call!(m, C_GetAttributeValue(h, private, a.as_mut_ptr(), 1)),
+        CKR_ATTRIBUTE_SENSITIVE
+    );
+    a[0].type_ = CKA_EC_POINT;
+    a[0].ulValueLen = 128;
+    assert_eq!(
+        call!(m, C_GetAttributeValue(h, public, a.as_mut_ptr(), 1)),
+        CKR_OK
+    );
+    assert_eq!(a[0].ulValueLen, 67);
+
+    // Sixteen threads sign at once, each in its own session.
+    let f: &'static CK_FUNCTION_LIST = m.f;
+    let threads: Vec<_> = (0..16)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let mut s: CK_SESSION_HANDLE = 0;
+                let mut mech = CK_MECHANISM {
+                    mechanism: CKM_ECDSA_SHA256,
+                    pParameter: null_mut(),
+                    ulParameterLen: 0,
+                };
+                // SAFETY: valid pointers throughout.
+                unsafe {
+                    assert_eq!(
+                        (f.C_OpenSession.expect("open"))(
+                            0,
+                            CKF_SERIAL_SESSION,
+                            null_mut(),
+                            None,
+                            &mut s
+                        ),
+                        CKR_OK
+                    );
+                    for j in 0..10u8 {
+                        let mut d = [i as u8, j];
+                        let mut sig = [0u8; 64];
+                        let mut len: CK_ULONG = 64;
+                        assert_eq!((f.C_SignInit.expect("si"))(s, &mut mech, private), CKR_OK);
+                        assert_eq!(
+                            (f.C_Sign.expect("s"))(
+                                s,
+                                d.as_mut_ptr(),
+                                2,
+                                sig.as_mut_ptr(),
+                                &mut len
+                            ),
+                            CKR_OK
+                        );
+                        assert_eq!((f.C_VerifyInit.expect("vi"))(s, &mut mech, public), CKR_OK);
+                        assert_eq!(
+                            (f.C_Verify.expect("v"))(s, d.as_mut_ptr(), 2, sig.as_mut_ptr(), 64),
+                            CKR_OK
+                        );
+                    }
+                    assert_eq!((f.C_CloseSession.expect("close"))(s), CKR_OK);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("a thread's signature failed");
+    }
+
+    // AES: a token key needs a read-write session; a key's value never
+    // comes in; wrap and unwrap give back the same key.
+    let mut ro: CK_SESSION_HANDLE = 0;
+    assert_eq!(
+        call!(
+            m,
+            C_OpenSession(0, CKF_SERIAL_SESSION, null_mut(), None, &mut ro)
+        ),
+        CKR_OK
+    );
+    let mut len32: CK_ULONG = 32;
+    let mut token: CK_BBOOL = 1;
+    let mut t = [attr(CKA_VALUE_LEN, &mut len32), attr(CKA_TOKEN, &mut token)];
+    let mut keygen = CK_MECHANISM {
+        mechanism: CKM_AES_KEY_GEN,
+        pParameter: null_mut(),
+        ulParameterLen: 0,
+    };
+    let mut kek = 0;
+    assert_eq!(
+        call!(
+            m,
+            C_GenerateKey(ro, &mut keygen, t.as_mut_ptr(), 2, &mut kek)
+        ),
+        CKR_SESSION_READ_ONLY
+    );
+    assert_eq!(
+        call!(
+            m,
+            C_GenerateKey(h, &mut keygen, t.as_mut_ptr(), 2, &mut kek)
+        ),
+        CKR_OK
+    );
+    let mut class: CK_ULONG = CKO_SECRET_KEY;
+    let mut value = [0x11u8; 32];
+    let mut c = [attr(CKA_CLASS, &mut class), attr(CKA_VALUE, &mut value)];
+    let mut made = 0;
+    assert_eq!(
+        call!(m, C_CreateObject(h, c.as_mut_ptr(), 2, &mut made)),
+        CKR_TEMPLATE_INCONSISTENT
+    );
+    let mut ext: CK_BBOOL = 1;
+    let mut et = [
+        attr(CKA_VALUE_LEN, &mut len32),
+        attr(CKA_EXTRACTABLE, &mut ext),
+    ];
+    let mut target = 0;
+    assert_eq!(
+        call!(
+            m,
+            C_GenerateKey(h, &mut keygen, et.as_mut_ptr(), 2, &mut target)
+        ),
+        CKR_OK
+    );
+    let mut kw = CK_MECHANISM {
+        mechanism: CKM_AES_KEY_WRAP_PAD,
+        pParameter: null_mut(),
+        ulParameterLen: 0,
+    };
+    let mut wrapped = [0u8; 64];
+    let mut wlen: CK_ULONG = 0;
+    assert_eq!(
+        call!(m, C_WrapKey(h, &mut kw, kek, kek, null_mut(), &mut wlen)),
+        CKR_KEY_UNEXTRACTABLE
+    );
+    assert_eq!(
+        call!(m, C_WrapKey(h, &mut kw, kek, target, null_mut(), &mut wlen)),
+        CKR_OK
+    );
+    assert_eq!(wlen, 40);
+    assert_eq!(
+        call!(
+            m,
+            C_WrapKey(h, &mut kw, kek, target, wrapped.as_mut_ptr(), &mut wlen)
+        ),
+        CKR_OK
+    );
+    let mut back = 0;
+    let mut no_t: [CK_ATTRIBUTE; 0] = [];
+    assert_eq!(
+        call!(
+            m,
+            C_UnwrapKey(
+                h,
+                &mut kw,
+                kek,
+                wrapped.as_mut_ptr(),
+                wlen,
+                no_t.as_mut_ptr(),
+                0,
+                &mut back
+            )
+        ),
+        CKR_OK
+    );
+    wrapped[3] ^= 1;
+    let mut bad = 0;
+    assert_eq!(
+        call!(
+            m,
+            C_UnwrapKey(
+                h,
+                &mut kw,
+                kek,
+                wrapped.as_mut_ptr(),
+                wlen,
+                no_t.as_mut_ptr(),
+                0,
+                &mut bad
+            )
+        ),
+        CKR_WRAPPED_KEY_INVALID
+    );
+    // The unwrapped key is the wrapped one: both encrypt alike.
+    let crypt = |key: CK_OBJECT_HANDLE| -> Vec<u8> {
+        let mut iv = [9u8; 16];
+        let mut cbc = CK_MECHANISM {
+            mechanism: CKM_AES_CBC_PAD,
+            pParameter: iv.as_mut_ptr() as *mut _,
+            ulParameterLen: 16,
+        };
+        let mut plain = [5u8; 20];
+        let mut out = [0u8; 64];
+        let mut n: CK_ULONG = 64;
+        assert_eq!(call!(m, C_EncryptInit(h, &mut cbc, key)), CKR_OK);
+        assert_eq!(
+            call!(
+                m,
+                C_Encrypt(h, plain.as_mut_ptr(), 20, out.as_mut_ptr(), &mut n)
+            ),
+            CKR_OK
+        );
+        out[..n as usize].to_vec()
+    };
+    let (a1, a2) = (crypt(target), crypt(back));
+    assert_eq!(a1.len(), 32);
+    assert_eq!(a1, a2);
+
+    // A session object ends with the session that made it.
+    let mut other: CK_SESSION_HANDLE = 0;
+    assert_eq!(
+        call!(m, C_OpenSession(0, rw, null_mut(), None, &mut other)),
+        CKR_OK
+    );
+    let mut short_lived = 0;
+    let mut t1 = [attr(CKA_VALUE_LEN, &mut len32)];
+    assert_eq!(
+        call!(
+            m,
+            C_GenerateKey(other, &mut keygen, t1.as_mut_ptr(), 1, &mut short_lived)
+        ),
+        CKR_OK
+    );
+    assert_eq!(call!(m, C_CloseSession(other)), CKR_OK);
+    let mut iv = [9u8; 16];
+    let mut cbc = CK_MECHANISM {
+        mechanism: CKM_AES_CBC_PAD,
+        pParameter: iv.as_mut_ptr() as *mut _,
+        ulParameterLen: 16,
+    };
+    assert_eq!(
+        call!(m, C_EncryptInit(h, &mut cbc, short_lived)),
+        CKR_KEY_HANDLE_INVALID
+    );
+
+    // Another crypto user: alice's token key is not bob's.
+    assert_eq!(call!(m, C_Logout(h)), CKR_OK);
+    let mut bob = *b"bob:bob-password-1";
+    assert_eq!(
+        call!(
+            m,
+            C_Login(h, CKU_USER, bob.as_mut_ptr(), bob.len() as CK_ULONG)
+        ),
+        CKR_OK
+    );
+    assert_eq!(call!(m, C_EncryptInit(h, &mut cbc, kek)), CKR_OK);
+    let mut plain = [5u8; 16];
+    let mut out = [0u8; 64];
+    let mut n: CK_ULONG = 64;
+    assert_eq!(
+        call!(
+            m,
+            C_Encrypt(h, plain.as_mut_ptr(), 16, out.as_mut_ptr(), &mut n)
+        ),
+        CKR_OBJECT_HANDLE_INVALID,
+        "the sidecar refuses bob alice's key"
+    );
+    let mut none: [CK_ATTRIBUTE; 0] = [];
+    assert_eq!(call!(m, C_FindObjectsInit(h, none.as_mut_ptr(), 0)), CKR_OK);
+    let mut found = [0 as CK_OBJECT_HANDLE; 16];
+    let mut nfound: CK_ULONG = 0;
+    assert_eq!(
+        call!(m, C_FindObjects(h, found.as_mut_ptr(), 16, &mut nfound)),
+        CKR_OK
+    );
+    assert_eq!(nfound, 0, "bob sees none of alice's objects");
+    assert_eq!(call!(m, C_FindObjectsFinal(h)), CKR_OK);
+    assert_eq!(call!(m, C_Finalize(null_mut())), CKR_OK);
+    let records = audit(&env.db());
+    assert!(count(&records, "p11_sign", "ok") >= 161);
+    assert!(count(&records, "p11_encrypt", "error") >= 1);
 }

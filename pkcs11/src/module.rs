@@ -596,13 +596,17 @@ fn with_state<T>(f: impl FnOnce(&mut State) -> Result<T, Rv>) -> Result<T, Rv> {
 /// `C_Initialize`: reads the configuration. In a forked child whose
 /// parent had initialized, this starts afresh.
 pub fn initialize() -> Result<(), Rv> {
+    initialize_with(Config::load().map_err(|_| CKR_GENERAL_ERROR)?)
+}
+
+/// [`initialize`] with a configuration the caller made (`tde pkcs11`).
+pub fn initialize_with(config: Config) -> Result<(), Rv> {
     let mut g = lock(&STATE);
     if let Some(s) = &*g
         && s.pid == std::process::id()
     {
         return Err(CKR_CRYPTOKI_ALREADY_INITIALIZED);
     }
-    let config = Config::load().map_err(|_| CKR_GENERAL_ERROR)?;
     // A child's copy of the parent's state is forgotten without closing
     // anything the parent still uses: dropping a connection closes only
     // the child's descriptor.

@@ -160,6 +160,10 @@ operations = [{operations}]
             .env("TDE_PASSWORD", PASSWORD)
             .env_remove("TDE_DATA_DIR")
             .env_remove("TDE_OPERATOR")
+            // The PKCS#11 tests point the module at their sidecars through
+            // these (in this process); `tde pkcs11` must use its own.
+            .env_remove("TDE_PKCS11_SOCKET")
+            .env_remove("TDE_PKCS11_CONFIG")
             .stdin(Stdio::null());
         c
     }
