@@ -1393,11 +1393,7 @@ fn pkcs11_tool_makes_key_pairs_signs_verifies_and_encrypts_in_the_token() {
     add_alice(&env, &["pg-main"]);
     let dir = env.dir.path();
     let path = |n: &str| dir.join(n).to_str().expect("utf8").to_string();
-    let user = |args: &[&str]| {
-        let mut a = vec!["--login", "--pin", "alice:alice-password-1"];
-        a.extend_from_slice(args);
-        ok(&env, &a)
-    };
+    let user = |args: &[&str]| as_alice(&env, args);
     let made = user(&[
         "--keypairgen",
         "--key-type",
@@ -1686,6 +1682,77 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// `pkcs11-tool` logged in as alice.
+fn as_alice(env: &Env, args: &[&str]) -> String {
+    let mut a = vec!["--login", "--pin", "alice:alice-password-1"];
+    a.extend_from_slice(args);
+    ok(env, &a)
+}
+
+/// Alice's key pair `label` (`key_type` as pkcs11-tool names it, CKA_ID
+/// `id`) made in the token, with a self-signed certificate for `cn`,
+/// signed in the token through the OpenSSL engine and stored in the token
+/// beside the key (same id and label): the certificate's PEM file.
+fn token_key_with_cert(
+    env: &Env,
+    conf: &std::path::Path,
+    label: &str,
+    key_type: &str,
+    id: &str,
+    cn: &str,
+) -> PathBuf {
+    as_alice(
+        env,
+        &[
+            "--keypairgen",
+            "--key-type",
+            key_type,
+            "--label",
+            label,
+            "--id",
+            id,
+        ],
+    );
+    let cert = env.dir.path().join(format!("{label}.pem"));
+    let out = openssl_engine(env, conf)
+        .args([
+            "req", "-new", "-x509", "-days", "30", "-engine", "pkcs11", "-keyform", "engine",
+        ])
+        .args(["-key", &format!("pkcs11:object={label};type=private")])
+        .args([
+            "-subj",
+            &format!("/CN={cn}"),
+            "-addext",
+            &format!("subjectAltName=DNS:{cn}"),
+        ])
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl req");
+    assert!(
+        out.status.success(),
+        "req {label}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let der = env.dir.path().join(format!("{label}.der"));
+    let (pem, der_s) = (cert.to_str().expect("utf8"), der.to_str().expect("utf8"));
+    openssl(&["x509", "-in", pem, "-outform", "DER", "-out", der_s]);
+    as_alice(
+        env,
+        &[
+            "--write-object",
+            der_s,
+            "--type",
+            "cert",
+            "--id",
+            id,
+            "--label",
+            label,
+        ],
+    );
+    cert
+}
+
 #[test]
 fn openssl_serves_tls_with_rsa_and_ec_keys_that_stay_in_the_token() {
     if !have_tool() {
@@ -1698,67 +1765,10 @@ fn openssl_serves_tls_with_rsa_and_ec_keys_that_stay_in_the_token() {
         return;
     };
     let dir = env.dir.path().to_path_buf();
-    let user = |args: &[&str]| {
-        let mut a = vec!["--login", "--pin", "alice:alice-password-1"];
-        a.extend_from_slice(args);
-        ok(&env, &a)
-    };
     for (kind, key_type, id) in [("rsa", "rsa:2048", "11"), ("ec", "EC:prime256v1", "12")] {
         let label = format!("tls-{kind}");
-        user(&[
-            "--keypairgen",
-            "--key-type",
-            key_type,
-            "--label",
-            &label,
-            "--id",
-            id,
-        ]);
         let uri = format!("pkcs11:object={label};type=private");
-        // A self-signed certificate, signed in the token.
-        let cert = dir.join(format!("{kind}.pem"));
-        let out = openssl_engine(&env, &conf)
-            .args([
-                "req", "-new", "-x509", "-days", "30", "-engine", "pkcs11", "-keyform", "engine",
-            ])
-            .args([
-                "-key",
-                &uri,
-                "-subj",
-                "/CN=localhost",
-                "-addext",
-                "subjectAltName=DNS:localhost",
-            ])
-            .arg("-out")
-            .arg(&cert)
-            .output()
-            .expect("openssl req");
-        assert!(
-            out.status.success(),
-            "req {kind}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        // The certificate goes into the token beside its key.
-        let der = dir.join(format!("{kind}.der"));
-        openssl(&[
-            "x509",
-            "-in",
-            cert.to_str().expect("utf8"),
-            "-outform",
-            "DER",
-            "-out",
-            der.to_str().expect("utf8"),
-        ]);
-        user(&[
-            "--write-object",
-            der.to_str().expect("utf8"),
-            "--type",
-            "cert",
-            "--id",
-            id,
-            "--label",
-            &label,
-        ]);
+        let cert = token_key_with_cert(&env, &conf, &label, key_type, id, "localhost");
 
         // TLS 1.2 and 1.3 as OpenSSL chooses (RSA-PSS, ECDSA), and for RSA
         // also PKCS#1 v1.5 (CKM_RSA_PKCS over a DigestInfo).
@@ -1845,7 +1855,7 @@ fn openssl_serves_tls_with_rsa_and_ec_keys_that_stay_in_the_token() {
     // the store or a log unencrypted, would).
     assert!(common::pg::files_containing(&dir, b"PRIVATE KEY").is_empty());
     for kind in ["rsa", "ec"] {
-        let cert = dir.join(format!("{kind}.pem"));
+        let cert = dir.join(format!("tls-{kind}.pem"));
         let spki = Command::new("sh")
             .arg("-c")
             .arg(format!(
@@ -1897,66 +1907,13 @@ fn java_sunpkcs11_signs_with_token_keys_verified_outside_the_hsm() {
     let Some(conf) = engine_config(&env, "alice:alice-password-1") else {
         return;
     };
-    let dir = env.dir.path().to_path_buf();
-    let user = |args: &[&str]| {
-        let mut a = vec!["--login", "--pin", "alice:alice-password-1"];
-        a.extend_from_slice(args);
-        ok(&env, &a)
-    };
     for (label, key_type, id) in [
         ("signer", "rsa:3072", "21"),
         ("ec-signer", "EC:secp384r1", "22"),
     ] {
-        user(&[
-            "--keypairgen",
-            "--key-type",
-            key_type,
-            "--label",
-            label,
-            "--id",
-            id,
-        ]);
-        let cert = dir.join(format!("{label}.pem"));
-        let out = openssl_engine(&env, &conf)
-            .args([
-                "req", "-new", "-x509", "-days", "30", "-engine", "pkcs11", "-keyform", "engine",
-            ])
-            .args([
-                "-key",
-                &format!("pkcs11:object={label};type=private"),
-                "-subj",
-                &format!("/CN={label}"),
-            ])
-            .arg("-out")
-            .arg(&cert)
-            .output()
-            .expect("openssl req");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let der = dir.join(format!("{label}.der"));
-        openssl(&[
-            "x509",
-            "-in",
-            cert.to_str().expect("utf8"),
-            "-outform",
-            "DER",
-            "-out",
-            der.to_str().expect("utf8"),
-        ]);
-        user(&[
-            "--write-object",
-            der.to_str().expect("utf8"),
-            "--type",
-            "cert",
-            "--id",
-            id,
-            "--label",
-            label,
-        ]);
+        token_key_with_cert(&env, &conf, label, key_type, id, label);
     }
+    let user = |args: &[&str]| as_alice(&env, args);
     user(&[
         "--keygen",
         "--key-type",
