@@ -2361,6 +2361,78 @@ fn token_keys_through_the_c_abi_threads_buffers_bad_handles_and_another_user() {
         CKR_KEY_HANDLE_INVALID
     );
 
+    // C_SetAttributeValue: a new label, found by it; other attributes
+    // stay as they are.
+    let mut new_label = *b"renamed-kek";
+    let mut by_label = [CK_ATTRIBUTE {
+        type_: CKA_LABEL,
+        pValue: new_label.as_mut_ptr() as *mut _,
+        ulValueLen: new_label.len() as CK_ULONG,
+    }];
+    assert_eq!(
+        call!(m, C_SetAttributeValue(h, kek, by_label.as_mut_ptr(), 1)),
+        CKR_OK
+    );
+    assert_eq!(
+        call!(m, C_FindObjectsInit(h, by_label.as_mut_ptr(), 1)),
+        CKR_OK
+    );
+    let mut hits = [0 as CK_OBJECT_HANDLE; 4];
+    let mut nhits: CK_ULONG = 0;
+    assert_eq!(
+        call!(m, C_FindObjects(h, hits.as_mut_ptr(), 4, &mut nhits)),
+        CKR_OK
+    );
+    assert_eq!(&hits[..nhits as usize], &[kek]);
+    assert_eq!(call!(m, C_FindObjectsFinal(h)), CKR_OK);
+    let mut no: CK_BBOOL = 0;
+    let mut usage = [attr(CKA_ENCRYPT, &mut no)];
+    assert_eq!(
+        call!(m, C_SetAttributeValue(h, kek, usage.as_mut_ptr(), 1)),
+        CKR_ATTRIBUTE_READ_ONLY
+    );
+    // A data object: stored as given, read back, destroyed.
+    let mut dclass: CK_ULONG = CKO_DATA;
+    let mut app = *b"oracle";
+    let mut blob = *b"wallet metadata";
+    let mut dt = [
+        attr(CKA_CLASS, &mut dclass),
+        CK_ATTRIBUTE {
+            type_: CKA_APPLICATION,
+            pValue: app.as_mut_ptr() as *mut _,
+            ulValueLen: app.len() as CK_ULONG,
+        },
+        CK_ATTRIBUTE {
+            type_: CKA_VALUE,
+            pValue: blob.as_mut_ptr() as *mut _,
+            ulValueLen: blob.len() as CK_ULONG,
+        },
+    ];
+    let mut dobj = 0;
+    assert_eq!(
+        call!(m, C_CreateObject(h, dt.as_mut_ptr(), 3, &mut dobj)),
+        CKR_OK
+    );
+    let mut back_value = [0u8; 32];
+    let mut get = [CK_ATTRIBUTE {
+        type_: CKA_VALUE,
+        pValue: back_value.as_mut_ptr() as *mut _,
+        ulValueLen: 32,
+    }];
+    assert_eq!(
+        call!(m, C_GetAttributeValue(h, dobj, get.as_mut_ptr(), 1)),
+        CKR_OK
+    );
+    assert_eq!(
+        &back_value[..get[0].ulValueLen as usize],
+        b"wallet metadata"
+    );
+    assert_eq!(call!(m, C_DestroyObject(h, dobj)), CKR_OK);
+    assert_eq!(
+        call!(m, C_GetAttributeValue(h, dobj, get.as_mut_ptr(), 1)),
+        CKR_OBJECT_HANDLE_INVALID
+    );
+
     // Another crypto user: alice's token key is not bob's.
     assert_eq!(call!(m, C_Logout(h)), CKR_OK);
     let mut bob = *b"bob:bob-password-1";
@@ -2397,4 +2469,156 @@ fn token_keys_through_the_c_abi_threads_buffers_bad_handles_and_another_user() {
     let records = audit(&env.db());
     assert!(count(&records, "p11_sign", "ok") >= 161);
     assert!(count(&records, "p11_encrypt", "error") >= 1);
+}
+
+/// Must-show 6: the token's secret and private keys, recovered from the
+/// store as only the holder of the unseal shares could, appear in no file
+/// the sidecar or the module wrote (store, WAL, log, anything under the
+/// test directory), in any of the forms a leak would take.
+#[test]
+fn no_token_key_material_in_any_file_or_log() {
+    if !have_tool() {
+        return;
+    }
+    use tde_hsm::seal::{self, Sealer, Share};
+    use tde_hsm::store::ObjectStore;
+
+    let env = Env::with_operations("", r#""generate_random", "pkcs11""#);
+    let shares = env.init();
+    let daemon = env.serve();
+    env.unseal(&shares[..3]);
+    add_alice(&env, &[]);
+    as_alice(
+        &env,
+        &[
+            "--keypairgen",
+            "--key-type",
+            "rsa:2048",
+            "--label",
+            "r",
+            "--id",
+            "31",
+        ],
+    );
+    as_alice(
+        &env,
+        &[
+            "--keypairgen",
+            "--key-type",
+            "EC:secp384r1",
+            "--label",
+            "e",
+            "--id",
+            "32",
+        ],
+    );
+    as_alice(
+        &env,
+        &[
+            "--keygen",
+            "--key-type",
+            "AES:32",
+            "--label",
+            "a",
+            "--id",
+            "33",
+            "--sensitive",
+        ],
+    );
+    let data = env.dir.path().join("in");
+    std::fs::write(&data, b"use every key once").expect("write");
+    let d = data.to_str().expect("utf8");
+    let sig = env.dir.path().join("sig");
+    let s = sig.to_str().expect("utf8");
+    as_alice(
+        &env,
+        &[
+            "--sign",
+            "--id",
+            "31",
+            "-m",
+            "SHA256-RSA-PKCS",
+            "-i",
+            d,
+            "-o",
+            s,
+        ],
+    );
+    as_alice(
+        &env,
+        &[
+            "--sign",
+            "--id",
+            "32",
+            "-m",
+            "ECDSA-SHA384",
+            "-i",
+            d,
+            "-o",
+            s,
+        ],
+    );
+    as_alice(
+        &env,
+        &[
+            "--encrypt",
+            "--id",
+            "33",
+            "-m",
+            "AES-CBC-PAD",
+            "--iv",
+            "00000000000000000000000000000000",
+            "-i",
+            d,
+            "-o",
+            s,
+        ],
+    );
+    daemon.stop();
+
+    let store = tde_sidecar::store::SqliteStore::open(&env.db()).expect("store");
+    let meta = store.meta().expect("meta").expect("initialized");
+    let parsed: Vec<Share> = shares[..3]
+        .iter()
+        .map(|s| Share::parse(s.as_bytes()).expect("share"))
+        .collect();
+    let unseal = seal::combine(&parsed).expect("combine");
+    let (root, _) = seal::open_root(
+        &unseal,
+        &store.sealed_root().expect("root").expect("some"),
+        &meta.store_id,
+    )
+    .expect("open root");
+    let sealer = Sealer::new(&root, &meta.store_id).expect("sealer");
+    let mut secrets: Vec<Vec<u8>> = Vec::new();
+    for o in store
+        .objects()
+        .expect("objects")
+        .into_iter()
+        .filter(|o| o.kind == tde_hsm::hsm::KIND_P11_OBJECT)
+    {
+        let pt = sealer
+            .open(o.kind, &o.id, o.revision, &o.blob)
+            .expect("opens");
+        if let Some(m) = tde_hsm::pkcs11::material_of(pt.expose()) {
+            // The whole key, and 24-byte windows across it: a key leaked
+            // in another encoding still has long runs of the same bytes.
+            for at in (0..m.len().saturating_sub(24)).step_by(48) {
+                secrets.push(m[at..at + 24].to_vec());
+            }
+            secrets.push(m);
+        }
+    }
+    assert!(
+        secrets.len() > 3,
+        "the AES key and both private keys recovered"
+    );
+    drop(store);
+    for s in &secrets {
+        let found = common::pg::files_containing(env.dir.path(), s);
+        assert!(found.is_empty(), "key bytes in {found:?}");
+        let hex: String = s.iter().map(|b| format!("{b:02x}")).collect();
+        let found = common::pg::files_containing(env.dir.path(), hex.as_bytes());
+        assert!(found.is_empty(), "hex key bytes in {found:?}");
+    }
 }

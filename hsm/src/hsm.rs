@@ -2084,5 +2084,6 @@ impl Hsm {
 const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$Gk2Cr1wQ1Y6oPOeJ2bTL0JYQ5K1JvQ3zqCw3Wc6yW2A";
 
 mod p11;
+pub use p11::KIND_P11_OBJECT;
 #[cfg(test)]
 mod tests;

@@ -1525,6 +1525,14 @@ fn no_param(param: &[u8]) -> Result<(), HsmError> {
     }
 }
 
+/// The material a sealed record of kind 5 holds (an AES key or a PKCS#8
+/// private key), for the workspace's key-material scans only.
+#[cfg(feature = "internals")]
+#[doc(hidden)]
+pub fn material_of(record: &[u8]) -> Option<Vec<u8>> {
+    decode(record).ok()?.material.stored().map(<[u8]>::to_vec)
+}
+
 /// A new object's id: random, never 0.
 pub(crate) fn new_id() -> Result<u64, HsmError> {
     loop {

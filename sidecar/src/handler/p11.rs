@@ -50,7 +50,11 @@ pub(super) fn describe(c: &P11Call, rec: &mut AuditRecord) {
     if c.target != 0 {
         d.push_str(&format!(", wraps pkcs11:{:016x}", c.target));
     }
-    if let Some((_, label)) = c.template.iter().find(|(t, _)| *t == 3) {
+    if let Some((_, label)) = c
+        .template
+        .iter()
+        .find(|(t, _)| *t == tde_hsm::pkcs11::ck::CKA_LABEL)
+    {
         d.push_str(&format!(
             ", label {:?}",
             truncate(&String::from_utf8_lossy(label), 128)
