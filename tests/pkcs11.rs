@@ -2622,3 +2622,79 @@ fn no_token_key_material_in_any_file_or_log() {
         assert!(found.is_empty(), "hex key bytes in {found:?}");
     }
 }
+
+/// `fork()` while other threads are inside the module: the child must
+/// never find the module's lock held by a thread it does not have (the
+/// module takes it around the fork with `pthread_atfork`). Each child
+/// initializes again and answers within the alarm, or it is killed and
+/// the test fails.
+#[test]
+fn fork_while_other_threads_call_the_module_never_hangs_the_child() {
+    #![allow(unsafe_code)]
+    use c_abi::call;
+    use cryptoki_sys::*;
+    use std::ptr::null_mut;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let env = Env::with_operations("", r#""generate_random", "pkcs11""#);
+    let _daemon = env.sidecar_with_keys(&[]);
+    let m = c_abi::load(&env.data_socket());
+    assert_eq!(call!(m, C_Initialize(null_mut())), CKR_OK);
+    let mut h: CK_SESSION_HANDLE = 0;
+    assert_eq!(
+        call!(
+            m,
+            C_OpenSession(0, CKF_SERIAL_SESSION, null_mut(), None, &mut h)
+        ),
+        CKR_OK
+    );
+    let f: &'static CK_FUNCTION_LIST = m.f;
+    static STOP: AtomicBool = AtomicBool::new(false);
+    let busy: Vec<_> = (0..2)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut info: CK_SESSION_INFO = unsafe { std::mem::zeroed() };
+                while !STOP.load(Ordering::Relaxed) {
+                    // SAFETY: a valid session and out pointer.
+                    unsafe { (f.C_GetSessionInfo.expect("info"))(h, &mut info) };
+                }
+            })
+        })
+        .collect();
+    let mut failed = Vec::new();
+    for i in 0..40 {
+        // SAFETY: the child calls only the module, alarm and _exit.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork");
+        if pid == 0 {
+            let mut n: CK_ULONG = 0;
+            // SAFETY: valid pointers; alarm kills a child that hangs.
+            unsafe {
+                libc::alarm(10);
+                let code = if (f.C_Initialize.expect("i"))(null_mut()) != CKR_OK {
+                    1
+                } else if (f.C_GetSlotList.expect("l"))(0, null_mut(), &mut n) != CKR_OK {
+                    2
+                } else {
+                    0
+                };
+                libc::_exit(code);
+            }
+        }
+        let mut status = 0;
+        // SAFETY: waits for the child just made.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+            failed.push((i, status));
+        }
+    }
+    STOP.store(true, Ordering::Relaxed);
+    for t in busy {
+        t.join().expect("busy thread");
+    }
+    assert!(
+        failed.is_empty(),
+        "children that hung or failed: {failed:?}"
+    );
+    assert_eq!(call!(m, C_CloseSession(h)), CKR_OK);
+}

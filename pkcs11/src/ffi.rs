@@ -193,8 +193,23 @@ unsafe fn mechanism_type(m: *const CK_MECHANISM) -> Result<CK_MECHANISM_TYPE, Rv
 // ---------------------------------------------------------------------------
 // General purpose.
 
+extern "C" fn fork_prepare() {
+    let _ = catch_unwind(module::before_fork);
+}
+
+extern "C" fn fork_done() {
+    let _ = catch_unwind(module::after_fork);
+}
+
 unsafe extern "C" fn c_initialize(args: *mut c_void) -> CK_RV {
     guard(|| {
+        static ATFORK: std::sync::Once = std::sync::Once::new();
+        ATFORK.call_once(|| {
+            // SAFETY: the handlers are plain functions of this library that
+            // never unwind; glibc registers them with this library's
+            // handle and drops them if it is unloaded.
+            unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_done), Some(fork_done)) };
+        });
         if !args.is_null() {
             // SAFETY: non-null; the standard says it points at a
             // CK_C_INITIALIZE_ARGS.

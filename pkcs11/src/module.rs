@@ -576,6 +576,26 @@ impl State {
 
 static STATE: Mutex<Option<State>> = Mutex::new(None);
 
+thread_local! {
+    /// The state's lock, held by a thread that forks from just before the
+    /// fork until just after it (the handlers [`crate::ffi`] registers with
+    /// `pthread_atfork`): another thread cannot hold it at the fork, so a
+    /// child never finds it locked by a thread it does not have.
+    static HELD: std::cell::RefCell<Option<MutexGuard<'static, Option<State>>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Before `fork()`: takes the state's lock in the forking thread.
+pub fn before_fork() {
+    let g = lock(&STATE);
+    HELD.with(|h| *h.borrow_mut() = Some(g));
+}
+
+/// After `fork()`, in the parent and in the child: lets the lock go.
+pub fn after_fork() {
+    HELD.with(|h| drop(h.borrow_mut().take()));
+}
+
 /// The state, if this process initialized the module.
 fn state() -> Result<MutexGuard<'static, Option<State>>, Rv> {
     let g = lock(&STATE);
