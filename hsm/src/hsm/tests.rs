@@ -1001,4 +1001,19 @@ fn pkcs11_objects_persist_sealed_and_belong_to_their_maker() {
     h.p11_destroy(&erin, 1, k).expect("destroy");
     assert!(row(&s, p11::KIND_P11_OBJECT, &format!("{k:016x}")).is_none());
     assert!(h.p11_destroy(&erin, 1, k).is_err());
+    // An officer relabels and destroys a user's token object (it uses
+    // none: above); another crypto user can do neither.
+    let k = h
+        .p11_generate(&erin, 1, CKM_AES_KEY_GEN, &token, &Vec::new())
+        .expect("generate")[0]
+        .id;
+    let officer = h.login("admin", PW).expect("admin");
+    let dave = h.login("dave", b"dave-password-1").expect("dave");
+    let relabel = vec![(CKA_LABEL, b"by-the-officer".to_vec())];
+    assert!(h.p11_set(&dave, 2, k, &relabel).is_err());
+    assert!(h.p11_destroy(&dave, 2, k).is_err());
+    h.p11_set(&officer, 3, k, &relabel)
+        .expect("officer relabels");
+    h.p11_destroy(&officer, 3, k).expect("officer destroys");
+    assert!(row(&s, p11::KIND_P11_OBJECT, &format!("{k:016x}")).is_none());
 }
