@@ -9,7 +9,6 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use common::*;
 use tde_hsm::mek::MekRecord;
-use tde_hsm::seal::{self, Sealer, Share};
 use tde_hsm::store::{KIND_MASTER_KEY, ObjectStore};
 
 fn b64(v: &serde_json::Value, field: &str) -> Vec<u8> {
@@ -139,20 +138,12 @@ fn init_unseal_generate_rotate_rewrap_restart() {
 /// (unseal key, root key, each MEK version) plus the DEKs, and scan the
 /// SQLite file, its WAL and shared memory, and the daemon log for them.
 fn no_key_material_on_disk(env: &Env, shares: &[String], deks: &[Vec<u8>]) {
-    let store = tde_sidecar::store::SqliteStore::open(&env.db()).expect("store");
-    let meta = store.meta().expect("meta").expect("initialized");
-    let parsed: Vec<Share> = shares[..3]
-        .iter()
-        .map(|s| Share::parse(s.as_bytes()).expect("share"))
-        .collect();
-    let unseal = seal::combine(&parsed).expect("combine");
-    let (root, _) = seal::open_root(
-        &unseal,
-        &store.sealed_root().expect("root").expect("some"),
-        &meta.store_id,
-    )
-    .expect("open root");
-    let sealer = Sealer::new(&root, &meta.store_id).expect("sealer");
+    let OpenedStore {
+        store,
+        unseal,
+        root,
+        sealer,
+    } = open_store(env, shares);
     let mut secrets: Vec<Vec<u8>> = vec![unseal.expose().to_vec(), root.expose().to_vec()];
     secrets.extend(deks.iter().cloned());
     let mut meks = 0;

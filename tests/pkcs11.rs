@@ -2480,7 +2480,6 @@ fn no_token_key_material_in_any_file_or_log() {
     if !have_tool() {
         return;
     }
-    use tde_hsm::seal::{self, Sealer, Share};
     use tde_hsm::store::ObjectStore;
 
     let env = Env::with_operations("", r#""generate_random", "pkcs11""#);
@@ -2576,20 +2575,7 @@ fn no_token_key_material_in_any_file_or_log() {
     );
     daemon.stop();
 
-    let store = tde_sidecar::store::SqliteStore::open(&env.db()).expect("store");
-    let meta = store.meta().expect("meta").expect("initialized");
-    let parsed: Vec<Share> = shares[..3]
-        .iter()
-        .map(|s| Share::parse(s.as_bytes()).expect("share"))
-        .collect();
-    let unseal = seal::combine(&parsed).expect("combine");
-    let (root, _) = seal::open_root(
-        &unseal,
-        &store.sealed_root().expect("root").expect("some"),
-        &meta.store_id,
-    )
-    .expect("open root");
-    let sealer = Sealer::new(&root, &meta.store_id).expect("sealer");
+    let common::OpenedStore { store, sealer, .. } = common::open_store(&env, &shares);
     let mut secrets: Vec<Vec<u8>> = Vec::new();
     for o in store
         .objects()

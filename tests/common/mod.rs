@@ -458,3 +458,43 @@ pub fn add_alice(env: &Env, shared: &[&str]) {
         env.ok(&["key", "share", k, "alice"]);
     }
 }
+
+/// A stopped sidecar's store opened as only the holder of `shares` could:
+/// the unseal key, the root key, and a sealer that opens every object
+/// (the key-material scans look for what it recovers).
+pub struct OpenedStore {
+    /// The store.
+    pub store: tde_sidecar::store::SqliteStore,
+    /// The unseal key the shares combine to.
+    pub unseal: tde_hsm::secret::UnsealKey,
+    /// The root key.
+    pub root: tde_hsm::secret::RootKey,
+    /// Opens sealed objects.
+    pub sealer: tde_hsm::seal::Sealer,
+}
+
+/// Opens `env`'s store with the first three of `shares`.
+pub fn open_store(env: &Env, shares: &[String]) -> OpenedStore {
+    use tde_hsm::seal::{self, Sealer, Share};
+    use tde_hsm::store::ObjectStore;
+    let store = tde_sidecar::store::SqliteStore::open(&env.db()).expect("store");
+    let meta = store.meta().expect("meta").expect("initialized");
+    let parsed: Vec<Share> = shares[..3]
+        .iter()
+        .map(|s| Share::parse(s.as_bytes()).expect("share"))
+        .collect();
+    let unseal = seal::combine(&parsed).expect("combine");
+    let (root, _) = seal::open_root(
+        &unseal,
+        &store.sealed_root().expect("root").expect("some"),
+        &meta.store_id,
+    )
+    .expect("open root");
+    let sealer = Sealer::new(&root, &meta.store_id).expect("sealer");
+    OpenedStore {
+        store,
+        unseal,
+        root,
+        sealer,
+    }
+}
