@@ -346,7 +346,6 @@ fn settable(class: u64, t: u64) -> bool {
             CKA_SIGN,
             CKA_VERIFY,
             CKA_VALUE_LEN,
-            CKA_VALUE,
             CKA_TRUSTED,
             CKA_WRAP_WITH_TRUSTED,
         ],
@@ -400,10 +399,15 @@ fn check_template(class: u64, t: &[(u64, Vec<u8>)]) -> Result<(), HsmError> {
         if t[..i].iter().any(|(b, _)| b == a) {
             return refuse(Ckr::CKR_TEMPLATE_INCONSISTENT, "an attribute given twice");
         }
-        if matches!(
-            *a,
-            CKA_LOCAL | CKA_NEVER_EXTRACTABLE | CKA_ALWAYS_SENSITIVE | CKA_KEY_GEN_MECHANISM
-        ) {
+        // A key's value is made in the token or unwrapped into it: never
+        // taken from a template.
+        let key_value = *a == CKA_VALUE && matches!(class, CKO_SECRET_KEY | CKO_PRIVATE_KEY);
+        if key_value
+            || matches!(
+                *a,
+                CKA_LOCAL | CKA_NEVER_EXTRACTABLE | CKA_ALWAYS_SENSITIVE | CKA_KEY_GEN_MECHANISM
+            )
+        {
             return refuse(
                 Ckr::CKR_ATTRIBUTE_READ_ONLY,
                 "the token sets this attribute",
@@ -479,9 +483,7 @@ fn build(
         set(*t, v.clone());
     }
     for (t, v) in template {
-        // A key's value is its material, never an attribute.
-        let keyed = matches!(class, CKO_SECRET_KEY | CKO_PRIVATE_KEY);
-        if !(matches!(*t, CKA_PRIVATE | CKA_CLASS) || keyed && *t == CKA_VALUE) {
+        if !matches!(*t, CKA_PRIVATE | CKA_CLASS) {
             set(*t, v.clone());
         }
     }

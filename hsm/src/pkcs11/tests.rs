@@ -300,6 +300,11 @@ fn templates_are_checked() {
         Ckr::CKR_ATTRIBUTE_READ_ONLY
     );
     assert_eq!(
+        refused(&[(CKA_VALUE, vec![7; 32])]),
+        Ckr::CKR_ATTRIBUTE_READ_ONLY,
+        "a key's value never comes from a template"
+    );
+    assert_eq!(
         refused(&[(CKA_MODULUS, vec![1])]),
         Ckr::CKR_ATTRIBUTE_TYPE_INVALID
     );

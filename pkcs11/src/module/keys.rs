@@ -240,6 +240,16 @@ struct SignInput {
     len: usize,
 }
 
+impl SignInput {
+    /// The call's key, mechanism, parameter and input.
+    fn fill(&self, call: &mut P11Call) {
+        call.key = P11Key::Object(self.key);
+        call.mechanism = self.mechanism.kind();
+        call.param = self.mechanism.param();
+        call.data = SecretBytes::from_slice(&self.input);
+    }
+}
+
 fn sign_input(h: CK_SESSION_HANDLE, verify: bool, last: &[u8]) -> Result<SignInput, Rv> {
     with_session(h, |x| {
         let op = x
@@ -278,12 +288,8 @@ pub fn sign_final(
     last: &[u8],
     out: Out,
 ) -> Result<Result<Vec<u8>, usize>, Rv> {
-    let SignInput {
-        key,
-        mechanism,
-        input,
-        len,
-    } = sign_input(h, false, last)?;
+    let input = sign_input(h, false, last)?;
+    let len = input.len;
     match out {
         Out::Length => return Ok(Err(len)),
         Out::Buffer(n) if n < len => return Ok(Err(len)),
@@ -292,12 +298,7 @@ pub fn sign_final(
     let slot = session_slot(h)?;
     let r = slot.call(
         |c, call| c.p11_data(Op::P11Sign, call),
-        |call| {
-            call.key = P11Key::Object(key);
-            call.mechanism = mechanism.kind();
-            call.param = mechanism.param();
-            call.data = SecretBytes::from_slice(&input);
-        },
+        |call| input.fill(call),
     );
     sign_abort(h);
     let sig = r?.expose().to_vec();
@@ -311,13 +312,8 @@ pub fn sign_final(
 /// `CKR_SIGNATURE_INVALID` (`CKR_SIGNATURE_LEN_RANGE` for a wrong
 /// length). The operation ends either way.
 pub fn verify_final(h: CK_SESSION_HANDLE, last: &[u8], signature: &[u8]) -> Result<(), Rv> {
-    let SignInput {
-        key,
-        mechanism,
-        input,
-        len,
-    } = sign_input(h, true, last)?;
-    if signature.len() != len {
+    let input = sign_input(h, true, last)?;
+    if signature.len() != input.len {
         sign_abort(h);
         return Err(CKR_SIGNATURE_LEN_RANGE);
     }
@@ -325,10 +321,7 @@ pub fn verify_final(h: CK_SESSION_HANDLE, last: &[u8], signature: &[u8]) -> Resu
     let r = slot.call(
         |c, call| c.p11_done(Op::P11Verify, call),
         |call| {
-            call.key = P11Key::Object(key);
-            call.mechanism = mechanism.kind();
-            call.param = mechanism.param();
-            call.data = SecretBytes::from_slice(&input);
+            input.fill(call);
             call.signature = signature.to_vec();
         },
     );
