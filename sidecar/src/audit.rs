@@ -52,7 +52,7 @@ const MAX_BATCH: usize = 1024;
 const QUEUE: usize = 8192;
 
 /// Who made a request.
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq, Hash)]
 pub struct Actor {
     /// Matched client policy name (data socket).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -106,6 +106,10 @@ pub struct AuditRecord {
     /// Why (the error message), or other detail.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// The calls a summary record stands for
+    /// (`audit.pkcs11_key_use = "summarize"`); absent: one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
     /// A registry change committed in the same transaction as this record
     /// (only if the operation succeeded): the registration is durable
     /// exactly when its audit record is, with no write of its own.
@@ -128,6 +132,7 @@ impl AuditRecord {
             result: "ok",
             error_code: None,
             detail: None,
+            count: None,
             registration: None,
         }
     }
@@ -275,6 +280,18 @@ impl AuditLog {
             .send(Job::Record(record, done_tx))
             .map_err(|_| AuditError::Stopped)?;
         done_rx.recv().map_err(|_| AuditError::Stopped)?
+    }
+
+    /// Queues a record without waiting for it: the refusal of a request
+    /// answered on the connection's own task (no key was used, and the
+    /// answer need not wait for the disk). A record the log cannot take
+    /// is reported by the writer.
+    pub fn submit(&self, record: AuditRecord) -> Result<(), AuditError> {
+        log_line(&record);
+        let (done_tx, _) = mpsc::sync_channel(1);
+        self.tx
+            .send(Job::Record(record, done_tx))
+            .map_err(|_| AuditError::Stopped)
     }
 
     /// Writes a checkpoint from the last one to the newest record now

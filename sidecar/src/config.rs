@@ -77,8 +77,14 @@ pub struct AuditConfig {
     pub retention: String,
     /// Successful `status` reads and `watch_key` long polls: `record` (one
     /// record each) or `summarize` (counted, one `routine_reads` record per
-    /// peer per minute). Key use is always recorded one by one.
+    /// peer per minute).
     pub routine_reads: String,
+    /// Successful PKCS#11 signatures, verifications, encryptions and
+    /// decryptions: `record` (one record each, durable before the answer)
+    /// or `summarize` (counted per process, key, operation and mechanism,
+    /// one record per second with the count). Every other key use, and
+    /// every refusal, is recorded one by one.
+    pub pkcs11_key_use: String,
     /// A JSON-lines file sink.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<FileSinkConfig>,
@@ -278,6 +284,7 @@ impl Default for Config {
                 checkpoint_seconds: 60,
                 retention: String::new(),
                 routine_reads: "record".into(),
+                pkcs11_key_use: "record".into(),
                 file: None,
                 syslog: None,
             },
@@ -394,6 +401,12 @@ impl Config {
             return Err(format!(
                 "audit.routine_reads must be record or summarize, not {:?}",
                 self.audit.routine_reads
+            ));
+        }
+        if !matches!(self.audit.pkcs11_key_use.as_str(), "record" | "summarize") {
+            return Err(format!(
+                "audit.pkcs11_key_use must be record or summarize, not {:?}",
+                self.audit.pkcs11_key_use
             ));
         }
         if self.audit.node.len() > 255 || self.audit.node.chars().any(char::is_control) {
@@ -557,6 +570,17 @@ mod tests {
         assert!(Config::load(Some(&f)).is_err());
         std::fs::write(&f, "[data_socket]\nmode = \"999\"\n").expect("write");
         assert!(Config::load(Some(&f)).is_err());
+        std::fs::write(&f, "[audit]\npkcs11_key_use = \"summarize\"\n").expect("write");
+        assert_eq!(
+            Config::load(Some(&f))
+                .expect("summarize")
+                .audit
+                .pkcs11_key_use,
+            "summarize"
+        );
+        std::fs::write(&f, "[audit]\npkcs11_key_use = \"some\"\n").expect("write");
+        let e = Config::load(Some(&f)).expect_err("not a choice");
+        assert!(e.to_string().contains("audit.pkcs11_key_use"), "{e}");
         assert!(Config::load(Some(&dir.path().join("missing.toml"))).is_err());
     }
 }

@@ -148,10 +148,17 @@ impl Live {
                 o.routine_reads, n.routine_reads
             ));
         }
+        if o.pkcs11_key_use != n.pkcs11_key_use {
+            changes.push(format!(
+                "audit.pkcs11_key_use {:?} -> {:?}",
+                o.pkcs11_key_use, n.pkcs11_key_use
+            ));
+        }
         svc.audit_retention_ms
             .store(n.retention_ms().unwrap_or(0), Ordering::SeqCst);
         svc.summarize_routine
             .store(n.routine_reads == "summarize", Ordering::SeqCst);
+        svc.key_uses.set(n.pkcs11_key_use == "summarize");
 
         // The rest is fixed at start: keep it as it runs, and say so.
         let mut fixed = Vec::new();

@@ -315,6 +315,18 @@ impl Hsm {
             .crypt(encrypt, mechanism, param, aad, data)
     }
 
+    /// Whether a use of object `id` takes microseconds: an EC or AES key,
+    /// or a public key (an RSA private key takes milliseconds). The
+    /// sidecar runs such uses without handing them to a worker thread.
+    pub fn p11_quick(&self, id: u64) -> bool {
+        let st = self.read();
+        Self::unsealed(&st).is_ok_and(|u| {
+            u.p11
+                .get(&id)
+                .is_some_and(|s| !matches!(s.entry.material, pkcs11::Material::Rsa(..)))
+        })
+    }
+
     /// `C_Sign`.
     pub fn p11_sign(
         &self,
