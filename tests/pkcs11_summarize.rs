@@ -19,6 +19,8 @@ use cryptoki::types::AuthPin;
 use serde_json::Value;
 
 use common::{Env, add_alice, audit, pkcs11_module};
+use tde_protocol::client::{Client, ClientError};
+use tde_protocol::{Op, P11Call, P11Key, SecretBytes};
 
 const P256: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 
@@ -51,6 +53,10 @@ fn successful_key_uses_are_counted_into_summaries_and_refusals_recorded_one_by_o
     let daemon = env.serve();
     env.unseal(&shares[..3]);
     add_alice(&env, &[]);
+    env.ok_new_password(
+        &["operator", "add", "bob", "--role", "crypto_user"],
+        "bob-password-1",
+    );
     // SAFETY: set before the module is loaded and read by it only; this
     // test binary has no other test.
     unsafe { std::env::set_var("TDE_PKCS11_SOCKET", env.data_socket()) };
@@ -143,6 +149,39 @@ fn successful_key_uses_are_counted_into_summaries_and_refusals_recorded_one_by_o
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    // Another crypto user naming alice's EC key (its id from the
+    // summary) on the same quick path: refused, recorded alone, not
+    // counted.
+    let ec_id = audit(&env.db())
+        .iter()
+        .find(|r| {
+            r["op"] == "p11_sign"
+                && r["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("mechanism 0x1041"))
+        })
+        .and_then(|r| {
+            r["key"]
+                .as_str()?
+                .strip_prefix("pkcs11:")
+                .map(str::to_string)
+        })
+        .expect("the EC key's summary");
+    let mut bob = Client::connect(&env.data_socket()).expect("connect");
+    let (token, _) = bob
+        .p11_login("bob", SecretBytes::from_slice(b"bob-password-1"), "user")
+        .expect("bob logs in");
+    let mut call = P11Call::new(token);
+    call.key = P11Key::Object(u64::from_str_radix(&ec_id, 16).expect("hex id"));
+    call.mechanism = 0x1041;
+    call.data = SecretBytes::from_slice(&hash);
+    let r = bob.p11_data(Op::P11Sign, call);
+    assert!(
+        matches!(&r, Err(ClientError::Refused { message, .. }) if message.starts_with("CKR_")),
+        "{r:?}"
+    );
+    drop(bob);
+
     s.logout().expect("C_Logout");
     drop(s);
     p11.finalize().expect("C_Finalize");
@@ -150,7 +189,14 @@ fn successful_key_uses_are_counted_into_summaries_and_refusals_recorded_one_by_o
 
     let records = audit(&env.db());
     let (signed, sign_records) = calls(&records, "p11_sign", "ok");
-    assert_eq!(signed, 205);
+    assert_eq!(signed, 205, "alice's signatures, not bob's attempt");
+    let refused: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["op"] == "p11_sign" && r["actor"]["operator"] == "bob")
+        .collect();
+    assert_eq!(refused.len(), 1, "bob's attempt has its own record");
+    assert_eq!(refused[0]["result"], "error");
+    assert!(refused[0]["count"].is_null());
     assert!(
         (2..=10).contains(&sign_records),
         "two keys' signatures in a few one-second summaries, not one record each: {sign_records}"

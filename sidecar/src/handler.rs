@@ -1114,7 +1114,13 @@ impl Service {
             }
         }
         let how = Finish {
-            key_use: self.key_uses.candidate(&req),
+            // A quick request was a candidate when it was let in (see
+            // `quick`): counted even if the table filled since, so that it
+            // never waits for the disk.
+            key_use: match (&req, quick) {
+                (Request::P11(_, c), true) => Some(c.mechanism),
+                _ => self.key_uses.candidate(&req),
+            },
             quick,
         };
         Handled::Done(self.finish(peer.uid, rec, outcome, session, next, how))
@@ -1202,8 +1208,8 @@ impl Service {
         };
         if rec.result == "ok"
             && let Some(mechanism) = how.key_use
-            && self.key_uses.count(&rec, mechanism)
         {
+            self.key_uses.count(&rec, mechanism);
             *session = next;
             return response;
         }

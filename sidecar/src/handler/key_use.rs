@@ -20,7 +20,9 @@ use super::lock;
 use crate::audit::{Actor, AuditRecord, now_ms, rfc3339_ms};
 
 /// Most distinct tallies between two summaries; past it, uses are
-/// recorded one by one (a peer cannot grow the table without bound).
+/// recorded one by one (a peer cannot grow the table without bound). The
+/// requests already past [`KeyUses::candidate`] when it fills may add a
+/// few more.
 const MAX_TALLIES: usize = 4096;
 
 /// What one tally counts.
@@ -66,22 +68,25 @@ impl KeyUses {
     }
 
     /// The mechanism of `req` if its success is to be counted, not
-    /// recorded: a PKCS#11 key use while summaries are on and written.
+    /// recorded: a PKCS#11 key use while summaries are on, written, and
+    /// the table has room.
     pub fn candidate(&self, req: &Request) -> Option<u64> {
         if !self.on.load(Ordering::Relaxed) || self.failing.load(Ordering::Relaxed) {
             return None;
         }
         match req {
-            Request::P11(Op::P11Sign | Op::P11Verify | Op::P11Encrypt | Op::P11Decrypt, c) => {
+            Request::P11(Op::P11Sign | Op::P11Verify | Op::P11Encrypt | Op::P11Decrypt, c)
+                if lock(&self.tallies).len() < MAX_TALLIES =>
+            {
                 Some(c.mechanism)
             }
             _ => None,
         }
     }
 
-    /// Counts the successful use `rec` describes; `false` if it must be
-    /// recorded after all (the table is full).
-    pub fn count(&self, rec: &AuditRecord, mechanism: u64) -> bool {
+    /// Counts the successful use `rec` describes (a
+    /// [`KeyUses::candidate`]).
+    pub fn count(&self, rec: &AuditRecord, mechanism: u64) {
         let u = Use {
             socket: rec.socket,
             actor: rec.actor.clone(),
@@ -90,27 +95,17 @@ impl KeyUses {
             mechanism,
         };
         let now = now_ms();
-        let mut t = lock(&self.tallies);
-        let full = t.len() >= MAX_TALLIES;
-        match t.get_mut(&u) {
-            Some(x) => {
+        lock(&self.tallies)
+            .entry(u)
+            .and_modify(|x| {
                 x.count += 1;
                 x.last_ms = now;
-                true
-            }
-            None if full => false,
-            None => {
-                t.insert(
-                    u,
-                    Tally {
-                        count: 1,
-                        first_ms: now,
-                        last_ms: now,
-                    },
-                );
-                true
-            }
-        }
+            })
+            .or_insert(Tally {
+                count: 1,
+                first_ms: now,
+                last_ms: now,
+            });
     }
 
     /// Writes one record per tally with `append` (true: durable). Those
@@ -198,10 +193,10 @@ mod tests {
     fn uses_are_tallied_per_process_and_key_up_to_a_cap() {
         let k = KeyUses::new(true);
         for _ in 0..3 {
-            assert!(k.count(&used(1, "pkcs11:a"), 0x1041));
+            k.count(&used(1, "pkcs11:a"), 0x1041);
         }
-        assert!(k.count(&used(2, "pkcs11:a"), 0x1041));
-        assert!(k.count(&used(1, "pkcs11:a"), 0x1044));
+        k.count(&used(2, "pkcs11:a"), 0x1041);
+        k.count(&used(1, "pkcs11:a"), 0x1044);
         {
             let t = lock(&k.tallies);
             assert_eq!(t.len(), 3);
@@ -210,19 +205,25 @@ mod tests {
             assert_eq!(counts, [1, 1, 3]);
         }
         for pid in 3..(MAX_TALLIES as i32) {
-            assert!(k.count(&used(pid, "pkcs11:a"), 0x1041));
+            assert!(k.candidate(&sign_call(0x1041)).is_some());
+            k.count(&used(pid, "pkcs11:a"), 0x1041);
         }
-        assert!(!k.count(&used(-1, "pkcs11:a"), 0x1041), "past the cap");
-        assert!(k.count(&used(1, "pkcs11:a"), 0x1041), "a known tally");
+        assert_eq!(
+            k.candidate(&sign_call(0x1041)),
+            None,
+            "full: recorded one by one"
+        );
+        k.flush(|_| true);
+        assert!(k.candidate(&sign_call(0x1041)).is_some(), "room again");
     }
 
     #[test]
     fn a_summary_the_log_refuses_is_kept_and_uses_are_recorded_until_one_is_written() {
         let k = KeyUses::new(true);
         for _ in 0..5 {
-            assert!(k.count(&used(1, "pkcs11:a"), 0x1041));
+            k.count(&used(1, "pkcs11:a"), 0x1041);
         }
-        assert!(k.count(&used(2, "pkcs11:b"), 0x1041));
+        k.count(&used(2, "pkcs11:b"), 0x1041);
         let mut tried = 0;
         k.flush(|_| {
             tried += 1;
@@ -230,7 +231,7 @@ mod tests {
         });
         assert_eq!(tried, 1, "the first refusal stops the summary");
         assert_eq!(k.candidate(&sign_call(0x1041)), None, "recorded one by one");
-        assert!(k.count(&used(1, "pkcs11:a"), 0x1041));
+        k.count(&used(1, "pkcs11:a"), 0x1041);
         let mut written = Vec::new();
         k.flush(|r| {
             written.push((r.actor.pid, r.count));
