@@ -318,8 +318,12 @@ impl Hsm {
     /// Whether a use of object `id` takes microseconds: an EC or AES key,
     /// or a public key (an RSA private key takes milliseconds). The
     /// sidecar runs such uses without handing them to a worker thread.
+    /// Also `false` while a change holds the HSM (a key being made and
+    /// stored), so that such a use does not wait for it on that task.
     pub fn p11_quick(&self, id: u64) -> bool {
-        let st = self.read();
+        let Ok(st) = self.state.try_read() else {
+            return false;
+        };
         Self::unsealed(&st).is_ok_and(|u| {
             u.p11
                 .get(&id)
