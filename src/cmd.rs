@@ -116,8 +116,38 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
     for var in Config::unknown_env() {
         eprintln!("warning: ignoring {var}: not a tde configuration key or CLI variable");
     }
+    // Neither needs a configuration (nor a valid one).
+    match &cli.command {
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut cmd, "tde", &mut script);
+            // A closed pipe (`| head`) ends it quietly.
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), &script);
+            return Ok(());
+        }
+        Command::Man { out } => {
+            std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+            clap_mangen::generate_to(<Cli as clap::CommandFactory>::command(), out)
+                .with_context(|| format!("writing the manual pages into {}", out.display()))?;
+            let n = std::fs::read_dir(out)?
+                .filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".1"))
+                .count();
+            emit(&cli, json!({"directory": out, "pages": n}), || {
+                format!(
+                    "{n} manual pages in {} (man -l {}/tde.1)",
+                    out.display(),
+                    out.display()
+                )
+            });
+            return Ok(());
+        }
+        _ => {}
+    }
     let cfg = load_config(&cli)?;
     match &cli.command {
+        Command::Completions { .. } | Command::Man { .. } => Ok(()),
         Command::Demo => crate::demo::run(),
         Command::Init(a) => init(&cli, &cfg, a),
         Command::Serve(a) => serve(&cli, cfg, a),

@@ -149,6 +149,19 @@ pub enum Command {
     /// Re-encrypt a mounted tablespace under a new data key version, online
     /// (or pause, resume, throttle or watch a running re-key).
     Rekey(RekeyArgs),
+    /// Print a shell completion script: `source <(tde completions bash)`,
+    /// or save it where the shell looks (see OPERATIONS.md).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual pages (tde.1, and one per subcommand such as
+    /// tde-key-create.1) into a directory.
+    Man {
+        /// Directory to write them into (created if missing).
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
     /// Count a backing directory's blocks per data key version (reads the
     /// block trailers; no key needed).
     Inspect {
