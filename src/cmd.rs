@@ -476,7 +476,8 @@ fn mount(cli: &Cli, cfg: &Config, a: &MountArgs) -> anyhow::Result<()> {
             .stderr(log)
             .process_group(0)
             .spawn()?;
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(a.wait + 30);
+        let deadline =
+            std::time::Instant::now() + std::time::Duration::from_secs(mount_wait(a) + 30);
         // Until it is mounted, what the mount logs is shown here too (such
         // as waiting for an unseal), then only in the log.
         let mut shown = start as usize;
@@ -551,7 +552,7 @@ fn mount(cli: &Cli, cfg: &Config, a: &MountArgs) -> anyhow::Result<()> {
         backing: a.backing_dir.clone(),
         mountpoint: a.mountpoint.clone(),
         init: a.init,
-        wait: std::time::Duration::from_secs(a.wait),
+        wait: std::time::Duration::from_secs(mount_wait(a)),
         threads: a.threads,
         allow_other: a.allow_other,
         force: a.force,
@@ -562,6 +563,14 @@ fn mount(cli: &Cli, cfg: &Config, a: &MountArgs) -> anyhow::Result<()> {
         spec.backing.display(),
         spec.mountpoint.display()
     );
+    // A service manager starts what is ordered after this unit (PostgreSQL)
+    // only now.
+    tde_sidecar::notify::notify(&format!(
+        "READY=1\nMAINPID={}\nSTATUS=mounted {} on {}",
+        std::process::id(),
+        spec.backing.display(),
+        spec.mountpoint.display()
+    ));
     let mut mounted = mounted;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -582,8 +591,10 @@ fn mount(cli: &Cli, cfg: &Config, a: &MountArgs) -> anyhow::Result<()> {
             };
             tracing::info!(reason = why, "unmounting");
             if mounted.try_unmount()? {
+                tde_sidecar::notify::notify(&format!("STOPPING=1\nSTATUS=unmounted ({why})"));
                 return anyhow::Ok(why);
             }
+            tde_sidecar::notify::notify("STATUS=busy: still mounted and serving");
             // Leaving now would strand the processes using the mount with a
             // dead file system: keep serving until they are gone.
             tracing::warn!(
@@ -597,6 +608,19 @@ fn mount(cli: &Cli, cfg: &Config, a: &MountArgs) -> anyhow::Result<()> {
 }
 
 // ---------------------------------------------------------------- helpers
+
+/// `tde mount --wait`: as given; else as long as it takes when a service
+/// manager started the mount (systemd sets `INVOCATION_ID`), so that
+/// PostgreSQL, ordered after it, waits for the unseal too; else 60 s.
+fn mount_wait(a: &crate::MountArgs) -> u64 {
+    const FOREVER: u64 = 100 * 365 * 24 * 3600;
+    a.wait
+        .unwrap_or(if std::env::var_os("INVOCATION_ID").is_some() {
+            FOREVER
+        } else {
+            60
+        })
+}
 
 /// Where `tde mount --daemon` logs without `--log-file`: beside other
 /// daemons' logs as root, in the user's state directory otherwise.

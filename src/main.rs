@@ -257,9 +257,10 @@ pub struct MountArgs {
     /// Cluster id: bound into the encryption context.
     #[arg(long, default_value = "default")]
     pub cluster: String,
-    /// Seconds to wait for an unreachable or sealed sidecar.
-    #[arg(long, default_value_t = 60)]
-    pub wait: u64,
+    /// Seconds to wait for an unreachable or sealed sidecar (default 60;
+    /// under systemd, as long as it takes).
+    #[arg(long)]
+    pub wait: Option<u64>,
     /// FUSE worker threads.
     #[arg(long, default_value_t = tde_plugin::mount::DEFAULT_THREADS)]
     pub threads: usize,

@@ -11,12 +11,14 @@
 //! - [`config`]: figment configuration (TOML + `TDE_` environment).
 //! - [`custodian`]: unseal shares encrypted to custodians' OpenPGP keys.
 //! - [`sys`]: process hardening (no core dumps, mlock).
+//! - [`notify`]: readiness and status for the service manager (sd_notify).
 #![forbid(unsafe_code)]
 
 pub mod audit;
 pub mod config;
 pub mod custodian;
 pub mod handler;
+pub mod notify;
 pub mod policy;
 pub mod reload;
 pub mod server;

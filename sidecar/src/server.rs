@@ -558,6 +558,13 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
             status.threshold
         );
     }
+    // Ready once both sockets listen, sealed or not: clients may connect
+    // (and wait for an unseal) from now on.
+    crate::notify::notify(&format!(
+        "READY=1\nMAINPID={}\nSTATUS={}",
+        std::process::id(),
+        crate::notify::status_line(&status)
+    ));
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
@@ -604,6 +611,7 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
         }
     };
     tracing::info!(signal, "shutting down: finishing in-flight requests");
+    crate::notify::notify(&format!("STOPPING=1\nSTATUS=stopping ({signal})"));
     let _ = stop_tx.send(true);
     svc.key_changes.stop();
     for t in tasks {
@@ -658,10 +666,17 @@ fn reload_on_signal(svc: &Service, live: &Live) {
 async fn key_scheduler(svc: Arc<Service>, destroy_every: u64, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last_destroy = 0u64;
+    let mut said = crate::notify::status_line(&svc.hsm.status());
     loop {
         tokio::select! {
             _ = stop.changed() => return,
             _ = tick.tick() => {}
+        }
+        // The service manager's status line follows the seal state.
+        let now_said = crate::notify::status_line(&svc.hsm.status());
+        if now_said != said {
+            crate::notify::notify(&format!("STATUS={now_said}"));
+            said = now_said;
         }
         let s = svc.clone();
         let now = tde_hsm::hsm::now();

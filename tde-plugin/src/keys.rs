@@ -455,7 +455,7 @@ pub fn call_waiting<T>(
     mut f: impl FnMut(&mut Client) -> Result<T, ClientError>,
 ) -> Result<T, ClientError> {
     let deadline = Instant::now() + wait;
-    let mut said = None::<String>;
+    let mut said = None::<(String, Instant)>;
     loop {
         let e = match Client::connect(sidecar).and_then(|mut c| f(&mut c)) {
             Ok(r) => return Ok(r),
@@ -471,14 +471,18 @@ pub fn call_waiting<T>(
                 sidecar.display()
             ),
         };
-        // Said once while it lasts (the log is on stderr); the caller's
-        // error says that it gave up.
+        // Said when it changes and every 10 s while it lasts (the log is
+        // on stderr, or the journal); the caller's error says that it gave
+        // up.
         if Instant::now() >= deadline {
             return Err(e);
         }
-        if said.as_deref() != Some(why.as_str()) {
+        if said
+            .as_ref()
+            .is_none_or(|(w, at)| *w != why || at.elapsed() >= Duration::from_secs(10))
+        {
             tracing::warn!("{why}");
-            said = Some(why);
+            said = Some((why, Instant::now()));
         }
         std::thread::sleep(Duration::from_millis(500));
     }
