@@ -164,6 +164,8 @@ operations = [{operations}]
             // these (in this process); `tde pkcs11` must use its own.
             .env_remove("TDE_PKCS11_SOCKET")
             .env_remove("TDE_PKCS11_CONFIG")
+            // Set under a service manager: `tde mount` would wait for ever.
+            .env_remove("INVOCATION_ID")
             .stdin(Stdio::null());
         c
     }
