@@ -1404,7 +1404,11 @@ fn serve(cli: &Cli, mut cfg: Config, a: &ServeArgs) -> anyhow::Result<()> {
     };
     adjust(&mut cfg);
     if a.print_config {
-        print!("{}", cfg.to_redacted_toml());
+        if cli.json {
+            println!("{}", cfg.to_redacted_json());
+        } else {
+            print!("{}", cfg.to_redacted_toml());
+        }
         return Ok(());
     }
     if a.dev {

@@ -1,4 +1,6 @@
-//! Shell completions and manual pages from the CLI's own definition:
+//! The CLI's outputs for people and tools that need no sidecar:
+//! `tde serve --print-config` (TOML, or JSON with `--json`), and shell
+//! completions and manual pages from the CLI's own definition:
 //! `tde completions SHELL` loads in bash and completes subcommands and
 //! options; `tde man --out DIR` writes pages that `man -l` renders without
 //! a warning. Neither needs a configuration.
@@ -138,4 +140,42 @@ fn manual_pages_render_for_the_command_and_every_subcommand() {
             && create.contains("--rotate-after"),
         "{create}"
     );
+}
+
+#[test]
+fn print_config_shows_the_effective_configuration_as_toml_or_json() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let config = dir.path().join("tde.toml");
+    std::fs::write(
+        &config,
+        "data_dir = \"/srv/tde\"\n[audit]\npkcs11_key_use = \"summarize\"\n[audit.syslog]\nsocket = \"/dev/log\"\n",
+    )
+    .expect("config");
+    let run = |json: bool| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_tde"));
+        c.args(["serve", "--print-config"])
+            .env("TDE_CONFIG", &config)
+            .env("TDE_LOG__LEVEL", "debug")
+            .env_remove("TDE_DATA_DIR");
+        if json {
+            c.arg("--json");
+        }
+        c.output().expect("tde serve --print-config")
+    };
+    let toml = run(false);
+    assert!(toml.status.success(), "{}", text(&toml));
+    let t = String::from_utf8_lossy(&toml.stdout);
+    assert!(t.contains("data_dir = \"/srv/tde\""), "{t}");
+    assert!(t.contains("pkcs11_key_use = \"summarize\""), "{t}");
+    let json = run(true);
+    assert!(json.status.success(), "{}", text(&json));
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).expect("one JSON document");
+    assert_eq!(v["data_dir"], "/srv/tde");
+    assert_eq!(v["audit"]["pkcs11_key_use"], "summarize");
+    assert_eq!(v["audit"]["syslog"]["socket"], "/dev/log");
+    assert_eq!(
+        v["log"]["level"], "debug",
+        "the environment overrides the file"
+    );
+    assert_eq!(v["audit"]["routine_reads"], "record", "defaults are shown");
 }

@@ -484,6 +484,15 @@ impl Config {
         let text = toml_string(self);
         text.lines().map(redact_line).collect::<Vec<_>>().join("\n") + "\n"
     }
+
+    /// [`Config::to_redacted_toml`] as JSON (`tde serve --print-config
+    /// --json`): the same keys and values, the same redaction.
+    pub fn to_redacted_json(&self) -> serde_json::Value {
+        toml::from_str::<toml::Value>(&self.to_redacted_toml())
+            .ok()
+            .and_then(|v| serde_json::to_value(v).ok())
+            .unwrap_or(serde_json::Value::Null)
+    }
 }
 
 /// Whether an environment key (lower-case, `.`-separated) names a
