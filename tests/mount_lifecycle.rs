@@ -200,17 +200,10 @@ fn a_panic_in_a_handler_is_an_io_error_and_the_mount_keeps_serving() {
     let env = Env::new("");
     let _sidecar = env.sidecar_with_keys(&["pg-main"]);
     let (backing, mnt) = (env.pg_dir("backing"), env.pg_dir("mnt"));
-    let m = env.mount_env(
+    let m = env.mount_init_env(
         &[("TDE_FAILPOINT", "fuse-read:poison")],
-        &[
-            "--init",
-            "--key",
-            "pg-main",
-            "--tablespace",
-            "ts",
-            "--cluster",
-            "c1",
-        ],
+        "pg-main",
+        "ts",
         &backing,
         &mnt,
     );

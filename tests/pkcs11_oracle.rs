@@ -9,7 +9,6 @@
 
 mod common;
 
-use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error, RvError};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::mechanism::aead::GcmParams;
@@ -17,7 +16,7 @@ use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
 use cryptoki::types::AuthPin;
 
-use common::{Env, add_alice, audit, pkcs11_module};
+use common::{Env, add_alice, audit, cryptoki_module};
 
 const PIN: &str = "alice:alice-password-1";
 
@@ -109,21 +108,12 @@ fn login(session: &Session) {
 
 #[test]
 fn an_oracle_like_engine_keeps_its_master_key_in_the_token_and_rotates_it() {
-    // Only to point the module at this test's sidecar (below).
-    #![allow(unsafe_code)]
     let env = Env::with_operations("", r#""generate_random", "pkcs11""#);
     let shares = env.init();
     let daemon = env.serve();
     env.unseal(&shares[..3]);
     add_alice(&env, &[]);
-    // SAFETY: set before the module is loaded and read by it only; this
-    // test binary has no other test.
-    unsafe { std::env::set_var("TDE_PKCS11_SOCKET", env.data_socket()) };
-    unsafe { std::env::remove_var("TDE_PKCS11_CONFIG") };
-
-    let p11 = Pkcs11::new(pkcs11_module()).expect("load the module");
-    p11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
-        .expect("C_Initialize");
+    let p11 = cryptoki_module(&env);
     let slot = p11.get_slots_with_token().expect("slots")[0];
     let session = p11.open_rw_session(slot).expect("C_OpenSession");
     login(&session);

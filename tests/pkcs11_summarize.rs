@@ -9,7 +9,6 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error, RvError};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::mechanism::aead::GcmParams;
@@ -18,7 +17,7 @@ use cryptoki::session::UserType;
 use cryptoki::types::AuthPin;
 use serde_json::Value;
 
-use common::{Env, add_alice, audit, pkcs11_module};
+use common::{Env, add_alice, audit, cryptoki_module};
 use tde_protocol::client::{Client, ClientError};
 use tde_protocol::{Op, P11Call, P11Key, SecretBytes};
 
@@ -43,8 +42,6 @@ fn calls(records: &[Value], op: &str, result: &str) -> (u64, usize) {
 
 #[test]
 fn successful_key_uses_are_counted_into_summaries_and_refusals_recorded_one_by_one() {
-    // Only to point the module at this test's sidecar (below).
-    #![allow(unsafe_code)]
     let env = Env::with_operations(
         "[audit]\npkcs11_key_use = \"summarize\"",
         r#""generate_random", "pkcs11""#,
@@ -57,14 +54,7 @@ fn successful_key_uses_are_counted_into_summaries_and_refusals_recorded_one_by_o
         &["operator", "add", "bob", "--role", "crypto_user"],
         "bob-password-1",
     );
-    // SAFETY: set before the module is loaded and read by it only; this
-    // test binary has no other test.
-    unsafe { std::env::set_var("TDE_PKCS11_SOCKET", env.data_socket()) };
-    unsafe { std::env::remove_var("TDE_PKCS11_CONFIG") };
-
-    let p11 = Pkcs11::new(pkcs11_module()).expect("load the module");
-    p11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
-        .expect("C_Initialize");
+    let p11 = cryptoki_module(&env);
     let slot = p11.get_slots_with_token().expect("slots")[0];
     let s = p11.open_rw_session(slot).expect("C_OpenSession");
     s.login(

@@ -149,17 +149,10 @@ fn a_mount_notifies_ready_with_its_pid_and_stopping_once_unmounted() {
     let sock = UnixDatagram::bind(&path).expect("bind");
     let backing = env.pg_dir("backing");
     let mountpoint = env.pg_dir("mnt");
-    let m = env.mount_env(
+    let m = env.mount_init_env(
         &[("NOTIFY_SOCKET", path.to_str().expect("utf8"))],
-        &[
-            "--init",
-            "--key",
-            "pg-main",
-            "--tablespace",
-            "ts",
-            "--cluster",
-            "c1",
-        ],
+        "pg-main",
+        "ts",
         &backing,
         &mountpoint,
     );

@@ -139,23 +139,22 @@ impl Connection {
     async fn handle(&mut self, frame: Frame) -> Option<Response> {
         let (kind, peer, id) = (self.kind, self.peer.clone(), frame.header.request_id);
         let mut sess = std::mem::take(&mut self.session);
-        let req = Request::from_frame(&frame);
-        if let Ok(r) = &req
-            && self.svc.quick(r)
-        {
+        let req = match Request::from_frame(&frame) {
             // Microseconds of work that waits for no disk: here, without
             // two thread hand-offs.
-            let req = req.ok()?;
-            let handled = self.svc.handle(kind, peer, &mut sess, id, req, true);
-            self.session = sess;
-            return match handled {
-                Handled::Done(r) => Some(r),
-                Handled::Wait(_) => Some(Response::error(
-                    ErrorCode::Internal,
-                    "a quick request cannot wait",
-                )),
-            };
-        }
+            Ok(req) if self.svc.quick(&req) => {
+                let handled = self.svc.handle(kind, peer, &mut sess, id, req, true);
+                self.session = sess;
+                return match handled {
+                    Handled::Done(r) => Some(r),
+                    Handled::Wait(_) => Some(Response::error(
+                        ErrorCode::Internal,
+                        "a quick request cannot wait",
+                    )),
+                };
+            }
+            req => req,
+        };
         let joined = self
             .blocking(move |svc| {
                 let handled = match req {

@@ -449,6 +449,22 @@ pub fn pkcs11_module() -> PathBuf {
     .expect("libtde_pkcs11.so is built with the tests")
 }
 
+/// `libtde_pkcs11.so` through the `cryptoki` crate, pointed at `env`'s
+/// sidecar and initialized. The module reads its environment in this
+/// process: only for a test binary with one test.
+#[allow(unsafe_code)]
+pub fn cryptoki_module(env: &Env) -> cryptoki::context::Pkcs11 {
+    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+    // SAFETY: set before the module is loaded and read by it only; the
+    // calling test binary has no other test.
+    unsafe { std::env::set_var("TDE_PKCS11_SOCKET", env.data_socket()) };
+    unsafe { std::env::remove_var("TDE_PKCS11_CONFIG") };
+    let p11 = Pkcs11::new(pkcs11_module()).expect("load the module");
+    p11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .expect("C_Initialize");
+    p11
+}
+
 /// A crypto user `alice` (password `alice-password-1`) with `shared`
 /// master keys shared with it.
 pub fn add_alice(env: &Env, shared: &[&str]) {

@@ -550,7 +550,20 @@ impl Env {
     /// `tde mount --init` of `backing` under master key `key` as tablespace
     /// `name` of cluster `c1`.
     pub fn mount_init(&self, key: &str, name: &str, backing: &Path, mountpoint: &Path) -> Mount {
-        self.mount(
+        self.mount_init_env(&[], key, name, backing, mountpoint)
+    }
+
+    /// [`Env::mount_init`] with extra environment variables for the child.
+    pub fn mount_init_env(
+        &self,
+        vars: &[(&str, &str)],
+        key: &str,
+        name: &str,
+        backing: &Path,
+        mountpoint: &Path,
+    ) -> Mount {
+        self.mount_env(
+            vars,
             &[
                 "--init",
                 "--key",
