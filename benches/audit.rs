@@ -35,6 +35,7 @@ fn fill(dir: &Path, records: u64) -> Duration {
         checkpoint_records: 10_000,
         checkpoint_interval: Duration::from_secs(60),
         wake: Arc::new(Wake::default()),
+        stats: Default::default(),
     };
     let (log, writer, _) = AuditLog::start(&db, settings, Arc::new(hsm)).expect("audit");
     let threads = 256u64;

@@ -1484,6 +1484,7 @@ fn status(cli: &Cli, cfg: &Config, all: bool) -> anyhow::Result<()> {
                 "backing_dir": b,
                 "sidecar": r.as_ref().ok().and_then(|st| st.sidecar.as_ref()),
                 "rekey": r.as_ref().ok(),
+                "io": r.as_ref().ok().and_then(|st| st.io),
                 "error": r.as_ref().err().map(|e| format!("{e:#}")),
             }))
             .collect::<Vec<_>>()
@@ -1505,6 +1506,16 @@ fn status(cli: &Cli, cfg: &Config, all: bool) -> anyhow::Result<()> {
                     Err(e) => format!("{e:#}"),
                 }
             ));
+            if let Some(io) = r.as_ref().ok().and_then(|st| st.io) {
+                out.push_str(&format!(
+                    "\n            read {}, written {}, {} read and {} write errors, {} blocks refused (authentication)",
+                    indicatif::BinaryBytes(io.read_bytes),
+                    indicatif::BinaryBytes(io.written_bytes),
+                    io.read_errors,
+                    io.write_errors,
+                    io.auth_failures
+                ));
+            }
         }
         if !others.is_empty() {
             out.push_str(&format!(

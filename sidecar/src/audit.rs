@@ -32,6 +32,7 @@ pub mod sink;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -39,6 +40,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 pub use checkpoint::Checkpoint;
 use checkpoint::GENESIS;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -193,6 +197,37 @@ pub struct AuditSettings {
     pub checkpoint_interval: Duration,
     /// Told of every commit (the sinks wait on it).
     pub wake: Arc<sink::Wake>,
+    /// What the writer tells the metrics.
+    pub stats: Arc<AuditStats>,
+}
+
+/// What the audit writer tells the metrics (`/metrics`, `/health`); the
+/// metrics registry holds clones of the same counters.
+#[derive(Debug)]
+pub struct AuditStats {
+    /// Records handed to the writer and not yet committed or refused.
+    pub queued: Gauge,
+    /// Records committed.
+    pub committed: Counter,
+    /// Commits that failed (each refused every record in it).
+    pub failed_commits: Counter,
+    /// The last commit failed; the next one that succeeds clears it.
+    pub failing: AtomicBool,
+    /// Seconds per commit (one transaction and fsync for a whole batch).
+    pub commit_seconds: Histogram,
+}
+
+impl Default for AuditStats {
+    fn default() -> Self {
+        Self {
+            queued: Gauge::default(),
+            committed: Counter::default(),
+            failed_commits: Counter::default(),
+            failing: AtomicBool::new(false),
+            // 100 µs .. ~3 s: an fsync on a fast disk to a stalled one.
+            commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+        }
+    }
 }
 
 /// Which records a requested checkpoint covers.
@@ -220,6 +255,7 @@ enum Job {
 #[derive(Clone)]
 pub struct AuditLog {
     tx: SyncSender<Job>,
+    stats: Arc<AuditStats>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -252,6 +288,7 @@ impl AuditLog {
     ) -> Result<(AuditLog, AuditWriter, Vec<String>), AuditError> {
         let conn = store::connect(path).map_err(|e| AuditError::WriteFailed(e.to_string()))?;
         let (tx, rx) = mpsc::sync_channel::<Job>(QUEUE);
+        let stats = settings.stats.clone();
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
         let handle = std::thread::Builder::new()
             .name("tde-audit".into())
@@ -268,7 +305,7 @@ impl AuditLog {
             })
             .map_err(|e| AuditError::WriteFailed(e.to_string()))?;
         let findings = ready_rx.recv().map_err(|_| AuditError::Stopped)??;
-        Ok((AuditLog { tx }, AuditWriter(handle), findings))
+        Ok((AuditLog { tx, stats }, AuditWriter(handle), findings))
     }
 
     /// Appends a record and waits until it is durable. Returns its sequence
@@ -276,9 +313,7 @@ impl AuditLog {
     pub fn append(&self, record: AuditRecord) -> Result<u64, AuditError> {
         log_line(&record);
         let (done_tx, done_rx) = mpsc::sync_channel(1);
-        self.tx
-            .send(Job::Record(record, done_tx))
-            .map_err(|_| AuditError::Stopped)?;
+        self.send_record(record, done_tx)?;
         done_rx.recv().map_err(|_| AuditError::Stopped)?
     }
 
@@ -289,9 +324,19 @@ impl AuditLog {
     pub fn submit(&self, record: AuditRecord) -> Result<(), AuditError> {
         log_line(&record);
         let (done_tx, _) = mpsc::sync_channel(1);
-        self.tx
-            .send(Job::Record(record, done_tx))
-            .map_err(|_| AuditError::Stopped)
+        self.send_record(record, done_tx)
+    }
+
+    fn send_record(
+        &self,
+        record: AuditRecord,
+        done: SyncSender<Written>,
+    ) -> Result<(), AuditError> {
+        self.stats.queued.inc();
+        self.tx.send(Job::Record(record, done)).map_err(|_| {
+            self.stats.queued.dec();
+            AuditError::Stopped
+        })
     }
 
     /// Writes a checkpoint from the last one to the newest record now
@@ -603,14 +648,23 @@ impl Writer {
             return;
         }
         let now = now_ms().max(self.last_ms);
-        match commit(
+        let started = Instant::now();
+        let committed = commit(
             &mut self.conn,
             &self.settings.node,
             &batch,
             (self.seq, self.prev),
             now,
-        ) {
+        );
+        let stats = &self.settings.stats;
+        stats
+            .commit_seconds
+            .observe(started.elapsed().as_secs_f64());
+        stats.queued.dec_by(batch.len() as i64);
+        stats.failing.store(committed.is_err(), Ordering::Relaxed);
+        match committed {
             Ok((results, new_seq, new_prev)) => {
+                stats.committed.inc_by(batch.len() as u64);
                 for ((_, done), r) in batch.iter().zip(results) {
                     let _ = done.send(r);
                 }
@@ -620,6 +674,7 @@ impl Writer {
                 self.settings.wake.committed(new_seq);
             }
             Err(e) => {
+                stats.failed_commits.inc();
                 tracing::error!(error = %e, records = batch.len(), "audit commit failed; refusing the operations");
                 for (_, done) in &batch {
                     let _ = done.send(Err(AuditError::WriteFailed(e.to_string())));
@@ -1106,6 +1161,7 @@ mod tests_support {
             checkpoint_records: records,
             checkpoint_interval: Duration::from_secs(3600),
             wake: Default::default(),
+            stats: Default::default(),
         }
     }
 }

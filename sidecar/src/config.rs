@@ -44,6 +44,8 @@ pub struct Config {
     pub quorum: QuorumConfig,
     /// Audit evidence: checkpoints, retention, sinks.
     pub audit: AuditConfig,
+    /// Metrics and health over HTTP (off by default).
+    pub metrics: MetricsConfig,
     /// Data-socket client policies.
     pub clients: Vec<ClientPolicy>,
 }
@@ -227,6 +229,18 @@ pub struct LimitsConfig {
     pub min_rotation_seconds: u64,
 }
 
+/// `[metrics]`: `/metrics` and `/health` over HTTP.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address and port, like `127.0.0.1:9464`; empty: no listener.
+    pub listen: String,
+    /// A PEM certificate chain: served over TLS (with `tls_key`).
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's PEM private key.
+    pub tls_key: Option<PathBuf>,
+}
+
 /// `[mounts]`: the sidecar's word to the `tde mount`s attached to it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -288,6 +302,7 @@ impl Default for Config {
                 file: None,
                 syslog: None,
             },
+            metrics: MetricsConfig::default(),
             clients: Vec::new(),
         }
     }
@@ -413,6 +428,17 @@ impl Config {
             return Err(
                 "audit.node must be at most 255 characters, none of them control characters".into(),
             );
+        }
+        if !self.metrics.listen.is_empty()
+            && self.metrics.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(format!(
+                "metrics.listen {:?} is not an address and port like 127.0.0.1:9464",
+                self.metrics.listen
+            ));
+        }
+        if self.metrics.tls_cert.is_some() != self.metrics.tls_key.is_some() {
+            return Err("metrics.tls_cert and metrics.tls_key go together".into());
         }
         for c in &self.clients {
             c.validate()?;

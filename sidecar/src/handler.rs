@@ -56,7 +56,8 @@ pub enum SocketKind {
 }
 
 impl SocketKind {
-    fn name(self) -> &'static str {
+    /// `data` or `admin`, as in audit records and metrics.
+    pub fn name(self) -> &'static str {
         match self {
             SocketKind::Data => "data",
             SocketKind::Admin => "admin",
@@ -155,6 +156,8 @@ pub struct Service {
     pub routine_reads: Mutex<std::collections::BTreeMap<(String, &'static str, u32), u64>>,
     /// `audit.pkcs11_key_use = "summarize"`: the counted key uses.
     pub key_uses: KeyUses,
+    /// What `/metrics` and `/health` show.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// A destructive request that dual control holds back.
@@ -1552,6 +1555,13 @@ impl Service {
                     "re-key of {} to data key v{target}: {state}, {done} of {total} blocks",
                     truncate(location, MAX_TEXT / 2)
                 ));
+                self.metrics.rekey_reported(
+                    key,
+                    truncate(location, MAX_TEXT / 2),
+                    state,
+                    *done,
+                    *total,
+                );
                 Ok(Response::Done)
             }
             // The current primary; `handle` turns an unchanged one into a

@@ -12,12 +12,14 @@
 //! - [`custodian`]: unseal shares encrypted to custodians' OpenPGP keys.
 //! - [`sys`]: process hardening (no core dumps, mlock).
 //! - [`notify`]: readiness and status for the service manager (sd_notify).
+//! - [`metrics`]: `/metrics` (OpenMetrics) and `/health` over HTTP.
 #![forbid(unsafe_code)]
 
 pub mod audit;
 pub mod config;
 pub mod custodian;
 pub mod handler;
+pub mod metrics;
 pub mod notify;
 pub mod policy;
 pub mod reload;

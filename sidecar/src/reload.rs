@@ -187,6 +187,15 @@ impl Live {
         fixed!(audit.checkpoint_seconds);
         fixed!(audit.file);
         fixed!(audit.syslog);
+        fixed!(metrics);
+        // The same certificate files, read again (a renewed certificate).
+        match svc.metrics.reload_tls() {
+            Some(Ok(())) => changes.push("metrics TLS certificate read again".into()),
+            Some(Err(e)) => changes.push(format!(
+                "metrics TLS certificate not read again, the old one stays: {e}"
+            )),
+            None => {}
+        }
         if !fixed.is_empty() {
             changes.push(format!("not applied until a restart: {}", fixed.join(", ")));
         }

@@ -23,11 +23,12 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::audit::sink::{Sinks, Wake};
-use crate::audit::{AuditLog, AuditRecord, AuditSettings};
+use crate::audit::{AuditLog, AuditRecord, AuditSettings, AuditStats};
 use crate::config::{Config, parse_mode};
 use crate::handler::{
     Handled, KeyUses, Peer, RefusalBudget, Reloader, Service, Session, SocketKind, WatchSlots,
 };
+use crate::metrics::{self, Metrics};
 use crate::policy::Policies;
 use crate::reload::{Live, Reload};
 use crate::store::SqliteStore;
@@ -236,9 +237,13 @@ impl Connection {
                 Err(Stop::Bad(e)) => return self.refuse_malformed(e).await,
             };
             let (op, id) = (frame.header.op, frame.header.request_id);
+            let started = std::time::Instant::now();
             let Some(resp) = self.handle(frame).await else {
                 return;
             };
+            self.svc
+                .metrics
+                .answered(self.kind, op, &resp, started.elapsed());
             if write_response(&mut self.wr, &resp, op, id).await.is_err() {
                 return;
             }
@@ -455,6 +460,7 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
     };
     let hsm = Arc::new(Hsm::open(store.clone(), policy)?);
     let wake = Arc::new(Wake::default());
+    let audit_stats = Arc::new(AuditStats::default());
     let (audit, writer, findings) = AuditLog::start(
         &store_path,
         AuditSettings {
@@ -462,6 +468,7 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
             checkpoint_records: cfg.audit.checkpoint_records,
             checkpoint_interval: Duration::from_secs(cfg.audit.checkpoint_seconds),
             wake: wake.clone(),
+            stats: audit_stats.clone(),
         },
         hsm.clone(),
     )?;
@@ -494,6 +501,7 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
         summarize_routine: (cfg.audit.routine_reads == "summarize").into(),
         routine_reads: Default::default(),
         key_uses: KeyUses::new(cfg.audit.pkcs11_key_use == "summarize"),
+        metrics: Arc::new(Metrics::new(audit_stats)),
     });
     let live = Arc::new(Live::new(reload, cfg.clone()));
     {
@@ -529,6 +537,12 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
     }
     svc.drain_events();
 
+    // Before the sockets: a listener that cannot start leaves nothing.
+    let metrics = if cfg.metrics.listen.is_empty() {
+        None
+    } else {
+        Some(metrics::Listener::start(&cfg.metrics, svc.clone()).await?)
+    };
     let data_path = cfg.data_socket_path();
     let admin_path = cfg.admin_socket_path();
     let data = bind(
@@ -615,6 +629,9 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
     svc.key_changes.stop();
     for t in tasks {
         let _ = t.await;
+    }
+    if let Some(m) = metrics {
+        m.stop().await;
     }
     if tokio::time::timeout(SHUTDOWN_GRACE, done_rx.recv())
         .await

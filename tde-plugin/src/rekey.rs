@@ -136,6 +136,9 @@ pub struct Status {
     /// tell its own store's mounts from others').
     #[serde(default)]
     pub sidecar: Option<PathBuf>,
+    /// The mount's I/O counters since it started.
+    #[serde(default)]
+    pub io: Option<crate::fs::IoCounters>,
 }
 
 struct Shared {
@@ -203,6 +206,7 @@ impl Rekey {
             .clone();
         s.rate_limit = self.shared.rate.load(Ordering::SeqCst);
         s.sidecar = Some(self.shared.keys.sidecar().to_path_buf());
+        s.io = Some(self.shared.fs.io.snapshot());
         s
     }
 

@@ -727,6 +727,7 @@ impl Core {
                     if !last_try {
                         return Ok(None);
                     }
+                    super::IoStats::add(&self.io.auth_failures, 1);
                     tracing::error!(file = %h.path.display(), block = b, error = %e, "refusing to return a block");
                     return Err(Errno::EIO);
                 }

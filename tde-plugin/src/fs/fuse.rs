@@ -20,7 +20,7 @@ use fuser::{
     WriteFlags,
 };
 
-use super::{Core, Handle, MAX_WRITE, TdeFs, errno, is_reserved, sys_errno};
+use super::{Core, Handle, IoStats, MAX_WRITE, TdeFs, errno, is_reserved, sys_errno};
 use crate::page::PAGE_SIZE;
 
 /// How long the kernel may cache attributes and entries. Only this process
@@ -525,12 +525,14 @@ impl Filesystem for TdeFs {
             let r = self.inodes.handle(fh.0).and_then(|h| {
                 crate::failpoint::panic_if("fuse-read", &h.path);
                 self.read_range(&h, offset, size as usize, |data| {
+                    IoStats::add(&self.io.read_bytes, data.len() as u64);
                     if let Some(r) = reply.take() {
                         r.data(data);
                     }
                 })
             });
             if let (Err(e), Some(r)) = (r, reply.take()) {
+                IoStats::add(&self.io.read_errors, 1);
                 r.error(e);
             }
         });
@@ -554,8 +556,12 @@ impl Filesystem for TdeFs {
                 .handle(fh.0)
                 .and_then(|h| self.write_range(&h, offset, data))
             {
-                Ok(()) => reply.written(data.len() as u32),
+                Ok(()) => {
+                    IoStats::add(&self.io.written_bytes, data.len() as u64);
+                    reply.written(data.len() as u32)
+                }
                 Err(e) => {
+                    IoStats::add(&self.io.write_errors, 1);
                     tracing::warn!(ino = ino.0, fh = fh.0, offset, len = data.len(), error = ?e, "write failed");
                     reply.error(e)
                 }

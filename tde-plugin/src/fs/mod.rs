@@ -47,7 +47,7 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 pub use blocks::{Handle, InodeState, RekeyStep};
 
@@ -88,6 +88,58 @@ pub struct Core {
     said_wiped: AtomicBool,
     /// Overwrites of blocks that hold data go through it first.
     journal: journal::Journal,
+    /// What the mount has served, for `tde status` and the metrics.
+    pub io: IoStats,
+}
+
+/// A mount's I/O counters since it started (plaintext bytes, as the
+/// database sees them).
+#[derive(Debug, Default)]
+pub struct IoStats {
+    /// Bytes returned to readers.
+    pub read_bytes: AtomicU64,
+    /// Bytes written by writers.
+    pub written_bytes: AtomicU64,
+    /// Reads answered with an error.
+    pub read_errors: AtomicU64,
+    /// Writes answered with an error.
+    pub write_errors: AtomicU64,
+    /// Blocks that failed authentication on their last try (tampered,
+    /// damaged, or under a key the mount does not have): each refused.
+    pub auth_failures: AtomicU64,
+}
+
+impl IoStats {
+    /// The counters now.
+    pub fn snapshot(&self) -> IoCounters {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        IoCounters {
+            read_bytes: get(&self.read_bytes),
+            written_bytes: get(&self.written_bytes),
+            read_errors: get(&self.read_errors),
+            write_errors: get(&self.write_errors),
+            auth_failures: get(&self.auth_failures),
+        }
+    }
+
+    pub(crate) fn add(a: &AtomicU64, n: u64) {
+        a.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// [`IoStats`] at one moment, as the control socket answers them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct IoCounters {
+    /// Bytes returned to readers.
+    pub read_bytes: u64,
+    /// Bytes written by writers.
+    pub written_bytes: u64,
+    /// Reads answered with an error.
+    pub read_errors: u64,
+    /// Writes answered with an error.
+    pub write_errors: u64,
+    /// Blocks refused because they failed authentication.
+    pub auth_failures: u64,
 }
 
 impl Core {
@@ -106,6 +158,7 @@ impl Core {
             renames: std::sync::Mutex::new(()),
             said_wiped: AtomicBool::new(false),
             journal,
+            io: IoStats::default(),
         })
     }
 
