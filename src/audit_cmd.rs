@@ -2,6 +2,8 @@
 
 use std::collections::BTreeSet;
 use std::io::{IsTerminal, Write};
+
+use crate::progress::Progress;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -223,52 +225,6 @@ fn tail(cli: &Cli, cfg: &Config, f: &AuditFilter, lines: u32, follow: bool) -> a
     }
 }
 
-/// Progress of a long export: a bar on a terminal, a line every 10 s
-/// otherwise.
-struct Progress {
-    bar: Option<indicatif::ProgressBar>,
-    total: u64,
-    last_line: std::time::Instant,
-}
-
-impl Progress {
-    fn new(cli: &Cli, total: u64) -> Progress {
-        let bar = (std::io::stderr().is_terminal() && !cli.json).then(|| {
-            let b = indicatif::ProgressBar::new(total);
-            b.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "exporting [{bar:40}] {pos}/{len} records ({percent}%) ETA {eta}",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                .progress_chars("=> "),
-            );
-            b
-        });
-        Progress {
-            bar,
-            total,
-            last_line: std::time::Instant::now(),
-        }
-    }
-
-    fn at(&mut self, done: u64) {
-        match &self.bar {
-            Some(b) => b.set_position(done),
-            None if self.last_line.elapsed() >= Duration::from_secs(10) => {
-                self.last_line = std::time::Instant::now();
-                eprintln!("exported {done}/{} records", self.total);
-            }
-            None => {}
-        }
-    }
-
-    fn done(self) {
-        if let Some(b) = self.bar {
-            b.finish_and_clear();
-        }
-    }
-}
-
 fn export(cli: &Cli, cfg: &Config, a: &AuditExportArgs) -> anyhow::Result<()> {
     let rendering = Rendering::parse(&a.format).map_err(anyhow::Error::msg)?;
     let mut q = AuditQuery {
@@ -294,7 +250,12 @@ fn export(cli: &Cli, cfg: &Config, a: &AuditExportArgs) -> anyhow::Result<()> {
     let range = c.audit_export(q)?;
     let (first, last) = (range.first_seq, range.last_seq);
     let total = last - first + 1;
-    let mut progress = Progress::new(cli, total);
+    let mut progress = Progress::new(
+        cli,
+        Some(total),
+        "exporting [{bar:40}] {pos}/{len} records ({percent}%) ETA {eta}",
+        |done, total| format!("exported {done}/{} records", total.unwrap_or(0)),
+    );
 
     // One thread per file, rendering and hashing as it writes, while this
     // one reads the next page from the sidecar.

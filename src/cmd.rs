@@ -32,7 +32,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     // Data-socket commands are refused by client policies, the others by
     // the operator's role.
     let data_socket = matches!(cli.command, Command::Mount(_) | Command::Rewrap { .. })
-        || matches!(cli.command, Command::Datakey(_) if cli.operator.is_none());
+        || matches!(
+            cli.command,
+            Command::Datakey(_) | Command::Encrypt(_) | Command::Decrypt(_)
+                if cli.operator.is_none()
+        );
     match dispatch(cli) {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e) if e.is::<Answered>() => Ok(ExitCode::from(
@@ -178,6 +182,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Policy(crate::PolicyCmd::Check(a)) => policy_check(&cli, &cfg, a),
         Command::Audit(a) => crate::audit_cmd::run(&cli, &cfg, a),
         Command::Datakey(d) => datakey(&cli, &cfg, d),
+        Command::Encrypt(a) => crate::envelope::encrypt(&cli, &cfg, a),
+        Command::Decrypt(a) => crate::envelope::decrypt(&cli, &cfg, a),
         Command::Pkcs11(c) => crate::pkcs11_cmd::run(&cli, &cfg, c),
         Command::Mount(m) => mount(&cli, &cfg, m),
         Command::Rekey(r) => rekey(&cli, r),
@@ -2118,13 +2124,18 @@ fn plaintext_out(
     }
 }
 
-fn datakey(cli: &Cli, cfg: &Config, d: &DatakeyCmd) -> anyhow::Result<()> {
-    // As a crypto user over the admin socket, or as this process's uid
-    // under the data socket's client policies.
-    let mut c = match cli.operator {
+/// A client for data-key requests: as a crypto user over the admin
+/// socket (`--operator`), or as this process's uid under the data
+/// socket's client policies.
+pub(crate) fn key_client(cli: &Cli, cfg: &Config) -> anyhow::Result<Client> {
+    Ok(match cli.operator {
         Some(_) => admin_login(cli, cfg)?,
         None => Client::connect(&data_path(cli, cfg))?,
-    };
+    })
+}
+
+fn datakey(cli: &Cli, cfg: &Config, d: &DatakeyCmd) -> anyhow::Result<()> {
+    let mut c = key_client(cli, cfg)?;
     match d {
         DatakeyCmd::Generate {
             key,

@@ -8,7 +8,9 @@
 mod audit_cmd;
 mod cmd;
 mod demo;
+mod envelope;
 mod pkcs11_cmd;
+mod progress;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -135,6 +137,13 @@ pub enum Command {
     /// Data-key operations (like `aws kms generate-data-key`).
     #[command(subcommand)]
     Datakey(DatakeyCmd),
+    /// Encrypt a file under a fresh data key from the sidecar (envelope
+    /// encryption, like the AWS Encryption CLI): streaming and
+    /// authenticated; the wrapped data key travels in the file's header.
+    Encrypt(EncryptArgs),
+    /// Decrypt a file made by `tde encrypt` (the sidecar unwraps its data
+    /// key); a changed or cut file is refused.
+    Decrypt(DecryptArgs),
     /// The PKCS#11 module's tokens and objects, as an application loading
     /// libtde_pkcs11.so sees them.
     #[command(subcommand)]
@@ -237,6 +246,44 @@ pub struct RekeyArgs {
     /// Start (or change) and return without following the progress.
     #[arg(long)]
     pub no_wait: bool,
+}
+
+/// `tde encrypt`.
+#[derive(Args, Debug)]
+pub struct EncryptArgs {
+    /// Master key to wrap the file's data key.
+    #[arg(long)]
+    pub key: String,
+    /// Encryption context, stored in the header; decrypting needs a policy
+    /// that allows it.
+    #[command(flatten)]
+    pub ctx: ContextArgs,
+    /// Where to write (default INPUT.tde; `-`: standard output).
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+    /// Replace OUTPUT if it exists.
+    #[arg(long)]
+    pub force: bool,
+    /// The file to encrypt (`-`: standard input).
+    pub input: PathBuf,
+}
+
+/// `tde decrypt`.
+#[derive(Args, Debug)]
+pub struct DecryptArgs {
+    /// Context entries the file must carry (checked before anything is
+    /// asked of the sidecar), as `aws-encryption-cli --encryption-context`.
+    #[command(flatten)]
+    pub ctx: ContextArgs,
+    /// Where to write (default INPUT without `.tde`; `-`: standard output,
+    /// where chunks are written as they authenticate).
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+    /// Replace OUTPUT if it exists.
+    #[arg(long)]
+    pub force: bool,
+    /// The encrypted file (`-`: standard input).
+    pub input: PathBuf,
 }
 
 /// `tde mount`.
