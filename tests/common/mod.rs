@@ -155,8 +155,16 @@ operations = [{operations}]
 
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(BIN);
-        c.args(args)
-            .env("TDE_CONFIG", &self.config)
+        c.args(args);
+        self.cmd_env(&mut c);
+        c
+    }
+
+    /// Gives `c` the environment of this test's `tde` commands (its
+    /// configuration, the operator's password, nothing inherited that
+    /// would point elsewhere); for scripts that run `tde`.
+    pub fn cmd_env<'c>(&self, c: &'c mut Command) -> &'c mut Command {
+        c.env("TDE_CONFIG", &self.config)
             .env("TDE_PASSWORD", PASSWORD)
             .env_remove("TDE_DATA_DIR")
             .env_remove("TDE_OPERATOR")
@@ -166,8 +174,7 @@ operations = [{operations}]
             .env_remove("TDE_PKCS11_CONFIG")
             // Set under a service manager: `tde mount` would wait for ever.
             .env_remove("INVOCATION_ID")
-            .stdin(Stdio::null());
-        c
+            .stdin(Stdio::null())
     }
 
     /// Runs `tde ARGS --json`; returns the exit code and the parsed stdout.
