@@ -123,7 +123,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
     // Neither needs a configuration (nor a valid one).
     match &cli.command {
         Command::Completions { shell } => {
-            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut cmd = crate::command();
             let mut script = Vec::new();
             clap_complete::generate(*shell, &mut cmd, "tde", &mut script);
             // A closed pipe (`| head`) ends it quietly.
@@ -132,7 +132,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Man { out } => {
             std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-            clap_mangen::generate_to(<Cli as clap::CommandFactory>::command(), out)
+            clap_mangen::generate_to(crate::command(), out)
                 .with_context(|| format!("writing the manual pages into {}", out.display()))?;
             let n = std::fs::read_dir(out)?
                 .filter_map(Result::ok)

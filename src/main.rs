@@ -749,9 +749,94 @@ fn quiet_on_broken_pipe() {
     }));
 }
 
+/// The global options each command uses (by the first word after `tde`;
+/// `--json` goes with every one): the others are hidden from its help and
+/// its manual page. They are still accepted (and completed: the shells'
+/// completion scripts offer hidden options too), and ignored.
+fn globals_used(sub: &str) -> &'static [&'static str] {
+    match sub {
+        "status" => &["config", "data_dir", "admin_socket", "data_socket"],
+        "unseal" => &["config", "data_dir", "admin_socket"],
+        "init" => &["config", "data_dir", "operator", "password_file"],
+        "serve" | "policy" => &["config", "data_dir"],
+        "mount" | "rewrap" => &["config", "data_dir", "data_socket"],
+        "datakey" | "encrypt" | "decrypt" => &[
+            "config",
+            "data_dir",
+            "admin_socket",
+            "data_socket",
+            "operator",
+            "password_file",
+        ],
+        "pkcs11" => &[
+            "config",
+            "data_dir",
+            "data_socket",
+            "operator",
+            "password_file",
+        ],
+        "inspect" | "umount" | "rekey" | "demo" | "completions" | "man" => &[],
+        // The operators' commands over the admin socket.
+        _ => &[
+            "config",
+            "data_dir",
+            "admin_socket",
+            "operator",
+            "password_file",
+        ],
+    }
+}
+
+/// Gives `cmd` and every command under it a hidden, local copy of each
+/// of `hidden` (clap then does not propagate the global one there: it
+/// propagates only options a command lacks).
+fn hide_globals(mut cmd: clap::Command, hidden: &[clap::Arg]) -> clap::Command {
+    for a in hidden {
+        cmd = cmd.arg(a.clone());
+    }
+    let subs: Vec<String> = cmd
+        .get_subcommands()
+        .map(|s| s.get_name().to_string())
+        .collect();
+    for name in subs {
+        cmd = cmd.mut_subcommand(name, |s| hide_globals(s, hidden));
+    }
+    cmd
+}
+
+/// The command line: clap's definition with each command's unused global
+/// options hidden. Help, completions and manual pages come from it.
+pub fn command() -> clap::Command {
+    use clap::CommandFactory as _;
+    let mut cmd = Cli::command();
+    let globals: Vec<clap::Arg> = cmd
+        .get_arguments()
+        .filter(|a| a.is_global_set())
+        .cloned()
+        .collect();
+    let names: Vec<String> = cmd
+        .get_subcommands()
+        .map(|s| s.get_name().to_string())
+        .collect();
+    for name in names {
+        let used = globals_used(&name);
+        let hidden: Vec<clap::Arg> = globals
+            .iter()
+            .filter(|g| g.get_id() != "json" && !used.contains(&g.get_id().as_str()))
+            .map(|g| g.clone().global(false).hide(true))
+            .collect();
+        cmd = cmd.mut_subcommand(name, |s| hide_globals(s, &hidden));
+    }
+    cmd
+}
+
 fn main() -> ExitCode {
+    use clap::FromArgMatches as _;
     quiet_on_broken_pipe();
-    let cli = Cli::parse();
+    let cli = match Cli::from_arg_matches(&command().get_matches()) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     match cmd::run(cli) {
         Ok(code) => code,
         Err(e) => {

@@ -47,6 +47,7 @@ comp tde uns
 comp tde key cr
 comp tde key create --rot
 comp tde audit ex
+comp tde key create --adm
 "#,
         script.display()
     );
@@ -65,6 +66,96 @@ comp tde audit ex
     assert_eq!(lines[2], "tde key cr: create", "{t}");
     assert_eq!(lines[3], "tde key create --rot: --rotate-after", "{t}");
     assert_eq!(lines[4], "tde audit ex: export", "{t}");
+    assert_eq!(lines[5], "tde key create --adm: --admin-socket", "{t}");
+}
+
+/// Each command's help shows the global options it uses and no others;
+/// they are accepted before or after the command, as before.
+#[test]
+fn help_shows_only_the_global_options_a_command_uses() {
+    let help = |args: &[&str]| {
+        let out = tde(args);
+        assert!(out.status.success(), "{}", text(&out));
+        text(&out)
+    };
+    for (args, shown, hidden) in [
+        (
+            &["inspect", "--help"][..],
+            &["--json"][..],
+            &[
+                "--admin-socket",
+                "--data-socket",
+                "--operator",
+                "--password-file",
+                "--config",
+                "--data-dir",
+            ][..],
+        ),
+        (
+            &["umount", "--help"],
+            &["--json"],
+            &["--operator", "--config"],
+        ),
+        (
+            &["mount", "--help"],
+            &["--config", "--data-socket", "--json"],
+            &["--admin-socket", "--operator", "--password-file"],
+        ),
+        (
+            &["serve", "--help"],
+            &["--config", "--data-dir"],
+            &["--admin-socket", "--data-socket", "--operator"],
+        ),
+        (
+            &["unseal", "--help"],
+            &["--admin-socket"],
+            &["--operator", "--password-file", "--data-socket"],
+        ),
+        (
+            &["key", "create", "--help"],
+            &["--admin-socket", "--operator", "--password-file"],
+            &["--data-socket"],
+        ),
+        (
+            &["encrypt", "--help"],
+            &["--data-socket", "--operator", "--admin-socket"],
+            &[],
+        ),
+    ] {
+        let h = help(args);
+        for o in shown {
+            assert!(
+                h.contains(&format!("{o} ")) || h.contains(&format!("{o}\n")),
+                "{args:?} lacks {o}:\n{h}"
+            );
+        }
+        for o in hidden {
+            assert!(!h.contains(o), "{args:?} shows {o}:\n{h}");
+        }
+    }
+    // Still accepted where they apply, before or after the command.
+    for args in [
+        &[
+            "--operator",
+            "x",
+            "--admin-socket",
+            "/nonexistent",
+            "key",
+            "list",
+        ][..],
+        &[
+            "key",
+            "list",
+            "--operator",
+            "x",
+            "--admin-socket",
+            "/nonexistent",
+        ],
+    ] {
+        let out = tde(args);
+        let t = text(&out);
+        assert!(t.contains("/nonexistent"), "{args:?}: {t}");
+    }
 }
 
 #[test]
