@@ -546,6 +546,13 @@ fn mount(cli: &Cli, cfg: &Config, a: &MountArgs) -> anyhow::Result<()> {
         }
     }
     let _ = init_logging(cfg);
+    // The mount holds the tablespace's data keys: no core dump, and no
+    // ptrace or /proc/PID/mem by the other processes of its user (the
+    // database's, when PostgreSQL's user mounts).
+    match tde_sidecar::sys::harden("off") {
+        Ok(h) if h.no_core_dumps => {}
+        _ => tracing::warn!("core dumps could not be disabled for the mount process"),
+    }
     let spec = tde_plugin::mount::MountSpec {
         sidecar: a
             .sidecar

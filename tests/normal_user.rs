@@ -17,11 +17,13 @@ const NOBODY: u32 = 65534;
 
 /// `tde ARGS` as `nobody`.
 fn as_nobody(env: &Env, args: &[&str]) -> Command {
+    as_user(env, (NOBODY, NOBODY), args)
+}
+
+/// `tde ARGS` as the user `(uid, gid)`.
+fn as_user(env: &Env, (uid, gid): (u32, u32), args: &[&str]) -> Command {
     let mut c = env.cmd(args);
-    c.uid(NOBODY)
-        .gid(NOBODY)
-        .env("HOME", "/tmp")
-        .current_dir("/");
+    c.uid(uid).gid(gid).env("HOME", "/tmp").current_dir("/");
     c
 }
 
@@ -54,23 +56,27 @@ fn mounted(mnt: &Path) -> Option<String> {
         })
 }
 
-/// A `tde mount` child run as nobody; killed and detached (root may
-/// unmount anything) if the test fails.
-struct NobodyMount {
+/// A `tde mount` child run as a normal user; killed and detached (root
+/// may unmount anything) if the test fails.
+struct UserMount {
     child: Option<Child>,
     mnt: PathBuf,
     log: PathBuf,
 }
 
-impl NobodyMount {
-    fn start(env: &Env, args: &[&str], mnt: &Path) -> NobodyMount {
-        let log = env.dir.path().join("nobody-mount.log");
-        let child = as_nobody(env, args)
+impl UserMount {
+    fn start(env: &Env, args: &[&str], mnt: &Path) -> UserMount {
+        UserMount::start_as(env, (NOBODY, NOBODY), args, mnt)
+    }
+
+    fn start_as(env: &Env, ids: (u32, u32), args: &[&str], mnt: &Path) -> UserMount {
+        let log = env.dir.path().join(format!("mount-{}.log", ids.0));
+        let child = as_user(env, ids, args)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log"))
             .spawn()
             .expect("spawn tde mount");
-        let mut m = NobodyMount {
+        let mut m = UserMount {
             child: Some(child),
             mnt: mnt.to_path_buf(),
             log,
@@ -79,7 +85,8 @@ impl NobodyMount {
         while mounted(mnt).is_none() {
             if let Some(st) = m.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 panic!(
-                    "tde mount as nobody exited ({st}): {}",
+                    "tde mount as uid {} exited ({st}): {}",
+                    ids.0,
                     std::fs::read_to_string(&m.log).unwrap_or_default()
                 );
             }
@@ -89,6 +96,10 @@ impl NobodyMount {
         m
     }
 
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("child").id()
+    }
+
     /// Waits for the process to end after an unmount; its exit status.
     fn wait_exit(mut self) -> std::process::ExitStatus {
         let mut c = self.child.take().expect("child");
@@ -96,7 +107,7 @@ impl NobodyMount {
     }
 }
 
-impl Drop for NobodyMount {
+impl Drop for UserMount {
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!(
@@ -179,7 +190,7 @@ operations = ["generate_data_key", "decrypt", "re_encrypt", "generate_random"]
 
     // The mount itself: only its user may use it (no allow_other).
     let args = mount_args(&["--init"], "pg-main", &backing, &mnt);
-    let m = NobodyMount::start(&env, &refs(&args), &mnt);
+    let m = UserMount::start(&env, &refs(&args), &mnt);
     let opts = mounted(&mnt).expect("mounted");
     assert!(
         opts.contains(&format!("user_id={NOBODY}")) && !opts.contains("allow_other"),
@@ -239,7 +250,7 @@ operations = ["generate_data_key", "decrypt", "re_encrypt", "generate_random"]
 
     // Mounted again, the data is there; stopped by SIGTERM as by a unit.
     let args = mount_args(&[], "pg-main", &backing, &mnt);
-    let mut m = NobodyMount::start(&env, &refs(&args), &mnt);
+    let mut m = UserMount::start(&env, &refs(&args), &mnt);
     let mut cat = Command::new("cat");
     cat.arg(mnt.join("f"))
         .uid(NOBODY)
@@ -255,4 +266,97 @@ operations = ["generate_data_key", "decrypt", "re_encrypt", "generate_random"]
     assert!(st.success(), "tde mount on SIGTERM: {st}");
     m.child = None;
     assert!(mounted(&mnt).is_none(), "unmounted on SIGTERM");
+}
+
+/// Issue 15, point 3: a tablespace mounted by the `postgres` user without
+/// root (through fusermount3, as the tde-mount-user@ unit runs it) works
+/// with PostgreSQL, and the same user unmounts it.
+#[test]
+fn postgres_mounts_its_own_tablespace_without_root() {
+    if !can_run_as_root() || !can_run_as_normal_user() {
+        return;
+    }
+    let _serial = serial();
+    let env = Env::new(
+        r#"[[clients]]
+name = "postgres-mounts"
+users = ["postgres"]
+keys = ["pg-*"]
+operations = ["generate_data_key", "decrypt", "re_encrypt"]
+"#,
+    );
+    let _sidecar = env.sidecar_with_keys(&["pg-main"]);
+    let pg_ids = postgres_ids();
+    let (backing, mnt) = (env.pg_dir("pg-backing"), env.pg_dir("pg-mnt"));
+    let s = |p: &Path| p.to_string_lossy().into_owned();
+    let args = [
+        "mount",
+        "--init",
+        "--key",
+        "pg-main",
+        "--tablespace",
+        "secure",
+        "--cluster",
+        "c1",
+        "--wait",
+        "5",
+    ]
+    .map(String::from)
+    .into_iter()
+    .chain([s(&backing), s(&mnt)])
+    .collect::<Vec<_>>();
+    let m = UserMount::start_as(&env, pg_ids, &refs(&args), &mnt);
+    let opts = mounted(&mnt).expect("mounted");
+    assert!(opts.contains(&format!("user_id={}", pg_ids.0)), "{opts}");
+    // The mount process runs as postgres, not root.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", m.pid())).expect("status");
+    let uid_line = status.lines().find(|l| l.starts_with("Uid:")).expect("Uid");
+    assert!(
+        uid_line
+            .split_whitespace()
+            .skip(1)
+            .all(|u| u == pg_ids.0.to_string()),
+        "{uid_line}"
+    );
+    // ...and is not dumpable: its /proc files are root's, so neither a core
+    // dump nor another postgres process (ptrace, /proc/PID/mem) reads its
+    // data keys.
+    use std::os::unix::fs::MetadataExt as _;
+    let mem = std::fs::metadata(format!("/proc/{}/mem", m.pid())).expect("mem");
+    assert_eq!(mem.uid(), 0, "the mount process is dumpable");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", m.pid())).expect("limits");
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .expect("core");
+    assert!(core.split_whitespace().nth(4) == Some("0"), "{core}");
+
+    let mut pg = Pg::initdb(&env.pg_dir("pg-cluster").join("data"), env.dir.path());
+    pg.start();
+    pg.sql(&[
+        &format!("CREATE TABLESPACE secure LOCATION '{}'", mnt.display()),
+        "CREATE TABLE card (id int PRIMARY KEY, pan text) TABLESPACE secure",
+        "INSERT INTO card SELECT g, 'PG-USER-MARKER-' || g FROM generate_series(1, 2000) g",
+        "CHECKPOINT",
+    ]);
+    assert_eq!(
+        pg.sql(&["SELECT count(*) FROM card WHERE pan LIKE 'PG-USER-MARKER-%'"]),
+        "2000"
+    );
+    assert!(
+        files_containing(&backing, b"PG-USER-MARKER-").is_empty(),
+        "plaintext in the backing directory"
+    );
+    // Restarted on the same mount, the rows are read back through it.
+    pg.stop();
+    pg.start();
+    assert_eq!(pg.sql(&["SELECT count(*) FROM card"]), "2000");
+    pg.stop();
+
+    // Unmounted by the same user, without root.
+    let (ok, said) = run(as_user(&env, pg_ids, &["umount", &s(&mnt)]));
+    assert!(ok, "tde umount as postgres: {said}");
+    assert!(mounted(&mnt).is_none(), "still mounted");
+    let st = m.wait_exit();
+    assert!(st.success(), "tde mount exited with {st}");
 }

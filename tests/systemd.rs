@@ -193,7 +193,21 @@ fn the_unit_files_pass_systemd_analyze_verify() {
     assert!(out.status.success());
     let units = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/systemd");
     let mut copies = Vec::new();
-    for name in ["tde.service", "tde-mount@.service"] {
+    let mut names: Vec<String> = std::fs::read_dir(&units)
+        .expect("packaging/systemd")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".service"))
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "tde-mount-user@.service",
+            "tde-mount@.service",
+            "tde.service"
+        ]
+    );
+    for name in &names {
         let text = std::fs::read_to_string(units.join(name)).expect("unit");
         assert!(text.contains("ExecStart=/usr/bin/tde "), "{name}");
         let copy = dir.path().join(name);
@@ -222,6 +236,8 @@ fn the_unit_files_pass_systemd_analyze_verify() {
     let mount = std::fs::read_to_string(units.join("tde-mount@.service")).expect("unit");
     assert!(mount.contains("Type=notify") && mount.contains("Before=postgresql"));
     assert!(mount.contains("After=tde.service") && mount.contains("Requires=tde.service"));
+    let user = std::fs::read_to_string(units.join("tde-mount-user@.service")).expect("unit");
+    assert!(user.contains("User=postgres") && !user.contains("NoNewPrivileges=yes"));
 }
 
 fn which(name: &str) -> Result<std::path::PathBuf, ()> {
