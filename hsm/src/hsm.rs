@@ -463,6 +463,9 @@ pub enum ResplitProgress {
         threshold: u8,
         /// The new shares.
         shares: Vec<SecretBuf>,
+        /// The new unseal key (for the daemon to wrap it with an
+        /// auto-unseal device); dropped, and zeroized, right after.
+        unseal_key: UnsealKey,
     },
 }
 
@@ -626,12 +629,19 @@ impl Hsm {
     /// in. A share already given is ignored. When the shares combine to a
     /// wrong key, progress resets and `UnsealFailed` is returned.
     pub fn unseal(&self, share_text: &[u8]) -> Result<Status, HsmError> {
+        self.unseal_share(share_text).map(|(status, _)| status)
+    }
+
+    /// [`Hsm::unseal`], also giving the unseal key when this share
+    /// completed a successful unseal (for the daemon to wrap it with an
+    /// auto-unseal device). The caller drops it as soon as it is wrapped.
+    pub fn unseal_share(&self, share_text: &[u8]) -> Result<(Status, Option<UnsealKey>), HsmError> {
         let share = Share::parse(share_text)?;
-        let mut st = self.write();
+        let st = self.write();
         let meta = match &*st {
             State::Unsealed(..) => {
                 drop(st);
-                return Ok(self.status());
+                return Ok((self.status(), None));
             }
             State::Uninitialized => return Err(HsmError::NotInitialized),
             State::Zeroized(_) => return Err(HsmError::Zeroized),
@@ -653,13 +663,40 @@ impl Hsm {
             if pending.len() < usize::from(meta.threshold) {
                 drop(pending);
                 drop(st);
-                return Ok(self.status());
+                return Ok((self.status(), None));
             }
         }
         let shares = std::mem::take(&mut *lock(&self.pending));
         let unseal = seal::combine(&shares)?;
+        let status = self.open_with(st, meta, &unseal)?;
+        Ok((status, Some(unseal)))
+    }
+
+    /// Unseals with the unseal key itself, as an auto-unseal device gives
+    /// it back. A wrong key fails (`UnsealFailed`) and changes nothing.
+    pub fn unseal_with_key(&self, unseal: &UnsealKey) -> Result<Status, HsmError> {
+        let st = self.write();
+        let meta = match &*st {
+            State::Unsealed(..) => {
+                drop(st);
+                return Ok(self.status());
+            }
+            State::Uninitialized => return Err(HsmError::NotInitialized),
+            State::Zeroized(_) => return Err(HsmError::Zeroized),
+            State::Sealed(m) => m.clone(),
+        };
+        self.open_with(st, meta, unseal)
+    }
+
+    /// Opens the sealed root with `unseal` and loads every object.
+    fn open_with(
+        &self,
+        mut st: RwLockWriteGuard<'_, State>,
+        meta: StoreMeta,
+        unseal: &UnsealKey,
+    ) -> Result<Status, HsmError> {
         let sealed_root = self.store.sealed_root()?.ok_or(HsmError::Zeroized)?;
-        let (root, format) = seal::open_root(&unseal, &sealed_root, &meta.store_id)?;
+        let (root, format) = seal::open_root(unseal, &sealed_root, &meta.store_id)?;
         let sealer = Sealer::new(&root, &meta.store_id)?;
         let (lists, objects): (Vec<_>, Vec<_>) = self
             .store
@@ -740,7 +777,7 @@ impl Hsm {
                 let blob =
                     u.sealer
                         .seal(KIND_MANIFEST, manifest::ID, list.revision, &list.encode())?;
-                let root_v2 = seal::seal_root(&unseal, &root, &meta.store_id)?;
+                let root_v2 = seal::seal_root(unseal, &root, &meta.store_id)?;
                 self.store.apply(&[
                     Self::put_op(KIND_MANIFEST, manifest::ID, list.revision, blob),
                     StoreOp::Root(root_v2),
@@ -1329,6 +1366,7 @@ impl Hsm {
         Ok(ResplitProgress::Done {
             threshold: r.threshold,
             shares,
+            unseal_key: new,
         })
     }
 

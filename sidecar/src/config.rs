@@ -46,6 +46,8 @@ pub struct Config {
     pub audit: AuditConfig,
     /// Metrics and health over HTTP (off by default).
     pub metrics: MetricsConfig,
+    /// Auto-unseal (off by default: the shares unseal).
+    pub seal: SealConfig,
     /// Data-socket client policies.
     pub clients: Vec<ClientPolicy>,
 }
@@ -241,6 +243,45 @@ pub struct MetricsConfig {
     pub tls_key: Option<PathBuf>,
 }
 
+/// `[seal]`: auto-unseal with a key held by another device (see
+/// `crate::autounseal`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SealConfig {
+    /// `""` (shares only), `pkcs11` or `tpm2`.
+    pub r#type: String,
+    /// pkcs11: the token's PKCS#11 module.
+    pub module: PathBuf,
+    /// pkcs11: the token's label.
+    pub token_label: String,
+    /// pkcs11: the label of the AES-256 key that wraps the unseal key.
+    pub key_label: String,
+    /// pkcs11: a file holding the token user's PIN.
+    pub pin_file: PathBuf,
+    /// pkcs11: make the key in the token (non-extractable) if it is not
+    /// there yet.
+    pub generate_key: bool,
+    /// tpm2: the TPM's TCTI (`device:/dev/tpmrm0`, `swtpm:port=2321`).
+    pub tcti: String,
+    /// tpm2: PCRs the sealed key is bound to (`sha256:0,7`); empty: none.
+    pub pcrs: String,
+}
+
+impl Default for SealConfig {
+    fn default() -> Self {
+        Self {
+            r#type: String::new(),
+            module: PathBuf::new(),
+            token_label: String::new(),
+            key_label: "tde-unseal".into(),
+            pin_file: PathBuf::new(),
+            generate_key: true,
+            tcti: "device:/dev/tpmrm0".into(),
+            pcrs: String::new(),
+        }
+    }
+}
+
 /// `[mounts]`: the sidecar's word to the `tde mount`s attached to it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -303,6 +344,7 @@ impl Default for Config {
                 syslog: None,
             },
             metrics: MetricsConfig::default(),
+            seal: SealConfig::default(),
             clients: Vec::new(),
         }
     }
@@ -436,6 +478,31 @@ impl Config {
                 "metrics.listen {:?} is not an address and port like 127.0.0.1:9464",
                 self.metrics.listen
             ));
+        }
+        match self.seal.r#type.as_str() {
+            "" => {}
+            "pkcs11" => {
+                if self.seal.module.as_os_str().is_empty()
+                    || self.seal.token_label.is_empty()
+                    || self.seal.key_label.is_empty()
+                    || self.seal.pin_file.as_os_str().is_empty()
+                {
+                    return Err(
+                        "[seal] type = \"pkcs11\" needs module, token_label, key_label and pin_file"
+                            .into(),
+                    );
+                }
+            }
+            "tpm2" => {
+                if self.seal.tcti.is_empty() {
+                    return Err("[seal] type = \"tpm2\" needs tcti".into());
+                }
+            }
+            other => {
+                return Err(format!(
+                    "seal.type must be empty, pkcs11 or tpm2, not {other:?}"
+                ));
+            }
         }
         if self.metrics.tls_cert.is_some() != self.metrics.tls_key.is_some() {
             return Err("metrics.tls_cert and metrics.tls_key go together".into());

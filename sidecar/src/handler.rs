@@ -158,6 +158,11 @@ pub struct Service {
     pub key_uses: KeyUses,
     /// What `/metrics` and `/health` show.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// `[seal]`: the auto-unseal device, if any.
+    pub auto_unseal: Option<crate::autounseal::AutoUnseal>,
+    /// Why the last auto-unseal failed, while the daemon has not been
+    /// unsealed since it started (it retries until then).
+    pub auto_unseal_error: Mutex<Option<String>>,
 }
 
 /// A destructive request that dual control holds back.
@@ -1690,15 +1695,22 @@ impl Service {
                 Ok(Response::Status(s))
             }
             Request::Unseal { share } => {
-                let s = hsm(h.unseal(share.expose()))?;
+                let (s, key) = hsm(h.unseal_share(share.expose()))?;
                 if !s.sealed {
                     self.revoking
                         .store(false, std::sync::atomic::Ordering::SeqCst);
+                    self.auto_unseal_settled();
                 }
-                rec.detail = Some(format!(
+                let mut detail = format!(
                     "progress {}/{}, sealed {}",
                     s.progress, s.threshold, s.sealed
-                ));
+                );
+                if let Some(key) = key
+                    && let Some(said) = self.auto_wrap(&key, &s.store_id, false)
+                {
+                    detail.push_str(&format!("; {said}"));
+                }
+                rec.detail = Some(detail);
                 Ok(Response::Status(status_info(h)))
             }
             Request::Login { operator, password } => {
@@ -1726,6 +1738,9 @@ impl Service {
                 // sealed one cannot check logins, so access to the admin
                 // socket (mode 0600) is the authority.
                 hsm(h.zeroize(login.as_ref()))?;
+                if let Some(a) = &self.auto_unseal {
+                    a.forget();
+                }
                 // Every mount waiting on a key hears it at once and wipes
                 // its data keys.
                 self.key_changes.bump();
@@ -1790,9 +1805,18 @@ impl Service {
                         ));
                         Ok(Response::Resplit(resplit_info(&s, fingerprints)))
                     }
-                    tde_hsm::ResplitProgress::Done { threshold, shares } => {
+                    tde_hsm::ResplitProgress::Done {
+                        threshold,
+                        shares,
+                        unseal_key,
+                    } => {
+                        let wrapped = self
+                            .auto_wrap(&unseal_key, &h.status().store_id, true)
+                            .map(|said| format!("; {said}"))
+                            .unwrap_or_default();
+                        drop(unseal_key);
                         rec.detail = Some(format!(
-                            "attempt {nonce} done: the root is sealed under new shares ({threshold} of {}){}; the old ones are void",
+                            "attempt {nonce} done: the root is sealed under new shares ({threshold} of {}){}; the old ones are void{wrapped}",
                             shares.len(),
                             if fingerprints.is_empty() {
                                 String::new()

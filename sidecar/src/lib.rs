@@ -10,12 +10,14 @@
 //! - [`store`]: the SQLite key store and its migrations.
 //! - [`config`]: figment configuration (TOML + `TDE_` environment).
 //! - [`custodian`]: unseal shares encrypted to custodians' OpenPGP keys.
+//! - [`autounseal`]: the unseal key wrapped by a PKCS#11 token or a TPM.
 //! - [`sys`]: process hardening (no core dumps, mlock).
 //! - [`notify`]: readiness and status for the service manager (sd_notify).
 //! - [`metrics`]: `/metrics` (OpenMetrics) and `/health` over HTTP.
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod autounseal;
 pub mod config;
 pub mod custodian;
 pub mod handler;

@@ -479,6 +479,8 @@ impl Metrics {
             "serving": serving,
             "version": env!("CARGO_PKG_VERSION"),
             "server_time_utc": tde_hsm::hsm::now(),
+            "auto_unseal": svc.auto_unseal.as_ref().map(|a| a.device()),
+            "auto_unseal_error": svc.auto_unseal_failure(),
         });
         (code, body)
     }

@@ -188,6 +188,7 @@ impl Live {
         fixed!(audit.file);
         fixed!(audit.syslog);
         fixed!(metrics);
+        fixed!(seal);
         // The same certificate files, read again (a renewed certificate).
         match svc.metrics.reload_tls() {
             Some(Ok(())) => changes.push("metrics TLS certificate read again".into()),

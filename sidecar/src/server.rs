@@ -502,6 +502,8 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
         routine_reads: Default::default(),
         key_uses: KeyUses::new(cfg.audit.pkcs11_key_use == "summarize"),
         metrics: Arc::new(Metrics::new(audit_stats)),
+        auto_unseal: crate::autounseal::AutoUnseal::new(&cfg.seal, &cfg.data_dir),
+        auto_unseal_error: Default::default(),
     });
     let live = Arc::new(Live::new(reload, cfg.clone()));
     {
@@ -579,6 +581,17 @@ pub async fn run(cfg: Config, reload: Reload) -> anyhow::Result<()> {
         crate::notify::status_line(&status)
     ));
 
+    // Auto-unseal once listening: a device that is slow to answer (an
+    // HSM across the network) does not hold readiness back, and clients
+    // wait for the unseal as they would for custodians.
+    if let Some(a) = &svc.auto_unseal {
+        if status.dev {
+            tracing::warn!(device = a.device(), "[seal] is ignored in dev mode");
+        } else {
+            let s = svc.clone();
+            tokio::task::spawn_blocking(move || s.auto_unseal_now());
+        }
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let caps = Caps {
@@ -683,16 +696,32 @@ async fn key_scheduler(svc: Arc<Service>, destroy_every: u64, mut stop: watch::R
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last_destroy = 0u64;
     let mut said = crate::notify::status_line(&svc.hsm.status());
+    let mut last_auto = std::time::Instant::now();
     loop {
         tokio::select! {
             _ = stop.changed() => return,
             _ = tick.tick() => {}
         }
         // The service manager's status line follows the seal state.
-        let now_said = crate::notify::status_line(&svc.hsm.status());
+        let status = svc.hsm.status();
+        let failing = svc.auto_unseal_failure().filter(|_| status.sealed);
+        let now_said = match &failing {
+            Some(why) => format!(
+                "sealed: auto-unseal failed ({why}); retrying; the recovery shares unseal it (`tde unseal`)"
+            ),
+            None => crate::notify::status_line(&status),
+        };
         if now_said != said {
             crate::notify::notify(&format!("STATUS={now_said}"));
             said = now_said;
+        }
+        // A device not reachable at boot (an HSM on the network, a TPM
+        // resource manager starting): tried again every 10 s until the
+        // first unseal.
+        if failing.is_some() && last_auto.elapsed() >= Duration::from_secs(10) {
+            last_auto = std::time::Instant::now();
+            let s = svc.clone();
+            let _ = tokio::task::spawn_blocking(move || s.auto_unseal_now()).await;
         }
         let s = svc.clone();
         let now = tde_hsm::hsm::now();

@@ -770,7 +770,9 @@ fn resplit_makes_new_shares_and_voids_the_old() {
         .resplit_update(&nonce, shares[4].expose(), &mut accept)
         .expect("3")
     {
-        ResplitProgress::Done { threshold, shares } => {
+        ResplitProgress::Done {
+            threshold, shares, ..
+        } => {
             assert_eq!(threshold, 2);
             shares
         }
