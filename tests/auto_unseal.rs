@@ -161,7 +161,11 @@ fn host_restart(env: &Env, vars: &[(&str, &str)], device: &mut dyn Device) {
         .map(|s| s.as_str().expect("share").to_string())
         .collect();
     assert_eq!(shares.len(), 3);
-    assert_ne!(std::fs::read(&blob).expect("blob"), before, "not wrapped again");
+    assert_ne!(
+        std::fs::read(&blob).expect("blob"),
+        before,
+        "not wrapped again"
+    );
     d.stop();
     let d = env.serve_env(vars);
     assert!(wait_unsealed(env, 15), "no auto-unseal after the re-split");

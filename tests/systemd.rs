@@ -248,3 +248,107 @@ fn which(name: &str) -> Result<std::path::PathBuf, ()> {
         .find(|p| p.is_file())
         .ok_or(())
 }
+
+/// A unit's `KEY=` lines (the last wins, as for ExecStart=).
+fn unit_value(unit: &str, key: &str) -> String {
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("packaging/systemd")
+            .join(unit),
+    )
+    .expect("unit");
+    text.lines()
+        .filter_map(|l| l.strip_prefix(&format!("{key}=")))
+        .last()
+        .unwrap_or_else(|| panic!("no {key}= in {unit}"))
+        .to_string()
+}
+
+/// A unit's ExecStart= as argv, with the instance, the environment file's
+/// values and the binary substituted as systemd would.
+fn exec_start(unit: &str, vars: &[(&str, &str)]) -> Vec<String> {
+    let mut line = unit_value(unit, "ExecStart");
+    for (k, v) in vars {
+        line = line.replace(&format!("${{{k}}}"), v).replace(k, v);
+    }
+    line.split_whitespace()
+        .map(|w| w.replace("/usr/bin/tde", env!("CARGO_BIN_EXE_tde")))
+        .collect()
+}
+
+/// Issue 15, point 2: the units' commands, run by hand in the documented
+/// order (sidecar, unseal, mount, PostgreSQL), bring up a working host; the
+/// stop order (PostgreSQL, mount, sidecar) takes it down cleanly.
+#[test]
+fn the_units_commands_by_hand_bring_up_a_working_host() {
+    use common::pg::*;
+    if !can_run() {
+        return;
+    }
+    let _serial = serial();
+    let env = Env::new("");
+    let shares = env.init();
+    // tde.service: ExecStart with its Environment=.
+    let serve = exec_start("tde.service", &[]);
+    assert_eq!(serve[1..], ["serve"]);
+    assert!(unit_value("tde.service", "Environment").starts_with("TDE_CONFIG="));
+    let daemon = env.serve();
+    env.unseal(&shares[..3]);
+    env.ok(&["key", "create", "pg-main"]);
+    // ExecReload=: SIGHUP to the main pid reloads.
+    assert_eq!(
+        unit_value("tde.service", "ExecReload"),
+        "/bin/kill -HUP $MAINPID"
+    );
+    let pid = daemon.pid().to_string();
+    let st = std::process::Command::new("/bin/kill")
+        .args(["-HUP", &pid])
+        .status()
+        .expect("kill");
+    assert!(st.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(env.log())
+        .unwrap_or_default()
+        .contains("configuration reloaded")
+    {
+        assert!(Instant::now() < deadline, "no reload after SIGHUP");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // tde-mount@secure.service with its /etc/tde/mount-secure.env values;
+    // the first mount of a new tablespace adds --init and --key.
+    let (backing, mnt) = (env.pg_dir("backing"), env.pg_dir("mnt"));
+    let (b, m) = (backing.display().to_string(), mnt.display().to_string());
+    let argv = exec_start(
+        "tde-mount@.service",
+        &[
+            ("%i", "secure"),
+            ("CLUSTER", "prod-1"),
+            ("BACKING_DIR", &b),
+            ("MOUNTPOINT", &m),
+        ],
+    );
+    assert_eq!(argv[1], "mount");
+    assert_eq!(argv[argv.len() - 2..], [b.clone(), m.clone()]);
+    let mut first: Vec<&str> = argv[2..argv.len() - 2].iter().map(String::as_str).collect();
+    first.extend(["--init", "--key", "pg-main"]);
+    let init = env.mount(&first, &backing, &mnt);
+    init.stop();
+    let extra: Vec<&str> = argv[2..argv.len() - 2].iter().map(String::as_str).collect();
+    let mount = env.mount(&extra, &backing, &mnt);
+
+    // PostgreSQL last.
+    let mut pg = Pg::initdb(&env.pg_dir("cluster").join("data"), env.dir.path());
+    pg.start();
+    pg.sql(&[
+        &format!("CREATE TABLESPACE secure LOCATION '{m}'"),
+        "CREATE TABLE t (v text) TABLESPACE secure",
+        "INSERT INTO t VALUES ('UNIT-ORDER-MARKER')",
+        "CHECKPOINT",
+    ]);
+    assert!(files_containing(&backing, b"UNIT-ORDER-MARKER").is_empty());
+    // Stop in the reverse order.
+    pg.stop();
+    mount.stop();
+    daemon.stop();
+}
