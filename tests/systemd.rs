@@ -258,8 +258,8 @@ fn unit_value(unit: &str, key: &str) -> String {
     )
     .expect("unit");
     text.lines()
-        .filter_map(|l| l.strip_prefix(&format!("{key}=")))
-        .last()
+        .rev()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
         .unwrap_or_else(|| panic!("no {key}= in {unit}"))
         .to_string()
 }
