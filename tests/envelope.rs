@@ -104,10 +104,7 @@ fn names(dir: &Path) -> Vec<String> {
 
 fn setup() -> (Env, common::Daemon, PathBuf) {
     let env = Env::new("");
-    let shares = env.init();
-    let d = env.serve();
-    env.unseal(&shares[..3]);
-    env.ok(&["key", "create", "app-files"]);
+    let d = env.sidecar_with_keys(&["app-files"]);
     let work = env.dir.path().join("work");
     std::fs::create_dir(&work).expect("mkdir");
     (env, d, work)

@@ -122,10 +122,7 @@ fn the_kms_client_example_round_trips_a_file() {
         example_bin.display()
     );
     let env = Env::new("");
-    let shares = env.init();
-    let d = env.serve();
-    env.unseal(&shares[..3]);
-    env.ok(&["key", "create", "app-files"]);
+    let d = env.sidecar_with_keys(&["app-files"]);
     let work = env.dir.path().join("work");
     std::fs::create_dir(&work).expect("mkdir");
     let file = work.join("report.txt");
