@@ -571,6 +571,19 @@ fn mount(cli: &Cli, cfg: &Config, a: &MountArgs) -> anyhow::Result<()> {
         force: a.force,
     };
     let mounted = tde_plugin::mount::mount(&spec)?;
+    // SIGTERM and SIGINT ask for an unmount from here on (a signal that
+    // came before is acted on below, since the handlers are in place
+    // before anything says the mount is up).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (mut term, mut int) = {
+        let _in = rt.enter();
+        (
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?,
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?,
+        )
+    };
     eprintln!(
         "tde mount: {} mounted on {}",
         spec.backing.display(),
@@ -585,12 +598,7 @@ fn mount(cli: &Cli, cfg: &Config, a: &MountArgs) -> anyhow::Result<()> {
         spec.mountpoint.display()
     ));
     let mut mounted = mounted;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     let why = rt.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
         loop {
             let why = tokio::select! {
                 _ = term.recv() => "SIGTERM",

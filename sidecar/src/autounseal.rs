@@ -221,6 +221,7 @@ impl AutoUnseal {
                 )
             })?;
         let pin = std::fs::read_to_string(&c.pin_file)
+            .map(zeroize::Zeroizing::new)
             .map_err(|e| format!("reading the token PIN from {}: {e}", c.pin_file.display()))?;
         let session = p11
             .open_rw_session(slot)

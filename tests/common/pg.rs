@@ -509,6 +509,8 @@ impl Env {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default()
         ));
+        // The log is appended to by each mount of this mountpoint.
+        let from = std::fs::metadata(&log).map_or(0, |m| m.len() as usize);
         let child = self
             .cmd(&["mount", "--wait", "20"])
             .args(extra)
@@ -531,9 +533,18 @@ impl Env {
             log,
         };
         let deadline = Instant::now() + Duration::from_secs(60);
-        // Up: mounted, and its control socket in place (started just after).
+        // Up: mounted, its control socket in place (started just after),
+        // and its own word that it is (said once SIGTERM unmounts it: a
+        // test that stops it at once must not kill it half-started).
         let control = backing.join(tde_plugin::control::CONTROL_SOCKET);
-        while !(is_mountpoint(mountpoint) && control.exists()) {
+        let log_path = m.log.clone();
+        let said = || {
+            std::fs::read_to_string(&log_path)
+                .ok()
+                .and_then(|t| t.get(from..).map(|t| t.contains(" mounted on ")))
+                .unwrap_or(false)
+        };
+        while !(is_mountpoint(mountpoint) && control.exists() && said()) {
             if let Some(st) = m.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 m.child = None;
                 panic!(
