@@ -354,17 +354,21 @@ impl Metrics {
         let age = |t: u64| i64::try_from(now.saturating_sub(t)).unwrap_or(i64::MAX);
         let keys = svc.hsm.key_overview();
         self.keys.set(keys.len() as i64);
-        for f in [&self.key_primary, &self.key_primary_age] {
-            f.clear();
-        }
-        self.key_versions.clear();
+        // Every labelled gauge is rebuilt from the state now: a key or a
+        // tablespace that went away leaves no series behind.
+        self.key_primary.clear();
+        self.key_primary_age.clear();
         for f in [
             &self.keyfile_behind,
             &self.keyfile_lag,
             &self.keyfile_seen_age,
+            &self.rekey_done,
+            &self.rekey_total,
         ] {
             f.clear();
         }
+        self.key_versions.clear();
+        self.rekey_state.clear();
         let mut places = 0usize;
         for k in keys.iter().filter(|k| !k.tampered) {
             let kl = KeyLabels {
@@ -423,10 +427,6 @@ impl Metrics {
                 self.keyfile_seen_age.get_or_create(&pl).set(age(seen));
             }
         }
-        for f in [&self.rekey_done, &self.rekey_total] {
-            f.clear();
-        }
-        self.rekey_state.clear();
         let rekeys = self.rekeys.lock().unwrap_or_else(|p| p.into_inner());
         for (location, r) in rekeys.iter() {
             let pl = PlaceLabels {
